@@ -1,0 +1,1 @@
+"""The runtime: config, checkpoint, model, conditioning, decoding, codec."""

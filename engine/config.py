@@ -1,0 +1,206 @@
+"""Typed configs: the model config parsed from a checkpoint's `xp.cfg`, and decoding params.
+
+`xp.cfg` is the full audiocraft training config as a YAML string, with `${...}`
+interpolations left unresolved (real exports keep them). We parse it with OmegaConf and
+read only the fields generation needs; each is resolved on access, so an interpolation
+we never read (e.g. `${oc.env:USER}` in the dora section) cannot fail the load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing as tp
+
+from magnet_engine.errors import ConfigError, InvalidOptionError
+
+_MISSING = object()
+
+
+def parse_yaml_config(text: str, what: str = "xp.cfg"):
+    """YAML string -> OmegaConf DictConfig (interpolations resolved lazily on access)."""
+    from omegaconf import OmegaConf
+
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{what}: expected a non-empty YAML string, found {type(text).__name__}")
+    try:
+        cfg = OmegaConf.create(text)
+    except Exception as exc:  # omegaconf raises several unrelated types on bad YAML
+        raise ConfigError(f"{what}: not valid YAML ({exc})") from exc
+    if not hasattr(cfg, "keys"):
+        raise ConfigError(f"{what}: expected a mapping at top level")
+    return cfg
+
+
+def cfg_get(cfg, path: str, default: tp.Any = _MISSING, what: str = "xp.cfg") -> tp.Any:
+    """Read and resolve one dotted field; a missing field without default is a ConfigError."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(cfg, path, default=_MISSING, throw_on_missing=False)
+    except Exception as exc:
+        raise ConfigError(f"{what}: cannot resolve `{path}` ({exc})") from exc
+    if value is _MISSING or value is None and default is not _MISSING:
+        if default is _MISSING:
+            raise ConfigError(f"{what}: required field `{path}` is missing")
+        return default
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What the LM computes; every field comes from the checkpoint's xp.cfg."""
+
+    dim: int
+    num_heads: int
+    num_layers: int
+    hidden_scale: int
+    n_q: int
+    card: int
+    subcodes_context: int       # W: stages > 0 attend to |i - j| <= W (-1: unrestricted)
+    span_len: int               # L
+    segment_duration: float     # seconds the model was trained on
+    frame_rate: int             # codec frames per second (50)
+    sample_rate: int
+    channels: int
+    t5_name: str
+    max_period: float = 10000.0
+    bias_ff: bool = False
+    bias_attn: bool = False
+    bias_proj: bool = False
+    lm_model: str = "transformer_lm_magnet"
+    pattern: str = "parallel"   # codebooks_pattern.modeling
+    delays: tp.Tuple[int, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.hidden_scale * self.dim
+
+    @property
+    def mask_id(self) -> int:
+        return self.card
+
+    @property
+    def max_frames(self) -> int:
+        return int(self.frame_rate * self.segment_duration)
+
+    @classmethod
+    def from_xp_cfg(cls, cfg, frame_rate: tp.Optional[int] = None) -> "ModelConfig":
+        """Build from a parsed xp.cfg. `frame_rate` comes from the codec (the loader's rule);
+        without it, `transformer_lm.compression_model_framerate` must be present."""
+        g = lambda path, default=_MISSING: cfg_get(cfg, path, default)  # noqa: E731
+        lm_model = g("lm_model", "transformer_lm_magnet")
+        if lm_model not in ("transformer_lm_magnet", "transformer_lm"):
+            raise ConfigError(f"xp.cfg: lm_model {lm_model!r} is not a MAGNeT/MusicGen transformer LM")
+        unsupported = {
+            "transformer_lm.activation": ("gelu",),
+            "transformer_lm.norm": ("layer_norm",),
+            "transformer_lm.norm_first": (True,),
+            "transformer_lm.positional_embedding": ("sin",),
+            "transformer_lm.layer_scale": (None,),
+            "transformer_lm.qk_layer_norm": (False,),
+            "transformer_lm.qk_layer_norm_cross": (False,),
+            "transformer_lm.kv_repeat": (1,),
+        }
+        for path, allowed in unsupported.items():
+            value = g(path, allowed[0])
+            if value not in allowed:
+                raise ConfigError(f"xp.cfg: `{path}` = {value!r} is not supported (expected {allowed[0]!r})")
+        fuser_cross = g("fuser.cross", ["description"])
+        if list(fuser_cross) != ["description"] or g("fuser.prepend", []) or g("fuser.sum", []):
+            raise ConfigError("xp.cfg: only a `description` condition fused by cross-attention is supported, "
+                              f"found fuser={g('fuser', {})}")
+        if frame_rate is None:
+            frame_rate = g("transformer_lm.compression_model_framerate")
+        dim, heads = int(g("transformer_lm.dim")), int(g("transformer_lm.num_heads"))
+        if dim % heads:
+            raise ConfigError(f"xp.cfg: dim {dim} is not divisible by num_heads {heads}")
+        span_len = g("masking.span_len", None)
+        if span_len is None:
+            span_len = g("transformer_lm.span_len", 1)
+        delays = g("codebooks_pattern.delay.delays", [])
+        return cls(
+            dim=dim, num_heads=heads,
+            num_layers=int(g("transformer_lm.num_layers")),
+            hidden_scale=int(g("transformer_lm.hidden_scale", 4)),
+            n_q=int(g("transformer_lm.n_q")),
+            card=int(g("transformer_lm.card")),
+            subcodes_context=int(g("transformer_lm.subcodes_context", -1)),
+            span_len=int(span_len),
+            segment_duration=float(g("dataset.segment_duration")),
+            frame_rate=int(frame_rate),
+            sample_rate=int(g("sample_rate")),
+            channels=int(g("channels", 1)),
+            t5_name=str(g("conditioners.description.t5.name", "t5-base")),
+            max_period=float(g("transformer_lm.max_period", 10000.0)),
+            bias_ff=bool(g("transformer_lm.bias_ff", False)),
+            bias_attn=bool(g("transformer_lm.bias_attn", False)),
+            bias_proj=bool(g("transformer_lm.bias_proj", False)),
+            lm_model=str(lm_model),
+            pattern=str(g("codebooks_pattern.modeling", "parallel")),
+            delays=tuple(int(d) for d in delays),
+        )
+
+
+SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
+SPAN_SCORINGS = ("max", "prod")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingParams:
+    """Decoding options, with the names and defaults of `MAGNeT.set_generation_params`."""
+
+    use_sampling: bool = True
+    top_k: int = 0
+    top_p: float = 0.9
+    temperature: float = 3.0
+    max_cfg_coef: float = 10.0
+    min_cfg_coef: float = 1.0
+    decoding_steps: tp.Tuple[int, ...] = (20, 10, 10, 10)
+    span_arrangement: str = "nonoverlap"
+    span_scoring: str = "max"
+    anneal_temp: bool = True
+
+    def validate(self, n_q: int) -> "DecodingParams":
+        """Check every option; returns self so calls chain."""
+        def bad(msg):
+            raise InvalidOptionError(msg)
+
+        if not isinstance(self.use_sampling, bool):
+            bad(f"use_sampling must be a bool, found {self.use_sampling!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k must be an int >= 0, found {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 <= self.top_p <= 1.0) or math.isnan(self.top_p):
+            bad(f"top_p must be 0 (off) or in (0, 1], found {self.top_p!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            bad(f"temperature must be a finite number >= 0, found {self.temperature!r}")
+        for name in ("max_cfg_coef", "min_cfg_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(f"{name} must be a finite number, found {value!r}")
+        steps = self.decoding_steps
+        if len(steps) != n_q:
+            bad(f"decoding_steps must have one entry per codebook ({n_q}), found {len(steps)}: {list(steps)}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+            bad(f"decoding_steps must be ints >= 1, found {list(steps)}")
+        if self.span_arrangement not in SPAN_ARRANGEMENTS:
+            bad(f"span_arrangement must be one of {SPAN_ARRANGEMENTS}, found {self.span_arrangement!r}")
+        if self.span_scoring not in SPAN_SCORINGS:
+            bad(f"span_scoring must be one of {SPAN_SCORINGS}, found {self.span_scoring!r}")
+        if not isinstance(self.anneal_temp, bool):
+            bad(f"anneal_temp must be a bool, found {self.anneal_temp!r}")
+        return self
+
+    def replace(self, **changes) -> "DecodingParams":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InvalidOptionError(f"unknown decoding option(s): {sorted(unknown)}")
+        if "decoding_steps" in changes and changes["decoding_steps"] is not None:
+            changes["decoding_steps"] = tuple(changes["decoding_steps"])
+        return dataclasses.replace(self, **changes)

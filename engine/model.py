@@ -1,0 +1,167 @@
+"""The MAGNeT transformer LM, lean: embeddings, pre-norm layers, final norm, stage heads.
+
+Parameter names equal the checkpoint's keys (spec §8), so a published `best_state` loads
+with a strict `load_state_dict` once the conditioner's `output_proj` keys are taken out.
+
+    h = Σ_k Emb_k[codes_k] + PE                          # [B, T, D]
+    for each layer:  h += SA(LN1 h, band)  h += XA(LN_cross h, c)  h += W2 gelu(W1 LN2 h)
+    logits_s = LN_out(h) @ Wout_sᵀ                       # [B, T, card], only head s
+
+Self-attention is full at stage 0 and restricted to |i − j| <= W frames at stages > 0
+(spec §6). Attention is pluggable (`SelfAttention`): the plain path here masks a dense
+[T, T] bias, the fast runtime passes the banded kernel. Cross-attention keys/values depend
+only on the condition, so they can be computed once per call (`cross_kv`).
+"""
+from __future__ import annotations
+
+import typing as tp
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from magnet_engine.engine.config import ModelConfig
+
+# (q, k, v: [B, H, T, d], window or None) -> [B, H, T, d]
+SelfAttention = tp.Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tp.Optional[int]], torch.Tensor]
+
+
+def sin_embedding(positions: torch.Tensor, dim: int, max_period: float = 10000.0,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Non-interleaved sinusoidal positions, [..., T, 1] -> [..., T, dim].
+
+    Same ops as audiocraft's `create_sin_embedding` so fp32 results are bitwise equal;
+    note the divisor (dim/2 − 1), not dim/2.
+    """
+    half = dim // 2
+    adim = torch.arange(half, device=positions.device, dtype=dtype).view(1, 1, -1)
+    max_period_t = torch.full([], max_period, device=positions.device, dtype=dtype)
+    phase = positions / (max_period_t ** (adim / (half - 1)))
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
+
+
+def band_bias(t: int, window: int, device, dtype=torch.float32) -> torch.Tensor:
+    """[T, T] additive bias: 0 where |i − j| <= window, −inf elsewhere."""
+    pos = torch.arange(t, device=device)
+    valid = (pos[:, None] - pos[None, :]).abs() <= window
+    return torch.where(valid, torch.zeros((), device=device, dtype=dtype),
+                       torch.full((), float("-inf"), device=device, dtype=dtype))
+
+
+def dense_self_attention(q, k, v, window: tp.Optional[int]) -> torch.Tensor:
+    """The plain oracle: SDPA with a dense band bias (or none at stage 0)."""
+    mask = None if window is None else band_bias(q.shape[-2], window, q.device, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    """Packed-projection multi-head attention (rows of in_proj_weight: q | k | v)."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim)) if bias else None
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, -1).transpose(1, 2)  # [B, H, T, d]
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = x.shape
+        return self.out_proj(x.transpose(1, 2).reshape(b, t, h * d))
+
+    def self_attend(self, x: torch.Tensor, window: tp.Optional[int], attend: SelfAttention) -> torch.Tensor:
+        b, t, dim = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d]
+        return self._merge(attend(q, k, v, window))
+
+    def kv(self, memory: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values of the condition: [B, S, D] -> 2 x [B, H, S, d]."""
+        dim = self.in_proj_weight.shape[1]
+        bias = self.in_proj_bias
+        k = F.linear(memory, self.in_proj_weight[dim:2 * dim], None if bias is None else bias[dim:2 * dim])
+        v = F.linear(memory, self.in_proj_weight[2 * dim:], None if bias is None else bias[2 * dim:])
+        return self._heads(k), self._heads(v)
+
+    def cross_attend(self, x: torch.Tensor, kv: tp.Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        dim = self.in_proj_weight.shape[1]
+        bias = self.in_proj_bias
+        q = F.linear(x, self.in_proj_weight[:dim], None if bias is None else bias[:dim])
+        # No key padding mask: padded text positions hold zero vectors and still take
+        # softmax mass, as in the reference (spec §3).
+        return self._merge(F.scaled_dot_product_attention(self._heads(q), *kv))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.self_attn = Attention(d, cfg.num_heads, cfg.bias_attn)
+        self.cross_attention = Attention(d, cfg.num_heads, cfg.bias_attn)
+        self.linear1 = nn.Linear(d, cfg.ffn_dim, bias=cfg.bias_ff)
+        self.linear2 = nn.Linear(cfg.ffn_dim, d, bias=cfg.bias_ff)
+        self.norm1 = nn.LayerNorm(d, eps=1e-5)
+        self.norm_cross = nn.LayerNorm(d, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d, eps=1e-5)
+
+    def forward(self, x: torch.Tensor, window: tp.Optional[int], cross_kv, attend: SelfAttention) -> torch.Tensor:
+        x = x + self.self_attn.self_attend(self.norm1(x), window, attend)
+        x = x + self.cross_attention.cross_attend(self.norm_cross(x), cross_kv)
+        return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+
+
+class MagnetLM(nn.Module):
+    """The LM of a MAGNeT checkpoint. `stage_logits` is the documented low-level call."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q))
+        self.transformer = Transformer(cfg)
+        self.out_norm = nn.LayerNorm(cfg.dim, eps=1e-5)
+        self.linears = nn.ModuleList(nn.Linear(cfg.dim, cfg.card, bias=cfg.bias_proj) for _ in range(cfg.n_q))
+
+    def window(self, stage: int) -> tp.Optional[int]:
+        """Self-attention window of a stage: None (full) at stage 0 or when W = −1."""
+        w = self.cfg.subcodes_context
+        return None if stage == 0 or w < 0 else w
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, K, T] (mask id = card allowed) -> [B, T, D], positions from 0."""
+        _, k, t = codes.shape
+        x = sum(self.emb[i](codes[:, i]) for i in range(k))
+        positions = torch.arange(t, device=codes.device).view(1, -1, 1)
+        return x + sin_embedding(positions, self.cfg.dim, self.cfg.max_period, dtype=x.dtype)
+
+    def cross_kv(self, cond: torch.Tensor) -> tp.List[tp.Tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer cross-attention (K, V) of the condition [B, S, D]; reusable across steps."""
+        return [layer.cross_attention.kv(cond) for layer in self.transformer.layers]
+
+    def hidden(self, codes: torch.Tensor, cond: torch.Tensor, stage: int,
+               attend: SelfAttention = dense_self_attention, cross_kv=None) -> torch.Tensor:
+        """codes [B, K, T], cond [B, S, D] -> LN_out output [B, T, D]."""
+        if cross_kv is None:
+            cross_kv = self.cross_kv(cond)
+        x = self.embed(codes)
+        window = self.window(stage)
+        for layer, kv in zip(self.transformer.layers, cross_kv):
+            x = layer(x, window, kv, attend)
+        return self.out_norm(x)
+
+    def stage_logits(self, codes: torch.Tensor, cond: torch.Tensor, stage: int,
+                     attend: SelfAttention = dense_self_attention) -> torch.Tensor:
+        """Logits of codebook `stage`'s head for given codes and condition tensors.
+
+        codes: [B, K, T] int64 in [0, card] (card = mask id); cond: [B, S, D] (the output
+        of conditioning, CFG rows included if wanted). Returns [B, T, card] float.
+        """
+        return self.linears[stage](self.hidden(codes, cond, stage, attend))

@@ -1,0 +1,1 @@
+"""Kernels: one contract each, with Triton, C++ and torch implementations behind a dispatch."""

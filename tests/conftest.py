@@ -1,0 +1,29 @@
+"""Shared test set-up. Triton kernels run on CPU tensors under its interpreter here;
+the flag must be set before triton decorates any kernel, hence at conftest import."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def fixtures_dir() -> Path:
+    return Path(os.environ.get("MAGNET_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    path = fixtures_dir()
+    if not (path / "golden.pt").exists():
+        pytest.skip(f"reference fixtures not found at {path} (set MAGNET_FIXTURES)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden(fixtures):
+    return torch.load(fixtures / "golden.pt", weights_only=True)
