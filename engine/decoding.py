@@ -1,0 +1,197 @@
+"""The fast masked-decoding runtime: the hot loop of MAGNeT on preallocated buffers.
+
+Same algorithm as `reference.py` (its oracle), minus the waste (spec §10):
+  * the schedule (spans to mask, CFG coefficient, temperature) is built on the host before
+    the loop (`schedule.py`) and lives in device tensors: the loop never waits on the device;
+  * cross-attention K/V of the text are computed once per call, for the conditional rows
+    only: the null rows' cross-attention output is exactly zero (bias-free projections of
+    all-zero embeddings), so it is skipped;
+  * both CFG halves carry identical codes, so layer 0's self-attention runs once on B rows;
+  * stages > 0 use the banded attention kernel (O(T·W)), stage 0 flash-attn / SDPA;
+  * in 'nonoverlap' mode exactly m_i chunks are masked at step i (m_i known on the host), so
+    the output norm, the stage head and the sampling run only on those m_i·L frames,
+    gathered with a static count (no data-dependent shapes, no sync);
+  * sampling and re-masking are single fused kernels (`kernels/`), drawing randomness from
+    a keyed counter-based RNG (seed, step, position), so a step is reproducible.
+Every saving is exact: in fp32 the tokens equal the reference loop's given the same draws.
+"""
+from __future__ import annotations
+
+import os
+import typing as tp
+
+import torch
+import torch.nn.functional as F
+
+from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
+from magnet_engine.errors import InvalidOptionError, NumericalError
+from magnet_engine.kernels import attention as attn_kernels
+from magnet_engine.kernels import masking, sampling
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Runtime:
+    """Holds a model prepared for fast decoding, and buffers reused across calls.
+
+    precision: 'fp32' | 'bf16' | 'fp16' — weights and activations of the transformer; the
+    residual stream entering each norm, the logits mix, softmax and sampling stay fp32.
+    """
+
+    def __init__(self, lm: MagnetLM, precision: str = "fp32", impl: tp.Optional[str] = None):
+        if precision not in PRECISIONS:
+            raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
+        self.lm = lm
+        self.cfg = lm.cfg
+        self.dtype = PRECISIONS[precision]
+        self.impl = impl
+        self.device = next(lm.parameters()).device
+        self.skip_null_cross = not self.cfg.bias_attn
+        self._buffers: tp.Dict[tp.Tuple[int, int], tp.Dict[str, torch.Tensor]] = {}
+        if self.dtype != torch.float32:
+            self.lm = _cast_copy(lm, self.dtype)
+
+    # ---------------------------------------------------------------- buffers
+    def _get_buffers(self, batch: int, frames: int) -> tp.Dict[str, torch.Tensor]:
+        key = (batch, frames)
+        if key not in self._buffers:
+            dev = self.device
+            self._buffers[key] = {
+                "codes": torch.empty(batch, self.cfg.n_q, frames, dtype=torch.long, device=dev),
+                "prob": torch.empty(batch, frames, dtype=torch.float32, device=dev),
+            }
+        return self._buffers[key]
+
+    # ----------------------------------------------------------------- model
+    def _attend(self, q, k, v, window):
+        return attn_kernels.attention(q, k, v, window, impl=self.impl if self.impl != "cpp" else None)
+
+    def _forward_hidden(self, codes: torch.Tensor, cross_kv, stage: int) -> torch.Tensor:
+        """codes [B, K, T] -> final-layer output [2B, T, D] (cond rows first), pre out_norm."""
+        lm = self.lm
+        window = lm.window(stage)
+        layers = lm.transformer.layers
+        x = lm.embed(codes).to(self.dtype)                                   # [B, T, D]
+        first = layers[0]
+        x = x + first.self_attn.self_attend(first.norm1(x), window, self._attend)  # same for both halves
+        x = self._cross_and_ffn(first, x, cross_kv[0], duplicate=True)
+        for layer, kv in zip(layers[1:], cross_kv[1:]):
+            x = x + layer.self_attn.self_attend(layer.norm1(x), window, self._attend)
+            x = self._cross_and_ffn(layer, x, kv, duplicate=False)
+        return x
+
+    def _cross_and_ffn(self, layer, x: torch.Tensor, kv, duplicate: bool) -> torch.Tensor:
+        """Cross-attention (conditional rows only when the null rows' output is exactly 0),
+        then the FFN. With duplicate=True, x holds B rows and 2B come out."""
+        if self.skip_null_cross:
+            b = kv[0].shape[0]
+            xc = x[:b] if not duplicate else x
+            xc = xc + layer.cross_attention.cross_attend(layer.norm_cross(xc), kv)
+            x = torch.cat([xc, x[b:] if not duplicate else x])
+        else:
+            if duplicate:
+                x = torch.cat([x, x])
+            x = x + layer.cross_attention.cross_attend(layer.norm_cross(x), kv)
+        return x + layer.linear2(F.gelu(layer.linear1(layer.norm2(x))))
+
+    # ------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, cond: torch.Tensor, frames: int, params: DecodingParams,
+                 prompt: tp.Optional[torch.Tensor] = None, seed: tp.Optional[int] = None,
+                 callback: tp.Optional[tp.Callable[[int, int], None]] = None) -> torch.Tensor:
+        """cond [2B, S, D] (conditional rows, then null rows) -> codes [B, K, T']."""
+        cfg, lm, dev = self.cfg, self.lm, self.device
+        batch = cond.shape[0] // 2
+        p_len = 0 if prompt is None else prompt.shape[-1]
+        chunked = cfg.span_len > 1 and params.span_arrangement == "nonoverlap"
+        arrangement = "nonoverlap" if chunked else ("stride1" if cfg.span_len > 1 else "token")
+        span_len = cfg.span_len if arrangement != "token" else 1
+        kept, n_spans, to_gen = spans_to_generate(frames, p_len, cfg.span_len, chunked)
+
+        bufs = self._get_buffers(batch, frames)
+        codes = bufs["codes"][..., :kept]
+        codes.fill_(cfg.mask_id)
+        if prompt is not None:
+            codes[..., :p_len] = prompt
+        prob = bufs["prob"][:, :kept]
+        row_base = (torch.arange(batch, device=dev) * kept)[:, None]         # RNG key of (b, t) = b·T + t
+
+        cond = cond.to(self.dtype)
+        cross_rows = cond[:batch] if self.skip_null_cross else cond
+        cross_kv = lm.cross_kv(cross_rows)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(7), "little")
+        seed_t = torch.tensor(seed, dtype=torch.long, device=dev)
+        total, done = sum(params.decoding_steps), 0
+        offsets = torch.arange(total, dtype=torch.long, device=dev)         # RNG offset = global step
+        for stage, n_steps in enumerate(params.decoding_steps):
+            sched = stage_schedule(n_steps, to_gen, params)
+            coefs = torch.tensor(sched.cfg_coef, dtype=torch.float32, device=dev)
+            temps = torch.tensor(sched.temperature, dtype=torch.float32, device=dev)
+            num_masked = torch.tensor(sched.num_masked, dtype=torch.long, device=dev)
+            row = codes[:, stage]
+            scores = masking.initial_scores(batch, n_spans, prompt_len=p_len, span_len=span_len,
+                                            arrangement=arrangement, device=dev)
+            head = lm.linears[stage]
+            for i in range(n_steps):
+                span_mask = masking.remask(row, scores, num_masked[i], span_len=span_len,
+                                           arrangement=arrangement, prompt_len=p_len, mask_id=cfg.mask_id,
+                                           impl=self.impl)
+                if prompt is not None:
+                    row[:, :p_len] = prompt[:, stage]
+                hidden = self._forward_hidden(codes, cross_kv, stage)                    # [2B, T, D]
+                if arrangement == "stride1":
+                    pos = None                                                          # every frame
+                    h = hidden
+                else:
+                    count = sched.num_masked[i] * span_len
+                    pos = _masked_positions(span_mask, count, span_len)                 # [B, M]
+                    h = torch.gather(hidden, 1, pos.repeat(2, 1)[..., None].expand(-1, -1, hidden.shape[-1]))
+                logits = head(lm.out_norm(h.float()))                                   # [2B, M, C] fp32
+                uncond = None if sched.cfg_coef[i] == 1.0 else logits[batch:].reshape(-1, cfg.card)
+                rows = row_base + (pos if pos is not None else torch.arange(kept, device=dev)[None])
+                tokens, p_hat = sampling.sample_tokens(
+                    logits[:batch].reshape(-1, cfg.card), uncond, coefs[i], temps[i],
+                    use_sampling=params.use_sampling, top_k=params.top_k, top_p=params.top_p,
+                    seed=seed_t, offset=offsets[done], row_ids=rows.reshape(-1),
+                    impl=self.impl)
+                tokens, p_hat = tokens.view(batch, -1), p_hat.view(batch, -1)
+                if pos is None:
+                    row.copy_(torch.where(row == cfg.mask_id, tokens, row))
+                    prob.copy_(p_hat)
+                else:
+                    current = torch.gather(row, 1, pos)
+                    row.scatter_(1, pos, torch.where(current == cfg.mask_id, tokens, current))
+                    prob.scatter_(1, pos, p_hat)
+                scores = masking.span_scores(prob, span_mask, span_len=span_len, arrangement=arrangement,
+                                             scoring=params.span_scoring)
+                done += 1
+                if callback is not None:
+                    callback(done, total)
+        if not torch.isfinite(prob).all():
+            raise NumericalError("non-finite probabilities during decoding (NaN/inf logits): check the "
+                                 "checkpoint weights and the precision setting")
+        return codes.clone()
+
+
+def _masked_positions(span_mask: torch.Tensor, count: int, span_len: int) -> torch.Tensor:
+    """Frame indices [B, count] of the masked spans, ascending, without a host sync.
+
+    span_mask: [B, n] bool with exactly count / span_len spans set in every row.
+    """
+    n = span_mask.shape[1]
+    key = span_mask.float() * (n + 1) - torch.arange(n, device=span_mask.device)   # masked first, by index
+    spans = key.topk(count // span_len, dim=1).indices.sort(dim=1).values
+    return (spans[..., None] * span_len + torch.arange(span_len, device=span_mask.device)).reshape(
+        span_mask.shape[0], -1)
+
+
+def _cast_copy(lm: MagnetLM, dtype: torch.dtype) -> MagnetLM:
+    """A copy of the LM whose transformer runs in `dtype`. Embeddings, output norm and heads
+    stay fp32, like the reference's autocast on CUDA (spec §2, reference precision)."""
+    import copy
+    low = copy.deepcopy(lm)
+    low.transformer.to(dtype)
+    return low

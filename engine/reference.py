@@ -1,0 +1,199 @@
+"""The plain MAGNeT decoding loop: a direct, slow transcription of spec §4–5.
+
+This is the correctness oracle of the fast runtime (`decoding.py`), written to be read.
+It reproduces the original implementation step for step, host syncs and wasted work
+included: the whole [2B, T] batch is forwarded every step, every position is sampled,
+the schedule is computed with the same fp32 ops, and spans are chosen with `topk`, whose
+tie order the published outputs depend on.
+
+Randomness comes from `sampler`; the default draws like the original (`torch.multinomial`
+on the global generator, or `generator`). Tests pass the fast runtime's keyed sampler to
+check that, given the same draws, both loops produce the same tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing as tp
+
+import torch
+
+from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.model import MagnetLM
+
+DONT_REMASK = -1e4
+
+# sampler(probs [B, T, C] fp32 (modifiable), stage, step) -> tokens [B, T] int64
+Sampler = tp.Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+@dataclasses.dataclass
+class StepTrace:
+    """What one LM forward saw; mirrors the fixtures' per-step trace."""
+    stage: int
+    step: int
+    mask_p: float
+    cfg_coef: float
+    temperature: float
+    num_masked: int            # spans (chunks or tokens) asked to be masked
+    num_masked_tokens: int     # mask ids in the stage's row, whole batch
+    masked: torch.Tensor       # [B, T] bool
+
+
+def multinomial_sampler(top_k: int, top_p: float, generator: tp.Optional[torch.Generator] = None) -> Sampler:
+    """The original sampling: nucleus if top_p > 0, else top-k if top_k > 0, else categorical.
+
+    Top-k renormalises `probs` in place, so the caller's p̂ then comes from the truncated
+    distribution; nucleus works on a sorted copy, so p̂ comes from the full one (spec §4).
+    """
+    def draw(probs: torch.Tensor) -> torch.Tensor:
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, num_samples=1, generator=generator).reshape(probs.shape[:-1])
+
+    def sample(probs: torch.Tensor, stage: int, step: int) -> torch.Tensor:
+        if top_p > 0.0:
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+            drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > top_p
+            sorted_p *= (~drop).float()
+            sorted_p.div_(sorted_p.sum(dim=-1, keepdim=True))
+            return torch.gather(order, -1, draw(sorted_p)[..., None])[..., 0]
+        if top_k > 0:
+            kth = torch.topk(probs, top_k, dim=-1).values[..., [-1]]
+            probs *= (probs >= kth).float()
+            probs.div_(probs.sum(dim=-1, keepdim=True))
+        return draw(probs)
+
+    return sample
+
+
+def span_cover(starts: torch.Tensor, t: int, span_len: int) -> torch.Tensor:
+    """[T] bool: union of the frames [j, j + L) over span starts j."""
+    mask = torch.zeros(t, dtype=torch.bool, device=starts.device)
+    for shift in range(span_len):
+        mask[(starts + shift).clamp(max=t - 1)] = True
+    return mask
+
+
+def least_probable_spans(scores: torch.Tensor, num_masked: int, span_len: int) -> torch.Tensor:
+    """stride1 masking of one row (spec §5): token scores [T] -> [T] bool mask.
+
+    Overlapping spans are ranked by summed score; a binary search picks how many of the
+    top spans to take so the covered frame count is as close as possible to num_masked.
+    """
+    t = scores.shape[-1]
+    span_scores = scores.unfold(0, span_len, 1).sum(dim=-1)
+    order = torch.argsort(span_scores, descending=True)
+    target = max(num_masked, span_len)
+    lo, hi = target // span_len, target - span_len + 1
+    mid = round(0.5 * (lo + hi))
+    if mid in (lo, hi):
+        return span_cover(order[:mid], t, span_len)
+    while lo < mid < hi:
+        mask = span_cover(order[:mid], t, span_len)
+        if int(mask.sum()) > target:
+            hi = mid
+        else:
+            lo = mid
+        mid = round(0.5 * (lo + hi))
+    return mask
+
+
+@torch.no_grad()
+def generate_tokens(lm: MagnetLM, cond: torch.Tensor, frames: int, params: DecodingParams,
+                    prompt: tp.Optional[torch.Tensor] = None, sampler: tp.Optional[Sampler] = None,
+                    generator: tp.Optional[torch.Generator] = None,
+                    callback: tp.Optional[tp.Callable[[int, int], None]] = None,
+                    trace: tp.Optional[tp.List[StepTrace]] = None) -> torch.Tensor:
+    """Masked decoding of all stages.
+
+    cond: [2B, S, D] condition rows, conditional first then null (CFG); frames: T;
+    prompt: [B, K, P] codes kept fixed (P < T). Returns codes [B, K, T'] with T' = L·⌊T/L⌋
+    in 'nonoverlap' mode (L > 1), T otherwise.
+    """
+    cfg = lm.cfg
+    batch = cond.shape[0] // 2
+    p_len = 0 if prompt is None else prompt.shape[-1]
+    codes = torch.full((batch, cfg.n_q, frames), cfg.mask_id, dtype=torch.long, device=cond.device)
+    if prompt is not None:
+        codes[..., :p_len] = prompt
+    sampler = sampler or multinomial_sampler(params.top_k, params.top_p, generator)
+    total = sum(params.decoding_steps)
+    done = 0
+    for stage, n_steps in enumerate(params.decoding_steps):
+        codes = _generate_stage(lm, codes, cond, stage, n_steps, params, prompt, sampler, trace)
+        for _ in range(n_steps):
+            done += 1
+            if callback is not None:
+                callback(done, total)
+    return codes
+
+
+def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage: int, n_steps: int,
+                    params: DecodingParams, prompt: tp.Optional[torch.Tensor], sampler: Sampler,
+                    trace: tp.Optional[tp.List[StepTrace]]) -> torch.Tensor:
+    cfg = lm.cfg
+    mask_id, span_len = cfg.mask_id, cfg.span_len
+    batch, _, t = codes.shape
+    p_len = 0 if prompt is None else prompt.shape[-1]
+    device = codes.device
+    chunked = span_len > 1 and params.span_arrangement == "nonoverlap"
+    stride1 = span_len > 1 and params.span_arrangement == "stride1"
+
+    y = torch.full((batch, t), mask_id, dtype=torch.long, device=device)
+    if chunked:
+        n_chunks = t // span_len
+        t = span_len * n_chunks                 # the tail frames are dropped for good
+        codes, y = codes[..., :t], y[..., :t]
+        scores = torch.zeros(batch, n_chunks, device=device)
+        scores[:, :p_len // span_len] = DONT_REMASK
+        to_generate = n_chunks - p_len // span_len
+    else:
+        scores = torch.zeros(batch, t, device=device)
+        scores[:, :p_len] = DONT_REMASK
+        to_generate = t - p_len
+
+    for step, (tau, steps_left) in enumerate(zip(torch.linspace(0, 1, n_steps, device=device),
+                                                 reversed(range(n_steps)))):
+        mask_p = torch.cos(tau * math.pi * 0.5)
+        num_masked = max(int((mask_p * to_generate).item()), 1)
+
+        if stride1:
+            span_mask = torch.stack([least_probable_spans(scores[b], num_masked, span_len) for b in range(batch)])
+            y[span_mask] = mask_id
+        else:
+            chosen = scores.topk(num_masked, dim=-1).indices
+            span_mask = torch.zeros_like(scores, dtype=torch.bool).scatter(1, chosen, True)
+            y[torch.repeat_interleave(span_mask, span_len, dim=-1) if chunked else span_mask] = mask_id
+        if prompt is not None:
+            y[:, :p_len] = prompt[:, stage]
+        codes[:, stage] = y
+
+        logits_all = lm.stage_logits(torch.cat([codes, codes]), cond, stage)  # [2B, T, C]
+        cond_logits, uncond_logits = logits_all.split(batch)
+        cfg_coef = float(mask_p) * params.max_cfg_coef + (1 - float(mask_p)) * params.min_cfg_coef
+        logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
+        temp = params.temperature * (steps_left / n_steps) if params.anneal_temp else params.temperature
+        probs = torch.softmax(logits / max(temp, 1e-2), dim=-1)
+        if trace is not None:
+            trace.append(StepTrace(stage, step, float(mask_p), cfg_coef, temp, num_masked,
+                                   int((y == mask_id).sum()), (y == mask_id).clone()))
+        if params.use_sampling:
+            sampled = sampler(probs, stage, step)
+        else:
+            sampled = torch.argmax(logits, dim=-1)
+
+        masked = y == mask_id
+        y = torch.where(masked, sampled, y)
+        codes[:, stage] = y
+        p_hat = torch.gather(probs, -1, sampled[..., None])[..., 0]   # [B, T]
+
+        if chunked:
+            chunk_p = p_hat.reshape(batch, -1, span_len)
+            if params.span_scoring == "max":
+                scores = 1 - chunk_p.max(dim=-1).values
+            else:
+                scores = (-torch.log(chunk_p)).sum(dim=-1)
+            scores = scores.masked_fill(~span_mask, DONT_REMASK)
+        else:
+            scores = (-torch.log(p_hat)).masked_fill(~masked, DONT_REMASK)
+    return codes

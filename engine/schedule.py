@@ -1,0 +1,55 @@
+"""Per-step decoding tables, computed on the host before the loop (spec §4, §10.4).
+
+The original computes these inside the loop with a device sync per step; here they are
+made once, with the same fp32 torch ops so that every value is bitwise the same:
+
+    τ_i = linspace(0, 1, n)[i]                  (fp32)
+    ρ_i = cos(π/2 · τ_i)                         (fp32)
+    m_i = max(trunc(ρ_i · G), 1)                spans to mask; G = spans to generate
+    g_i = ρ_i · g_max + (1 − ρ_i) · g_min       (float64 from the fp32 ρ, as the original)
+    t_i = max(τ0 · (n − 1 − i) / n, 0.01)       (τ0 if not annealing)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing as tp
+
+import torch
+
+from magnet_engine.engine.config import DecodingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSchedule:
+    mask_p: tp.Tuple[float, ...]
+    num_masked: tp.Tuple[int, ...]
+    cfg_coef: tp.Tuple[float, ...]
+    temperature: tp.Tuple[float, ...]   # already clamped to >= 0.01
+
+    @property
+    def steps(self) -> int:
+        return len(self.num_masked)
+
+
+def stage_schedule(n_steps: int, spans_to_generate: int, params: DecodingParams) -> StageSchedule:
+    tau = torch.linspace(0, 1, n_steps)
+    rho = torch.cos(tau * math.pi * 0.5)
+    num_masked = (rho * spans_to_generate).tolist()  # fp32 product, as `(mask_p * G).item()`
+    mask_p = rho.tolist()
+    temps = [params.temperature * ((n_steps - 1 - i) / n_steps) if params.anneal_temp else params.temperature
+             for i in range(n_steps)]
+    return StageSchedule(
+        mask_p=tuple(mask_p),
+        num_masked=tuple(max(int(m), 1) for m in num_masked),
+        cfg_coef=tuple(p * params.max_cfg_coef + (1 - p) * params.min_cfg_coef for p in mask_p),
+        temperature=tuple(max(t, 1e-2) for t in temps),
+    )
+
+
+def spans_to_generate(frames: int, prompt_frames: int, span_len: int, chunked: bool) -> tp.Tuple[int, int, int]:
+    """(frames kept T', spans in the row n, spans to generate G) for a stage."""
+    if chunked:
+        n = frames // span_len
+        return span_len * n, n, n - prompt_frames // span_len
+    return frames, frames, frames - prompt_frames
