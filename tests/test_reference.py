@@ -65,7 +65,7 @@ def test_schedule_matches_spec_examples():
     for i, (g, t) in enumerate(zip(s10.cfg_coef, s10.temperature)):
         rho = s10.mask_p[i]
         assert g == rho * 10.0 + (1 - rho) * 1.0
-        assert t == max(3.0 * (9 - i) / 10, 0.01)
+        assert t == max(3.0 * ((9 - i) / 10), 0.01)   # the original associates it this way
     assert s10.cfg_coef[0] == 10.0 and s10.temperature[-1] == 0.01
     one = stage_schedule(1, 33, params)                                  # n = 1: one forward, all sampled
     assert one.num_masked == (33,) and one.cfg_coef == (10.0,) and one.temperature == (0.01,)
