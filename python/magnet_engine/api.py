@@ -1,0 +1,280 @@
+"""The public API, shaped like audiocraft's `MAGNeT` so existing users feel at home.
+
+    model = MAGNeT.get_pretrained("facebook/magnet-small-10secs")   # or a local directory
+    model.set_generation_params(duration=5, top_p=0.9)
+    wav = model.generate(["80s pop with synths"])                   # [B, 1, samples]
+
+A `MAGNeT` holds no global state: load once and call `generate` from any thread; calls on
+one instance are serialised by its lock (they share the decoding buffers).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import typing as tp
+
+import torch
+
+from magnet_engine.engine import checkpoint as ckpt
+from magnet_engine.engine.codec import Codec
+from magnet_engine.engine.conditioning import TextConditioner
+from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine import reference
+from magnet_engine.errors import InvalidInputError, InvalidOptionError
+
+Progress = tp.Callable[[int, int], None]
+ENGINES = ("fast", "reference")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _resolve_device(device: tp.Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class MAGNeT:
+    """A loaded MAGNeT model: LM, text conditioner and EnCodec, plus generation params."""
+
+    def __init__(self, name: str, lm: MagnetLM, conditioner: TextConditioner, codec: Codec,
+                 device: torch.device, engine: str = "fast", precision: tp.Optional[str] = None):
+        if engine not in ENGINES:
+            raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
+        if precision is None:
+            precision = "fp16" if device.type == "cuda" else "fp32"
+        if precision not in PRECISIONS:
+            raise InvalidOptionError(f"precision must be one of {PRECISIONS}, found {precision!r}")
+        self.precision = precision
+        self.name = name
+        self.lm = lm
+        self.conditioner = conditioner
+        self.codec = codec
+        self.device = device
+        self.engine = engine
+        self.cfg: ModelConfig = lm.cfg
+        self.params = DecodingParams()
+        self.duration = self.max_duration
+        self._lock = threading.Lock()
+        self._runtime = None  # the fast runtime, built on first use
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def get_pretrained(cls, name: str = "facebook/magnet-small-10secs", device=None, *,
+                       t5: tp.Optional[str] = None, engine: str = "fast",
+                       precision: tp.Optional[str] = None) -> "MAGNeT":
+        """Load a model by Hub id (via the Hugging Face cache / hub client) or local directory.
+
+        `t5` overrides where the T5 text encoder comes from (a local directory, or a Hub
+        name); by default the checkpoint's own `conditioners.description.t5.name`.
+        """
+        return cls.from_pretrained(ckpt.resolve_model_dir(name), device=device, t5=t5, engine=engine,
+                                   precision=precision, name=name)
+
+    @classmethod
+    def from_pretrained(cls, directory: tp.Union[str, os.PathLike], device=None, *, t5: tp.Optional[str] = None,
+                        engine: str = "fast", precision: tp.Optional[str] = None,
+                        name: tp.Optional[str] = None) -> "MAGNeT":
+        """Load from a local directory in the Hugging Face layout.
+
+        engine: 'fast' (default) or 'reference' (the plain loop); precision: transformer
+        precision of the fast runtime, 'fp32' (CPU default), 'fp16' (CUDA default), 'bf16'.
+        """
+        directory = ckpt.resolve_model_dir(directory)
+        device = _resolve_device(device)
+        codec = Codec.from_package(ckpt.load_package(directory / ckpt.CODEC_FILE), device=device)
+        lm_ckpt = ckpt.read_lm_package(ckpt.load_package(directory / ckpt.LM_FILE),
+                                       frame_rate=round(codec.frame_rate))
+        if lm_ckpt.cfg.sample_rate != codec.sample_rate:
+            raise ckpt.CheckpointError(f"LM was trained at {lm_ckpt.cfg.sample_rate} Hz but the codec runs at "
+                                       f"{codec.sample_rate} Hz")
+        lm = MagnetLM(lm_ckpt.cfg)
+        lm.load_state_dict({k: v.float() for k, v in lm_ckpt.lm_state.items()}, strict=True)
+        lm.to(device).eval().requires_grad_(False)
+        weight, bias = lm_ckpt.output_proj
+        if t5 is None:  # a T5 shipped inside the model directory wins over the hub name in xp.cfg
+            t5 = str(directory / "t5") if (directory / "t5" / "config.json").is_file() else lm_ckpt.cfg.t5_name
+        conditioner = TextConditioner.load(t5, weight.float(), bias.float(), device=device)
+        return cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision)
+
+    # ------------------------------------------------------------- properties
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.sample_rate
+
+    @property
+    def frame_rate(self) -> float:
+        return self.codec.frame_rate
+
+    @property
+    def max_duration(self) -> float:
+        return float(self.cfg.segment_duration)
+
+    # ------------------------------------------------------------- parameters
+    def set_generation_params(self, use_sampling: bool = True, top_k: int = 0, top_p: float = 0.9,
+                              temperature: float = 3.0, max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
+                              decoding_steps: tp.Sequence[int] = (20, 10, 10, 10),
+                              span_arrangement: str = "nonoverlap", duration: tp.Optional[float] = None,
+                              span_scoring: str = "max", anneal_temp: bool = True) -> None:
+        """Set decoding options; names and defaults as audiocraft's MAGNeT (spec §4).
+
+        `duration` (seconds) defaults to the model's trained segment length and may not
+        exceed it. `span_scoring` and `anneal_temp` are exposed here although the
+        original API fixes them ('max', True).
+        """
+        params = DecodingParams(use_sampling=use_sampling, top_k=top_k, top_p=top_p, temperature=temperature,
+                                max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
+                                decoding_steps=tuple(decoding_steps), span_arrangement=span_arrangement,
+                                span_scoring=span_scoring, anneal_temp=anneal_temp).validate(self.cfg.n_q)
+        new_duration = self.max_duration if duration is None else self._check_duration(duration)
+        self.params, self.duration = params, new_duration
+
+    def _check_duration(self, duration: float) -> float:
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration):
+            raise InvalidOptionError(f"duration must be a number of seconds, found {duration!r}")
+        if duration <= 0 or duration > self.max_duration + 1e-9:
+            raise InvalidOptionError(f"duration must be in (0, {self.max_duration}] s (the model's trained "
+                                     f"length), found {duration}")
+        if int(duration * self.frame_rate) < max(self.cfg.span_len, 1):
+            raise InvalidOptionError(f"duration {duration} s is shorter than one span of {self.cfg.span_len} frames")
+        return float(duration)
+
+    @property
+    def frames(self) -> int:
+        """T = ⌊duration · frame_rate⌋, as the original's max_gen_len."""
+        return int(self.duration * self.frame_rate)
+
+    # ------------------------------------------------------------- generation
+    def generate(self, descriptions: tp.Sequence[tp.Optional[str]], progress: tp.Union[bool, Progress] = False,
+                 return_tokens: bool = False, seed: tp.Union[int, tp.Sequence[int], None] = None):
+        """Text -> audio [B, channels, samples] (and tokens [B, K, T'] with return_tokens)."""
+        descriptions = self._check_descriptions(descriptions)
+        return self._generate(descriptions, None, progress, return_tokens, seed)
+
+    def generate_unconditional(self, num_samples: int, progress: tp.Union[bool, Progress] = False,
+                               return_tokens: bool = False, seed: tp.Union[int, tp.Sequence[int], None] = None):
+        """Audio without text: every condition row is the null condition."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise InvalidInputError(f"num_samples must be an int >= 1, found {num_samples!r}")
+        return self._generate([None] * num_samples, None, progress, return_tokens, seed)
+
+    def generate_continuation(self, prompt: torch.Tensor, prompt_sample_rate: int,
+                              descriptions: tp.Optional[tp.Sequence[tp.Optional[str]]] = None,
+                              progress: tp.Union[bool, Progress] = False, return_tokens: bool = False,
+                              seed: tp.Union[int, tp.Sequence[int], None] = None):
+        """Continue a waveform prompt [B, C, samples] or [C, samples]; its frames stay fixed."""
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() not in (2, 3) or not prompt.is_floating_point():
+            raise InvalidInputError("prompt must be a float waveform tensor [B, C, samples] or [C, samples], "
+                                    f"found {type(prompt).__name__} {getattr(prompt, 'shape', '')}")
+        if prompt.dim() == 2:
+            prompt = prompt[None]
+        if isinstance(prompt_sample_rate, bool) or not isinstance(prompt_sample_rate, int) or prompt_sample_rate <= 0:
+            raise InvalidInputError(f"prompt_sample_rate must be a positive int, found {prompt_sample_rate!r}")
+        if descriptions is None:
+            descriptions = [None] * prompt.shape[0]
+        descriptions = self._check_descriptions(descriptions, allow_none=True)
+        if len(descriptions) != prompt.shape[0]:
+            raise InvalidInputError(f"{len(descriptions)} descriptions for a prompt batch of {prompt.shape[0]}")
+        wav = self.codec.preprocess_prompt(prompt.to(self.device), prompt_sample_rate)
+        with torch.no_grad():
+            prompt_codes = self.codec.encode(wav)
+        return self._generate(descriptions, prompt_codes, progress, return_tokens, seed)
+
+    def generate_tokens(self, descriptions: tp.Sequence[tp.Optional[str]], prompt_codes: tp.Optional[torch.Tensor] = None,
+                        progress: tp.Union[bool, Progress] = False, seed: tp.Union[int, tp.Sequence[int], None] = None) -> torch.Tensor:
+        """Tokens only, no codec: [B, K, T']. `prompt_codes` [B, K, P] are kept fixed."""
+        descriptions = self._check_descriptions(descriptions, allow_none=True)
+        if prompt_codes is not None:
+            prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions))
+        with self._lock:
+            return self._tokens(descriptions, prompt_codes, progress, seed)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Codes [B, K, T] -> waveform [B, channels, T · hop]."""
+        with torch.no_grad():
+            return self.codec.decode(tokens.to(self.device))
+
+    # --------------------------------------------------------------- internals
+    def _check_descriptions(self, descriptions, allow_none: bool = True) -> tp.List[tp.Optional[str]]:
+        if isinstance(descriptions, str) or not isinstance(descriptions, (list, tuple)) or not descriptions:
+            raise InvalidInputError("descriptions must be a non-empty list of strings (or None for no text), "
+                                    f"found {descriptions!r:.100}")
+        for d in descriptions:
+            if not (isinstance(d, str) or (allow_none and d is None)):
+                raise InvalidInputError(f"each description must be a string or None, found {type(d).__name__}")
+        return list(descriptions)
+
+    def _check_prompt_codes(self, codes: torch.Tensor, batch: int) -> torch.Tensor:
+        k = self.cfg.n_q
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[:2] != (batch, k) \
+                or codes.dtype not in (torch.int64, torch.int32):
+            raise InvalidInputError(f"prompt codes must be an integer tensor [{batch}, {k}, P], "
+                                    f"found {getattr(codes, 'dtype', type(codes))} {tuple(getattr(codes, 'shape', ()))}")
+        if codes.shape[-1] >= self.frames:
+            raise InvalidInputError(f"prompt has {codes.shape[-1]} frames; it must be shorter than the "
+                                    f"{self.frames} frames of a {self.duration} s generation")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.card):
+            raise InvalidInputError(f"prompt codes must lie in [0, {self.cfg.card - 1}], found "
+                                    f"[{int(codes.min())}, {int(codes.max())}]")
+        return codes.to(self.device, torch.long)
+
+    def _generate(self, descriptions, prompt_codes, progress, return_tokens, seed):
+        if prompt_codes is not None:
+            prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions))
+        with self._lock:
+            tokens = self._tokens(descriptions, prompt_codes, progress, seed)
+            with torch.no_grad():
+                wav = self.codec.decode(tokens)
+        return (wav, tokens) if return_tokens else wav
+
+    def _seeds(self, seed, batch: int) -> tp.List[int]:
+        """One seed per row: an int seeds row b with seed + b; a list gives each row its own.
+        A row's draws depend only on its seed, so batching never changes a row's sample."""
+        if seed is None:
+            seed = int.from_bytes(os.urandom(6), "little")
+        if isinstance(seed, (list, tuple)):
+            seeds = list(seed)
+        else:
+            seeds = [seed + b for b in range(batch)] if isinstance(seed, int) and not isinstance(seed, bool) else None
+        if seeds is None or len(seeds) != batch or any(
+                isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63 - batch for s in seeds):
+            raise InvalidOptionError(f"seed must be an int >= 0 or a list of {batch} such ints, found {seed!r}")
+        return seeds
+
+    def _tokens(self, descriptions, prompt_codes, progress, seed) -> torch.Tensor:
+        seeds = self._seeds(seed, len(descriptions))
+        callback, bar = _progress_callback(progress, sum(self.params.decoding_steps))
+        try:
+            with torch.no_grad():
+                cond = self.conditioner.encode(descriptions).embeds.to(self.device)
+                if self.engine == "reference":
+                    generator = torch.Generator(device=self.device)
+                    generator.manual_seed(seeds[0])
+                    return reference.generate_tokens(self.lm, cond, self.frames, self.params, prompt=prompt_codes,
+                                                     generator=generator, callback=callback)
+                return self._fast_runtime().generate(cond, self.frames, self.params, prompt=prompt_codes,
+                                                     seeds=seeds, callback=callback)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _fast_runtime(self):
+        if self._runtime is None:
+            from magnet_engine.engine.decoding import Runtime
+            self._runtime = Runtime(self.lm, precision=self.precision)
+        return self._runtime
+
+
+def _progress_callback(progress: tp.Union[bool, Progress], total: int):
+    """progress=True shows a tqdm bar over steps; a callable gets (done, total)."""
+    if callable(progress):
+        return progress, None
+    if not progress:
+        return None, None
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="step", desc="decoding")
+
+    def update(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+    return update, bar

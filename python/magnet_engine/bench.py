@@ -1,0 +1,255 @@
+"""Latency benchmark: the fast runtime against the plain reference loop, side by side.
+
+    magnet-engine bench --arch small --duration 2 --batch 1 --precision fp32 bf16
+    python benchmarks/latency.py --model /path/to/magnet-small-10secs --runs 5
+
+Both loops run in one process on the same model, inputs, settings and machine; the ratio
+is the headline. Reports p50/p95 of tokens-only and end-to-end latency, time per stage,
+real-time factor and peak memory, plus, on CPU, the achieved FLOP/s of the fast loop
+against a plain GEMM of the same shapes measured in the same run. JSON goes to
+benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+import torch
+
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def _percentile(values: tp.Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        try:
+            cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+            info["cpu"] = cpu[0].split(":", 1)[1].strip() if cpu else platform.processor()
+        except OSError:
+            info["cpu"] = platform.processor()
+    return info
+
+
+def step_flops(cfg, batch: int, frames: int, window: tp.Optional[int], gathered: tp.Optional[int]) -> float:
+    """Matrix FLOPs of one fast-loop step: 2B rows x T frames, cond-only cross-attention,
+    layer-0 self-attention once, band-limited attention at stages > 0, head on the
+    `gathered` frames per row (all frames if None)."""
+    d, n, c = cfg.dim, cfg.num_layers, cfg.card
+    rows = 2 * batch * frames
+    keys = frames if window is None else min(frames, 2 * window + 1)
+    self_attn = 2 * (3 * d * d + d * d) * rows + 4 * rows * keys * d
+    self_attn_l0 = self_attn / 2
+    cross = 2 * (2 * d * d) * batch * frames
+    ffn = 2 * (2 * cfg.ffn_dim * d) * rows
+    head = 2 * d * c * 2 * batch * (frames if gathered is None else gathered)
+    return (n - 1) * self_attn + self_attn_l0 + n * (cross + ffn) + head
+
+
+def gemm_rate(d: int, ffn: int, rows: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s of plain GEMMs with the transformer's shapes (rows x D @ D x 3D, D x 4D, 4D x D)."""
+    x = torch.randn(rows, d, device=device, dtype=dtype)
+    h = torch.randn(rows, ffn, device=device, dtype=dtype)
+    ws = [torch.randn(d, 3 * d, device=device, dtype=dtype), torch.randn(d, ffn, device=device, dtype=dtype)]
+    w2 = torch.randn(ffn, d, device=device, dtype=dtype)
+    flops = 2 * rows * d * (3 * d + ffn) + 2 * rows * ffn * d
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for w in ws:
+            x @ w
+        h @ w2
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
+class StageTimer:
+    """Progress callback recording when each step ends (host time, device synced on CUDA)."""
+
+    def __init__(self, steps: tp.Sequence[int], device: torch.device):
+        self.bounds = [sum(steps[:i + 1]) for i in range(len(steps))]
+        self.device = device
+        self.marks: tp.List[float] = []
+
+    def start(self) -> None:
+        self.marks = [time.perf_counter()]
+
+    def __call__(self, done: int, total: int) -> None:
+        if done in self.bounds:
+            _sync(self.device)
+            self.marks.append(time.perf_counter())
+
+    def stage_times(self) -> tp.List[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def run_case(model, engine: str, descriptions, runs: int, warmup: int, seed: int) -> dict:
+    """Time `runs` generations (after `warmup`) with one engine of one loaded model."""
+    from magnet_engine.engine import reference
+
+    device = model.device
+    timer = StageTimer(model.params.decoding_steps, device)
+    tokens_ms, e2e_ms, stages = [], [], []
+    for i in range(warmup + runs):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            cond = model.conditioner.encode(descriptions).embeds.to(device)
+            timer.start()
+            if engine == "reference":
+                gen = torch.Generator(device=device).manual_seed(seed)
+                tokens = reference.generate_tokens(model.lm, cond, model.frames, model.params, generator=gen,
+                                                   callback=timer)
+            else:
+                tokens = model._fast_runtime().generate(cond, model.frames, model.params,
+                                                        seeds=[seed + b for b in range(len(descriptions))],
+                                                        callback=timer)
+            _sync(device)
+            t1 = time.perf_counter()
+            model.codec.decode(tokens)
+            _sync(device)
+            t2 = time.perf_counter()
+        if i >= warmup:
+            tokens_ms.append((t1 - timer.marks[0]) * 1e3)
+            e2e_ms.append((t2 - t0) * 1e3)
+            stages.append([s * 1e3 for s in timer.stage_times()])
+    audio_s = tokens.shape[-1] / model.frame_rate
+    return {
+        "engine": engine,
+        "tokens_ms": {"p50": _percentile(tokens_ms, 0.5), "p95": _percentile(tokens_ms, 0.95), "all": tokens_ms},
+        "end_to_end_ms": {"p50": _percentile(e2e_ms, 0.5), "p95": _percentile(e2e_ms, 0.95), "all": e2e_ms},
+        "stage_ms_p50": [statistics.median(s[k] for s in stages) for k in range(len(stages[0]))],
+        "real_time_factor": audio_s / (_percentile(e2e_ms, 0.5) / 1e3),
+        "audio_seconds": audio_s,
+    }
+
+
+def _load_model(args, precision: str):
+    from magnet_engine.api import MAGNeT
+    from magnet_engine.demo import cached_demo_model
+
+    directory = args.model or cached_demo_model(args.cache_dir, args.arch)
+    return MAGNeT.from_pretrained(directory, device=args.device, t5=args.t5, precision=precision)
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="magnet-engine bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint directory (default: random weights of --arch)")
+    p.add_argument("--arch", choices=("tiny", "small", "medium"), default="small")
+    p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine"))
+    p.add_argument("--t5", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--duration", type=float, default=2.0)
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--precision", nargs="+", default=None, help="fp32 bf16 fp16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--decoding-steps", type=int, nargs="+", default=[20, 10, 10, 10])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reference-runs", type=int, default=None, help="runs of the reference loop (default: --runs)")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/latency_<dev>.json)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precisions = args.precision or (["fp16"] if device.type == "cuda" else ["fp32"])
+    report = {"machine": machine_info(device), "git_commit": _git_commit(), "args": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "cases": []}
+    reference_cache: tp.Dict[int, dict] = {}
+    for precision in precisions:
+        model = _load_model(args, precision)
+        model.set_generation_params(duration=args.duration, decoding_steps=args.decoding_steps)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for batch in args.batch:
+            texts = [f"benchmark description number {i} with synths and drums" for i in range(batch)]
+            fast = run_case(model, "fast", texts, args.runs, args.warmup, args.seed)
+            case = {"precision": precision, "batch": batch, "frames": model.frames, "fast": fast}
+            if not args.no_reference:
+                if batch not in reference_cache:  # the reference always runs fp32 weights
+                    ref_runs = args.reference_runs or args.runs
+                    reference_cache[batch] = run_case(model, "reference", texts, ref_runs, min(args.warmup, 1),
+                                                      args.seed)
+                ref = reference_cache[batch]
+                case["reference"] = ref
+                case["speedup_tokens_p50"] = ref["tokens_ms"]["p50"] / fast["tokens_ms"]["p50"]
+                case["speedup_end_to_end_p50"] = ref["end_to_end_ms"]["p50"] / fast["end_to_end_ms"]["p50"]
+            cfg = model.cfg
+            flops = 0.0
+            from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
+            kept, _, to_gen = spans_to_generate(model.frames, 0, cfg.span_len, True)
+            for stage, n in enumerate(model.params.decoding_steps):
+                sched = stage_schedule(n, to_gen, model.params)
+                for m in sched.num_masked:
+                    flops += step_flops(cfg, batch, kept, model.lm.window(stage), m * cfg.span_len)
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+            case["tokens_tflop"] = flops / 1e12
+            case["achieved_tflops"] = flops / (fast["tokens_ms"]["p50"] / 1e3) / 1e12
+            case["gemm_tflops_same_shapes"] = gemm_rate(cfg.dim, cfg.ffn_dim, 2 * batch * kept, dtype, device) / 1e12
+            case["fraction_of_gemm"] = case["achieved_tflops"] / case["gemm_tflops_same_shapes"]
+            if device.type == "cuda":
+                case["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            else:
+                case["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            report["cases"].append(case)
+            line = (f"{precision} B={batch} T={model.frames}: fast tokens p50 {fast['tokens_ms']['p50']:.0f} ms "
+                    f"(p95 {fast['tokens_ms']['p95']:.0f}), e2e p50 {fast['end_to_end_ms']['p50']:.0f} ms, "
+                    f"RTF {fast['real_time_factor']:.2f}, {case['achieved_tflops']:.3f} TFLOP/s "
+                    f"= {case['fraction_of_gemm']:.0%} of GEMM")
+            if "reference" in case:
+                line += (f" | reference tokens p50 {case['reference']['tokens_ms']['p50']:.0f} ms -> "
+                         f"speedup {case['speedup_tokens_p50']:.2f}x tokens, "
+                         f"{case['speedup_end_to_end_p50']:.2f}x end-to-end")
+            print(line, flush=True)
+        del model
+    out = args.out or DEFAULT_OUT / f"latency_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""`magnet-engine` console command: generate, demo, bench, serve.
+
+    magnet-engine generate "lo-fi piano" --model facebook/magnet-small-10secs -o out.wav
+    magnet-engine demo                       # embedded random-weight model, no download
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+DEFAULT_CACHE = Path("~/.cache/magnet_engine")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="facebook/magnet-small-10secs",
+                   help="model directory (Hugging Face layout) or Hub id")
+    p.add_argument("--t5", default=None, help="T5 text encoder: local directory or Hub name (default: from checkpoint)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--engine", choices=("fast", "reference"), default="fast",
+                   help="fast runtime (default) or the plain reference loop")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="transformer precision of the fast runtime (default: fp32 on CPU, fp16 on CUDA)")
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (names and defaults of MAGNeT.set_generation_params)")
+    g.add_argument("--duration", type=float, default=None, help="seconds (default: the model's trained length)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--no-sampling", dest="use_sampling", action="store_false", help="greedy decoding (argmax)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--temperature", type=float, default=3.0)
+    g.add_argument("--max-cfg-coef", type=float, default=10.0)
+    g.add_argument("--min-cfg-coef", type=float, default=1.0)
+    g.add_argument("--decoding-steps", type=int, nargs="+", default=[20, 10, 10, 10], metavar="N")
+    g.add_argument("--span-arrangement", choices=("nonoverlap", "stride1"), default="nonoverlap")
+    g.add_argument("--span-scoring", choices=("max", "prod"), default="max")
+    g.add_argument("--no-anneal-temp", dest="anneal_temp", action="store_false")
+
+
+def _generation_params(args) -> dict:
+    return dict(use_sampling=args.use_sampling, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                max_cfg_coef=args.max_cfg_coef, min_cfg_coef=args.min_cfg_coef,
+                decoding_steps=args.decoding_steps, span_arrangement=args.span_arrangement,
+                duration=args.duration, span_scoring=args.span_scoring, anneal_temp=args.anneal_temp)
+
+
+def _load(args, model: tp.Optional[str] = None):
+    from magnet_engine.api import MAGNeT
+
+    return MAGNeT.get_pretrained(model or args.model, device=args.device, t5=args.t5, engine=args.engine,
+                                 precision=args.precision)
+
+
+def _output_paths(output: Path, n: int) -> tp.List[Path]:
+    if n == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix or '.wav'}") for i in range(n)]
+
+
+def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
+    from magnet_engine.audio import read_audio, write_wav
+
+    model.set_generation_params(**_generation_params(args))
+    texts = args.texts or [None]
+    start = time.perf_counter()
+    if getattr(args, "prompt", None):
+        wav_in, sr = read_audio(args.prompt)
+        wav = model.generate_continuation(wav_in[None].expand(len(texts), -1, -1), sr, texts,
+                                          progress=not args.quiet, seed=args.seed)
+    else:
+        wav = model.generate(texts, progress=not args.quiet, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    paths = _output_paths(Path(args.output), wav.shape[0])
+    for path, one in zip(paths, wav):
+        write_wav(path, one, model.sample_rate)
+    return paths, elapsed
+
+
+def cmd_generate(args) -> int:
+    model = _load(args)
+    paths, elapsed = _generate(model, args)
+    seconds = model.frames / model.frame_rate
+    for p in paths:
+        print(f"wrote {p}")
+    print(f"{len(paths)} x {seconds:.2f} s of audio at {model.sample_rate} Hz in {elapsed:.2f} s "
+          f"(real-time factor {seconds / elapsed:.2f})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from magnet_engine.demo import cached_demo_model
+
+    print(f"magnet-engine demo: a random-weight '{args.preset}' model of the published architecture.\n"
+          "Untrained weights make noise, not music. For music, run e.g.\n"
+          "  magnet-engine generate 'lo-fi piano' --model facebook/magnet-small-10secs  (or a local directory)")
+    t0 = time.perf_counter()
+    directory = cached_demo_model(args.cache_dir, args.preset)
+    t1 = time.perf_counter()
+    model = _load(args, model=str(directory))
+    t2 = time.perf_counter()
+    args.texts = args.texts or ["warm lo-fi piano with soft vinyl crackle"]
+    paths, elapsed = _generate(model, args)
+    print(f"model dir: {directory} (build/cache {t1 - t0:.1f} s, load {t2 - t1:.1f} s)")
+    for p in paths:
+        print(f"wrote {p}")
+    print(f"generated {model.frames / model.frame_rate:.2f} s of audio in {elapsed:.2f} s "
+          f"(engine {args.engine}, device {model.device})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from magnet_engine.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def cmd_serve(args) -> int:
+    from magnet_engine.server import main as serve_main
+
+    return serve_main(args.serve_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magnet-engine", description="Fast MAGNeT inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text (and optional audio prompt) -> wav")
+    g.add_argument("texts", nargs="*", help="one or more descriptions (none: unconditional)")
+    g.add_argument("-o", "--output", default="magnet.wav", help="output wav (several texts: name_0.wav ...)")
+    g.add_argument("--prompt", default=None, help="audio file to continue (its frames stay fixed)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_args(g)
+    _add_decoding_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="generate with an embedded random-weight model (no download)")
+    d.add_argument("texts", nargs="*")
+    d.add_argument("--preset", choices=("tiny", "small", "medium"), default="small",
+                   help="architecture of the random model (small = the published magnet-small)")
+    d.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    d.add_argument("-o", "--output", default="magnet_demo.wav")
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.add_argument("--prompt", default=None)
+    _add_model_args(d)
+    _add_decoding_args(d)
+    d.set_defaults(func=cmd_demo, duration=2.0)
+
+    b = sub.add_parser("bench", help="latency benchmark (see benchmarks/latency.py --help)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="HTTP service and demo page", add_help=False)
+    s.add_argument("serve_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    from magnet_engine.errors import MagnetEngineError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MagnetEngineError as exc:
+        print(f"magnet-engine: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
