@@ -7,4 +7,5 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "magnet-engine C++ CPU kernels";
     register_sampling(m);
     register_masking(m);
+    register_attention(m);
 }

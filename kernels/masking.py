@@ -1,0 +1,296 @@
+"""Span re-masking for one decoding step of one stage, and the span scores it consumes
+(spec sections 4 and 5).
+
+Contract
+--------
+    remask(stage_codes, span_scores, num_masked, *, span_len, arrangement, prompt_len,
+           mask_id, impl=None) -> masked
+    span_scores(prob, masked, *, span_len, arrangement, scoring) -> scores
+    initial_span_scores(batch, frames, *, span_len, arrangement, prompt_len, device) -> scores
+
+Layouts. `mode(span_len, arrangement)` picks one of three (the reference's rule):
+- "chunk"   ('nonoverlap', L > 1): span j is frames [j*L, j*L + L); n = T // L spans (the
+            caller trims the canvas to n*L frames; frames past n*L are never touched).
+- "stride1" ('stride1', L > 1): scores are per frame (n = T); the masked frames are the
+            cover of overlapping spans [j, j + L) found by the LPS search of spec section 5.
+- "token"   (L == 1, or arrangement 'token'): span j is frame j; n = T.
+
+remask (in place on `stage_codes` [B, T] int64, last dimension contiguous; a view of the
+canvas row such as `X[:, s]` is fine):
+- chunk / token: choose, per batch row, the `num_masked` spans with the highest score
+  (`num_masked`: 0-d int64 tensor, clamped to [0, n]); stride1: run the LPS search with it.
+- Write `mask_id` on every frame of the chosen spans except frames t < prompt_len. The
+  canvas holds the prompt there (it is written before decoding and never overwritten), so
+  skipping them is the reference's "mask, then restore the prompt".
+- Returns `masked` [B, n] bool, what the next span_scores needs: chunk mode, the chosen
+  chunks (the reference's `chunks_mask`); token / stride1, `stage_codes == mask_id` after
+  the write (the reference's `is_mask`, which at step 0 is every non-prompt frame).
+- Never-re-mask spans (prompt, frozen frames) carry the DONT_REMASK score -1e4 and are
+  chosen only if `num_masked` exceeds the spans with real scores, which the schedule
+  never asks for.
+
+Tie order (higher score first; NaN counts as the largest, as in torch.topk):
+- torch, CPU tensors: `span_scores.topk(num_masked)` itself, exactly the original
+  implementation's choice under ties (the fixtures depend on it). `int(num_masked)` is a
+  read of host memory, not a device sync.
+- C++: ATen's CPU topk algorithm re-run (std::partial_sort / std::nth_element on (value,
+  index) pairs, value-only comparator): the same set as torch.topk, checked on rows of ties.
+- torch on CUDA tensors, and Triton: rank selection, lowest index first among ties, without
+  a sync (CUDA's topk has no defined tie order to reproduce).
+- stride1 in every implementation: spans ordered by a stable descending sort of their sums
+  (lowest start first among ties). The reference's `argsort` is unstable and its tie order
+  depends on the machine (x86-simd-sort on AVX2/AVX512 CPUs, std::sort elsewhere), so
+  there is no order to reproduce. Triton has no stride1 kernel: it runs the torch path
+  (sync-free, batched).
+
+span_scores (torch only: a few elementwise ops, written exactly as the reference so the
+scores match it bit for bit):
+- chunk 'max': 1 - max(prob over the chunk); chunk 'prod': sum(-log prob over the chunk);
+  stride1 / token: -log prob per frame. DONT_REMASK = -1e4 where `masked` is False.
+"""
+from __future__ import annotations
+
+import torch
+
+from magnet_engine.kernels import backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the torch and C++ paths do not need it
+    triton = None
+
+DONT_REMASK = -1e4
+ARRANGEMENTS = ("nonoverlap", "stride1", "token")
+_MODE_CODE = {"chunk": 0, "stride1": 1, "token": 2}  # as csrc/masking.cpp
+
+
+def mode(span_len: int, arrangement: str) -> str:
+    """'chunk', 'stride1' or 'token': the reference's choice of masking layout."""
+    if arrangement not in ARRANGEMENTS:
+        raise ValueError(f"arrangement must be one of {ARRANGEMENTS}, found {arrangement!r}")
+    if span_len < 1:
+        raise ValueError(f"span_len must be >= 1, found {span_len}")
+    if arrangement == "token" or span_len == 1:
+        return "token"
+    return "chunk" if arrangement == "nonoverlap" else "stride1"
+
+
+def num_spans(frames: int, span_len: int, arrangement: str) -> int:
+    """n: the width of the score / masked tensors for a stage of `frames` frames."""
+    return frames // span_len if mode(span_len, arrangement) == "chunk" else frames
+
+
+# ----------------------------------------------------------------------------- Triton
+if triton is not None:
+
+    @triton.jit
+    def _remask_kernel(
+        codes_ptr, scores_ptr, num_masked_ptr, masked_ptr,
+        n, codes_row_stride, prompt_len, mask_id,
+        SPAN_LEN: tl.constexpr, CHUNK: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
+    ):
+        """Grid (B, cdiv(n, BLOCK_J)). Span j is chosen iff its rank < num_masked, with
+        rank_j = #{i: s_i > s_j} + #{i < j: s_i == s_j} (NaN largest): lowest index first."""
+        b = tl.program_id(0).to(tl.int64)
+        js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        j_in = js < n
+        s_j = tl.load(scores_ptr + b * n + js, mask=j_in, other=0.0)
+        nan_j = s_j != s_j
+        rank = tl.zeros([BLOCK_J], dtype=tl.int32)
+        for start in range(0, n, BLOCK_I):
+            i_s = start + tl.arange(0, BLOCK_I)
+            s_i = tl.load(scores_ptr + b * n + i_s, mask=i_s < n, other=0.0)
+            nan_i = s_i != s_i
+            greater = (nan_i[None, :] & ~nan_j[:, None]) | (s_i[None, :] > s_j[:, None])
+            equal = (nan_i[None, :] & nan_j[:, None]) | (s_i[None, :] == s_j[:, None])
+            before = (equal & (i_s[None, :] < js[:, None])) | greater
+            rank += tl.sum((before & (i_s[None, :] < n)).to(tl.int32), axis=1)
+        chosen = (rank < tl.load(num_masked_ptr)) & j_in
+
+        row = codes_ptr + b * codes_row_stride
+        if CHUNK:
+            for l in tl.static_range(SPAN_LEN):
+                t = js * SPAN_LEN + l
+                tl.store(row + t, tl.zeros([BLOCK_J], tl.int64) + mask_id, mask=chosen & (t >= prompt_len))
+            tl.store(masked_ptr + b * n + js, chosen.to(tl.int1), mask=j_in)
+        else:
+            y = tl.load(row + js, mask=j_in, other=0)
+            y = tl.where(chosen & (js >= prompt_len), mask_id, y)
+            tl.store(row + js, y, mask=j_in)
+            tl.store(masked_ptr + b * n + js, (y == mask_id).to(tl.int1), mask=j_in)
+
+
+def _remask_triton(codes, scores, num_masked, layout, span_len, prompt_len, mask_id):
+    batch, n = scores.shape
+    masked = torch.empty(batch, n, dtype=torch.bool, device=codes.device)
+    if batch == 0 or n == 0:
+        return masked
+    block_j = min(64, triton.next_power_of_2(n))
+    _remask_kernel[(batch, triton.cdiv(n, block_j))](
+        codes, scores, num_masked, masked, n, codes.stride(0), prompt_len, mask_id,
+        SPAN_LEN=span_len if layout == "chunk" else 1, CHUNK=layout == "chunk",
+        BLOCK_J=block_j, BLOCK_I=min(64, triton.next_power_of_2(n)),
+    )
+    return masked
+
+
+# ----------------------------------------------------------------------------- C++
+def _remask_cpp(codes, scores, num_masked, layout, span_len, prompt_len, mask_id):
+    masked = torch.empty(scores.shape, dtype=torch.bool)
+    backend.cpp_module().remask(
+        codes.numpy(), scores.numpy(), int(num_masked), _MODE_CODE[layout], span_len, prompt_len, mask_id,
+        masked.numpy(),
+    )
+    return masked
+
+
+# ----------------------------------------------------------------------------- torch
+def _rank(values: torch.Tensor) -> torch.Tensor:
+    """[B, n] int64: each entry's position in its row's stable descending sort (NaN first)."""
+    batch, n = values.shape
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(1, order, torch.arange(n, device=values.device).expand(batch, n))
+
+
+def _topk_spans(scores: torch.Tensor, num_masked: torch.Tensor) -> torch.Tensor:
+    """[B, n] bool: the num_masked highest scores of each row (tie order: module docstring)."""
+    if scores.device.type == "cpu":
+        k = min(max(int(num_masked), 0), scores.shape[1])
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=-1).indices, True)
+    return _rank(scores) < num_masked
+
+
+def _round_half_even(total: torch.Tensor) -> torch.Tensor:
+    """Python's round(0.5 * total) for integer tensors >= 0."""
+    half = total // 2
+    return half + (total % 2) * (half % 2)
+
+
+def _lps_frames(scores: torch.Tensor, num_masked: torch.Tensor, span_len: int) -> torch.Tensor:
+    """[B, T] bool, the least-probable-span search of spec section 5 for every row at once.
+
+    Sync-free: the reference's data-dependent while loop runs a fixed number of times
+    (enough for any T) with rows that have finished frozen, keeping the last cover evaluated.
+    """
+    batch, frames = scores.shape
+    n_spans = frames - span_len + 1
+    if n_spans <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    span_sums = scores.unfold(1, span_len, 1).sum(dim=-1)  # [B, n_spans], as the reference
+    rank = _rank(span_sums)
+
+    def cover(u: torch.Tensor) -> torch.Tensor:  # frames of the u best spans per row
+        starts = rank < u
+        covered = torch.zeros_like(scores, dtype=torch.bool)
+        for shift in range(span_len):
+            covered[:, shift:shift + n_spans] |= starts
+        return covered
+
+    n = torch.clamp(num_masked, min=span_len).expand(batch, 1)
+    lo = n // span_len
+    hi = n - span_len + 1
+    mid = _round_half_even(lo + hi)
+    result = cover(mid)  # the answer when mid is already lo or hi
+    for _ in range(frames.bit_length() + 1):  # the interval halves each round
+        active = (lo < mid) & (mid < hi)
+        candidate = cover(mid)
+        result = torch.where(active, candidate, result)
+        too_many = candidate.sum(dim=-1, keepdim=True) > n
+        hi = torch.where(active & too_many, mid, hi)
+        lo = torch.where(active & ~too_many, mid, lo)
+        mid = torch.where(active, _round_half_even(lo + hi), mid)
+    return result
+
+
+def _remask_torch(codes, scores, num_masked, layout, span_len, prompt_len, mask_id):
+    """The plain twin, in torch ops, sync-free on CUDA."""
+    if layout == "stride1":
+        frame_mask = _lps_frames(scores, num_masked, span_len)
+    else:
+        chosen = _topk_spans(scores, num_masked)
+        frame_mask = chosen.repeat_interleave(span_len, dim=-1) if layout == "chunk" else chosen
+    width = frame_mask.shape[1]  # n * L in chunk mode (the trimmed canvas), else T
+    not_prompt = torch.arange(width, device=codes.device) >= prompt_len
+    codes[:, :width].masked_fill_(frame_mask & not_prompt, mask_id)
+    if layout == "chunk":
+        return chosen
+    return codes == mask_id
+
+
+# ----------------------------------------------------------------------------- dispatch
+_IMPLS = {"triton": _remask_triton, "cpp": _remask_cpp, "torch": _remask_torch}
+
+
+def remask(
+    stage_codes: torch.Tensor,
+    span_scores: torch.Tensor,
+    num_masked: torch.Tensor,
+    *,
+    span_len: int,
+    arrangement: str,
+    prompt_len: int,
+    mask_id: int,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Mask the num_masked highest-scoring spans of one stage in place; see the module docstring.
+
+    stage_codes: [B, T] int64 (modified in place); span_scores: [B, n] fp32;
+    num_masked: 0-d int64 -> masked [B, n] bool.
+    """
+    layout = mode(span_len, arrangement)
+    if stage_codes.dim() != 2 or stage_codes.dtype != torch.int64 or stage_codes.stride(-1) != 1:
+        raise ValueError(f"remask: stage_codes must be [B, T] int64 with contiguous frames, found "
+                         f"{stage_codes.dtype} shape {tuple(stage_codes.shape)} stride {stage_codes.stride()}")
+    batch, frames = stage_codes.shape
+    n = num_spans(frames, span_len, arrangement)
+    if span_scores.shape != (batch, n) or span_scores.dtype != torch.float32:
+        raise ValueError(f"remask: span_scores must be [{batch}, {n}] fp32 for {layout} mode with T={frames}, "
+                         f"found {span_scores.dtype} shape {tuple(span_scores.shape)}")
+    if num_masked.dim() != 0 or num_masked.dtype != torch.int64:
+        raise ValueError(f"remask: num_masked must be a 0-d int64 tensor, found {num_masked.dtype} "
+                         f"of shape {tuple(num_masked.shape)}")
+    available = ("cpp", "torch") if layout == "stride1" else backend.IMPLS
+    if impl == "triton" and layout == "stride1":
+        impl = "torch"  # no Triton LPS kernel: the torch path is sync-free on CUDA too
+    chosen = backend.choose("remask", stage_codes.device, impl, available)
+    return _IMPLS[chosen](stage_codes, span_scores.contiguous(), num_masked, layout, span_len, prompt_len, mask_id)
+
+
+def span_scores(
+    prob: torch.Tensor, masked: torch.Tensor, *, span_len: int, arrangement: str, scoring: str
+) -> torch.Tensor:
+    """Next step's scores from the sampled tokens' probabilities.
+
+    prob: [B, T] fp32 (p-hat at every frame of the stage); masked: [B, n] bool from remask
+    -> [B, n] fp32. chunk: 'max' = 1 - max over the chunk, 'prod' = sum of -log over the
+    chunk; stride1 / token: -log prob (scoring ignored). DONT_REMASK where not masked.
+    Higher means less confident, re-masked first.
+    """
+    layout = mode(span_len, arrangement)
+    if scoring not in ("max", "prod"):
+        raise ValueError(f"span_scores: scoring must be 'max' or 'prod', found {scoring!r}")
+    batch, frames = prob.shape
+    if layout == "chunk":
+        n = frames // span_len
+        chunks = prob[:, : n * span_len].reshape(batch, n, span_len)
+        if scoring == "max":
+            scores = 1 - torch.max(chunks, dim=-1)[0]
+        else:
+            scores = torch.sum(-torch.log(chunks), dim=-1)
+    else:
+        scores = -torch.log(prob)
+    return scores.masked_fill(~masked, DONT_REMASK)
+
+
+def initial_span_scores(
+    batch: int, frames: int, *, span_len: int, arrangement: str, prompt_len: int, device: torch.device | str
+) -> torch.Tensor:
+    """Scores at a stage's start: [B, n] fp32 zeros, DONT_REMASK on the prompt's spans
+    (prompt_len // L whole chunks in chunk mode, prompt_len frames otherwise)."""
+    layout = mode(span_len, arrangement)
+    n = num_spans(frames, span_len, arrangement)
+    n_prompt = prompt_len // span_len if layout == "chunk" else prompt_len
+    scores = torch.zeros(batch, n, dtype=torch.float32, device=device)
+    scores[:, :n_prompt] = DONT_REMASK
+    return scores

@@ -1,0 +1,328 @@
+"""Fused token sampling: CFG mix, temperature, greedy / nucleus / top-k / categorical draw,
+and the probability of the drawn token, for one decoding step (spec section 4).
+
+Contract
+--------
+    sample_tokens(cond_logits, uncond_logits, cfg_coef, temperature, *, use_sampling, top_k,
+                  top_p, seed, offset, row_ids=None, impl=None) -> (tokens, prob)
+
+- `cond_logits`, `uncond_logits`: [N, C] fp32 / fp16 / bf16 (N rows = the flattened
+  (batch, frame) positions to sample, possibly a subset; C = card). Loaded, then computed
+  in fp32. `uncond_logits=None` means no CFG (a coefficient of exactly 1): l = cond.
+- `cfg_coef`, `temperature`: 0-d fp32 tensors on the logits' device; the caller clamps the
+  temperature to >= 0.01 (the reference's `max(t, 1e-2)`).
+- `seed`, `offset`: 0-d int64 tensors on the logits' device, the keys of the RNG
+  (kernels/rng.py); `row_ids`: [N] int64 global row positions (None: 0..N-1). Element
+  (i, j) draws `uniform(seed, offset, row_ids[i] * C + j)`, so a row's draw does not depend
+  on which other rows are in the call.
+- Returns `tokens` [N] int64 and `prob` [N] fp32.
+
+Semantics (fp32, in this order, as the reference):
+    l  = u + (c - u) * g             # and l = u where c == u, so -inf in both halves stays -inf
+    pi = softmax(l / t)
+    not use_sampling : y = argmax l (first index of the max),     p = pi[y]
+    top_p > 0        : nucleus,                                   p = pi[y] (full pi)
+    top_k > 0        : keep pi >= k-th largest pi (ties kept),    p = pi[y] / sum(kept pi)
+                       (the reference renormalises pi in place before reading it)
+    otherwise        : categorical on pi,                         p = pi[y]
+- Draws are exact categorical samples by the exponential race: y = argmax_j pi_j / E_j over
+  the kept set, E_j = -log(u_j) (first index on exact ties).
+- Nucleus: token j is kept iff the mass of the tokens strictly more probable than j is
+  <= top_p (compared in fp32); the most probable token is always kept. This is the
+  reference's rule (drop j when cumsum_j - pi_j > p over the descending sort) with one
+  difference on ties: every token equal to the smallest kept probability is kept, where
+  the reference's sort splits a tie group arbitrarily. Triton and C++ do not sort the row:
+  they find the threshold by bisection on the fp32 bit pattern (31 passes at most), so
+  their sums are rounded in another order than the reference's cumsum, and a token whose
+  tail mass is within fp32 rounding of top_p may be kept by one and not by another.
+- NaN policy: a row whose mixed logits hold a NaN, a +inf, or only -inf has no defined
+  distribution; it returns token 0 (a valid id, so the canvas stays indexable) and prob =
+  NaN. The NaN flows into the span scores; the engine checks them once after the loop
+  and raises NumericalError. -inf entries elsewhere are fine (probability 0).
+- Implementations agree on tokens, and on prob to a few fp32 ulps: all compute
+  exp(x - max) * (1 / sum) as torch.softmax does, but each with its own exp and summation
+  order. A draw can only differ when two race values are within an ulp of each other.
+  C++ flushes probabilities below FLT_MIN (exp argument < -87.34) to 0 (subnormals are
+  slow on CPUs); such a token has no chance in the race and no weight in the fp32 sums.
+"""
+from __future__ import annotations
+
+import torch
+
+from magnet_engine.kernels import backend, rng
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the torch and C++ paths do not need it
+    triton = None
+
+if triton is not None:
+    from magnet_engine.kernels.rng import rng_key, uniform_triton
+
+GREEDY, TOP_P, TOP_K, CATEGORICAL = 0, 1, 2, 3
+BISECT_STEPS = 31  # probabilities lie in [0, 1]: bit patterns in [0, 0x3F800000] < 2**30
+
+
+def sampling_mode(use_sampling: bool, top_k: int, top_p: float) -> int:
+    """The reference's precedence: greedy, else nucleus, else top-k, else categorical."""
+    if not use_sampling:
+        return GREEDY
+    if top_p > 0.0:
+        return TOP_P
+    if top_k > 0:
+        return TOP_K
+    return CATEGORICAL
+
+
+# ----------------------------------------------------------------------------- Triton
+if triton is not None:
+
+    @triton.jit
+    def _mixed_logits(cond_ptr, uncond_ptr, row_start, cols, C, g, HAS_UNCOND: tl.constexpr):
+        """fp32 CFG-mixed logits at `cols` of one row; -inf outside [0, C)."""
+        inside = cols < C
+        logits = tl.load(cond_ptr + row_start + cols, mask=inside, other=float("-inf")).to(tl.float32)
+        if HAS_UNCOND:
+            u = tl.load(uncond_ptr + row_start + cols, mask=inside, other=float("-inf")).to(tl.float32)
+            logits = tl.where(logits == u, u, u + (logits - u) * g)
+        return logits
+
+    @triton.jit
+    def _sample_kernel(
+        cond_ptr, uncond_ptr, cfg_ptr, temp_ptr, seed_ptr, offset_ptr, row_ids_ptr,
+        tokens_ptr, prob_ptr,
+        C, top_k, top_p,
+        HAS_UNCOND: tl.constexpr, HAS_ROW_IDS: tl.constexpr, MODE: tl.constexpr,
+        BLOCK_C: tl.constexpr, BISECT: tl.constexpr,
+    ):
+        """One program per row; every pass re-reads the row in BLOCK_C chunks."""
+        row = tl.program_id(0).to(tl.int64)
+        row_start = row * C
+        g = tl.load(cfg_ptr)
+        t = tl.load(temp_ptr)
+        lanes = tl.arange(0, BLOCK_C)
+
+        # Pass 1: max of l and its first index, and whether a NaN is present.
+        l_max = float("-inf")
+        argmax = 0
+        has_nan = 0
+        for start in range(0, C, BLOCK_C):
+            logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, start + lanes, C, g, HAS_UNCOND)
+            is_nan = logits != logits
+            has_nan = tl.maximum(has_nan, tl.max(is_nan.to(tl.int32), axis=0))
+            logits = tl.where(is_nan, float("-inf"), logits)
+            chunk_max = tl.max(logits, axis=0)
+            chunk_arg = tl.argmax(logits, axis=0)
+            better = chunk_max > l_max
+            argmax = tl.where(better, start + chunk_arg, argmax)
+            l_max = tl.where(better, chunk_max, l_max)
+        # l / t is monotone in l (t > 0), so max(l / t) == max(l) / t exactly.
+        x_max = l_max / t
+
+        # Pass 2: softmax normaliser. pi_j = exp(l_j / t - x_max) * inv_z (torch.softmax
+        # multiplies by the reciprocal); the max has pi = inv_z.
+        z = 0.0
+        for start in range(0, C, BLOCK_C):
+            logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, start + lanes, C, g, HAS_UNCOND)
+            z += tl.sum(tl.exp(logits / t - x_max), axis=0)
+        inv_z = 1.0 / z
+        pi_max_bits = inv_z.to(tl.int32, bitcast=True)
+
+        # Threshold: the kept set is {pi >= threshold}.
+        threshold = 0.0
+        if MODE == 1:
+            # nucleus: smallest v with sum(pi > v) <= top_p; it is always a value of the row.
+            lo = 0
+            hi = pi_max_bits
+            for _ in range(BISECT):
+                mid = (lo + hi) // 2
+                v = mid.to(tl.float32, bitcast=True)
+                mass = 0.0
+                for start in range(0, C, BLOCK_C):
+                    logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, start + lanes, C, g, HAS_UNCOND)
+                    pi = tl.exp(logits / t - x_max) * inv_z
+                    mass += tl.sum(tl.where(pi > v, pi, 0.0), axis=0)
+                fits = mass <= top_p
+                hi = tl.where(fits, mid, hi)
+                lo = tl.where(fits, lo, mid + 1)
+            threshold = hi.to(tl.float32, bitcast=True)
+        if MODE == 2:
+            # top-k: largest v with count(pi >= v) >= k, i.e. the k-th largest value.
+            lo = 0
+            hi = pi_max_bits
+            for _ in range(BISECT):
+                mid = lo + (hi - lo + 1) // 2
+                v = mid.to(tl.float32, bitcast=True)
+                count = 0
+                for start in range(0, C, BLOCK_C):
+                    cols = start + lanes
+                    logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, cols, C, g, HAS_UNCOND)
+                    pi = tl.exp(logits / t - x_max) * inv_z
+                    count += tl.sum(((pi >= v) & (cols < C)).to(tl.int32), axis=0)
+                enough = count >= top_k
+                lo = tl.where(enough, mid, lo)
+                hi = tl.where(enough, hi, mid - 1)
+            threshold = lo.to(tl.float32, bitcast=True)
+
+        # Pass 3: exponential race over the kept set (and the kept mass for top-k).
+        token = argmax
+        kept_mass = 1.0
+        if MODE != 0:
+            k1, k2 = rng_key(seed_ptr, offset_ptr)
+            if HAS_ROW_IDS:
+                rng_row = tl.load(row_ids_ptr + row) * C
+            else:
+                rng_row = row_start
+            best = -1.0
+            kept_mass = 0.0
+            for start in range(0, C, BLOCK_C):
+                cols = start + lanes
+                logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, cols, C, g, HAS_UNCOND)
+                pi = tl.exp(logits / t - x_max) * inv_z
+                kept = (pi >= threshold) & (cols < C)
+                u = uniform_triton(k1, k2, rng_row + cols)
+                race = tl.where(kept, pi / -tl.log(u), -1.0)
+                chunk_best = tl.max(race, axis=0)
+                chunk_arg = tl.argmax(race, axis=0)
+                better = chunk_best > best
+                token = tl.where(better, start + chunk_arg, token)
+                best = tl.where(better, chunk_best, best)
+                kept_mass += tl.sum(tl.where(kept, pi, 0.0), axis=0)
+            if MODE != 2:
+                kept_mass = 1.0
+
+        l_tok = _mixed_logits(cond_ptr, uncond_ptr, row_start, token, C, g, HAS_UNCOND)
+        prob = tl.exp(l_tok / t - x_max) * inv_z / kept_mass
+        invalid = (has_nan != 0) | (l_max == float("inf")) | (l_max == float("-inf"))
+        tl.store(tokens_ptr + row, tl.where(invalid, 0, token).to(tl.int64))
+        tl.store(prob_ptr + row, tl.where(invalid, float("nan"), prob))
+
+
+def _sample_triton(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed, offset, row_ids):
+    n_rows, card = cond.shape
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=cond.device)
+    prob = torch.empty(n_rows, dtype=torch.float32, device=cond.device)
+    if n_rows == 0:
+        return tokens, prob
+    _sample_kernel[(n_rows,)](
+        cond, cond if uncond is None else uncond, cfg_coef, temperature, seed, offset,
+        tokens if row_ids is None else row_ids,  # unused pointer when HAS_ROW_IDS is False
+        tokens, prob,
+        card, min(top_k, card), top_p,
+        HAS_UNCOND=uncond is not None, HAS_ROW_IDS=row_ids is not None, MODE=mode,
+        BLOCK_C=min(triton.next_power_of_2(card), 2048), BISECT=BISECT_STEPS,
+    )
+    return tokens, prob
+
+
+# ----------------------------------------------------------------------------- C++
+def _sample_cpp(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed, offset, row_ids):
+    # numpy has no bf16: the C++ kernel reads fp32 (a copy only for fp16 / bf16 logits).
+    cond = cond.float()
+    uncond = None if uncond is None else uncond.float()
+    n_rows = cond.shape[0]
+    tokens = torch.empty(n_rows, dtype=torch.int64)
+    prob = torch.empty(n_rows, dtype=torch.float32)
+    # Reading a CPU scalar is a memory load, not a device sync.
+    backend.cpp_module().sample_tokens(
+        cond.numpy(), None if uncond is None else uncond.numpy(),
+        float(cfg_coef), float(temperature), mode, top_k, top_p, int(seed), int(offset),
+        None if row_ids is None else row_ids.numpy(), tokens.numpy(), prob.numpy(),
+    )
+    return tokens, prob
+
+
+# ----------------------------------------------------------------------------- torch
+def _nucleus_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[N, C] bool: the reference's nucleus (sort, cumsum), extended to whole tie groups."""
+    probs_sort = torch.sort(probs, dim=-1, descending=True).values
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    drop = probs_sum - probs_sort > top_p
+    # The kept entries are a prefix of the sort; its last value is the threshold.
+    n_kept = (~drop).sum(dim=-1, keepdim=True)
+    threshold = probs_sort.gather(-1, n_kept - 1)
+    return probs >= threshold
+
+
+def _sample_torch(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed, offset, row_ids):
+    """The plain twin: torch ops as the reference writes them, the keyed RNG for the draw."""
+    n_rows, card = cond.shape
+    cond = cond.float()
+    if uncond is None:
+        logits = cond
+    else:
+        uncond = uncond.float()
+        logits = torch.where(cond == uncond, uncond, uncond + (cond - uncond) * cfg_coef)
+    probs = torch.softmax(logits / temperature, dim=-1)
+
+    if mode == GREEDY:
+        tokens = logits.argmax(dim=-1)
+        prob = probs.gather(-1, tokens[:, None])[:, 0]
+    else:
+        if mode == TOP_P:
+            kept = _nucleus_keep(probs, top_p)
+        elif mode == TOP_K:
+            kth = torch.topk(probs, min(top_k, card), dim=-1).values[:, -1:]
+            kept = probs >= kth
+        else:
+            kept = torch.ones_like(probs, dtype=torch.bool)
+        if row_ids is None:
+            row_ids = torch.arange(n_rows, device=cond.device)
+        index = row_ids[:, None] * card + torch.arange(card, device=cond.device)
+        exponential = -torch.log(rng.uniform(seed, offset, index))
+        tokens = torch.where(kept, probs / exponential, -1.0).argmax(dim=-1)
+        prob = probs.gather(-1, tokens[:, None])[:, 0]
+        if mode == TOP_K:
+            prob = prob / (probs * kept.float()).sum(dim=-1)
+
+    l_max = logits.max(dim=-1).values  # NaN if the row holds one
+    invalid = ~torch.isfinite(l_max)
+    tokens = torch.where(invalid, 0, tokens)
+    prob = torch.where(invalid, float("nan"), prob)
+    return tokens, prob
+
+
+# ----------------------------------------------------------------------------- dispatch
+_IMPLS = {"triton": _sample_triton, "cpp": _sample_cpp, "torch": _sample_torch}
+
+
+def sample_tokens(
+    cond_logits: torch.Tensor,
+    uncond_logits: torch.Tensor | None,
+    cfg_coef: torch.Tensor,
+    temperature: torch.Tensor,
+    *,
+    use_sampling: bool,
+    top_k: int,
+    top_p: float,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    row_ids: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; see the module docstring for the full contract.
+
+    cond_logits / uncond_logits: [N, C] fp32|fp16|bf16; cfg_coef, temperature: 0-d fp32;
+    seed, offset: 0-d int64; row_ids: [N] int64 or None -> (tokens [N] int64, prob [N] fp32).
+    """
+    if cond_logits.dim() != 2:
+        raise ValueError(f"sample_tokens: cond_logits must be [N, C], found shape {tuple(cond_logits.shape)}")
+    if uncond_logits is not None and uncond_logits.shape != cond_logits.shape:
+        raise ValueError(f"sample_tokens: uncond_logits shape {tuple(uncond_logits.shape)} "
+                         f"!= cond_logits shape {tuple(cond_logits.shape)}")
+    for name, value, dtype in (("cfg_coef", cfg_coef, torch.float32), ("temperature", temperature, torch.float32),
+                               ("seed", seed, torch.int64), ("offset", offset, torch.int64)):
+        if value.dim() != 0 or value.dtype != dtype:
+            raise ValueError(f"sample_tokens: {name} must be a 0-d {dtype} tensor, "
+                             f"found {value.dtype} of shape {tuple(value.shape)}")
+    if row_ids is not None and (row_ids.shape != cond_logits.shape[:1] or row_ids.dtype != torch.int64):
+        raise ValueError(f"sample_tokens: row_ids must be [N] int64, found {row_ids.dtype} {tuple(row_ids.shape)}")
+    if top_k < 0 or top_p < 0:
+        raise ValueError(f"sample_tokens: top_k and top_p must be >= 0, found top_k={top_k}, top_p={top_p}")
+    mode = sampling_mode(use_sampling, top_k, top_p)
+    chosen = backend.choose("sample_tokens", cond_logits.device, impl)
+    cond_logits = cond_logits.contiguous()
+    uncond_logits = None if uncond_logits is None else uncond_logits.contiguous()
+    row_ids = None if row_ids is None else row_ids.contiguous()
+    return _IMPLS[chosen](cond_logits, uncond_logits, cfg_coef, temperature, mode, top_k, top_p, seed, offset, row_ids)

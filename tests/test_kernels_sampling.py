@@ -1,0 +1,288 @@
+"""kernels/sampling.py and kernels/rng.py: every implementation against the torch reference,
+and the torch reference against the exact filtered distribution (frequency tests).
+
+Triton runs under TRITON_INTERPRET=1 on CPU tensors (conftest), so its shapes stay tiny;
+its draws equal the torch reference's draw for draw, which carries the frequency tests over.
+"""
+import math
+
+import pytest
+import torch
+
+from magnet_engine.kernels import backend, rng, sampling
+
+# The interpreter evaluates both sides of tl.where in numpy: -inf - -inf in the discarded
+# branch (padding lanes, -inf in both CFG halves) warns without affecting results.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+FP32_EPS = torch.finfo(torch.float32).eps
+# prob: each implementation normalises with its own exp and summation order; measured
+# <= 3 ulps from torch.softmax at card 2048, bound at 8.
+PROB_RTOL = 8 * FP32_EPS
+
+MODES = {
+    "greedy": dict(use_sampling=False, top_k=0, top_p=0.0),
+    "top_p": dict(use_sampling=True, top_k=0, top_p=0.9),
+    "top_k": dict(use_sampling=True, top_k=5, top_p=0.0),
+    "categorical": dict(use_sampling=True, top_k=0, top_p=0.0),
+}
+
+
+def _skip_unless(impl):
+    if impl == "cpp" and backend.cpp_module() is None:
+        pytest.skip("C++ extension magnet_engine._C not built (python setup.py build_ext --inplace)")
+    if impl == "triton" and not (backend.triton_available() and backend.triton_interpreted()):
+        pytest.skip("Triton not installed, or TRITON_INTERPRET is not 1 on this CPU-only run")
+
+
+def _scalars(cfg=3.0, temp=1.5, seed=1234, offset=7):
+    return dict(cfg_coef=torch.tensor(cfg), temperature=torch.tensor(temp),
+                seed=torch.tensor(seed, dtype=torch.int64), offset=torch.tensor(offset, dtype=torch.int64))
+
+
+def _sample(cond, uncond, impl, mode="top_p", row_ids=None, **overrides):
+    s = _scalars(**{k: overrides.pop(k) for k in list(overrides) if k in ("cfg", "temp", "seed", "offset")})
+    kw = dict(MODES[mode], **overrides)
+    return sampling.sample_tokens(cond, uncond, s["cfg_coef"], s["temperature"], seed=s["seed"],
+                                  offset=s["offset"], row_ids=row_ids, impl=impl, **kw)
+
+
+def _logits(n, card, dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, card, generator=g) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------- RNG
+if backend.triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _uniform_kernel(seed_ptr, offset_ptr, index_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        k1, k2 = rng.rng_key(seed_ptr, offset_ptr)
+        index = tl.load(index_ptr + offs, mask=offs < n, other=0)
+        tl.store(out_ptr + offs, rng.uniform_triton(k1, k2, index), mask=offs < n)
+
+
+KEYS = [(0, 0), (1234, 7), (-5, 2**40 + 3), (2**63 - 1, -(2**63))]
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+@pytest.mark.parametrize("seed,offset", KEYS)
+def test_rng_bit_identical_to_torch(impl, seed, offset):
+    _skip_unless(impl)
+    index = torch.cat([torch.arange(0, 3000, dtype=torch.int64), torch.tensor([2**32 - 1, 2**32, 2**40 + 17])])
+    seed_t, offset_t = torch.tensor(seed, dtype=torch.int64), torch.tensor(offset, dtype=torch.int64)
+    expected = rng.uniform(seed_t, offset_t, index)
+    out = torch.empty_like(expected)
+    if impl == "cpp":
+        backend.cpp_module().uniform(seed, offset, index.numpy(), out.numpy())
+    else:
+        _uniform_kernel[(triton.cdiv(index.numel(), 1024),)](seed_t, offset_t, index, out, index.numel(), BLOCK=1024)
+    assert torch.equal(out, expected)
+
+
+def test_rng_range_and_moments():
+    index = torch.arange(200_000, dtype=torch.int64)
+    u = rng.uniform(torch.tensor(3), torch.tensor(11), index).double()
+    assert u.min() > 0 and u.max() < 1
+    n = u.numel()
+    assert abs(u.mean() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    assert abs(u.var() - 1 / 12) < 5 * math.sqrt(1 / 180 / n)
+    # neighbouring indices, and the same index under neighbouring offsets, are uncorrelated
+    v = rng.uniform(torch.tensor(3), torch.tensor(12), index).double()
+    for a, b in ((u[:-1], u[1:]), (u, v)):
+        corr = torch.corrcoef(torch.stack([a, b]))[0, 1]
+        assert abs(corr) < 5 / math.sqrt(n)
+
+
+# ----------------------------------------------------------------------------- vs reference
+CPP_SHAPES = [(1, 37), (3, 37), (67, 2048), (5, 1000)]
+TRITON_SHAPES = [(1, 37), (3, 37), (2, 2048)]
+
+
+@pytest.mark.parametrize("impl,shape", [("cpp", s) for s in CPP_SHAPES] + [("triton", s) for s in TRITON_SHAPES])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("cfg", [True, False])
+def test_matches_torch_reference(impl, shape, mode, cfg):
+    _skip_unless(impl)
+    n, card = shape
+    cond = _logits(n, card, seed=1)
+    uncond = _logits(n, card, seed=2) if cfg else None
+    tokens, prob = _sample(cond, uncond, impl, mode)
+    ref_tokens, ref_prob = _sample(cond, uncond, "torch", mode)
+    assert tokens.dtype == torch.int64 and prob.dtype == torch.float32
+    assert tokens.shape == prob.shape == (n,)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(prob, ref_prob, rtol=PROB_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["greedy", "top_p", "top_k"])
+def test_low_precision_logits_are_computed_in_fp32(impl, dtype, mode):
+    _skip_unless(impl)
+    cond, uncond = _logits(3, 37, dtype, seed=3), _logits(3, 37, dtype, seed=4)
+    tokens, prob = _sample(cond, uncond, impl, mode)
+    ref_tokens, ref_prob = _sample(cond.float(), uncond.float(), "torch", mode)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(prob, ref_prob, rtol=PROB_RTOL, atol=0)
+
+
+def test_cfg_formula_and_none_uncond():
+    cond, uncond = _logits(4, 37, seed=5), _logits(4, 37, seed=6)
+    g = 2.5
+    mixed = uncond + (cond - uncond) * torch.tensor(g)
+    tokens, prob = _sample(cond, uncond, "torch", "greedy", cfg=g, temp=0.7)
+    assert torch.equal(tokens, mixed.argmax(-1))
+    torch.testing.assert_close(prob, torch.softmax(mixed / torch.tensor(0.7), -1).gather(-1, tokens[:, None])[:, 0])
+    tokens_none, _ = _sample(cond, None, "torch", "greedy")
+    assert torch.equal(tokens_none, cond.argmax(-1))
+
+
+# ----------------------------------------------------------------------------- RNG keys
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+def test_draw_depends_only_on_key_and_row_id(impl):
+    _skip_unless(impl)
+    n, card = (6, 37)
+    cond = _logits(n, card, seed=7, scale=0.5)  # flat: draws are far from argmax
+    tokens, _ = _sample(cond, None, impl, "categorical")
+    subset = torch.tensor([4, 1])
+    sub_tokens, _ = _sample(cond[subset], None, impl, "categorical", row_ids=subset)
+    assert torch.equal(sub_tokens, tokens[subset])
+    again, _ = _sample(cond, None, impl, "categorical")
+    assert torch.equal(again, tokens)
+    other_offset, _ = _sample(cond, None, impl, "categorical", offset=8)
+    assert not torch.equal(other_offset, tokens)
+
+
+# ----------------------------------------------------------------------------- frequencies
+def _chi2_critical(df: int, z: float = 4.5) -> float:
+    """Wilson-Hilferty upper quantile of chi2(df) at the normal quantile z (z=4.5: 3.4e-6)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _exact_distribution(logits_row: torch.Tensor, temp: float, mode: str, top_k: int, top_p: float):
+    """float64 target distribution of the filtered sampler (ties kept, module docstring)."""
+    pi32 = torch.softmax(logits_row / torch.tensor(temp), -1)
+    if mode == "top_p":
+        mass_above = torch.stack([pi32[pi32 > v].double().sum() for v in pi32])
+        kept = mass_above <= torch.tensor(top_p, dtype=torch.float32).double()
+    elif mode == "top_k":
+        kept = pi32 >= torch.topk(pi32, top_k).values[-1]
+    else:
+        kept = torch.ones_like(pi32, dtype=torch.bool)
+    target = torch.where(kept, pi32.double(), 0.0)
+    return target / target.sum(), kept
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize("mode,top_k,top_p", [("top_p", 0, 0.8), ("top_k", 6, 0.0), ("categorical", 0, 0.0)])
+def test_frequencies_match_exact_filtered_distribution(impl, mode, top_k, top_p):
+    _skip_unless(impl)
+    card, draws, temp = 20, 60_000, 1.3
+    row = torch.linspace(-2.0, 2.0, card)[torch.randperm(card, generator=torch.Generator().manual_seed(0))]
+    cond = row.expand(draws, card)
+    tokens, _ = _sample(cond, None, impl, mode, temp=temp, top_k=top_k, top_p=top_p)
+    target, kept = _exact_distribution(row, temp, mode, top_k, top_p)
+    counts = torch.bincount(tokens, minlength=card).double()
+    assert counts[~kept].sum() == 0, "a filtered-out token was drawn"
+    expected = target[kept] * draws
+    chi2 = ((counts[kept] - expected) ** 2 / expected).sum().item()
+    assert chi2 < _chi2_critical(int(kept.sum()) - 1), f"chi2 {chi2:.1f} over {int(kept.sum()) - 1} dof"
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_top_k_prob_is_renormalised_and_top_p_prob_is_not(impl):
+    _skip_unless(impl)
+    row = torch.linspace(-1.0, 1.0, 20)
+    cond = row.expand(50, 20)
+    pi = torch.softmax(row, -1)
+    tokens_k, prob_k = _sample(cond, None, impl, "top_k", temp=1.0, top_k=4)
+    tokens_p, prob_p = _sample(cond, None, impl, "top_p", temp=1.0, top_p=0.5)
+    kept_k = pi >= torch.topk(pi, 4).values[-1]
+    torch.testing.assert_close(prob_k, pi[tokens_k] / pi[kept_k].sum(), rtol=PROB_RTOL, atol=0)
+    torch.testing.assert_close(prob_p, pi[tokens_p], rtol=PROB_RTOL, atol=0)
+
+
+# ----------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+def test_top_k_1_and_tiny_top_p_and_low_temperature_give_argmax(impl):
+    _skip_unless(impl)
+    cond, uncond = _logits(5, 37, seed=8), _logits(5, 37, seed=9)
+    mixed = uncond + (cond - uncond) * torch.tensor(3.0)
+    argmax = mixed.argmax(-1)
+    assert torch.equal(_sample(cond, uncond, impl, "top_k", top_k=1)[0], argmax)
+    assert torch.equal(_sample(cond, uncond, impl, "top_p", top_p=1e-9)[0], argmax)
+    # 37 logits 1.0 apart: at t = 0.01 every other pi underflows far below the race's range
+    spread = torch.stack([torch.randperm(37, generator=torch.Generator().manual_seed(i)).float() for i in range(5)])
+    for mode in ("top_p", "top_k", "categorical"):
+        tokens, prob = _sample(spread, None, impl, mode, temp=0.01, top_k=10)
+        assert torch.equal(tokens, spread.argmax(-1))
+        assert torch.equal(prob, torch.ones(5))
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+def test_tiny_top_p_keeps_every_tied_top_token(impl):
+    _skip_unless(impl)
+    row = torch.full((37,), -3.0)
+    row[[4, 30]] = 2.0  # two tokens tied for the top
+    tokens, prob = _sample(row.expand(64, 37), None, impl, "top_p", top_p=1e-9, temp=1.0)
+    assert set(tokens.tolist()) == {4, 30}
+    pi = torch.softmax(row, -1)
+    torch.testing.assert_close(prob, pi[tokens], rtol=PROB_RTOL, atol=0)
+    # greedy on ties: first index, as torch.argmax
+    assert (_sample(row.expand(3, 37), None, impl, "greedy")[0] == 4).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_neg_inf_entries_never_give_nan(impl, mode):
+    _skip_unless(impl)
+    inf = float("inf")
+    cond, uncond = _logits(4, 37, seed=10), _logits(4, 37, seed=11)
+    cond[0, :30] = -inf                      # -inf in the cond half only
+    cond[1, 5:] = -inf                       # -inf in both halves at the same places
+    uncond[1, 5:] = -inf
+    cond[2, :] = -inf                        # all -inf but one, in both halves
+    uncond[2, :] = -inf
+    cond[2, 17] = 1.0
+    uncond[2, 17] = 0.5
+    cond[3, ::2] = -inf                      # no CFG row below
+    tokens, prob = _sample(cond, uncond, impl, mode, top_k=3)
+    assert not torch.isnan(prob).any()
+    assert tokens[1] < 5
+    assert tokens[2] == 17 and prob[2] == 1.0
+    tokens, prob = _sample(cond, None, impl, mode, top_k=3)
+    assert not torch.isnan(prob).any()
+    assert torch.isfinite(cond.gather(-1, tokens[:, None])).all()
+    assert tokens[2] == 17 and prob[2] == 1.0
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_rows_without_a_distribution_give_token_0_and_nan_prob(impl, mode):
+    _skip_unless(impl)
+    cond = _logits(4, 37, seed=12)
+    cond[0, 9] = float("nan")
+    cond[2, :] = float("-inf")
+    cond[3, 3] = float("inf")
+    tokens, prob = _sample(cond, None, impl, mode)
+    assert tokens.tolist()[0] == 0 and tokens.tolist()[2:] == [0, 0]
+    assert torch.isnan(prob[[0, 2, 3]]).all()
+    ref_tokens, ref_prob = _sample(cond[1:2], None, "torch", mode, row_ids=torch.tensor([1]))
+    assert tokens[1] == ref_tokens[0] and not torch.isnan(prob[1])
+
+
+def test_rejects_bad_arguments():
+    cond = _logits(2, 37)
+    s = _scalars()
+    with pytest.raises(ValueError, match="0-d"):
+        sampling.sample_tokens(cond, None, torch.tensor([3.0]), s["temperature"], use_sampling=True, top_k=0,
+                               top_p=0.9, seed=s["seed"], offset=s["offset"])
+    with pytest.raises(ValueError, match="shape"):
+        sampling.sample_tokens(cond, cond[:1], s["cfg_coef"], s["temperature"], use_sampling=True, top_k=0,
+                               top_p=0.9, seed=s["seed"], offset=s["offset"])
+    with pytest.raises(ValueError, match="impl"):
+        _sample(cond, None, "cuda")
