@@ -17,7 +17,6 @@ Every saving is exact: in fp32 the tokens equal the reference loop's given the s
 """
 from __future__ import annotations
 
-import os
 import typing as tp
 
 import torch
@@ -99,16 +98,17 @@ class Runtime:
     # ------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, cond: torch.Tensor, frames: int, params: DecodingParams,
-                 prompt: tp.Optional[torch.Tensor] = None, seed: tp.Optional[int] = None,
+                 prompt: tp.Optional[torch.Tensor] = None, seeds: tp.Optional[tp.Sequence[int]] = None,
                  callback: tp.Optional[tp.Callable[[int, int], None]] = None) -> torch.Tensor:
-        """cond [2B, S, D] (conditional rows, then null rows) -> codes [B, K, T']."""
+        """cond [2B, S, D] (conditional rows, then null rows) -> codes [B, K, T'].
+
+        seeds: one int per row (default 0 for every row); prompt: [B, K, P] fixed codes."""
         cfg, lm, dev = self.cfg, self.lm, self.device
         batch = cond.shape[0] // 2
         p_len = 0 if prompt is None else prompt.shape[-1]
-        chunked = cfg.span_len > 1 and params.span_arrangement == "nonoverlap"
-        arrangement = "nonoverlap" if chunked else ("stride1" if cfg.span_len > 1 else "token")
-        span_len = cfg.span_len if arrangement != "token" else 1
-        kept, n_spans, to_gen = spans_to_generate(frames, p_len, cfg.span_len, chunked)
+        layout = masking.mode(cfg.span_len, params.span_arrangement)
+        kept, _, to_gen = spans_to_generate(frames, p_len, cfg.span_len, layout == "chunk")
+        span_len = cfg.span_len if layout != "token" else 1
 
         bufs = self._get_buffers(batch, frames)
         codes = bufs["codes"][..., :kept]
@@ -116,14 +116,15 @@ class Runtime:
         if prompt is not None:
             codes[..., :p_len] = prompt
         prob = bufs["prob"][:, :kept]
-        row_base = (torch.arange(batch, device=dev) * kept)[:, None]         # RNG key of (b, t) = b·T + t
 
         cond = cond.to(self.dtype)
-        cross_rows = cond[:batch] if self.skip_null_cross else cond
-        cross_kv = lm.cross_kv(cross_rows)
-        if seed is None:
-            seed = int.from_bytes(os.urandom(7), "little")
-        seed_t = torch.tensor(seed, dtype=torch.long, device=dev)
+        cross_kv = lm.cross_kv(cond[:batch] if self.skip_null_cross else cond)
+        # RNG key of position (b, t): (seeds[b], step, t), so a row's draws never depend on
+        # which other rows share its batch.
+        seeds = [0] * batch if seeds is None else list(seeds)
+        if len(seeds) != batch:
+            raise InvalidOptionError(f"expected {batch} seeds (one per row), found {len(seeds)}")
+        seed_t = torch.tensor(seeds, dtype=torch.long, device=dev)[:, None]             # [B, 1]
         total, done = sum(params.decoding_steps), 0
         offsets = torch.arange(total, dtype=torch.long, device=dev)         # RNG offset = global step
         for stage, n_steps in enumerate(params.decoding_steps):
@@ -132,41 +133,33 @@ class Runtime:
             temps = torch.tensor(sched.temperature, dtype=torch.float32, device=dev)
             num_masked = torch.tensor(sched.num_masked, dtype=torch.long, device=dev)
             row = codes[:, stage]
-            scores = masking.initial_scores(batch, n_spans, prompt_len=p_len, span_len=span_len,
-                                            arrangement=arrangement, device=dev)
+            scores = masking.initial_span_scores(batch, kept, span_len=cfg.span_len,
+                                                 arrangement=params.span_arrangement, prompt_len=p_len, device=dev)
             head = lm.linears[stage]
             for i in range(n_steps):
-                span_mask = masking.remask(row, scores, num_masked[i], span_len=span_len,
-                                           arrangement=arrangement, prompt_len=p_len, mask_id=cfg.mask_id,
-                                           impl=self.impl)
-                if prompt is not None:
-                    row[:, :p_len] = prompt[:, stage]
+                span_mask = masking.remask(row, scores, num_masked[i], span_len=cfg.span_len,
+                                           arrangement=params.span_arrangement, prompt_len=p_len,
+                                           mask_id=cfg.mask_id, impl=self.impl)
                 hidden = self._forward_hidden(codes, cross_kv, stage)                    # [2B, T, D]
-                if arrangement == "stride1":
-                    pos = None                                                          # every frame
+                if layout == "stride1":
+                    pos = torch.arange(kept, device=dev).expand(batch, -1)             # every frame
                     h = hidden
-                else:
-                    count = sched.num_masked[i] * span_len
-                    pos = _masked_positions(span_mask, count, span_len)                 # [B, M]
+                else:                                                                 # exactly m_i spans
+                    pos = _masked_positions(span_mask, sched.num_masked[i] * span_len, span_len)  # [B, M]
                     h = torch.gather(hidden, 1, pos.repeat(2, 1)[..., None].expand(-1, -1, hidden.shape[-1]))
                 logits = head(lm.out_norm(h.float()))                                   # [2B, M, C] fp32
                 uncond = None if sched.cfg_coef[i] == 1.0 else logits[batch:].reshape(-1, cfg.card)
-                rows = row_base + (pos if pos is not None else torch.arange(kept, device=dev)[None])
                 tokens, p_hat = sampling.sample_tokens(
                     logits[:batch].reshape(-1, cfg.card), uncond, coefs[i], temps[i],
                     use_sampling=params.use_sampling, top_k=params.top_k, top_p=params.top_p,
-                    seed=seed_t, offset=offsets[done], row_ids=rows.reshape(-1),
+                    seed=seed_t.expand_as(pos).reshape(-1), offset=offsets[done], row_ids=pos.reshape(-1),
                     impl=self.impl)
                 tokens, p_hat = tokens.view(batch, -1), p_hat.view(batch, -1)
-                if pos is None:
-                    row.copy_(torch.where(row == cfg.mask_id, tokens, row))
-                    prob.copy_(p_hat)
-                else:
-                    current = torch.gather(row, 1, pos)
-                    row.scatter_(1, pos, torch.where(current == cfg.mask_id, tokens, current))
-                    prob.scatter_(1, pos, p_hat)
-                scores = masking.span_scores(prob, span_mask, span_len=span_len, arrangement=arrangement,
-                                             scoring=params.span_scoring)
+                current = torch.gather(row, 1, pos)
+                row.scatter_(1, pos, torch.where(current == cfg.mask_id, tokens, current))
+                prob.scatter_(1, pos, p_hat)
+                scores = masking.span_scores(prob, span_mask, span_len=cfg.span_len,
+                                             arrangement=params.span_arrangement, scoring=params.span_scoring)
                 done += 1
                 if callback is not None:
                     callback(done, total)

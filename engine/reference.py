@@ -82,7 +82,9 @@ def least_probable_spans(scores: torch.Tensor, num_masked: int, span_len: int) -
     """
     t = scores.shape[-1]
     span_scores = scores.unfold(0, span_len, 1).sum(dim=-1)
-    order = torch.argsort(span_scores, descending=True)
+    # The original's argsort is unstable, so its tie order is machine-dependent (spec §5);
+    # a stable sort (lowest start first) makes the oracle deterministic.
+    order = torch.sort(span_scores, descending=True, stable=True).indices
     target = max(num_masked, span_len)
     lo, hi = target // span_len, target - span_len + 1
     mid = round(0.5 * (lo + hi))
