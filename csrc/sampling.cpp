@@ -193,7 +193,7 @@ void sample_row(const float* cond, const float* uncond, int64_t C, float g, floa
 }
 
 void sample_tokens(py::array cond, py::object uncond, float cfg_coef, float temperature, int mode,
-                   int64_t top_k, float top_p, int64_t seed, int64_t offset, py::object row_ids,
+                   int64_t top_k, float top_p, py::object seed, int64_t offset, py::object row_ids,
                    py::array tokens, py::array prob) {
     const auto c = buffer_of<float>(cond, "cond", 2);
     const float* u = nullptr;
@@ -211,12 +211,22 @@ void sample_tokens(py::array cond, py::object uncond, float cfg_coef, float temp
         if (rb.cols != c.rows) throw py::value_error("row_ids: expected one id per row");
         rid = rb.data;
     }
+    // seed: an int (one key for the call) or an [N] int64 array (one key per row).
+    const int64_t* seeds = nullptr;
+    RngKey key{};
+    if (py::isinstance<py::array>(seed)) {
+        auto seed_array = seed.cast<py::array>();
+        const auto sb = buffer_of<int64_t>(seed_array, "seed", 1);
+        if (sb.cols != c.rows) throw py::value_error("seed: expected an int or one seed per row");
+        seeds = sb.data;
+    } else {
+        key = rng_key(seed.cast<int64_t>(), offset);
+    }
     const auto tok = buffer_of<int64_t>(tokens, "tokens", 1);
     const auto pr = buffer_of<float>(prob, "prob", 1);
     if (tok.cols != c.rows || pr.cols != c.rows) throw py::value_error("tokens/prob: expected one entry per row");
     if (mode < GREEDY || mode > CATEGORICAL) throw py::value_error("mode: expected 0..3");
 
-    const RngKey key = rng_key(seed, offset);
     const int64_t n_rows = c.rows, C = c.cols, stride = c.row_stride;
     py::gil_scoped_release release;
     // A row costs ~10 us: a thread team only pays off for a few dozen rows (late decoding
@@ -227,8 +237,9 @@ void sample_tokens(py::array cond, py::object uncond, float cfg_coef, float temp
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n_rows; ++r) {
             const uint64_t row_id = rid != nullptr ? static_cast<uint64_t>(rid[r]) : static_cast<uint64_t>(r);
+            const RngKey row_key = seeds != nullptr ? rng_key(seeds[r], offset) : key;  // once per row
             sample_row(c.data + r * stride, u != nullptr ? u + r * stride : nullptr, C, cfg_coef, temperature,
-                       mode, top_k, top_p, key, row_id * static_cast<uint64_t>(C), pi.data(), work.data(),
+                       mode, top_k, top_p, row_key, row_id * static_cast<uint64_t>(C), pi.data(), work.data(),
                        tok.data + r, pr.data + r);
         }
     }
@@ -239,7 +250,7 @@ void sample_tokens(py::array cond, py::object uncond, float cfg_coef, float temp
 void register_sampling(py::module_& m) {
     m.def("sample_tokens", &sample_tokens,
           "kernels/sampling.py sample_tokens on fp32 numpy views; writes tokens [N] int64 and prob [N] fp32. "
-          "mode: 0 greedy, 1 top-p, 2 top-k, 3 categorical.",
+          "mode: 0 greedy, 1 top-p, 2 top-k, 3 categorical. seed: an int, or an [N] int64 array (one per row).",
           py::arg("cond"), py::arg("uncond"), py::arg("cfg_coef"), py::arg("temperature"), py::arg("mode"),
           py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("offset"), py::arg("row_ids"),
           py::arg("tokens"), py::arg("prob"));

@@ -4,19 +4,20 @@ Contract
 --------
     uniform(seed, offset, index) -> float32 in (0, 1)
 
-- `seed`, `offset`: int64 keys, given as 0-d int64 tensors on the data's device so a
-  decoding step reads them without a host sync and can be captured in a CUDA graph. The
-  engine keeps `seed` fixed for a generation and gives every sampling call its own
-  `offset` (e.g. the global step counter).
+- `seed`, `offset`: int64 keys, given as int64 tensors on the data's device so a decoding
+  step reads them without a host sync and can be captured in a CUDA graph. `offset` is
+  0-d; `seed` is 0-d or any shape broadcastable against `index` (e.g. [N, 1] against
+  [N, C]: one seed per row). The engine keeps a request's seed fixed for its generation
+  and gives every sampling call its own `offset` (e.g. the global step counter).
 - `index`: the element's flat position, `row_id * card + col`, taken mod 2**32 (rows up to
   2**21 are distinct at card 2048). A draw depends only on (seed, offset, index), never on
-  which other rows a call computes.
+  which other rows a call computes nor on their seeds.
 
 Algorithm (the same integer operations in all three implementations; the C++ twin is
 `uniform01` in csrc/sampling.cpp):
 
     k1 = mix32(mix32(mix32(mix32(seed_lo ^ 0x9E3779B9) ^ seed_hi) ^ offset_lo) ^ offset_hi)
-    k2 = mix32(k1 ^ 0x85EBCA6B)                  # once per call: the key
+    k2 = mix32(k1 ^ 0x85EBCA6B)                  # once per seed (call or row): the key
     h  = mix32(mix32(index ^ k1) ^ k2)           # per element: two keyed rounds
     u  = (2 * (h >> 9) + 1) * 2**-24             # 2**23 odd multiples of 2**-24
 
@@ -60,7 +61,8 @@ if triton is not None:
 
     @triton.jit
     def rng_key(seed_ptr, offset_ptr):
-        """(k1, k2) uint32 from the 0-d int64 seed and offset tensors."""
+        """(k1, k2) uint32 from the int64 seed and offset at these pointers. For a per-row
+        seed, pass the row's element (seed_ptr + row): the key is derived once per row."""
         seed = tl.load(seed_ptr)
         offset = tl.load(offset_ptr)
         k1 = mix32((seed & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
@@ -92,7 +94,7 @@ def mix32_(x: torch.Tensor) -> torch.Tensor:
 
 
 def rng_key_torch(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k1, k2) as 0-d int64 tensors holding uint32 values."""
+    """(k1, k2) as int64 tensors of seed's shape (offset is 0-d) holding uint32 values."""
     k1 = mix32_((seed & MASK32) ^ KEY_SALT1)
     k1 = mix32_(k1 ^ ((seed >> 32) & MASK32))
     k1 = mix32_(k1 ^ (offset & MASK32))
@@ -101,7 +103,9 @@ def rng_key_torch(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tenso
 
 
 def uniform(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """seed, offset: 0-d int64; index: int64 tensor of any shape -> float32 (0, 1), same shape."""
+    """seed: int64, 0-d or broadcastable against index (e.g. [N, 1] vs [N, C]); offset: 0-d
+    int64; index: int64 tensor -> float32 in (0, 1), of the broadcast shape. The keys are
+    derived once per seed element, then broadcast over the index."""
     k1, k2 = rng_key_torch(seed, offset)
     h = mix32_((index & MASK32) ^ k1)
     h ^= k2

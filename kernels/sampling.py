@@ -11,10 +11,13 @@ Contract
   in fp32. `uncond_logits=None` means no CFG (a coefficient of exactly 1): l = cond.
 - `cfg_coef`, `temperature`: 0-d fp32 tensors on the logits' device; the caller clamps the
   temperature to >= 0.01 (the reference's `max(t, 1e-2)`).
-- `seed`, `offset`: 0-d int64 tensors on the logits' device, the keys of the RNG
-  (kernels/rng.py); `row_ids`: [N] int64 global row positions (None: 0..N-1). Element
-  (i, j) draws `uniform(seed, offset, row_ids[i] * C + j)`, so a row's draw does not depend
-  on which other rows are in the call.
+- `seed`, `offset`: int64 tensors on the logits' device, the keys of the RNG
+  (kernels/rng.py). `offset` is 0-d; `seed` is 0-d (one seed for every row) or [N] (one
+  seed per row, e.g. per request of a batch). `row_ids`: [N] int64 global row positions
+  (None: 0..N-1). Element (i, j) draws `uniform(seed_i, offset, row_ids[i] * C + j)`, with
+  seed_i = seed[i] for a [N] seed and seed for a 0-d one, so a row's draw depends only on
+  its own (seed_i, offset, row_ids[i]), never on which other rows, or seeds, share the
+  call. A [N] seed whose entries all equal s draws exactly as the 0-d seed s.
 - Returns `tokens` [N] int64 and `prob` [N] fp32.
 
 Semantics (fp32, in this order, as the reference):
@@ -92,11 +95,12 @@ if triton is not None:
     def _sample_kernel(
         cond_ptr, uncond_ptr, cfg_ptr, temp_ptr, seed_ptr, offset_ptr, row_ids_ptr,
         tokens_ptr, prob_ptr,
-        C, top_k, top_p,
+        C, top_k, top_p, seed_stride,
         HAS_UNCOND: tl.constexpr, HAS_ROW_IDS: tl.constexpr, MODE: tl.constexpr,
         BLOCK_C: tl.constexpr, BISECT: tl.constexpr,
     ):
-        """One program per row; every pass re-reads the row in BLOCK_C chunks."""
+        """One program per row; every pass re-reads the row in BLOCK_C chunks.
+        seed_stride: 0 for a 0-d seed, 1 for one seed per row."""
         row = tl.program_id(0).to(tl.int64)
         row_start = row * C
         g = tl.load(cfg_ptr)
@@ -169,7 +173,7 @@ if triton is not None:
         token = argmax
         kept_mass = 1.0
         if MODE != 0:
-            k1, k2 = rng_key(seed_ptr, offset_ptr)
+            k1, k2 = rng_key(seed_ptr + row * seed_stride, offset_ptr)  # this row's key
             if HAS_ROW_IDS:
                 rng_row = tl.load(row_ids_ptr + row) * C
             else:
@@ -209,7 +213,7 @@ def _sample_triton(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed
         cond, cond if uncond is None else uncond, cfg_coef, temperature, seed, offset,
         tokens if row_ids is None else row_ids,  # unused pointer when HAS_ROW_IDS is False
         tokens, prob,
-        card, min(top_k, card), top_p,
+        card, min(top_k, card), top_p, 1 if seed.dim() else 0,
         HAS_UNCOND=uncond is not None, HAS_ROW_IDS=row_ids is not None, MODE=mode,
         BLOCK_C=min(triton.next_power_of_2(card), 2048), BISECT=BISECT_STEPS,
     )
@@ -224,10 +228,11 @@ def _sample_cpp(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed, o
     n_rows = cond.shape[0]
     tokens = torch.empty(n_rows, dtype=torch.int64)
     prob = torch.empty(n_rows, dtype=torch.float32)
-    # Reading a CPU scalar is a memory load, not a device sync.
+    # Reading a CPU scalar is a memory load, not a device sync. A [N] seed goes as an array.
     backend.cpp_module().sample_tokens(
         cond.numpy(), None if uncond is None else uncond.numpy(),
-        float(cfg_coef), float(temperature), mode, top_k, top_p, int(seed), int(offset),
+        float(cfg_coef), float(temperature), mode, top_k, top_p,
+        seed.numpy() if seed.dim() else int(seed), int(offset),
         None if row_ids is None else row_ids.numpy(), tokens.numpy(), prob.numpy(),
     )
     return tokens, prob
@@ -270,7 +275,8 @@ def _sample_torch(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed,
         if row_ids is None:
             row_ids = torch.arange(n_rows, device=cond.device)
         index = row_ids[:, None] * card + torch.arange(card, device=cond.device)
-        exponential = -torch.log(rng.uniform(seed, offset, index))
+        # [1, 1] (0-d seed) or [N, 1] (per row): one key per seed element, broadcast over C.
+        exponential = -torch.log(rng.uniform(seed.reshape(-1, 1), offset, index))
         tokens = torch.where(kept, probs / exponential, -1.0).argmax(dim=-1)
         prob = probs.gather(-1, tokens[:, None])[:, 0]
         if mode == TOP_K:
@@ -304,7 +310,8 @@ def sample_tokens(
     """Sample one token per row; see the module docstring for the full contract.
 
     cond_logits / uncond_logits: [N, C] fp32|fp16|bf16; cfg_coef, temperature: 0-d fp32;
-    seed, offset: 0-d int64; row_ids: [N] int64 or None -> (tokens [N] int64, prob [N] fp32).
+    seed: 0-d or [N] int64; offset: 0-d int64; row_ids: [N] int64 or None
+    -> (tokens [N] int64, prob [N] fp32).
     """
     if cond_logits.dim() != 2:
         raise ValueError(f"sample_tokens: cond_logits must be [N, C], found shape {tuple(cond_logits.shape)}")
@@ -312,10 +319,13 @@ def sample_tokens(
         raise ValueError(f"sample_tokens: uncond_logits shape {tuple(uncond_logits.shape)} "
                          f"!= cond_logits shape {tuple(cond_logits.shape)}")
     for name, value, dtype in (("cfg_coef", cfg_coef, torch.float32), ("temperature", temperature, torch.float32),
-                               ("seed", seed, torch.int64), ("offset", offset, torch.int64)):
+                               ("offset", offset, torch.int64)):
         if value.dim() != 0 or value.dtype != dtype:
             raise ValueError(f"sample_tokens: {name} must be a 0-d {dtype} tensor, "
                              f"found {value.dtype} of shape {tuple(value.shape)}")
+    if seed.dtype != torch.int64 or (seed.dim() != 0 and seed.shape != cond_logits.shape[:1]):
+        raise ValueError(f"sample_tokens: seed must be a 0-d or [N] int64 tensor (N = {cond_logits.shape[0]}), "
+                         f"found {seed.dtype} of shape {tuple(seed.shape)}")
     if row_ids is not None and (row_ids.shape != cond_logits.shape[:1] or row_ids.dtype != torch.int64):
         raise ValueError(f"sample_tokens: row_ids must be [N] int64, found {row_ids.dtype} {tuple(row_ids.shape)}")
     if top_k < 0 or top_p < 0:
@@ -325,4 +335,5 @@ def sample_tokens(
     cond_logits = cond_logits.contiguous()
     uncond_logits = None if uncond_logits is None else uncond_logits.contiguous()
     row_ids = None if row_ids is None else row_ids.contiguous()
+    seed = seed.contiguous()
     return _IMPLS[chosen](cond_logits, uncond_logits, cfg_coef, temperature, mode, top_k, top_p, seed, offset, row_ids)

@@ -83,6 +83,16 @@ def test_rng_bit_identical_to_torch(impl, seed, offset):
     assert torch.equal(out, expected)
 
 
+def test_rng_per_row_seed_broadcasts_over_index():
+    seeds = torch.tensor([s for s, _ in KEYS], dtype=torch.int64)
+    index = torch.arange(4)[:, None] * 37 + torch.arange(37)
+    offset = torch.tensor(7)
+    u = rng.uniform(seeds[:, None], offset, index)
+    assert u.shape == index.shape
+    for i, seed in enumerate(seeds):
+        assert torch.equal(u[i], rng.uniform(seed, offset, index[i]))
+
+
 def test_rng_range_and_moments():
     index = torch.arange(200_000, dtype=torch.int64)
     u = rng.uniform(torch.tensor(3), torch.tensor(11), index).double()
@@ -155,6 +165,58 @@ def test_draw_depends_only_on_key_and_row_id(impl):
     assert torch.equal(again, tokens)
     other_offset, _ = _sample(cond, None, impl, "categorical", offset=8)
     assert not torch.equal(other_offset, tokens)
+
+
+# Per-row seeds: extreme int64 values too (their high and low halves both enter the key).
+ROW_SEEDS = [1234, -5, 2**63 - 1, -(2**63), 0, 99]
+SAMPLED_MODES = ["top_p", "top_k", "categorical"]
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+@pytest.mark.parametrize("mode", SAMPLED_MODES)
+def test_per_row_seeds_match_torch_reference(impl, mode):
+    _skip_unless(impl)
+    cond = _logits(len(ROW_SEEDS), 37, seed=13, scale=0.5)
+    tokens, prob = _sample(cond, None, impl, mode, seed=ROW_SEEDS)
+    ref_tokens, ref_prob = _sample(cond, None, "torch", mode, seed=ROW_SEEDS)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(prob, ref_prob, rtol=PROB_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("mode", SAMPLED_MODES)
+def test_equal_per_row_seeds_draw_as_the_scalar_seed(impl, mode):
+    _skip_unless(impl)
+    cond = _logits(5, 37, seed=14, scale=0.5)
+    row_ids = torch.tensor([3, 0, 8, 1, 2])
+    per_row = _sample(cond, None, impl, mode, seed=[1234] * 5, row_ids=row_ids)
+    scalar = _sample(cond, None, impl, mode, seed=1234, row_ids=row_ids)
+    assert torch.equal(per_row[0], scalar[0]) and torch.equal(per_row[1], scalar[1])
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+def test_row_draw_does_not_depend_on_its_batch(impl):
+    """The server's invariant: a request's row (seed s, row id r) draws the same token alone
+    as inside any batch, whatever the other rows' seeds."""
+    _skip_unless(impl)
+    cond = _logits(len(ROW_SEEDS), 37, seed=15, scale=0.5)
+    row_ids = torch.tensor([5, 0, 5, 2, 9, 1])  # two requests may use the same row id
+    tokens, prob = _sample(cond, None, impl, "categorical", seed=ROW_SEEDS, row_ids=row_ids)
+    for i, seed in enumerate(ROW_SEEDS):
+        alone = _sample(cond[i:i + 1], None, impl, "categorical", seed=seed, row_ids=row_ids[i:i + 1])
+        assert tokens[i] == alone[0][0] and prob[i] == alone[1][0]
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+def test_different_seeds_give_different_draws(impl):
+    _skip_unless(impl)
+    n, card = 32, 37
+    cond = torch.zeros(n, card)  # the same uniform row at the same row id: only the seed varies
+    row_ids = torch.zeros(n, dtype=torch.int64)
+    same, _ = _sample(cond, None, impl, "categorical", seed=[7] * n, row_ids=row_ids)
+    assert (same == same[0]).all()
+    tokens, _ = _sample(cond, None, impl, "categorical", seed=list(range(n)), row_ids=row_ids)
+    assert len(set(tokens.tolist())) > n // 4
 
 
 # ----------------------------------------------------------------------------- frequencies
@@ -284,5 +346,9 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="shape"):
         sampling.sample_tokens(cond, cond[:1], s["cfg_coef"], s["temperature"], use_sampling=True, top_k=0,
                                top_p=0.9, seed=s["seed"], offset=s["offset"])
+    for seed in (torch.tensor([1, 2, 3]), torch.tensor([[1], [2]]), torch.tensor(1, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="seed must be a 0-d or \\[N\\] int64"):
+            sampling.sample_tokens(cond, None, s["cfg_coef"], s["temperature"], use_sampling=True, top_k=0,
+                                   top_p=0.9, seed=seed, offset=s["offset"])
     with pytest.raises(ValueError, match="impl"):
         _sample(cond, None, "cuda")
