@@ -27,3 +27,15 @@ def fixtures() -> Path:
 @pytest.fixture(scope="session")
 def golden(fixtures):
     return torch.load(fixtures / "golden.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def fixture_lm(fixtures):
+    """The fixtures' LM checkpoint, loaded strictly."""
+    from magnet_engine.engine import checkpoint as ckpt
+    from magnet_engine.engine.model import MagnetLM
+
+    loaded = ckpt.read_lm_package(ckpt.load_package(fixtures / "checkpoint" / ckpt.LM_FILE), frame_rate=50)
+    lm = MagnetLM(loaded.cfg)
+    lm.load_state_dict(loaded.lm_state, strict=True)
+    return lm.eval()

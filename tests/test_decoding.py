@@ -1,16 +1,14 @@
 """The fast runtime against its oracle, the reference loop."""
 import ast
 import inspect
-from pathlib import Path
+import textwrap
 
 import pytest
 import torch
 
-from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine import decoding, reference
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
-from magnet_engine.engine.model import MagnetLM
 from magnet_engine.kernels import rng
 from magnet_engine.kernels.sampling import _nucleus_keep
 
@@ -18,12 +16,6 @@ from test_model import tiny_lm
 from test_reference import _cond
 
 
-@pytest.fixture(scope="module")
-def fixture_lm(fixtures):
-    loaded = ckpt.read_lm_package(ckpt.load_package(fixtures / "checkpoint" / ckpt.LM_FILE), frame_rate=50)
-    lm = MagnetLM(loaded.cfg)
-    lm.load_state_dict(loaded.lm_state, strict=True)
-    return lm.eval()
 
 
 @pytest.mark.parametrize("impl", [None, "torch"])
@@ -114,8 +106,7 @@ def test_hot_loop_reads_no_device_values():
     Runtime.generate calls no .item()/.cpu()/.tolist()/.numpy(), no int()/float()/bool()
     on tensors, and branches only on host values from the precomputed schedule."""
     source = inspect.getsource(decoding.Runtime.generate)
-    tree = ast.parse(source.lstrip().replace("    @torch.no_grad()\n", "", 1) if False else
-                     "\n".join(l[4:] if l.startswith("    ") else l for l in source.splitlines()))
+    tree = ast.parse(textwrap.dedent(source))
     loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
     assert loops, "expected the decoding loop"
     forbidden = {"item", "cpu", "tolist", "numpy", "nonzero", "synchronize"}

@@ -4,21 +4,13 @@ import math
 import pytest
 import torch
 
-from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine import reference
 from magnet_engine.engine.config import DecodingParams
-from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
 
 from test_model import tiny_lm
 
 
-@pytest.fixture(scope="module")
-def fixture_lm(fixtures):
-    loaded = ckpt.read_lm_package(ckpt.load_package(fixtures / "checkpoint" / ckpt.LM_FILE), frame_rate=50)
-    lm = MagnetLM(loaded.cfg)
-    lm.load_state_dict(loaded.lm_state, strict=True)
-    return lm.eval()
 
 
 def test_fixture_greedy_tokens_and_trace(fixture_lm, golden):
@@ -115,9 +107,11 @@ def test_invariants_sampled(arrangement, scoring):
             steps = [t for t in trace if t.stage == stage]
             for prev, cur in zip(steps, steps[1:]):
                 assert not (cur.masked & ~prev.masked).any()     # nested, non-increasing
-                # exactly m_i chunks: frames masked = 3 m_i minus prompt frames in a straddling chunk
-                straddle = p_len % 3 and (cur.masked[:, (p_len // 3) * 3 + p_len % 3]).any()
-                assert cur.masked.sum() <= 2 * 3 * cur.num_masked
+            for cur in steps:
+                # exactly m_i chunks per row: 3 m_i frames, one fewer when the chunk straddling
+                # the 7-frame prompt is chosen (its prompt frame is restored)
+                per_row = cur.masked.sum(dim=1).tolist()
+                assert all(n in (3 * cur.num_masked, 3 * cur.num_masked - 1) for n in per_row), per_row
             assert steps[-1].num_masked == 1
 
 
@@ -166,4 +160,4 @@ def test_least_probable_spans_matches_spec_search():
         order = torch.argsort(span_scores, descending=True)
         covers = [reference.span_cover(order[:u], t, 3) for u in range(0, len(order) + 1)]
         assert any(torch.equal(mask, c) for c in covers)
-        assert mask.sum() >= min(max(m, 3), t) * 0 + 1
+        assert mask.sum() >= 3                                  # at least one whole span
