@@ -122,45 +122,57 @@ class StageTimer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def run_case(model, engine: str, descriptions, runs: int, warmup: int, seed: int) -> dict:
-    """Time `runs` generations (after `warmup`) with one engine of one loaded model."""
+def _timed_generation(model, engine: str, descriptions, seed: int, timer: StageTimer) -> tp.Tuple[float, float, list]:
+    """One generation: (tokens ms, end-to-end ms, per-stage ms)."""
     from magnet_engine.engine import reference
 
     device = model.device
-    timer = StageTimer(model.params.decoding_steps, device)
-    tokens_ms, e2e_ms, stages = [], [], []
-    for i in range(warmup + runs):
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cond = model.conditioner.encode(descriptions).embeds.to(device)
+        timer.start()
+        if engine == "reference":
+            gen = torch.Generator(device=device).manual_seed(seed)
+            tokens = reference.generate_tokens(model.lm, cond, model.frames, model.params, generator=gen,
+                                               callback=timer)
+        else:
+            tokens = model._fast_runtime().generate(cond, model.frames, model.params,
+                                                    seeds=[seed + b for b in range(len(descriptions))],
+                                                    callback=timer)
         _sync(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            cond = model.conditioner.encode(descriptions).embeds.to(device)
-            timer.start()
-            if engine == "reference":
-                gen = torch.Generator(device=device).manual_seed(seed)
-                tokens = reference.generate_tokens(model.lm, cond, model.frames, model.params, generator=gen,
-                                                   callback=timer)
-            else:
-                tokens = model._fast_runtime().generate(cond, model.frames, model.params,
-                                                        seeds=[seed + b for b in range(len(descriptions))],
-                                                        callback=timer)
-            _sync(device)
-            t1 = time.perf_counter()
-            model.codec.decode(tokens)
-            _sync(device)
-            t2 = time.perf_counter()
-        if i >= warmup:
-            tokens_ms.append((t1 - timer.marks[0]) * 1e3)
-            e2e_ms.append((t2 - t0) * 1e3)
-            stages.append([s * 1e3 for s in timer.stage_times()])
-    audio_s = tokens.shape[-1] / model.frame_rate
+        t1 = time.perf_counter()
+        model.codec.decode(tokens)
+        _sync(device)
+        t2 = time.perf_counter()
+    return (t1 - timer.marks[0]) * 1e3, (t2 - t0) * 1e3, [s * 1e3 for s in timer.stage_times()]
+
+
+def _summary(engine: str, samples: list, audio_s: float) -> dict:
+    tokens_ms = [s[0] for s in samples]
+    e2e_ms = [s[1] for s in samples]
     return {
         "engine": engine,
         "tokens_ms": {"p50": _percentile(tokens_ms, 0.5), "p95": _percentile(tokens_ms, 0.95), "all": tokens_ms},
         "end_to_end_ms": {"p50": _percentile(e2e_ms, 0.5), "p95": _percentile(e2e_ms, 0.95), "all": e2e_ms},
-        "stage_ms_p50": [statistics.median(s[k] for s in stages) for k in range(len(stages[0]))],
+        "stage_ms_p50": [statistics.median(s[2][k] for s in samples) for k in range(len(samples[0][2]))],
         "real_time_factor": audio_s / (_percentile(e2e_ms, 0.5) / 1e3),
         "audio_seconds": audio_s,
     }
+
+
+def run_cases(model, engines: tp.Sequence[str], descriptions, runs: int, warmup: int, seed: int) -> tp.Dict[str, dict]:
+    """Time `runs` generations per engine after `warmup`, alternating the engines run by run
+    so that load from elsewhere on the machine falls on both alike."""
+    timer = StageTimer(model.params.decoding_steps, model.device)
+    samples: tp.Dict[str, list] = {e: [] for e in engines}
+    for i in range(warmup + runs):
+        for engine in engines:
+            result = _timed_generation(model, engine, descriptions, seed, timer)
+            if i >= warmup:
+                samples[engine].append(result)
+    audio_s = model.frames // model.cfg.span_len * model.cfg.span_len / model.frame_rate
+    return {e: _summary(e, samples[e], audio_s) for e in engines}
 
 
 def _load_model(args, precision: str):
@@ -185,7 +197,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     p.add_argument("--decoding-steps", type=int, nargs="+", default=[20, 10, 10, 10])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--reference-runs", type=int, default=None, help="runs of the reference loop (default: --runs)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/latency_<dev>.json)")
@@ -203,13 +214,15 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             torch.cuda.reset_peak_memory_stats(device)
         for batch in args.batch:
             texts = [f"benchmark description number {i} with synths and drums" for i in range(batch)]
-            fast = run_case(model, "fast", texts, args.runs, args.warmup, args.seed)
+            # The reference loop always runs the fp32 weights: it is timed (interleaved with
+            # the fast loop) the first time a batch size comes up, and reused after.
+            engines = ["fast"] if args.no_reference or batch in reference_cache else ["fast", "reference"]
+            timings = run_cases(model, engines, texts, args.runs, args.warmup, args.seed)
+            fast = timings["fast"]
+            if "reference" in timings:
+                reference_cache[batch] = timings["reference"]
             case = {"precision": precision, "batch": batch, "frames": model.frames, "fast": fast}
             if not args.no_reference:
-                if batch not in reference_cache:  # the reference always runs fp32 weights
-                    ref_runs = args.reference_runs or args.runs
-                    reference_cache[batch] = run_case(model, "reference", texts, ref_runs, min(args.warmup, 1),
-                                                      args.seed)
                 ref = reference_cache[batch]
                 case["reference"] = ref
                 case["speedup_tokens_p50"] = ref["tokens_ms"]["p50"] / fast["tokens_ms"]["p50"]
