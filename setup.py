@@ -59,7 +59,7 @@ setup(
         "gpu": ["triton", "flash-attn"],
         "triton": ["triton"],
         "serve": ["fastapi", "uvicorn", "httpx"],
-        "test": ["pytest", "triton", "fastapi", "uvicorn", "httpx"],
+        "test": ["pytest", "triton", "fastapi", "uvicorn", "httpx", "selenium"],
     },
     entry_points={"console_scripts": ["magnet-engine=magnet_engine.cli:main"]},
 )

@@ -112,18 +112,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from magnet_engine.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
-def cmd_serve(args) -> int:
-    from magnet_engine.server import main as serve_main
-
-    return serve_main(args.serve_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magnet-engine", description="Fast MAGNeT inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,19 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(d)
     d.set_defaults(func=cmd_demo, duration=2.0)
 
-    b = sub.add_parser("bench", help="latency benchmark (see benchmarks/latency.py --help)", add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench)
-
-    s = sub.add_parser("serve", help="HTTP service and demo page", add_help=False)
-    s.add_argument("serve_args", nargs=argparse.REMAINDER)
-    s.set_defaults(func=cmd_serve)
+    # Listed for --help; main() hands their arguments to their own parsers.
+    sub.add_parser("bench", help="latency benchmark, fast vs reference loop (bench --help)", add_help=False)
+    sub.add_parser("serve", help="HTTP service with dynamic batching and the demo page (serve --help)",
+                   add_help=False)
     return parser
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     from magnet_engine.errors import MagnetEngineError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # serve and bench own their flags: hand them over before argparse reads any of them.
+    handoff = {"serve": "magnet_engine.server", "bench": "magnet_engine.bench"}
+    if argv[:1] and argv[0] in handoff:
+        import importlib
+        return importlib.import_module(handoff[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

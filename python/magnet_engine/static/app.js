@@ -1,0 +1,163 @@
+"use strict";
+// The demo page: POST /v1/generate, follow /v1/progress/{id} (server-sent events) meanwhile,
+// then play the wav and draw its waveform from the 16-bit PCM samples of the response.
+
+const $ = (id) => document.getElementById(id);
+let modelInfo = null;
+
+async function loadModel() {
+  const response = await fetch("/v1/model");
+  modelInfo = await response.json();
+  const m = modelInfo;
+  $("model-line").textContent =
+    `${m.name} · ${m.engine} engine on ${m.device} · ${m.sample_rate} Hz · up to ${m.max_duration} s`;
+  if (m.note) {
+    $("note").textContent = m.note;
+    $("note").hidden = false;
+  }
+  $("duration").max = m.max_duration;
+  $("duration").value = Math.min(2, m.max_duration);
+  $("steps").value = m.defaults.decoding_steps.join(",");
+  $("temperature").value = m.defaults.temperature;
+  $("top_p").value = m.defaults.top_p;
+  $("prompt").maxLength = m.limits.max_text_chars;
+}
+
+function newRequestId() {
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  return Array.from({length: 4}, () => Math.random().toString(16).slice(2, 10)).join("");
+}
+
+function requestBody(requestId) {
+  const body = {
+    request_id: requestId,
+    description: $("prompt").value.trim(),
+    duration: Number($("duration").value),
+    decoding_steps: $("steps").value.split(",").map((s) => Number(s.trim())),
+    temperature: Number($("temperature").value),
+    top_p: Number($("top_p").value),
+  };
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  return body;
+}
+
+function setStatus(text, fraction) {
+  $("status").textContent = text;
+  if (fraction !== undefined) $("progress").value = fraction;
+}
+
+function followProgress(requestId) {
+  const events = new EventSource(`/v1/progress/${encodeURIComponent(requestId)}`);
+  const on = (kind, handler) => events.addEventListener(kind, (e) => {
+    $("status").dataset.lastEvent = kind;  // read by tests/test_browser.py
+    handler(JSON.parse(e.data));
+  });
+  on("queued", (d) => setStatus(`queued (position ${d.position})`, 0));
+  on("started", (d) => setStatus(`generating in a batch of ${d.batch_size}`));
+  on("step", (d) => setStatus(`codebook ${d.stage + 1}/${modelInfo.n_q}, step ${d.step}/${d.stage_steps}`,
+                               0.95 * d.done / d.total));
+  on("codec", () => setStatus("decoding audio", 0.95));
+  on("done", () => events.close());
+  on("error", () => events.close());
+  events.onerror = () => events.close();  // the POST's answer is what counts; no reconnects
+  return events;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  $("generate").disabled = true;
+  $("error").hidden = true;
+  const requestId = newRequestId();
+  const events = followProgress(requestId);
+  const started = performance.now();
+  try {
+    const response = await fetch("/v1/generate", {
+      method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify(requestBody(requestId)),
+    });
+    if (!response.ok) {
+      const answer = await response.json().catch(() => null);
+      throw new Error(answer && answer.error ? answer.error.message : `HTTP ${response.status}`);
+    }
+    const wav = await response.arrayBuffer();
+    showResult(wav, response.headers, performance.now() - started);
+  } catch (err) {
+    setStatus("failed", 0);
+    $("error").textContent = err.message;
+    $("error").hidden = false;
+  } finally {
+    events.close();
+    $("generate").disabled = false;
+  }
+}
+
+function showResult(wav, headers, totalMs) {
+  const audio = $("audio");
+  if (audio.src) URL.revokeObjectURL(audio.src);
+  audio.src = URL.createObjectURL(new Blob([wav], {type: "audio/wav"}));
+  $("result").hidden = false;
+  drawWaveform($("waveform"), pcmSamples(wav));
+  const ms = (name) => `${Math.round(Number(headers.get(name)))} ms`;
+  $("t-queue").textContent = ms("X-Queue-Wait-Ms");
+  $("t-tokens").textContent = ms("X-Tokens-Ms");
+  $("t-codec").textContent = ms("X-Codec-Ms");
+  $("t-total").textContent = `${Math.round(totalMs)} ms`;
+  $("t-batch").textContent = headers.get("X-Batch-Size");
+  $("t-seed").textContent = headers.get("X-Seed");
+  setStatus("done", 1);
+}
+
+// First channel of a 16-bit PCM WAV as floats in [-1, 1].
+function pcmSamples(buffer) {
+  const view = new DataView(buffer);
+  const tag = (at) => String.fromCharCode(...new Uint8Array(buffer, at, 4));
+  if (buffer.byteLength < 12 || tag(0) !== "RIFF" || tag(8) !== "WAVE") return new Float32Array(0);
+  let channels = 1;
+  for (let at = 12; at + 8 <= buffer.byteLength;) {
+    const size = view.getUint32(at + 4, true);
+    if (tag(at) === "fmt ") channels = view.getUint16(at + 10, true);
+    if (tag(at) === "data") {
+      const start = at + 8;
+      const frames = Math.floor(Math.min(size, buffer.byteLength - start) / (2 * channels));
+      const out = new Float32Array(frames);
+      for (let i = 0; i < frames; i++) out[i] = view.getInt16(start + 2 * channels * i, true) / 32768;
+      return out;
+    }
+    at += 8 + size + (size % 2);
+  }
+  return new Float32Array(0);
+}
+
+// One vertical line per pixel column, from the min to the max sample in that column.
+function drawWaveform(canvas, samples) {
+  const ctx = canvas.getContext("2d");
+  const {width, height} = canvas;
+  const mid = height / 2;
+  ctx.fillStyle = "#10141c";
+  ctx.fillRect(0, 0, width, height);
+  ctx.strokeStyle = "#2a3242";
+  ctx.beginPath();
+  ctx.moveTo(0, mid);
+  ctx.lineTo(width, mid);
+  ctx.stroke();
+  if (!samples.length) return;
+  ctx.strokeStyle = "#59c3ff";
+  ctx.beginPath();
+  const perColumn = samples.length / width;
+  for (let x = 0; x < width; x++) {
+    let lo = 1, hi = -1;
+    const end = Math.min(samples.length, Math.ceil((x + 1) * perColumn));
+    for (let i = Math.floor(x * perColumn); i < end; i++) {
+      lo = Math.min(lo, samples[i]);
+      hi = Math.max(hi, samples[i]);
+    }
+    if (lo > hi) continue;
+    ctx.moveTo(x + 0.5, mid - hi * mid);
+    ctx.lineTo(x + 0.5, mid - lo * mid + 1);
+  }
+  ctx.stroke();
+}
+
+$("form").addEventListener("submit", generate);
+loadModel().catch((err) => setStatus(`cannot read /v1/model: ${err.message}`));

@@ -1,0 +1,95 @@
+"""The demo page in headless Chromium: type a prompt, Generate, get a playable wav.
+
+Needs Debian's `chromium` and `chromium-driver` and the `selenium` package. The screenshot
+lands in the test's tmp dir; with MAGNET_SAVE_SCREENSHOT=1 also in
+benchmarks/results/demo_page.png (a plain test run never writes into the source tree).
+"""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from magnet_engine.api import MAGNeT
+from magnet_engine.demo import build_random_model
+from magnet_engine.server import BackgroundServer, Settings, create_app
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="headless browser test needs Debian's chromium and chromium-driver "
+                                       "(apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture
+def driver(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1000,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture
+def server_url(tmp_path):
+    model = MAGNeT.from_pretrained(build_random_model(tmp_path / "tiny", "tiny"), device="cpu", engine="fast",
+                                   name="demo-tiny (random weights)")
+    app = create_app(model, Settings(note="Demo model with random (untrained) weights: it makes noise, not music."))
+    with BackgroundServer(app) as url:
+        yield url
+
+
+def test_demo_page_generates_playable_audio(driver, server_url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def field(element_id: str, value: str) -> None:
+        element = driver.find_element(By.ID, element_id)
+        element.clear()
+        element.send_keys(value)
+
+    driver.get(server_url)
+    line = driver.find_element(By.ID, "model-line")
+    WebDriverWait(driver, 30).until(lambda _: "engine" in line.text)
+    field("prompt", "warm lo-fi piano with soft vinyl crackle")
+    field("duration", "2")
+    field("steps", "8,4,4,4")
+    field("seed", "42")
+    driver.find_element(By.ID, "generate").click()
+
+    playable = "const a = document.getElementById('audio'); return a.readyState >= 1 && a.duration > 0;"
+    WebDriverWait(driver, 120).until(lambda d: d.execute_script(playable))
+    assert driver.find_element(By.ID, "error").get_attribute("hidden") is not None
+    assert driver.execute_script("return document.getElementById('audio').duration") == pytest.approx(1.98, abs=0.02)
+    status = driver.find_element(By.ID, "status")
+    assert status.text == "done" and status.get_attribute("data-last-event") == "done"  # SSE reached the page
+    assert driver.execute_script("return document.getElementById('progress').value") == 1
+    for cell in ("t-queue", "t-tokens", "t-codec", "t-total"):
+        assert driver.find_element(By.ID, cell).text.endswith(" ms")
+    assert driver.find_element(By.ID, "t-seed").text == "42"
+    waveform_pixels = driver.execute_script("""
+        const c = document.getElementById('waveform');
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < px.length; i += 4) if (px[i + 2] > 200) n++;   // the trace's blue
+        return n;""")
+    assert waveform_pixels > 500
+
+    console_errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not console_errors, console_errors
+
+    shot = tmp_path / "demo_page.png"
+    driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("MAGNET_SAVE_SCREENSHOT") == "1":
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, RESULTS / "demo_page.png")

@@ -1,0 +1,375 @@
+"""The HTTP service: every endpoint, every error code, batching, queue limits, cancellation.
+
+One tiny random-weight model is built per session; requests use 0.3 s and steps [2, 1, 1, 1]
+so a generation takes a fraction of a second on CPU. `GatedModel` holds the worker inside
+`generate_tokens` until a test opens its gate, which makes queue-full, timeout and
+disconnect cases deterministic without sleeping on wall-clock guesses.
+"""
+import concurrent.futures as cf
+import io
+import json
+import socket
+import threading
+import time
+import zipfile
+
+import pytest
+import soundfile as sf
+
+from fastapi.testclient import TestClient
+
+from magnet_engine.api import MAGNeT
+from magnet_engine.audio import wav_bytes
+from magnet_engine.demo import build_random_model
+from magnet_engine.server import BackgroundServer, Settings, create_app, text_token_count
+
+FAST = {"duration": 0.3, "decoding_steps": [2, 1, 1, 1]}
+LONGER = "warm lo-fi piano with soft vinyl crackle and slow cinematic strings"
+WORDS = ("piano drums guitar bass jazz rock techno rain choir strings synth funk disco reggae ambient "
+         "cinematic orchestral folk soul swing trumpet saxophone thunder waves wind crowd").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return build_random_model(tmp_path_factory.mktemp("tiny-model"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    return MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="fast")
+
+
+@pytest.fixture(scope="session")
+def same_len(tiny_model):
+    """Four one-word descriptions with equal T5 token counts (the random tokenizer differs per build)."""
+    groups = {}
+    for word in WORDS:
+        groups.setdefault(text_token_count(tiny_model, word), []).append(word)
+    texts = max(groups.values(), key=len)[:4]
+    assert len(texts) == 4 and text_token_count(tiny_model, LONGER) != text_token_count(tiny_model, texts[0])
+    return texts
+
+
+class GatedModel:
+    """The tiny model, with generate_tokens held at a gate and an injectable failure."""
+
+    def __init__(self, model):
+        self._model = model
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_text = None
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate_tokens(self, descriptions, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(timeout=60), "test gate never opened"
+        if self.fail_text is not None and self.fail_text in descriptions:
+            raise RuntimeError("injected failure")
+        return self._model.generate_tokens(descriptions, **kwargs)
+
+
+@pytest.fixture
+def gated(tiny_model):
+    model = GatedModel(tiny_model)
+    yield model
+    model.gate.set()
+
+
+def serve(model, **settings):
+    return TestClient(create_app(model, Settings(**settings)))
+
+
+def post(client, **body):
+    return client.post("/v1/generate", json={**FAST, **body})
+
+
+def solo_wav(model, text, seed, **options) -> bytes:
+    """The same request computed directly through the API, alone in its batch."""
+    model.set_generation_params(**{**FAST, **options})
+    tokens = model.generate_tokens([text], seed=[seed])
+    return wav_bytes(model.decode(tokens)[0], model.sample_rate)
+
+
+def assert_same_audio(got: bytes, want: bytes) -> None:
+    """Equal tokens give equal audio up to the codec's batch-size rounding (~1e-7): 1 LSB of PCM16.
+    Any token that differed would move samples by far more."""
+    a, b = sf.read(io.BytesIO(got), dtype="int16")[0], sf.read(io.BytesIO(want), dtype="int16")[0]
+    assert a.shape == b.shape and abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def metric(client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.split(" ")[1])
+    return 0.0
+
+
+def wait_until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def sse_events(text: str):
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if lines:
+            events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+# ---------------------------------------------------------------- endpoints
+def test_generate_returns_wav_with_timing_headers(tiny_model):
+    with serve(tiny_model) as client:
+        r = post(client, description="warm piano", seed=7, request_id="one")
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+    wav, sr = sf.read(io.BytesIO(r.content))
+    assert sr == tiny_model.sample_rate and wav.shape == (int(0.3 * tiny_model.frame_rate) * 640,)
+    assert r.headers["x-request-id"] == "one" and r.headers["x-seed"] == "7"
+    assert r.headers["x-batch-size"] == "1"
+    for name in ("x-queue-wait-ms", "x-tokens-ms", "x-codec-ms"):
+        assert float(r.headers[name]) >= 0
+    assert r.content == solo_wav(tiny_model, "warm piano", 7)
+
+
+def test_seed_is_drawn_when_absent_and_reported(tiny_model):
+    with serve(tiny_model) as client:
+        a, b = post(client, description="warm piano"), post(client, description="warm piano")
+        again = post(client, description="warm piano", seed=int(a.headers["x-seed"]))
+    assert a.status_code == b.status_code == again.status_code == 200
+    assert a.content != b.content and again.content == a.content
+
+
+def test_several_descriptions_return_a_zip_in_order(tiny_model):
+    texts = ["warm piano", LONGER, None]
+    with serve(tiny_model) as client:
+        r = post(client, descriptions=texts, seed=100)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert r.headers["x-batches"] == "3"   # three different text lengths: three batches
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        assert zf.namelist() == ["sample_0.wav", "sample_1.wav", "sample_2.wav"]
+        for i, text in enumerate(texts):  # row i is seeded with seed + i, as MAGNeT.generate does
+            assert zf.read(f"sample_{i}.wav") == solo_wav(tiny_model, text, 100 + i)
+
+
+def test_model_info(tiny_model):
+    with serve(tiny_model, max_duration=2.0, max_text_chars=50) as client:
+        info = client.get("/v1/model").json()
+    assert info["sample_rate"] == 32000 and info["n_q"] == tiny_model.cfg.n_q
+    assert info["max_duration"] == 2.0 and info["defaults"]["duration"] == 2.0
+    assert info["defaults"]["decoding_steps"] == [20, 10, 10, 10] and info["defaults"]["top_p"] == 0.9
+    assert info["choices"]["span_arrangement"] == ["nonoverlap", "stride1"]
+    assert info["limits"]["max_text_chars"] == 50
+
+
+def test_healthz_page_and_static_files(tiny_model):
+    with serve(tiny_model) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "queue_depth": 0}
+        page = client.get("/")
+        assert page.status_code == 200 and 'id="generate"' in page.text
+        for name, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+            r = client.get(f"/static/{name}")
+            assert r.status_code == 200 and kind in r.headers["content-type"]
+
+
+def test_metrics_exposition(tiny_model):
+    with serve(tiny_model) as client:
+        post(client, description="warm piano", seed=1)
+        post(client, description="warm piano", top_p=3.0)
+        text = client.get("/metrics").text
+        assert 'magnet_requests_total{status="200"} 1' in text
+        assert 'magnet_requests_total{status="422"} 1' in text
+        assert 'magnet_errors_total{type="InvalidOptionError"} 1' in text
+        assert "magnet_request_duration_seconds_count 1" in text
+        assert 'magnet_batch_size_bucket{le="1"} 1' in text
+        assert metric(client, "magnet_queue_depth") == 0 and metric(client, "magnet_batches_total") == 1
+    for line in text.splitlines():  # every sample line is `name{labels} value`
+        assert line.startswith("#") or len(line.split(" ")) == 2
+
+
+def test_progress_stream_replays_a_finished_request(tiny_model):
+    with serve(tiny_model) as client:
+        assert post(client, description="warm piano", request_id="p1").status_code == 200
+        r = client.get("/v1/progress/p1")
+    assert r.headers["content-type"].startswith("text/event-stream")
+    kinds = [kind for kind, _ in sse_events(r.text)]
+    assert kinds == ["queued", "started", "step", "codec", "done"]  # only the latest step is kept
+    step = dict(sse_events(r.text))["step"]
+    assert step["done"] == step["total"] == sum(FAST["decoding_steps"])
+
+
+def test_progress_stream_opened_before_the_request(tiny_model):
+    with serve(tiny_model) as client:
+        with cf.ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(client.get, "/v1/progress/early")
+            wait_until(lambda: client.app.state.hub.get("early") is not None)
+            assert post(client, description="warm piano", request_id="early").status_code == 200
+            events = sse_events(stream.result(timeout=60).text)
+    assert events[0][0] == "queued" and events[-1][0] == "done"
+    assert "step" in [kind for kind, _ in events]
+
+
+def test_progress_stream_for_an_id_that_never_arrives_ends_with_404(tiny_model):
+    with serve(tiny_model, progress_ttl_s=0.2) as client:
+        events = sse_events(client.get("/v1/progress/nobody").text)
+        assert events == [("error", {"status": 404, "message": "no request 'nobody' arrived"})]
+        assert post(client, description="warm piano", request_id="later").status_code == 200
+        assert client.app.state.hub.get("nobody") is None  # purged
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize("body, status, says", [
+    ({"description": "a", "descriptions": ["b"]}, 400, "exactly one of"),
+    ({}, 400, "exactly one of"),
+    ({"descriptions": []}, 400, "must not be empty"),
+    ({"description": "x" * 51}, 400, "limit is 50"),
+    ({"descriptions": ["a", "b", "c"]}, 400, "at most 2 descriptions"),
+    ({"description": "a", "temprature": 1.0}, 422, "unknown field 'temprature'"),
+    ({"description": "a", "top_k": "five"}, 422, "'top_k'"),
+    ({"description": 3}, 422, "'description'"),
+    ({"description": "a", "seed": -1}, 422, "'seed'"),
+    ({"description": "a", "top_p": 1.5}, 422, "top_p"),
+    ({"description": "a", "temperature": -1.0}, 422, "temperature"),
+    ({"description": "a", "decoding_steps": [2, 1]}, 422, "one entry per codebook"),
+    ({"description": "a", "span_arrangement": "zigzag"}, 422, "span_arrangement"),
+    ({"description": "a", "duration": 2.5}, 422, "(0, 2]"),
+    ({"description": "a", "duration": 0.01}, 422, "shorter than one span"),
+    ({"description": "a", "request_id": "../etc"}, 422, "'request_id'"),
+])
+def test_bad_requests_get_clear_json_errors(tiny_model, body, status, says):
+    with serve(tiny_model, max_batch=2, max_text_chars=50, max_duration=2.0) as client:
+        r = client.post("/v1/generate", json={**FAST, **body})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["status"] == status and says in error["message"], error
+
+
+def test_invalid_json_is_400(tiny_model):
+    with serve(tiny_model) as client:
+        r = client.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidJSON"
+
+
+def test_reused_request_id_is_409(tiny_model):
+    with serve(tiny_model) as client:
+        assert post(client, description="warm piano", request_id="dup").status_code == 200
+        r = post(client, description="warm piano", request_id="dup")
+    assert r.status_code == 409 and "already in use" in r.json()["error"]["message"]
+
+
+def test_failed_batch_fails_its_requests_and_the_server_keeps_serving(gated):
+    gated.fail_text = "boom"
+    with serve(gated) as client:
+        bad = post(client, description="boom", request_id="bad")
+        good = post(client, description="warm piano")
+        events = sse_events(client.get("/v1/progress/bad").text)
+        assert client.get("/healthz").status_code == 200
+    assert bad.status_code == 500 and "injected failure" in bad.json()["error"]["message"]
+    assert events[-1] == ("error", {"status": 500, "type": "RuntimeError",
+                                    "message": "generation failed: injected failure"})
+    assert good.status_code == 200
+
+
+# ---------------------------------------------------------------- batching
+def test_concurrent_compatible_requests_share_one_generation_loop(tiny_model, same_len):
+    # A long max_wait makes the grouping deterministic: the batch starts when it is full.
+    with serve(tiny_model, max_batch=4, max_wait_ms=20_000) as client:
+        with cf.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: post(client, description=same_len[i], seed=10 + i), range(4)))
+        assert metric(client, "magnet_batches_total") == 1
+        assert 'magnet_batch_size_bucket{le="3"} 0' in client.get("/metrics").text
+    assert [r.status_code for r in answers] == [200] * 4
+    assert [r.headers["x-batch-size"] for r in answers] == ["4"] * 4
+    for i, r in enumerate(answers):  # batched == alone, row for row
+        assert_same_audio(r.content, solo_wav(tiny_model, same_len[i], 10 + i))
+
+
+def test_incompatible_requests_are_not_batched_together(tiny_model, same_len):
+    with serve(tiny_model, max_batch=4, max_wait_ms=300) as client:
+        with cf.ThreadPoolExecutor(3) as pool:
+            jobs = [pool.submit(post, client, description=same_len[0], seed=1),
+                    pool.submit(post, client, description=LONGER, seed=2),
+                    pool.submit(post, client, description=same_len[1], seed=3, top_p=0.5)]
+            answers = [job.result() for job in jobs]
+        assert metric(client, "magnet_batches_total") == 3
+    assert [r.headers["x-batch-size"] for r in answers] == ["1", "1", "1"]
+    assert answers[1].content == solo_wav(tiny_model, LONGER, 2)
+    assert answers[2].content == solo_wav(tiny_model, same_len[1], 3, top_p=0.5)
+
+
+def test_reference_engine_is_served_one_row_per_batch(tiny_dir, same_len):
+    model = MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="reference")
+    with serve(model, max_batch=4, max_wait_ms=20_000) as client:
+        assert client.get("/v1/model").json()["limits"]["max_batch"] == 1
+        with cf.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda i: post(client, description=same_len[i], seed=i), range(2)))
+        assert metric(client, "magnet_batches_total") == 2
+    assert [r.headers["x-batch-size"] for r in answers] == ["1", "1"]
+    assert answers[1].content == solo_wav(model, same_len[1], 1)
+
+
+# ---------------------------------------------------------------- queue, timeout, disconnect
+def test_full_queue_answers_503_with_retry_after(gated):
+    gated.gate.clear()
+    with serve(gated, max_batch=1, queue_size=1, max_wait_ms=0) as client:
+        with cf.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(post, client, description="warm piano")
+            assert gated.entered.wait(30)
+            queued = pool.submit(post, client, description="warm piano")
+            wait_until(lambda: metric(client, "magnet_queue_depth") == 1)
+            rejected = post(client, description="warm piano")
+            gated.gate.set()
+            assert running.result().status_code == queued.result().status_code == 200
+    assert rejected.status_code == 503 and int(rejected.headers["retry-after"]) >= 1
+    assert "queue is full" in rejected.json()["error"]["message"]
+
+
+def test_timeout_answers_504_and_cancels(gated):
+    gated.gate.clear()
+    with serve(gated, max_batch=1, max_wait_ms=0, request_timeout_s=0.5) as client:
+        with cf.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(post, client, description="warm piano")
+            assert gated.entered.wait(30)
+            queued = post(client, description="warm piano", request_id="late")
+            assert running.result().status_code == 504
+        assert queued.status_code == 504 and "0.5 s" in queued.json()["error"]["message"]
+        assert metric(client, "magnet_queue_depth") == 0
+        assert metric(client, "magnet_cancelled_total") == 2
+        assert sse_events(client.get("/v1/progress/late").text)[-1][1]["status"] == 504
+        gated.gate.set()  # the running batch now finds all its requests gone and stops early
+        wait_until(lambda: metric(client, "magnet_running_rows") == 0)
+        assert metric(client, "magnet_batches_total") == 0
+        assert post(client, description="warm piano").status_code == 200
+
+
+def test_client_disconnect_frees_its_queue_slot(gated):
+    gated.gate.clear()
+    with BackgroundServer(create_app(gated, Settings(max_batch=1, max_wait_ms=0))) as url:
+        import httpx
+
+        with httpx.Client(base_url=url, timeout=60) as client, cf.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(client.post, "/v1/generate", json={**FAST, "description": "warm piano"})
+            assert gated.entered.wait(30)
+            body = json.dumps({**FAST, "description": "warm piano"}).encode()
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as sock:   # a client that leaves early
+                sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                wait_until(lambda: metric(client, "magnet_queue_depth") == 1)
+            wait_until(lambda: metric(client, "magnet_cancelled_total") == 1)
+            assert metric(client, "magnet_queue_depth") == 0
+            gated.gate.set()
+            assert running.result().status_code == 200
+            assert 'magnet_requests_total{status="499"} 1' in client.get("/metrics").text
+
+
+def test_serve_command_reports_a_missing_model(tmp_path, capsys):
+    from magnet_engine.server import main
+
+    assert main(["--model", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "missing" in capsys.readouterr().err
