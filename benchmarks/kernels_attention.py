@@ -13,7 +13,6 @@ repeats after a warm-up; the best is the headline (other processes share small m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from magnet_engine.bench import write_report
 from magnet_engine.kernels import attention as attn
 from magnet_engine.kernels import backend
 
@@ -126,11 +126,8 @@ def main() -> None:
 
     report = {"machine": machine(device), "device": device.type, "repeats": args.repeats,
               "timing": "best and median wall-clock ms over repeats after one warm-up", "results": results}
-    path = Path(__file__).resolve().parent / "results" / f"kernels_attention_{device.type}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)  # never leave a half-written file
+    path = write_report(Path(__file__).resolve().parent / "results" / f"kernels_attention_{device.type}.json",
+                        report)
     print(f"wrote {path}")
 
 

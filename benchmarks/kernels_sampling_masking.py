@@ -12,7 +12,6 @@ when CUDA is present.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from magnet_engine.bench import write_report
 from magnet_engine.kernels import backend, masking, sampling
 
 CARD = 2048
@@ -145,11 +145,7 @@ def main():
         print(f"{row['kernel']:13s} {row['case']:18s} B={row['B']} T={row['T']:4d} {size:11s} {timings}{ratio}")
 
     result = {"machine": machine_info(device), "repeats": args.repeats, "results": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)  # never leave a half-written file
-    print(f"wrote {out}")
+    print(f"wrote {write_report(out, result)}")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,16 @@ def gemm_rate(d: int, ffn: int, rows: int, dtype: torch.dtype, device: torch.dev
     return flops / best
 
 
+def write_report(path: Path, report: dict) -> Path:
+    """Write benchmark JSON atomically (a temporary file, then a rename); shared by the scripts."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 class StageTimer:
     """Progress callback recording when each step ends (host time, device synced on CUDA)."""
 
@@ -255,11 +265,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                          f"{case['speedup_end_to_end_p50']:.2f}x end-to-end")
             print(line, flush=True)
         del model
-    out = args.out or DEFAULT_OUT / f"latency_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    out = write_report(args.out or DEFAULT_OUT / f"latency_{device.type}.json", report)
     print(f"wrote {out}")
     return 0
 
