@@ -127,15 +127,18 @@ class MAGNeT:
                                 max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
                                 decoding_steps=tuple(decoding_steps), span_arrangement=span_arrangement,
                                 span_scoring=span_scoring, anneal_temp=anneal_temp).validate(self.cfg.n_q)
-        new_duration = self.max_duration if duration is None else self._check_duration(duration)
+        new_duration = self.max_duration if duration is None else self.check_duration(duration)
         self.params, self.duration = params, new_duration
 
-    def _check_duration(self, duration: float) -> float:
+    def check_duration(self, duration: float, limit: tp.Optional[float] = None) -> float:
+        """Validate a duration in seconds against the model's trained length (and `limit`,
+        e.g. a server's cap); returns it as a float. Changes nothing."""
+        limit = self.max_duration if limit is None else min(limit, self.max_duration)
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration):
             raise InvalidOptionError(f"duration must be a number of seconds, found {duration!r}")
-        if duration <= 0 or duration > self.max_duration + 1e-9:
-            raise InvalidOptionError(f"duration must be in (0, {self.max_duration}] s (the model's trained "
-                                     f"length), found {duration}")
+        if duration <= 0 or duration > limit + 1e-9:
+            raise InvalidOptionError(f"duration must be in (0, {limit:g}] s (the model's trained length or the "
+                                     f"configured limit), found {duration}")
         if int(duration * self.frame_rate) < max(self.cfg.span_len, 1):
             raise InvalidOptionError(f"duration {duration} s is shorter than one span of {self.cfg.span_len} frames")
         return float(duration)

@@ -506,14 +506,9 @@ def text_token_count(model, text: tp.Optional[str]) -> tp.Optional[int]:
 
 
 def check_duration(model, settings: Settings, duration: tp.Optional[float]) -> float:
+    """The request's duration (default: the longest allowed), validated by the model."""
     limit = min(model.max_duration, settings.max_duration or model.max_duration)
-    if duration is None:
-        return limit
-    if not math.isfinite(duration) or duration <= 0 or duration > limit + 1e-9:
-        raise InvalidOptionError(f"duration must be in (0, {limit:g}] seconds, found {duration}")
-    if int(duration * model.frame_rate) < max(model.cfg.span_len, 1):
-        raise InvalidOptionError(f"duration {duration} s is shorter than one span of {model.cfg.span_len} frames")
-    return float(duration)
+    return limit if duration is None else model.check_duration(duration, limit=limit)
 
 
 def parse_request(model, settings: Settings, body: GenerateRequest):
