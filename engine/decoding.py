@@ -35,8 +35,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 class Runtime:
     """Holds a model prepared for fast decoding, and buffers reused across calls.
 
-    precision: 'fp32' | 'bf16' | 'fp16' — weights and activations of the transformer; the
-    residual stream entering each norm, the logits mix, softmax and sampling stay fp32.
+    precision: 'fp32' | 'bf16' | 'fp16' — the transformer's weights and activations, its
+    residual stream included (a cast copy of the LM); embeddings, the output norm, the heads,
+    the CFG mix, softmax and sampling stay fp32, as in the reference's CUDA autocast.
     """
 
     def __init__(self, lm: MagnetLM, precision: str = "fp32", impl: tp.Optional[str] = None):
