@@ -118,3 +118,29 @@ def test_hot_loop_reads_no_device_values():
                 assert node.func.id not in {"int", "float", "bool"}, f"loop converts with {node.func.id}()"
     # the per-step scalars come from the host schedule built before the loop
     assert "stage_schedule(" in source
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_logits_error_within_twice_the_reference(precision):
+    """flash-attention's convention: the fast path's low-precision error against fp32 is at
+    most 2x the error of the plain model run in the same precision."""
+    import copy
+
+    lm = tiny_lm(seed=15, layers=2, dim=64, heads=4)
+    dtype = decoding.PRECISIONS[precision]
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, lm.cfg.card + 1, (2, 4, 33), generator=gen)
+    cond = torch.cat([torch.randn(2, 5, lm.cfg.dim, generator=gen), torch.zeros(2, 5, lm.cfg.dim)])
+    plain_low = copy.deepcopy(lm).to(dtype)
+    runtime = Runtime(lm, precision=precision)
+    with torch.no_grad():
+        for stage in (0, 2):
+            exact = lm.stage_logits(torch.cat([codes, codes]), cond, stage).double()
+            plain = plain_low.stage_logits(torch.cat([codes, codes]).clone(), cond.to(dtype), stage).double()
+            kv = runtime.lm.cross_kv(cond[:2].to(dtype))
+            hidden = runtime._forward_hidden(codes, kv, stage)
+            fast = runtime.lm.linears[stage](runtime.lm.out_norm(hidden.float())).double()
+            plain_err = (plain - exact).abs().max()
+            fast_err = (fast - exact).abs().max()
+            assert plain_err > 0
+            assert fast_err <= 2 * plain_err, (stage, float(fast_err), float(plain_err))
