@@ -85,7 +85,7 @@ class TextConditioner(nn.Module):
 
     def tokenize(self, texts: tp.Sequence[tp.Optional[str]]) -> tp.Tuple[torch.Tensor, torch.Tensor]:
         """texts -> (input_ids [N, S], attention_mask [N, S]), S the longest row, EOS included."""
-        entries = [text or "" for text in _check_texts(texts)]
+        entries = [text or "" for text in check_descriptions(texts)]
         batch = self.tokenizer(entries, return_tensors="pt", padding=True)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.max_text_tokens is not None:
@@ -100,7 +100,7 @@ class TextConditioner(nn.Module):
     @torch.no_grad()
     def encode(self, descriptions: tp.Sequence[tp.Optional[str]]) -> Condition:
         """B descriptions -> the 2B condition rows: the texts, then B null rows."""
-        descriptions = _check_texts(descriptions)
+        descriptions = check_descriptions(descriptions)
         ids, mask = self.tokenize(descriptions + [None] * len(descriptions))
         hidden = self.t5(input_ids=ids, attention_mask=mask).last_hidden_state
         return Condition(self.output_proj(hidden) * mask[..., None], mask, ids, hidden)
@@ -154,7 +154,8 @@ def build_random_t5(out_dir: tp.Union[str, os.PathLike], d_model: int = 32, num_
     return out_dir
 
 
-def _check_texts(texts) -> tp.List[tp.Optional[str]]:
+def check_descriptions(texts) -> tp.List[tp.Optional[str]]:
+    """A non-empty list of str | None (None: no text), else InvalidInputError."""
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
         raise InvalidInputError(f"descriptions must be a non-empty list of strings (or None for no text), "
                                 f"found {texts!r:.100}")

@@ -18,7 +18,7 @@ import torch
 
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.codec import Codec
-from magnet_engine.engine.conditioning import TextConditioner
+from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
 from magnet_engine.engine.config import DecodingParams, ModelConfig
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine import reference
@@ -152,7 +152,7 @@ class MAGNeT:
     def generate(self, descriptions: tp.Sequence[tp.Optional[str]], progress: tp.Union[bool, Progress] = False,
                  return_tokens: bool = False, seed: tp.Union[int, tp.Sequence[int], None] = None):
         """Text -> audio [B, channels, samples] (and tokens [B, K, T'] with return_tokens)."""
-        descriptions = self._check_descriptions(descriptions)
+        descriptions = check_descriptions(descriptions)
         return self._generate(descriptions, None, progress, return_tokens, seed)
 
     def generate_unconditional(self, num_samples: int, progress: tp.Union[bool, Progress] = False,
@@ -176,7 +176,7 @@ class MAGNeT:
             raise InvalidInputError(f"prompt_sample_rate must be a positive int, found {prompt_sample_rate!r}")
         if descriptions is None:
             descriptions = [None] * prompt.shape[0]
-        descriptions = self._check_descriptions(descriptions, allow_none=True)
+        descriptions = check_descriptions(descriptions)
         if len(descriptions) != prompt.shape[0]:
             raise InvalidInputError(f"{len(descriptions)} descriptions for a prompt batch of {prompt.shape[0]}")
         wav = self.codec.preprocess_prompt(prompt.to(self.device), prompt_sample_rate)
@@ -187,7 +187,7 @@ class MAGNeT:
     def generate_tokens(self, descriptions: tp.Sequence[tp.Optional[str]], prompt_codes: tp.Optional[torch.Tensor] = None,
                         progress: tp.Union[bool, Progress] = False, seed: tp.Union[int, tp.Sequence[int], None] = None) -> torch.Tensor:
         """Tokens only, no codec: [B, K, T']. `prompt_codes` [B, K, P] are kept fixed."""
-        descriptions = self._check_descriptions(descriptions, allow_none=True)
+        descriptions = check_descriptions(descriptions)
         if prompt_codes is not None:
             prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions))
         with self._lock:
@@ -199,15 +199,6 @@ class MAGNeT:
             return self.codec.decode(tokens.to(self.device))
 
     # --------------------------------------------------------------- internals
-    def _check_descriptions(self, descriptions, allow_none: bool = True) -> tp.List[tp.Optional[str]]:
-        if isinstance(descriptions, str) or not isinstance(descriptions, (list, tuple)) or not descriptions:
-            raise InvalidInputError("descriptions must be a non-empty list of strings (or None for no text), "
-                                    f"found {descriptions!r:.100}")
-        for d in descriptions:
-            if not (isinstance(d, str) or (allow_none and d is None)):
-                raise InvalidInputError(f"each description must be a string or None, found {type(d).__name__}")
-        return list(descriptions)
-
     def _check_prompt_codes(self, codes: torch.Tensor, batch: int) -> torch.Tensor:
         k = self.cfg.n_q
         if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[:2] != (batch, k) \
