@@ -35,13 +35,15 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 class Runtime:
     """Holds a model prepared for fast decoding, and buffers reused across calls.
 
+    compile: run the transformer forward through torch.compile (off by default).
     precision: 'fp32' | 'bf16' | 'fp16' — the transformer's weights and activations, its
     residual stream included (a cast copy of the LM); embeddings, the output norm, the heads,
     the CFG mix, softmax and sampling stay fp32. (The reference's CUDA autocast keeps the
     residual stream fp32 as well; here it is low precision, judged by the tests' error bounds.)
     """
 
-    def __init__(self, lm: MagnetLM, precision: str = "fp32", impl: tp.Optional[str] = None):
+    def __init__(self, lm: MagnetLM, precision: str = "fp32", impl: tp.Optional[str] = None,
+                 compile: bool = False):
         if precision not in PRECISIONS:
             raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
         self.lm = lm
@@ -53,6 +55,11 @@ class Runtime:
         self._buffers: tp.Dict[tp.Tuple[int, int], tp.Dict[str, torch.Tensor]] = {}
         if self.dtype != torch.float32:
             self.lm = _cast_copy(lm, self.dtype)
+        if compile:
+            # One graph per (stage window, shape); the first call of each compiles (start-up
+            # cost traded for latency). Opaque extension calls (the C++ kernels) run eagerly
+            # between graph pieces.
+            self._forward_hidden = torch.compile(self._forward_hidden, dynamic=False)
 
     # ---------------------------------------------------------------- buffers
     def _get_buffers(self, batch: int, frames: int) -> tp.Dict[str, torch.Tensor]:

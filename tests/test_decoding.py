@@ -144,3 +144,13 @@ def test_low_precision_logits_error_within_twice_the_reference(precision):
             fast_err = (fast - exact).abs().max()
             assert plain_err > 0
             assert fast_err <= 2 * plain_err, (stage, float(fast_err), float(plain_err))
+
+
+def test_compiled_runtime_gives_the_same_tokens():
+    lm = tiny_lm(seed=16)
+    cond = _cond(lm, 1)
+    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
+    eager = Runtime(lm).generate(cond, 30, params, seeds=[5])
+    compiled = Runtime(lm, compile=True)
+    assert torch.equal(compiled.generate(cond, 30, params, seeds=[5]), eager)
+    assert torch.equal(compiled.generate(cond, 30, params, seeds=[5]), eager)   # replay, no recompile needed

@@ -39,7 +39,8 @@ class MAGNeT:
     """A loaded MAGNeT model: LM, text conditioner and EnCodec, plus generation params."""
 
     def __init__(self, name: str, lm: MagnetLM, conditioner: TextConditioner, codec: Codec,
-                 device: torch.device, engine: str = "fast", precision: tp.Optional[str] = None):
+                 device: torch.device, engine: str = "fast", precision: tp.Optional[str] = None,
+                 compile: bool = False):
         if engine not in ENGINES:
             raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
         if precision is None:
@@ -47,6 +48,7 @@ class MAGNeT:
         if precision not in PRECISIONS:
             raise InvalidOptionError(f"precision must be one of {PRECISIONS}, found {precision!r}")
         self.precision = precision
+        self.compile = compile
         self.name = name
         self.lm = lm
         self.conditioner = conditioner
@@ -63,23 +65,24 @@ class MAGNeT:
     @classmethod
     def get_pretrained(cls, name: str = "facebook/magnet-small-10secs", device=None, *,
                        t5: tp.Optional[str] = None, engine: str = "fast",
-                       precision: tp.Optional[str] = None) -> "MAGNeT":
+                       precision: tp.Optional[str] = None, compile: bool = False) -> "MAGNeT":
         """Load a model by Hub id (via the Hugging Face cache / hub client) or local directory.
 
         `t5` overrides where the T5 text encoder comes from (a local directory, or a Hub
         name); by default the checkpoint's own `conditioners.description.t5.name`.
         """
         return cls.from_pretrained(ckpt.resolve_model_dir(name), device=device, t5=t5, engine=engine,
-                                   precision=precision, name=name)
+                                   precision=precision, compile=compile, name=name)
 
     @classmethod
     def from_pretrained(cls, directory: tp.Union[str, os.PathLike], device=None, *, t5: tp.Optional[str] = None,
-                        engine: str = "fast", precision: tp.Optional[str] = None,
+                        engine: str = "fast", precision: tp.Optional[str] = None, compile: bool = False,
                         name: tp.Optional[str] = None) -> "MAGNeT":
         """Load from a local directory in the Hugging Face layout.
 
         engine: 'fast' (default) or 'reference' (the plain loop); precision: transformer
-        precision of the fast runtime, 'fp32' (CPU default), 'fp16' (CUDA default), 'bf16'.
+        precision of the fast runtime, 'fp32' (CPU default), 'fp16' (CUDA default), 'bf16';
+        compile: torch.compile the fast runtime's transformer forward (slower start-up).
         """
         directory = ckpt.resolve_model_dir(directory)
         device = _resolve_device(device)
@@ -96,7 +99,8 @@ class MAGNeT:
         if t5 is None:  # a T5 shipped inside the model directory wins over the hub name in xp.cfg
             t5 = str(directory / "t5") if (directory / "t5" / "config.json").is_file() else lm_ckpt.cfg.t5_name
         conditioner = TextConditioner.load(t5, weight.float(), bias.float(), device=device)
-        return cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision)
+        return cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision,
+                   compile=compile)
 
     # ------------------------------------------------------------- properties
     @property
@@ -256,7 +260,7 @@ class MAGNeT:
     def _fast_runtime(self):
         if self._runtime is None:
             from magnet_engine.engine.decoding import Runtime
-            self._runtime = Runtime(self.lm, precision=self.precision)
+            self._runtime = Runtime(self.lm, precision=self.precision, compile=self.compile)
         return self._runtime
 
 

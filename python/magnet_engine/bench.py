@@ -190,7 +190,8 @@ def _load_model(args, precision: str):
     from magnet_engine.demo import cached_demo_model
 
     directory = args.model or cached_demo_model(args.cache_dir, args.arch)
-    return MAGNeT.from_pretrained(directory, device=args.device, t5=args.t5, precision=precision)
+    return MAGNeT.from_pretrained(directory, device=args.device, t5=args.t5, precision=precision,
+                                  compile=args.compile)
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -205,6 +206,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--precision", nargs="+", default=None, help="fp32 bf16 fp16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--decoding-steps", type=int, nargs="+", default=[20, 10, 10, 10])
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast runtime (warm-up compiles)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop")

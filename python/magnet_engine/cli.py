@@ -23,6 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="fast runtime (default) or the plain reference loop")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="transformer precision of the fast runtime (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast runtime's forward")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +53,7 @@ def _load(args, model: tp.Optional[str] = None):
     from magnet_engine.api import MAGNeT
 
     return MAGNeT.get_pretrained(model or args.model, device=args.device, t5=args.t5, engine=args.engine,
-                                 precision=args.precision)
+                                 precision=args.precision, compile=args.compile)
 
 
 def _output_paths(output: Path, n: int) -> tp.List[Path]:
