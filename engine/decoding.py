@@ -136,6 +136,9 @@ class Runtime:
         seed_t = torch.tensor(seeds, dtype=torch.long, device=dev)[:, None]             # [B, 1]
         total, done = sum(params.decoding_steps), 0
         offsets = torch.arange(total, dtype=torch.long, device=dev)         # RNG offset = global step
+        # A NaN p̂ is re-masked (NaN scores rank first) and later overwritten, so it is
+        # remembered here, on the device, and reported once after the loop.
+        nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
         for stage, n_steps in enumerate(params.decoding_steps):
             sched = stage_schedule(n_steps, to_gen, params)
             coefs = torch.tensor(sched.cfg_coef, dtype=torch.float32, device=dev)
@@ -156,8 +159,9 @@ class Runtime:
                 else:                                                                 # exactly m_i spans
                     pos = _masked_positions(span_mask, sched.num_masked[i] * span_len, span_len)  # [B, M]
                     h = torch.gather(hidden, 1, pos.repeat(2, 1)[..., None].expand(-1, -1, hidden.shape[-1]))
-                logits = head(lm.out_norm(h.float()))                                   # [2B, M, C] fp32
-                uncond = None if sched.cfg_coef[i] == 1.0 else logits[batch:].reshape(-1, cfg.card)
+                with_cfg = sched.cfg_coef[i] != 1.0       # coefficient exactly 1: ℓ = cond logits
+                logits = head(lm.out_norm((h if with_cfg else h[:batch]).float()))      # [2B or B, M, C]
+                uncond = logits[batch:].reshape(-1, cfg.card) if with_cfg else None
                 tokens, p_hat = sampling.sample_tokens(
                     logits[:batch].reshape(-1, cfg.card), uncond, coefs[i], temps[i],
                     use_sampling=params.use_sampling, top_k=params.top_k, top_p=params.top_p,
@@ -167,12 +171,13 @@ class Runtime:
                 current = torch.gather(row, 1, pos)
                 row.scatter_(1, pos, torch.where(current == cfg.mask_id, tokens, current))
                 prob.scatter_(1, pos, p_hat)
+                nonfinite |= ~torch.isfinite(p_hat).all()
                 scores = masking.span_scores(prob, span_mask, span_len=cfg.span_len,
                                              arrangement=params.span_arrangement, scoring=params.span_scoring)
                 done += 1
                 if callback is not None:
                     callback(done, total)
-        if not torch.isfinite(prob).all():
+        if bool(nonfinite):
             raise NumericalError("non-finite probabilities during decoding (NaN/inf logits): check the "
                                  "checkpoint weights and the precision setting")
         return codes.clone()

@@ -154,3 +154,22 @@ def test_compiled_runtime_gives_the_same_tokens():
     compiled = Runtime(lm, compile=True)
     assert torch.equal(compiled.generate(cond, 30, params, seeds=[5]), eager)
     assert torch.equal(compiled.generate(cond, 30, params, seeds=[5]), eager)   # replay, no recompile needed
+
+
+def test_nan_logits_raise_numerical_error():
+    from magnet_engine.errors import NumericalError
+
+    lm = tiny_lm(seed=17)
+    with torch.no_grad():
+        lm.linears[1].weight[3, 0] = float("nan")     # only stage 1's head, only one token
+    with pytest.raises(NumericalError):
+        Runtime(lm).generate(_cond(lm, 1), 24, DecodingParams(decoding_steps=(2, 2, 2, 2)), seeds=[0])
+
+
+def test_cfg_coefficient_one_skips_the_null_half_exactly():
+    lm = tiny_lm(seed=18)
+    cond = _cond(lm, 2)
+    params = DecodingParams(max_cfg_coef=1.0, min_cfg_coef=1.0, decoding_steps=(3, 2, 2, 2))
+    fast = Runtime(lm).generate(cond, 24, params, seeds=[1, 2])
+    ref = reference.generate_tokens(lm, cond, 24, params, sampler=keyed_sampler(params, [1, 2], 24))
+    assert torch.equal(fast, ref)
