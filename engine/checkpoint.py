@@ -208,17 +208,7 @@ generate:
     format: wav
     sample_rate: ${{sample_rate}}
   lm:
-    use_sampling: true
-    temp: 3.0
-    top_k: 0
-    top_p: 0.9
-    max_cfg_coef: 10.0
-    min_cfg_coef: 1.0
-    decoding_steps: [{steps}, 10, 10, 10]
-    anneal_temp: true
-    span_scoring: max
-    span_arrangement: nonoverlap
-classifier_free_guidance:
+{lm_generate}classifier_free_guidance:
   training_dropout: 0.3
   inference_coef: 3.0
 fuser:
@@ -240,9 +230,9 @@ sample_rate: {sample_rate}
 channels: 1
 compression_model_checkpoint: //pretrained/facebook/encodec_{khz}khz
 compression_model_n_q: null
-lm_model: transformer_lm_magnet
+lm_model: {lm_model}
 codebooks_pattern:
-  modeling: parallel
+  modeling: {modeling}
   delay:
     delays: [0, 1, 2, 3]
     flatten_first: 0
@@ -264,7 +254,7 @@ transformer_lm:
   bias_attn: false
   bias_proj: false
   past_context: null
-  causal: false
+  causal: {causal}
   custom: false
   memory_efficient: true
   attention_as_float32: false
@@ -279,6 +269,27 @@ transformer_lm:
   qk_layer_norm_cross: false
   kv_repeat: 1
   two_step_cfg: false
+{magnet_fields}"""
+
+_MAGNET_GENERATE = """\
+    use_sampling: true
+    temp: 3.0
+    top_k: 0
+    top_p: 0.9
+    max_cfg_coef: 10.0
+    min_cfg_coef: 1.0
+    decoding_steps: [{steps}, 10, 10, 10]
+    anneal_temp: true
+    span_scoring: max
+    span_arrangement: nonoverlap
+"""
+_AR_GENERATE = """\
+    use_sampling: true
+    temp: 1.0
+    top_k: 250
+    top_p: 0.0
+"""
+_MAGNET_FIELDS = """\
   subcodes_context: {subcodes_context}
   segment_duration: ${{dataset.segment_duration}}
   span_len: ${{masking.span_len}}
@@ -286,17 +297,36 @@ masking:
   span_len: {span_len}
 """
 
+# kind -> (lm_model, codebooks_pattern.modeling, transformer_lm.causal)
+LM_KINDS = {
+    "magnet": ("transformer_lm_magnet", "parallel", "false"),
+    # hybrid-MAGNeT: MAGNeT's network and masking fields, MusicGen's delay layout
+    "hybrid": ("transformer_lm_magnet", "delay", "false"),
+    # MusicGen / AudioGen: the plain causal transformer LM, delay layout, no masking section
+    "musicgen": ("transformer_lm", "delay", "true"),
+}
+
 
 def random_lm_package(dim: int, num_heads: int, num_layers: int, *, d_t5: int, n_q: int = 4, card: int = 2048,
                       duration: float = 10, sample_rate: int = 32000, span_len: int = 3,
                       subcodes_context: int = 5, t5_name: str = "t5-base", seed: int = 0,
-                      dtype: torch.dtype = torch.float32) -> dict:
-    """An LM package with seeded random weights, in the exporter's exact layout."""
+                      dtype: torch.dtype = torch.float32, kind: str = "magnet") -> dict:
+    """An LM package with seeded random weights, in the exporter's exact layout.
+
+    kind: 'magnet' (plain MAGNeT), 'hybrid' (hybrid-MAGNeT: delay layout) or 'musicgen'
+    (a MusicGen / AudioGen LM: causal, delay layout, no masking fields)."""
+    if kind not in LM_KINDS:
+        raise ValueError(f"kind must be one of {sorted(LM_KINDS)}, found {kind!r}")
+    lm_model, modeling, causal = LM_KINDS[kind]
     steps = 20 if duration <= 10 else 60
+    magnet = kind != "musicgen"
     xp_cfg = XP_CFG_TEMPLATE.format(
-        seed=seed, duration=duration if duration != int(duration) else int(duration), steps=steps,
+        seed=seed, duration=duration if duration != int(duration) else int(duration),
         t5_name=t5_name, sample_rate=sample_rate, khz=sample_rate // 1000, dim=dim, num_heads=num_heads,
-        num_layers=num_layers, n_q=n_q, card=card, subcodes_context=subcodes_context, span_len=span_len)
+        num_layers=num_layers, n_q=n_q, card=card, lm_model=lm_model, modeling=modeling, causal=causal,
+        lm_generate=(_MAGNET_GENERATE.format(steps=steps) if magnet else _AR_GENERATE),
+        magnet_fields=(_MAGNET_FIELDS.format(subcodes_context=subcodes_context, span_len=span_len)
+                       if magnet else ""))
     cfg = ModelConfig.from_xp_cfg(parse_yaml_config(xp_cfg), frame_rate=50)
     gen = torch.Generator().manual_seed(seed)
     state: tp.Dict[str, torch.Tensor] = {

@@ -70,8 +70,24 @@ class ModelConfig:
     bias_attn: bool = False
     bias_proj: bool = False
     lm_model: str = "transformer_lm_magnet"
-    pattern: str = "parallel"   # codebooks_pattern.modeling
-    delays: tp.Tuple[int, ...] = ()
+    pattern: str = "parallel"   # codebooks_pattern.modeling: 'parallel' (MAGNeT) or 'delay'
+    delays: tp.Tuple[int, ...] = ()  # codebooks_pattern.delay.delays, read for the 'delay' layout
+    causal: bool = False        # transformer_lm.causal: true for MusicGen / AudioGen
+    cfg_coef: float = 3.0       # classifier_free_guidance.inference_coef: the AR sampling CFG
+
+    @property
+    def is_autoregressive(self) -> bool:
+        """A MusicGen / AudioGen LM: causal, delay layout, next-step prediction."""
+        return self.lm_model == "transformer_lm"
+
+    @property
+    def is_hybrid(self) -> bool:
+        """A hybrid-MAGNeT LM: MAGNeT's network in the delay layout, with an AR prefix."""
+        return self.lm_model == "transformer_lm_magnet" and self.pattern == "delay"
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays) if self.delays else 0
 
     @property
     def head_dim(self) -> int:
@@ -123,12 +139,27 @@ class ModelConfig:
         span_len = g("masking.span_len", None)
         if span_len is None:
             span_len = g("transformer_lm.span_len", 1)
-        delays = g("codebooks_pattern.delay.delays", [])
+        pattern = str(g("codebooks_pattern.modeling", "parallel"))
+        n_q = int(g("transformer_lm.n_q"))
+        delays: tp.Sequence[int] = ()
+        if lm_model == "transformer_lm" and pattern != "delay":
+            raise ConfigError(f"xp.cfg: an autoregressive LM (lm_model transformer_lm) needs the 'delay' codebooks "
+                              f"pattern, found codebooks_pattern.modeling={pattern!r}")
+        if pattern == "delay":
+            delays = g("codebooks_pattern.delay.delays", list(range(n_q)))
+            if len(delays) != n_q or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in delays):
+                raise ConfigError(f"xp.cfg: codebooks_pattern.delay.delays must be {n_q} ints >= 0, found {delays}")
+            for field in ("flatten_first", "empty_initial"):
+                if g(f"codebooks_pattern.delay.{field}", 0) != 0:
+                    raise ConfigError(f"xp.cfg: codebooks_pattern.delay.{field} != 0 is not supported")
+        elif pattern != "parallel":
+            raise ConfigError(f"xp.cfg: codebooks_pattern.modeling {pattern!r} is not supported "
+                              "(expected 'parallel' or 'delay')")
         return cls(
             dim=dim, num_heads=heads,
             num_layers=int(g("transformer_lm.num_layers")),
             hidden_scale=int(g("transformer_lm.hidden_scale", 4)),
-            n_q=int(g("transformer_lm.n_q")),
+            n_q=n_q,
             card=int(g("transformer_lm.card")),
             subcodes_context=int(g("transformer_lm.subcodes_context", -1)),
             span_len=int(span_len),
@@ -142,8 +173,10 @@ class ModelConfig:
             bias_attn=bool(g("transformer_lm.bias_attn", False)),
             bias_proj=bool(g("transformer_lm.bias_proj", False)),
             lm_model=str(lm_model),
-            pattern=str(g("codebooks_pattern.modeling", "parallel")),
+            pattern=pattern,
             delays=tuple(int(d) for d in delays),
+            causal=bool(g("transformer_lm.causal", lm_model == "transformer_lm")),
+            cfg_coef=float(g("classifier_free_guidance.inference_coef", 3.0)),
         )
 
 

@@ -76,47 +76,50 @@ class Runtime:
     def _attend(self, q, k, v, window):
         return attn_kernels.attention(q, k, v, window, impl=self.impl if self.impl != "cpp" else None)
 
-    def _forward_hidden(self, codes: torch.Tensor, cross_kv, stage: int) -> torch.Tensor:
-        """codes [B, K, T] -> final-layer output [2B, T, D] (cond rows first), pre out_norm."""
+    def _forward_hidden(self, codes: torch.Tensor, cross_kv, stage: int, cond_only: bool = False) -> torch.Tensor:
+        """codes [B, K, T] -> final-layer output [2B, T, D] (cond rows first), pre out_norm;
+        [B, T, D] of the conditional rows alone with cond_only (CFG coefficient exactly 1)."""
         lm = self.lm
         window = lm.window(stage)
         layers = lm.transformer.layers
         x = lm.embed(codes).to(self.dtype)                                   # [B, T, D]
+        if cond_only:
+            cross_kv = [(k[:x.shape[0]], v[:x.shape[0]]) for k, v in cross_kv]
         first = layers[0]
         x = x + first.self_attn.self_attend(first.norm1(x), window, self._attend)  # same for both halves
-        x = self._cross_and_ffn(first, x, cross_kv[0], duplicate=True)
+        if not cond_only:
+            x = torch.cat([x, x])
+        x = first.cross_and_ffn(x, cross_kv[0])
         for layer, kv in zip(layers[1:], cross_kv[1:]):
             x = x + layer.self_attn.self_attend(layer.norm1(x), window, self._attend)
-            x = self._cross_and_ffn(layer, x, kv, duplicate=False)
+            x = layer.cross_and_ffn(x, kv)
         return x
-
-    def _cross_and_ffn(self, layer, x: torch.Tensor, kv, duplicate: bool) -> torch.Tensor:
-        """Cross-attention (conditional rows only when the null rows' output is exactly 0),
-        then the FFN. With duplicate=True, x holds B rows and 2B come out."""
-        if self.skip_null_cross:
-            b = kv[0].shape[0]
-            xc = x[:b] if not duplicate else x
-            xc = xc + layer.cross_attention.cross_attend(layer.norm_cross(xc), kv)
-            x = torch.cat([xc, x[b:] if not duplicate else x])
-        else:
-            if duplicate:
-                x = torch.cat([x, x])
-            x = x + layer.cross_attention.cross_attend(layer.norm_cross(x), kv)
-        return x + layer.linear2(F.gelu(layer.linear1(layer.norm2(x))))
 
     # ------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, cond: torch.Tensor, frames: int, params: DecodingParams,
                  prompt: tp.Optional[torch.Tensor] = None, seeds: tp.Optional[tp.Sequence[int]] = None,
-                 callback: tp.Optional[tp.Callable[[int, int], None]] = None) -> torch.Tensor:
+                 callback: tp.Optional[tp.Callable[[int, int], None]] = None, *,
+                 prompt_lens: tp.Optional[tp.Sequence[int]] = None,
+                 forward: tp.Optional[FrameForward] = None, rescorer=None) -> torch.Tensor:
         """cond [2B, S, D] (conditional rows, then null rows) -> codes [B, K, T'].
 
-        seeds: one int per row (default 0 for every row); prompt: [B, K, P] fixed codes."""
+        seeds: one int per row (default 0 for every row); prompt: [B, K, P] fixed codes.
+        prompt_lens: frames of the prompt fixed in each codebook (default P for all; the
+        hybrid staircase gives codebook k fewer), cells past a codebook's length hold the
+        mask id. forward: (codes, stage, cond_only) -> per-frame hidden [2B or B, T', D]
+        (default: this runtime's transformer with `cond` as the condition). rescorer: a
+        bound external-model rescorer (`rescoring.BoundRescorer`) or None.
+        """
         cfg, lm, dev = self.cfg, self.lm, self.device
         batch = cond.shape[0] // 2
         p_len = 0 if prompt is None else prompt.shape[-1]
+        lens = tuple(prompt_lens) if prompt_lens is not None else (p_len,) * cfg.n_q
+        if len(lens) != cfg.n_q or any(not 0 <= n <= p_len for n in lens):
+            raise InvalidOptionError(f"prompt_lens must be {cfg.n_q} frame counts in [0, {p_len}], found {lens}")
         layout = masking.mode(cfg.span_len, params.span_arrangement)
-        kept, _, to_gen = spans_to_generate(frames, p_len, cfg.span_len, layout == "chunk")
+        chunked = layout == "chunk"
+        kept = spans_to_generate(frames, 0, cfg.span_len, chunked)[0]
         span_len = cfg.span_len if layout != "token" else 1
 
         bufs = self._get_buffers(batch, frames)
@@ -126,8 +129,10 @@ class Runtime:
             codes[..., :p_len] = prompt
         prob = bufs["prob"][:, :kept]
 
-        cond = cond.to(self.dtype)
-        cross_kv = lm.cross_kv(cond[:batch] if self.skip_null_cross else cond)
+        if forward is None:
+            cond = cond.to(self.dtype)
+            cross_kv = lm.cross_kv(cond[:batch] if self.skip_null_cross else cond)
+            forward = lambda codes, stage, cond_only: self._forward_hidden(codes, cross_kv, stage, cond_only)  # noqa: E731
         # RNG key of position (b, t): (seeds[b], step, t), so a row's draws never depend on
         # which other rows share its batch.
         seeds = [0] * batch if seeds is None else list(seeds)
@@ -140,27 +145,36 @@ class Runtime:
         # remembered here, on the device, and reported once after the loop.
         nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
         for stage, n_steps in enumerate(params.decoding_steps):
+            stage_prompt = lens[stage]
+            to_gen = spans_to_generate(frames, stage_prompt, cfg.span_len, chunked)[2]
             sched = stage_schedule(n_steps, to_gen, params)
             coefs = torch.tensor(sched.cfg_coef, dtype=torch.float32, device=dev)
             temps = torch.tensor(sched.temperature, dtype=torch.float32, device=dev)
             num_masked = torch.tensor(sched.num_masked, dtype=torch.long, device=dev)
             row = codes[:, stage]
             scores = masking.initial_span_scores(batch, kept, span_len=cfg.span_len,
-                                                 arrangement=params.span_arrangement, prompt_len=p_len, device=dev)
+                                                 arrangement=params.span_arrangement, prompt_len=stage_prompt,
+                                                 device=dev)
             head = lm.linears[stage]
             for i in range(n_steps):
                 span_mask = masking.remask(row, scores, num_masked[i], span_len=cfg.span_len,
-                                           arrangement=params.span_arrangement, prompt_len=p_len,
+                                           arrangement=params.span_arrangement, prompt_len=stage_prompt,
                                            mask_id=cfg.mask_id, impl=self.impl)
-                hidden = self._forward_hidden(codes, cross_kv, stage)                    # [2B, T, D]
+                with_cfg = sched.cfg_coef[i] != 1.0       # coefficient exactly 1: ℓ = cond logits
+                rescore = rescorer is not None and rescorer.active(i, n_steps)
+                hidden = forward(codes, stage, not with_cfg)                          # [2B or B, T', D]
+                if rescore and rescorer.options.fill == "greedy":
+                    guesses = self._greedy_guesses(hidden, stage, coefs[i], batch, with_cfg)
+                if not with_cfg:
+                    hidden = hidden[:batch]
                 if layout == "stride1":
                     pos = torch.arange(kept, device=dev).expand(batch, -1)             # every frame
                     h = hidden
                 else:                                                                 # exactly m_i spans
                     pos = _masked_positions(span_mask, sched.num_masked[i] * span_len, span_len)  # [B, M]
-                    h = torch.gather(hidden, 1, pos.repeat(2, 1)[..., None].expand(-1, -1, hidden.shape[-1]))
-                with_cfg = sched.cfg_coef[i] != 1.0       # coefficient exactly 1: ℓ = cond logits
-                logits = head(lm.out_norm((h if with_cfg else h[:batch]).float()))      # [2B or B, M, C]
+                    rows = hidden.shape[0] // batch
+                    h = torch.gather(hidden, 1, pos.repeat(rows, 1)[..., None].expand(-1, -1, hidden.shape[-1]))
+                logits = head(lm.out_norm(h.float()))                                 # [2B or B, M, C]
                 uncond = logits[batch:].reshape(-1, cfg.card) if with_cfg else None
                 tokens, p_hat = sampling.sample_tokens(
                     logits[:batch].reshape(-1, cfg.card), uncond, coefs[i], temps[i],
@@ -170,8 +184,15 @@ class Runtime:
                 tokens, p_hat = tokens.view(batch, -1), p_hat.view(batch, -1)
                 current = torch.gather(row, 1, pos)
                 row.scatter_(1, pos, torch.where(current == cfg.mask_id, tokens, current))
-                prob.scatter_(1, pos, p_hat)
                 nonfinite |= ~torch.isfinite(p_hat).all()
+                if rescore:
+                    if rescorer.options.temperature == "raw":   # p_magnet at temperature 1
+                        p_hat = rescorer.raw_probability(logits[:batch], uncond, coefs[i], tokens)
+                    prob.scatter_(1, pos, p_hat)
+                    view = codes if rescorer.options.fill != "greedy" else _fill_above(codes, guesses, stage)
+                    prob.copy_(rescorer.mix(prob, rescorer.probabilities(view, stage, temps[i])))
+                else:
+                    prob.scatter_(1, pos, p_hat)
                 scores = masking.span_scores(prob, span_mask, span_len=cfg.span_len,
                                              arrangement=params.span_arrangement, scoring=params.span_scoring)
                 done += 1
@@ -181,6 +202,31 @@ class Runtime:
             raise NumericalError("non-finite probabilities during decoding (NaN/inf logits): check the "
                                  "checkpoint weights and the precision setting")
         return codes.clone()
+
+    def _greedy_guesses(self, hidden: torch.Tensor, stage: int, coef: torch.Tensor, batch: int,
+                        with_cfg: bool) -> tp.Optional[torch.Tensor]:
+        """Argmax of the CFG-mixed logits of every head above `stage`, all frames: [B, K-s-1, T']."""
+        heads = list(range(stage + 1, self.cfg.n_q))
+        if not heads:
+            return None
+        logits = self.lm.head_logits(self.lm.out_norm(hidden.float()), heads)   # [2B or B, K', T', C]
+        if with_cfg:
+            cond, uncond = logits[:batch], logits[batch:]
+            logits = uncond + (cond - uncond) * coef
+        return logits[:batch].argmax(dim=-1)
+
+
+# (codes [B, K, T'], stage, cond_only) -> per-frame hidden [2B or B, T', D], pre out_norm
+FrameForward = tp.Callable[[torch.Tensor, int, bool], torch.Tensor]
+
+
+def _fill_above(codes: torch.Tensor, guesses: tp.Optional[torch.Tensor], stage: int) -> torch.Tensor:
+    """A copy of the canvas with the codebooks above `stage` set to MAGNeT's greedy guesses."""
+    if guesses is None:
+        return codes
+    filled = codes.clone()
+    filled[:, stage + 1:] = guesses
+    return filled
 
 
 def _masked_positions(span_mask: torch.Tensor, count: int, span_len: int) -> torch.Tensor:

@@ -11,6 +11,12 @@ Self-attention is full at stage 0 and restricted to |i − j| <= W frames at sta
 (spec §6). Attention is pluggable (`SelfAttention`): the plain path here masks a dense
 [T, T] bias, the fast runtime passes the banded kernel. Cross-attention keys/values depend
 only on the condition, so they can be computed once per call (`cross_kv`).
+
+The same network also runs over a static key/value cache (`forward_cached`): rows at given
+positions write their keys/values into a preallocated `KVCache` and attend over the whole
+cache under a boolean mask. That one call is the autoregressive step of MusicGen-style
+decoding (mask: key position <= query position), the causal prefill, and the hybrid tail
+(queries for the tail rows only, the prefix's keys/values kept from the AR phase).
 """
 from __future__ import annotations
 
@@ -54,6 +60,40 @@ def dense_self_attention(q, k, v, window: tp.Optional[int]) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def causal_self_attention(q, k, v, window: tp.Optional[int]) -> torch.Tensor:
+    """Full causal recomputation (MusicGen's training-time attention); `window` unused."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def masked_self_attention(mask: torch.Tensor) -> SelfAttention:
+    """Self-attention under an explicit [T, T] bool mask (True = may attend); window unused."""
+    def attend(q, k, v, window):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attend
+
+
+class KVCache:
+    """Static self-attention keys/values of every layer: 2 x [rows, H, T_max, d] each.
+
+    Allocated once per (rows, T_max) and overwritten in place; slots past what a call
+    wrote hold stale values, which the attention mask never lets a query see.
+    """
+
+    def __init__(self, num_layers: int, rows: int, num_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: tp.Union[str, torch.device]):
+        shape = (rows, num_heads, max_len, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+
 class Attention(nn.Module):
     """Packed-projection multi-head attention (rows of in_proj_weight: q | k | v)."""
 
@@ -77,6 +117,18 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d]
         return self._merge(attend(q, k, v, window))
+
+    def self_attend_cached(self, x: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
+                           cache_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [R, t, D] at `positions` [t] (int64, on x's device): write their keys/values into
+        the cache [R, H, T_max, d] at those positions, then attend over the whole cache with
+        `mask` [t, T_max] bool (True = may attend). No host value is read: graph-capturable."""
+        b, t, _ = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
+        cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
+        return self._merge(F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask))
 
     def kv(self, memory: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values of the condition: [B, S, D] -> 2 x [B, H, S, d]."""
@@ -112,6 +164,18 @@ class Layer(nn.Module):
         x = x + self.cross_attention.cross_attend(self.norm_cross(x), cross_kv)
         return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
 
+    def cross_and_ffn(self, x: torch.Tensor, cross_kv) -> torch.Tensor:
+        """Cross-attention then FFN. When `cross_kv` holds fewer rows than x, the remaining
+        rows are CFG null rows, whose cross-attention output is exactly zero (bias-free
+        projections of all-zero embeddings, spec §3): it is skipped for them."""
+        b = cross_kv[0].shape[0]
+        if b < x.shape[0]:
+            xc = x[:b] + self.cross_attention.cross_attend(self.norm_cross(x[:b]), cross_kv)
+            x = torch.cat([xc, x[b:]])
+        else:
+            x = x + self.cross_attention.cross_attend(self.norm_cross(x), cross_kv)
+        return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -135,12 +199,13 @@ class MagnetLM(nn.Module):
         w = self.cfg.subcodes_context
         return None if stage == 0 or w < 0 else w
 
-    def embed(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, K, T] (mask id = card allowed) -> [B, T, D], positions from 0."""
+    def embed(self, codes: torch.Tensor, positions: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """codes [B, K, T] (mask id = card allowed) -> [B, T, D]; positions [T] (default 0..T-1)."""
         _, k, t = codes.shape
         x = sum(self.emb[i](codes[:, i]) for i in range(k))
-        positions = torch.arange(t, device=codes.device).view(1, -1, 1)
-        return x + sin_embedding(positions, self.cfg.dim, self.cfg.max_period, dtype=x.dtype)
+        if positions is None:
+            positions = torch.arange(t, device=codes.device)
+        return x + sin_embedding(positions.view(1, -1, 1), self.cfg.dim, self.cfg.max_period, dtype=x.dtype)
 
     def cross_kv(self, cond: torch.Tensor) -> tp.List[tp.Tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer cross-attention (K, V) of the condition [B, S, D]; reusable across steps."""
@@ -156,6 +221,35 @@ class MagnetLM(nn.Module):
         for layer, kv in zip(self.transformer.layers, cross_kv):
             x = layer(x, window, kv, attend)
         return self.out_norm(x)
+
+    def new_cache(self, rows: int, max_len: int, dtype: tp.Optional[torch.dtype] = None) -> KVCache:
+        p = self.transformer.layers[0].self_attn.in_proj_weight
+        return KVCache(self.cfg.num_layers, rows, self.cfg.num_heads, max_len, self.cfg.head_dim,
+                       dtype or p.dtype, p.device)
+
+    def forward_cached(self, codes: torch.Tensor, positions: torch.Tensor, cross_kv, cache: KVCache,
+                       mask: torch.Tensor, dtype: tp.Optional[torch.dtype] = None) -> torch.Tensor:
+        """Rows at `positions` through every layer over the static cache -> LN_out output.
+
+        codes: [B, K, t] for B distinct rows; the cache holds R = B or 2B rows (CFG: both
+        halves see the same codes, conditional rows first), and cross_kv as many rows as
+        carry a real condition (fewer: the rest are null rows, see `Layer.cross_and_ffn`).
+        positions: [t] int64; mask: [t, T_max] bool. Returns [R, t, D] (float32).
+        """
+        x = self.embed(codes, positions)
+        if dtype is not None:
+            x = x.to(dtype)
+        if cache.rows != x.shape[0]:
+            x = x.repeat(cache.rows // x.shape[0], 1, 1)
+        for layer, kv, ck, cv in zip(self.transformer.layers, cross_kv, cache.keys, cache.values):
+            x = x + layer.self_attn.self_attend_cached(layer.norm1(x), positions, ck, cv, mask)
+            x = layer.cross_and_ffn(x, kv)
+        return self.out_norm(x.float() if x.dtype != self.out_norm.weight.dtype else x)
+
+    def head_logits(self, hidden: torch.Tensor, heads: tp.Optional[tp.Sequence[int]] = None) -> torch.Tensor:
+        """LN_out output [R, t, D] -> logits [R, K', t, card] of the given heads (default all)."""
+        heads = range(self.cfg.n_q) if heads is None else heads
+        return torch.stack([self.linears[k](hidden) for k in heads], dim=1)
 
     def stage_logits(self, codes: torch.Tensor, cond: torch.Tensor, stage: int,
                      attend: SelfAttention = dense_self_attention) -> torch.Tensor:
