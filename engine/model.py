@@ -76,14 +76,15 @@ class KVCache:
     """Static self-attention keys/values of every layer: 2 x [rows, H, T_max, d] each.
 
     Allocated once per (rows, T_max) and overwritten in place; slots past what a call
-    wrote hold stale values, which the attention mask never lets a query see.
+    wrote hold stale values, which the attention mask never lets a query see. They start
+    at zero, not `empty`: a masked slot still enters SDPA as 0 · v, and 0 · NaN is NaN.
     """
 
     def __init__(self, num_layers: int, rows: int, num_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: tp.Union[str, torch.device]):
         shape = (rows, num_heads, max_len, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @property
     def rows(self) -> int:
@@ -234,7 +235,8 @@ class MagnetLM(nn.Module):
         codes: [B, K, t] for B distinct rows; the cache holds R = B or 2B rows (CFG: both
         halves see the same codes, conditional rows first), and cross_kv as many rows as
         carry a real condition (fewer: the rest are null rows, see `Layer.cross_and_ffn`).
-        positions: [t] int64; mask: [t, T_max] bool. Returns [R, t, D] (float32).
+        positions: [t] int64; mask: [t, T_max] bool. Returns the last layer's output
+        [R, t, D] before `out_norm`, in the transformer's dtype.
         """
         x = self.embed(codes, positions)
         if dtype is not None:
@@ -244,7 +246,7 @@ class MagnetLM(nn.Module):
         for layer, kv, ck, cv in zip(self.transformer.layers, cross_kv, cache.keys, cache.values):
             x = x + layer.self_attn.self_attend_cached(layer.norm1(x), positions, ck, cv, mask)
             x = layer.cross_and_ffn(x, kv)
-        return self.out_norm(x.float() if x.dtype != self.out_norm.weight.dtype else x)
+        return x
 
     def head_logits(self, hidden: torch.Tensor, heads: tp.Optional[tp.Sequence[int]] = None) -> torch.Tensor:
         """LN_out output [R, t, D] -> logits [R, K', t, card] of the given heads (default all)."""

@@ -105,12 +105,13 @@ def generate_tokens(lm: MagnetLM, cond: torch.Tensor, frames: int, params: Decod
                     prompt: tp.Optional[torch.Tensor] = None, sampler: tp.Optional[Sampler] = None,
                     generator: tp.Optional[torch.Generator] = None,
                     callback: tp.Optional[tp.Callable[[int, int], None]] = None,
-                    trace: tp.Optional[tp.List[StepTrace]] = None) -> torch.Tensor:
+                    trace: tp.Optional[tp.List[StepTrace]] = None, rescorer=None) -> torch.Tensor:
     """Masked decoding of all stages.
 
     cond: [2B, S, D] condition rows, conditional first then null (CFG); frames: T;
     prompt: [B, K, P] codes kept fixed (P < T). Returns codes [B, K, T'] with T' = L·⌊T/L⌋
-    in 'nonoverlap' mode (L > 1), T otherwise.
+    in 'nonoverlap' mode (L > 1), T otherwise. rescorer: a bound external-model rescorer
+    (`rescoring.BoundRescorer`): its confidence is mixed into p̂ before span scoring.
     """
     cfg = lm.cfg
     batch = cond.shape[0] // 2
@@ -122,7 +123,7 @@ def generate_tokens(lm: MagnetLM, cond: torch.Tensor, frames: int, params: Decod
     total = sum(params.decoding_steps)
     done = 0
     for stage, n_steps in enumerate(params.decoding_steps):
-        codes = _generate_stage(lm, codes, cond, stage, n_steps, params, prompt, sampler, trace)
+        codes = _generate_stage(lm, codes, cond, stage, n_steps, params, prompt, sampler, trace, rescorer)
         for _ in range(n_steps):
             done += 1
             if callback is not None:
@@ -132,7 +133,7 @@ def generate_tokens(lm: MagnetLM, cond: torch.Tensor, frames: int, params: Decod
 
 def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage: int, n_steps: int,
                     params: DecodingParams, prompt: tp.Optional[torch.Tensor], sampler: Sampler,
-                    trace: tp.Optional[tp.List[StepTrace]]) -> torch.Tensor:
+                    trace: tp.Optional[tp.List[StepTrace]], rescorer=None) -> torch.Tensor:
     cfg = lm.cfg
     mask_id, span_len = cfg.mask_id, cfg.span_len
     batch, _, t = codes.shape
@@ -170,7 +171,9 @@ def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage
             y[:, :p_len] = prompt[:, stage]
         codes[:, stage] = y
 
-        logits_all = lm.stage_logits(torch.cat([codes, codes]), cond, stage)  # [2B, T, C]
+        rescore = rescorer is not None and rescorer.active(step, n_steps)
+        hidden = lm.hidden(torch.cat([codes, codes]), cond, stage)             # [2B, T, D]
+        logits_all = lm.linears[stage](hidden)                                 # [2B, T, C]
         cond_logits, uncond_logits = logits_all.split(batch)
         cfg_coef = float(mask_p) * params.max_cfg_coef + (1 - float(mask_p)) * params.min_cfg_coef
         logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
@@ -188,6 +191,18 @@ def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage
         y = torch.where(masked, sampled, y)
         codes[:, stage] = y
         p_hat = torch.gather(probs, -1, sampled[..., None])[..., 0]   # [B, T]
+        if rescore:   # spec B.2: mix the external model's confidence in before span scoring
+            coef_t = torch.tensor(cfg_coef, dtype=torch.float32, device=device)
+            if rescorer.options.temperature == "raw":
+                p_hat = rescorer.raw_probability(cond_logits, uncond_logits.reshape(-1, cfg.card), coef_t, sampled)
+            view = codes
+            if rescorer.options.fill == "greedy" and stage + 1 < cfg.n_q:
+                above = lm.head_logits(hidden, range(stage + 1, cfg.n_q))        # [2B, K', T, C]
+                above_c, above_u = above.split(batch)
+                view = codes.clone()
+                view[:, stage + 1:] = (above_u + (above_c - above_u) * cfg_coef).argmax(dim=-1)
+            temp_t = torch.tensor(max(temp, 1e-2), dtype=torch.float32, device=device)
+            p_hat = rescorer.mix(p_hat, rescorer.probabilities(view, stage, temp_t))
 
         if chunked:
             chunk_p = p_hat.reshape(batch, -1, span_len)

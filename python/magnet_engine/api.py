@@ -9,6 +9,7 @@ one instance are serialised by its lock (they share the decoding buffers).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -20,8 +21,10 @@ from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.codec import Codec
 from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
 from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, ARParams, HybridOptions
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine import reference
+from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 
 Progress = tp.Callable[[int, int], None]
@@ -58,8 +61,15 @@ class MAGNeT:
         self.cfg: ModelConfig = lm.cfg
         self.params = DecodingParams()
         self.duration = self.max_duration
+        self.hybrid = HybridOptions(ar=ARParams(cfg_coef=self.cfg.cfg_coef))
+        self.prefix_model: tp.Optional[ExternalLM] = None   # two-model hybrid: MusicGen makes the prefix
+        self.rescorer: tp.Optional[ExternalLM] = None
+        self.rescore = RescoreOptions()
+        self.t5_source: tp.Optional[str] = None              # where the T5 came from (shared with external LMs)
+        self._external: tp.Dict[tp.Tuple[str, str], ExternalLM] = {}
         self._lock = threading.Lock()
         self._runtime = None  # the fast runtime, built on first use
+        self._hybrid_runtime = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -99,8 +109,10 @@ class MAGNeT:
         if t5 is None:  # a T5 shipped inside the model directory wins over the hub name in xp.cfg
             t5 = str(directory / "t5") if (directory / "t5" / "config.json").is_file() else lm_ckpt.cfg.t5_name
         conditioner = TextConditioner.load(t5, weight.float(), bias.float(), device=device)
-        return cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision,
-                   compile=compile)
+        model = cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision,
+                    compile=compile)
+        model.t5_source = t5
+        return model
 
     # ------------------------------------------------------------- properties
     @property
@@ -120,19 +132,90 @@ class MAGNeT:
                               temperature: float = 3.0, max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
                               decoding_steps: tp.Sequence[int] = (20, 10, 10, 10),
                               span_arrangement: str = "nonoverlap", duration: tp.Optional[float] = None,
-                              span_scoring: str = "max", anneal_temp: bool = True) -> None:
+                              span_scoring: str = "max", anneal_temp: bool = True, *,
+                              hybrid_prefix_seconds: tp.Optional[float] = None, hybrid_handoff: str = "staircase",
+                              hybrid_prefix_attention: str = "cached", prefix_model=None,
+                              ar_use_sampling: bool = True, ar_top_k: int = 250, ar_top_p: float = 0.0,
+                              ar_temperature: float = 1.0, ar_cfg_coef: tp.Optional[float] = None,
+                              rescorer=None, rescore_weight: float = 1.0, rescore_temperature: str = "tempered",
+                              rescore_fill: str = "special", rescore_cfg_coef: tp.Optional[float] = None) -> None:
         """Set decoding options; names and defaults as audiocraft's MAGNeT (spec §4).
 
         `duration` (seconds) defaults to the model's trained segment length and may not
         exceed it. `span_scoring` and `anneal_temp` are exposed here although the
         original API fixes them ('max', True).
+
+        Hybrid decoding (spec A; `engine/hybrid.py`): `hybrid_prefix_seconds` of audio are
+        generated autoregressively first, then fixed while masked decoding fills the rest.
+        On a hybrid-MAGNeT checkpoint it defaults to 3 s (DEFAULT_PREFIX_SECONDS); on a plain
+        MAGNeT it needs `prefix_model` (a MusicGen / AudioGen directory or Hub id, or a loaded
+        `ExternalLM`): the two-model hybrid, which is not the paper's model. hybrid_handoff:
+        'staircase' (as trained) | 'rectangle'; hybrid_prefix_attention: 'cached' (prefix
+        keys/values reused from the AR phase) | 'bidirectional' (the reference branch's).
+        ar_*: sampling of the AR phase (MusicGen's defaults; ar_cfg_coef None = the
+        checkpoint's classifier_free_guidance.inference_coef).
+
+        Rescoring (spec B; `engine/rescoring.py`): `rescorer` (a MusicGen / AudioGen directory,
+        Hub id or `ExternalLM`) rescores each step's samples, conf = w·p_magnet + (1 − w)·p_ext
+        with w = `rescore_weight` (1 = plain decoding, bit for bit); rescore_temperature
+        'tempered' | 'raw', rescore_fill 'special' | 'greedy', rescore_cfg_coef None (1x) or
+        a coefficient (2x).
         """
         params = DecodingParams(use_sampling=use_sampling, top_k=top_k, top_p=top_p, temperature=temperature,
                                 max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
                                 decoding_steps=tuple(decoding_steps), span_arrangement=span_arrangement,
                                 span_scoring=span_scoring, anneal_temp=anneal_temp).validate(self.cfg.n_q)
         new_duration = self.max_duration if duration is None else self.check_duration(duration)
-        self.params, self.duration = params, new_duration
+        ar = ARParams(use_sampling=ar_use_sampling, top_k=ar_top_k, top_p=ar_top_p, temperature=ar_temperature,
+                      cfg_coef=self.cfg.cfg_coef if ar_cfg_coef is None else ar_cfg_coef)
+        hybrid = HybridOptions(hybrid_prefix_seconds, hybrid_handoff, hybrid_prefix_attention, ar).validate()
+        rescore = RescoreOptions(rescore_weight, rescore_temperature, rescore_fill, rescore_cfg_coef).validate()
+        prefix = self._external_lm(prefix_model) if prefix_model is not None else None
+        if prefix is not None and self.cfg.is_hybrid:
+            raise InvalidOptionError("prefix_model is for a plain MAGNeT (two-model hybrid); this hybrid-MAGNeT "
+                                     "checkpoint makes its own prefix")
+        scorer = self._external_lm(rescorer) if rescorer is not None else None
+        self._check_hybrid(hybrid, prefix, new_duration)
+        self.params, self.duration, self.hybrid, self.rescore = params, new_duration, hybrid, rescore
+        self.prefix_model, self.rescorer = prefix, scorer
+
+    def _external_lm(self, model) -> ExternalLM:
+        """A MusicGen / AudioGen LM by directory / Hub id (loaded once per instance) or as given."""
+        if not isinstance(model, ExternalLM):
+            if not isinstance(model, (str, os.PathLike)):
+                raise InvalidOptionError(f"expected a model directory, Hub id or ExternalLM, found {type(model).__name__}")
+            key = (os.fspath(model), self.precision)
+            if key not in self._external:
+                shared = (self.cfg.t5_name, self.t5_source, self.conditioner) if self.t5_source else None
+                self._external[key] = ExternalLM.from_pretrained(
+                    model, frame_rate=round(self.frame_rate), device=self.device,
+                    precision=self.precision if self.precision != "fp16" or self.device.type == "cuda" else "fp32",
+                    shared_t5=shared)
+            model = self._external[key]
+        model.check_compatible(self.cfg)
+        return model
+
+    def prefix_frames(self, duration: tp.Optional[float] = None, options: tp.Optional[HybridOptions] = None) -> int:
+        """Frames of the AR prefix for the current settings; 0 when decoding is not hybrid."""
+        options = options or self.hybrid
+        seconds = options.prefix_seconds
+        if seconds is None:   # hybrid checkpoint: 3 s, or half of a shorter clip
+            clip = self.duration if duration is None else duration
+            seconds = min(DEFAULT_PREFIX_SECONDS, clip / 2) if self.cfg.is_hybrid else 0.0
+        return int(round(seconds * self.frame_rate))
+
+    def _check_hybrid(self, options: HybridOptions, prefix: tp.Optional[ExternalLM], duration: float) -> None:
+        frames = self.prefix_frames(duration, options)
+        total = int(duration * self.frame_rate)
+        if self.cfg.is_hybrid and frames < 1:
+            raise InvalidOptionError("a hybrid-MAGNeT checkpoint decodes with an AR prefix: hybrid_prefix_seconds "
+                                     f"must be at least one frame (1/{self.frame_rate:g} s), found {options.prefix_seconds}")
+        if frames and not self.cfg.is_hybrid and prefix is None:
+            raise InvalidOptionError("hybrid_prefix_seconds on a plain MAGNeT needs prefix_model=<MusicGen / "
+                                     "AudioGen checkpoint> (the two-model hybrid)")
+        if frames and frames + self.cfg.span_len > total:
+            raise InvalidOptionError(f"the AR prefix ({frames} frames) must leave at least one span of the "
+                                     f"{total}-frame clip to masked decoding")
 
     def check_duration(self, duration: float, limit: tp.Optional[float] = None) -> float:
         """Validate a duration in seconds against the model's trained length (and `limit`,
@@ -154,10 +237,46 @@ class MAGNeT:
 
     # ------------------------------------------------------------- generation
     def generate(self, descriptions: tp.Sequence[tp.Optional[str]], progress: tp.Union[bool, Progress] = False,
-                 return_tokens: bool = False, seed: tp.Union[int, tp.Sequence[int], None] = None):
-        """Text -> audio [B, channels, samples] (and tokens [B, K, T'] with return_tokens)."""
+                 return_tokens: bool = False, seed: tp.Union[int, tp.Sequence[int], None] = None, *,
+                 hybrid_prefix_seconds: tp.Optional[float] = None,
+                 on_prefix: tp.Optional[tp.Callable[[torch.Tensor], None]] = None):
+        """Text -> audio [B, channels, samples] (and tokens [B, K, T'] with return_tokens).
+
+        hybrid_prefix_seconds overrides the one set by `set_generation_params` for this call.
+        on_prefix(wav [B, channels, samples]): with hybrid decoding, called with the decoded
+        AR prefix as soon as it exists, before the tail is decoded (time to first audio)."""
         descriptions = check_descriptions(descriptions)
-        return self._generate(descriptions, None, progress, return_tokens, seed)
+        return self._generate(descriptions, None, progress, return_tokens, seed,
+                              hybrid_prefix_seconds=hybrid_prefix_seconds, on_prefix=on_prefix)
+
+    def generate_stream(self, descriptions: tp.Sequence[tp.Optional[str]], seed=None, *,
+                        hybrid_prefix_seconds: tp.Optional[float] = None,
+                        progress: tp.Union[bool, Progress] = False) -> tp.Iterator[tp.Tuple[str, torch.Tensor]]:
+        """Iterate ('prefix', wav) as soon as the AR prefix is decoded (hybrid only), then
+        ('full', wav) when the clip is done. Generation runs on a worker thread; an error
+        there is raised here."""
+        import queue
+        events: "queue.Queue" = queue.Queue()
+
+        def work():
+            try:
+                wav = self.generate(descriptions, progress=progress, seed=seed,
+                                    hybrid_prefix_seconds=hybrid_prefix_seconds,
+                                    on_prefix=lambda w: events.put(("prefix", w)))
+                events.put(("full", wav))
+            except BaseException as exc:  # handed to the consumer
+                events.put(("error", exc))
+
+        thread = threading.Thread(target=work, name="magnet-generate", daemon=True)
+        thread.start()
+        while True:
+            kind, value = events.get()
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "full":
+                thread.join()
+                return
 
     def generate_unconditional(self, num_samples: int, progress: tp.Union[bool, Progress] = False,
                                return_tokens: bool = False, seed: tp.Union[int, tp.Sequence[int], None] = None):
@@ -217,11 +336,11 @@ class MAGNeT:
                                     f"[{int(codes.min())}, {int(codes.max())}]")
         return codes.to(self.device, torch.long)
 
-    def _generate(self, descriptions, prompt_codes, progress, return_tokens, seed):
+    def _generate(self, descriptions, prompt_codes, progress, return_tokens, seed, **hybrid):
         if prompt_codes is not None:
             prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions))
         with self._lock:
-            tokens = self._tokens(descriptions, prompt_codes, progress, seed)
+            tokens = self._tokens(descriptions, prompt_codes, progress, seed, **hybrid)
             with torch.no_grad():
                 wav = self.codec.decode(tokens)
         return (wav, tokens) if return_tokens else wav
@@ -240,22 +359,62 @@ class MAGNeT:
             raise InvalidOptionError(f"seed must be an int >= 0 or a list of {batch} such ints, found {seed!r}")
         return seeds
 
-    def _tokens(self, descriptions, prompt_codes, progress, seed) -> torch.Tensor:
+    def _tokens(self, descriptions, prompt_codes, progress, seed, hybrid_prefix_seconds=None,
+                on_prefix=None) -> torch.Tensor:
         seeds = self._seeds(seed, len(descriptions))
-        callback, bar = _progress_callback(progress, sum(self.params.decoding_steps))
+        options = self.hybrid
+        if hybrid_prefix_seconds is not None:
+            options = dataclasses.replace(options, prefix_seconds=hybrid_prefix_seconds).validate()
+            self._check_hybrid(options, self.prefix_model, self.duration)
+        prefix_frames = self.prefix_frames(options=options)
+        if prefix_frames and prompt_codes is not None:
+            raise InvalidOptionError("hybrid decoding and a prompt are exclusive: the AR prefix is the prompt")
+        ar_steps = 0   # for the progress total: staircase F steps, rectangle F + max(d)
+        if prefix_frames and self.cfg.is_hybrid:
+            ar_steps = prefix_frames + (self.cfg.max_delay if options.handoff == "rectangle" else 0)
+        elif prefix_frames:
+            ar_steps = prefix_frames + self.prefix_model.cfg.max_delay
+        callback, bar = _progress_callback(progress, ar_steps + sum(self.params.decoding_steps))
+        decoded_prefix = None
+        if on_prefix is not None:
+            def decoded_prefix(codes):
+                with torch.no_grad():
+                    on_prefix(self.codec.decode(codes))
         try:
             with torch.no_grad():
                 cond = self.conditioner.encode(descriptions).embeds.to(self.device)
+                rescorer = None
+                if self.rescorer is not None and self.rescore.weight != 1.0:
+                    rescorer = BoundRescorer(self.rescorer, self.rescore, descriptions)
                 if self.engine == "reference":
+                    if prefix_frames:
+                        raise InvalidOptionError("hybrid decoding runs on the fast engine only")
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(seeds[0])
                     return reference.generate_tokens(self.lm, cond, self.frames, self.params, prompt=prompt_codes,
-                                                     generator=generator, callback=callback)
+                                                     generator=generator, callback=callback, rescorer=rescorer)
+                if self.cfg.is_hybrid:
+                    return self._hybrid().generate(
+                        cond, self.frames, self.params, options.ar, prefix_frames, handoff=options.handoff,
+                        prefix_attention=options.prefix_attention, seeds=seeds, callback=callback,
+                        on_prefix=decoded_prefix, rescorer=rescorer)
+                if prefix_frames:
+                    from magnet_engine.engine.hybrid import generate_two_model
+                    ar_cond = self.prefix_model.conditioner.encode(descriptions).embeds.to(self.device)
+                    return generate_two_model(self._fast_runtime(), cond, self.prefix_model.runtime, ar_cond,
+                                              self.frames, self.params, options.ar, prefix_frames, seeds=seeds,
+                                              callback=callback, on_prefix=decoded_prefix, rescorer=rescorer)
                 return self._fast_runtime().generate(cond, self.frames, self.params, prompt=prompt_codes,
-                                                     seeds=seeds, callback=callback)
+                                                     seeds=seeds, callback=callback, rescorer=rescorer)
         finally:
             if bar is not None:
                 bar.close()
+
+    def _hybrid(self):
+        if self._hybrid_runtime is None:
+            from magnet_engine.engine.hybrid import HybridRuntime
+            self._hybrid_runtime = HybridRuntime(self._fast_runtime())
+        return self._hybrid_runtime
 
     def _fast_runtime(self):
         if self._runtime is None:

@@ -1,0 +1,472 @@
+"""Autoregressive decoding on a static KV cache, and hybrid AR + masked decoding.
+
+Read with `spec/hybrid-and-rescoring.md` (section A). Three pieces:
+
+* **Delay layout** (MusicGen's pattern, `codebooks_pattern.modeling: delay`): sequence
+  position p holds codebook k at frame p − 1 − d_k (d_k = `delays[k]`), position 0 is one
+  special step, and the output at position p predicts position p + 1. A clip of T frames is
+  a sequence of T + max(d) + 1 positions; empty cells hold the special id (= card, which is
+  also MAGNeT's mask id).
+* **`ARRuntime`**: MusicGen-style decoding, one position per step, over a preallocated cache
+  `[2B, H, T_max, d]` per layer (CFG as a doubled batch: conditional rows, then null rows).
+  The step reads and writes its position through a device tensor, so it issues work and
+  never waits on the host; with `cuda_graphs=True` on CUDA it is captured once and replayed.
+* **`HybridRuntime`**: a hybrid-MAGNeT checkpoint generates the first F frames with the AR
+  runtime, hands them to masked decoding as a fixed prompt, and decodes the tail. In the
+  default `prefix_attention='cached'` the prefix rows keep the keys/values of the AR phase
+  (causal, as in training) and only rows from `query_start` on are recomputed each step;
+  'bidirectional' recomputes every row each step with the masked-stage attention for all of
+  them (the unfinished reference branch's inference, a train/infer mismatch).
+
+Hand-off. With S AR steps, positions 1..S are generated, so codebook k has its frames
+t < S − d_k. 'staircase' (default, as trained) runs S = F steps and fixes exactly those
+cells (codebook k: F − d_k frames); 'rectangle' runs S = F + max(d) and fixes F frames of
+every codebook, dropping the extra cells. Either way the rows whose outputs predict only
+fixed cells are positions 0..F−1: those are the causal prefix rows.
+
+Masked stage k inside the delay layout: the query for frame t sits at row t + d_k and the
+key holding codebook k's frame t′ at row t′ + d_k + 1, so the band |t − t′| <= W of stages
+> 0 becomes |i − j + 1| <= W between rows; stage 0 attends to every row.
+
+Decisions of ours ([choice] in the spec) are named options here, with these defaults: the
+staircase hand-off, cached prefix rows, AR sampling top-k 250 / temperature 1 / CFG from the
+checkpoint's `classifier_free_guidance.inference_coef` (3.0), prefix length 3 s
+(`DEFAULT_PREFIX_SECONDS`; the hybrid checkpoints' configs name none that we know of).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing as tp
+
+import torch
+
+from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.model import KVCache, MagnetLM, causal_self_attention, masked_self_attention
+from magnet_engine.engine.schedule import spans_to_generate
+from magnet_engine.errors import InvalidOptionError, NumericalError
+from magnet_engine.kernels import masking, sampling
+
+HANDOFFS = ("staircase", "rectangle")
+PREFIX_ATTENTIONS = ("cached", "bidirectional")
+DEFAULT_PREFIX_SECONDS = 3.0
+AR_RNG_OFFSET = 1 << 40   # the AR phase's RNG offset: disjoint from the masked steps' (0, 1, ...)
+MAX_CACHES = 4            # KV caches kept per runtime (most recently used shapes)
+
+
+# ------------------------------------------------------------------------ delay layout
+def delayed_length(frames: int, delays: tp.Sequence[int]) -> int:
+    return frames + max(delays) + 1
+
+
+def build_delayed(codes: torch.Tensor, delays: tp.Sequence[int], special: int) -> torch.Tensor:
+    """codes [B, K, T] -> delay-layout sequence [B, K, T + max(d) + 1]."""
+    b, k, t = codes.shape
+    seq = torch.full((b, k, delayed_length(t, delays)), special, dtype=codes.dtype, device=codes.device)
+    for q, d in enumerate(delays):
+        seq[:, q, 1 + d:1 + d + t] = codes[:, q]
+    return seq
+
+
+def revert_delayed(seq: torch.Tensor, delays: tp.Sequence[int], frames: int) -> torch.Tensor:
+    """Delay-layout sequence [B, K, S] -> codes [B, K, frames] (cells past S: none, S must fit)."""
+    if seq.shape[-1] < frames + max(delays) + 1:
+        raise ValueError(f"sequence of {seq.shape[-1]} positions holds fewer than {frames} frames of every codebook")
+    return torch.stack([seq[:, q, 1 + d:1 + d + frames] for q, d in enumerate(delays)], dim=1)
+
+
+# ------------------------------------------------------------------------ AR sampling
+@dataclasses.dataclass(frozen=True)
+class ARParams:
+    """Sampling of the AR phase; defaults are MusicGen's API defaults (spec A.3)."""
+    use_sampling: bool = True
+    top_k: int = 250
+    top_p: float = 0.0
+    temperature: float = 1.0
+    cfg_coef: float = 3.0
+
+    def validate(self) -> "ARParams":
+        if not isinstance(self.use_sampling, bool):
+            raise InvalidOptionError(f"AR use_sampling must be a bool, found {self.use_sampling!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidOptionError(f"AR top_k must be an int >= 0, found {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 <= self.top_p <= 1.0:
+            raise InvalidOptionError(f"AR top_p must be in [0, 1], found {self.top_p!r}")
+        for name in ("temperature", "cfg_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or (name == "temperature" and value < 0):
+                raise InvalidOptionError(f"AR {name} must be a finite number{' >= 0' * (name == 'temperature')}, "
+                                         f"found {value!r}")
+        return self
+
+
+def _sample_heads(logits: torch.Tensor, batch: int, params: ARParams, coef: torch.Tensor, temp: torch.Tensor,
+                  seed_rows: torch.Tensor, row_ids: torch.Tensor, impl: tp.Optional[str]) -> torch.Tensor:
+    """logits [2B, K, C] (cond rows, then null) -> tokens [B, K] through the sampling kernel."""
+    k, card = logits.shape[1], logits.shape[2]
+    cond = logits[:batch].reshape(batch * k, card)
+    uncond = logits[batch:].reshape(batch * k, card) if params.cfg_coef != 1.0 else None
+    tokens, prob = sampling.sample_tokens(cond, uncond, coef, temp, use_sampling=params.use_sampling,
+                                          top_k=params.top_k, top_p=params.top_p, seed=seed_rows,
+                                          offset=torch.full_like(coef, AR_RNG_OFFSET, dtype=torch.long),
+                                          row_ids=row_ids, impl=impl)
+    return tokens.view(batch, k), prob
+
+
+@dataclasses.dataclass
+class ARResult:
+    seq: torch.Tensor                 # [B, K, seq_len] delay layout; positions > steps hold the special id
+    cache: KVCache                    # keys/values of positions 0..steps-1, both CFG halves
+    cross_kv: tp.List[tp.Tuple[torch.Tensor, torch.Tensor]]
+    steps: int
+
+
+class ARRuntime:
+    """MusicGen-style delay-pattern decoding over a static KV cache (see module docstring).
+
+    lm: a MagnetLM in the delay layout (a MusicGen / AudioGen LM or a hybrid-MAGNeT one),
+    its transformer in `dtype`; embeddings, out_norm and heads fp32 (as `decoding.Runtime`).
+    """
+
+    def __init__(self, lm: MagnetLM, dtype: torch.dtype = torch.float32, impl: tp.Optional[str] = None,
+                 cuda_graphs: bool = False):
+        cfg = lm.cfg
+        if cfg.pattern != "delay":
+            raise InvalidOptionError(f"autoregressive decoding needs a delay-layout checkpoint "
+                                     f"(codebooks_pattern.modeling), this one is {cfg.pattern!r}")
+        self.lm, self.cfg, self.dtype, self.impl = lm, cfg, dtype, impl
+        self.device = next(lm.parameters()).device
+        if cuda_graphs and self.device.type != "cuda":
+            raise InvalidOptionError("cuda_graphs=True needs the model on a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        self.skip_null_cross = not cfg.bias_attn
+        self._caches: tp.Dict[tp.Tuple[int, int], KVCache] = {}
+        self._graphs: tp.Dict[tuple, tp.Any] = {}
+
+    # -------------------------------------------------------------- shared state
+    def cache(self, rows: int, max_len: int) -> KVCache:
+        key = (rows, max_len)
+        cache = self._caches.pop(key, None) or self.lm.new_cache(rows, max_len, self.dtype)
+        self._caches[key] = cache                       # most recently used last
+        while len(self._caches) > MAX_CACHES:
+            self._caches.pop(next(iter(self._caches)))
+        return cache
+
+    def cross_kv(self, cond: torch.Tensor):
+        """Per-layer cross K/V of the conditional rows only when the null rows' output is 0."""
+        batch = cond.shape[0] // 2
+        return self.lm.cross_kv(cond[:batch].to(self.dtype) if self.skip_null_cross else cond.to(self.dtype))
+
+    def hidden(self, codes: torch.Tensor, positions: torch.Tensor, cross_kv, cache: KVCache,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Rows at `positions` over the cache -> LN_out output [R, t, D] fp32."""
+        x = self.lm.forward_cached(codes, positions, cross_kv, cache, mask, self.dtype)
+        return self.lm.out_norm(x.float())
+
+    # ----------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def generate(self, cond: torch.Tensor, steps: int, seq_len: int, params: ARParams,
+                 seeds: tp.Optional[tp.Sequence[int]] = None, *, cross_kv=None,
+                 callback: tp.Optional[tp.Callable[[int, int], None]] = None) -> ARResult:
+        """Generate positions 1..steps of a delay-layout sequence of `seq_len` positions.
+
+        cond: [2B, S, D] condition rows (conditional, then null). seeds: one per row. The
+        cells of position p + 1 whose frame p − d_k lies outside [0, seq_len − max(d) − 1)
+        get the special id, as MusicGen's valid mask does.
+        """
+        params = params.validate()
+        cfg, dev = self.cfg, self.device
+        batch = cond.shape[0] // 2
+        if not 1 <= steps < seq_len:
+            raise InvalidOptionError(f"AR steps must be in [1, {seq_len - 1}], found {steps}")
+        seeds = [0] * batch if seeds is None else list(seeds)
+        if len(seeds) != batch:
+            raise InvalidOptionError(f"expected {batch} seeds (one per row), found {len(seeds)}")
+        cross_kv = self.cross_kv(cond) if cross_kv is None else cross_kv
+        cache = self.cache(2 * batch, seq_len)
+        state = _ARState(
+            seq=torch.full((batch, cfg.n_q, seq_len), cfg.card, dtype=torch.long, device=dev),
+            pos=torch.zeros(1, dtype=torch.long, device=dev),
+            key_pos=torch.arange(seq_len, device=dev),
+            delays=torch.tensor(cfg.delays, dtype=torch.long, device=dev),
+            frames=seq_len - cfg.max_delay - 1,
+            heads=torch.arange(cfg.n_q, device=dev),
+            coef=torch.tensor(float(params.cfg_coef), device=dev),
+            temp=torch.tensor(max(float(params.temperature), 1e-2), device=dev),
+            seed_rows=torch.tensor(seeds, dtype=torch.long, device=dev).repeat_interleave(cfg.n_q),
+            cross_kv=cross_kv, cache=cache, params=params,
+            nonfinite=torch.zeros((), dtype=torch.bool, device=dev))
+        step = self._graph_step(state) if self.cuda_graphs else (lambda: self._step(state))
+        for p in range(steps):
+            state.pos.fill_(p)              # a host int written to the device: no read-back
+            step()
+            if callback is not None:
+                callback(p + 1, steps)
+        if bool(state.nonfinite):
+            raise NumericalError("non-finite probabilities in the autoregressive phase (NaN/inf logits): "
+                                 "check the checkpoint weights and the precision setting")
+        return ARResult(state.seq, cache, cross_kv, steps)
+
+    def _step(self, s: "_ARState") -> None:
+        """Feed position pos, sample position pos + 1. Reads and writes through device tensors
+        only, so the same call serves every position and a CUDA graph can capture it."""
+        cfg, batch = self.cfg, s.seq.shape[0]
+        codes = s.seq.index_select(2, s.pos)                                     # [B, K, 1]
+        mask = s.key_pos[None, :] <= s.pos[:, None]                              # [1, T_max]
+        h = self.hidden(codes, s.pos, s.cross_kv, s.cache, mask)               # [2B, 1, D]
+        logits = self.lm.head_logits(h)[:, :, 0]                               # [2B, K, C]
+        row_ids = (s.pos * cfg.n_q + s.heads).repeat(batch)
+        tokens, prob = _sample_heads(logits, batch, s.params, s.coef, s.temp, s.seed_rows, row_ids, self.impl)
+        s.nonfinite |= ~torch.isfinite(prob).all()
+        frame = s.pos - s.delays                                                # frame of each cell at pos + 1
+        valid = (frame >= 0) & (frame < s.frames)
+        s.seq.index_copy_(2, s.pos + 1, torch.where(valid, tokens, cfg.card)[..., None])
+
+    def _graph_step(self, s: "_ARState") -> tp.Callable[[], None]:
+        """Capture `_step` as a CUDA graph once per state (warm-up on a side stream first).
+
+        Not run in this project's CI (no GPU there); the eager `_step` it captures is."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(s)
+        torch.cuda.current_stream().wait_stream(side)
+        s.seq.fill_(self.cfg.card)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(s)
+        s.seq.fill_(self.cfg.card)
+        return graph.replay
+
+
+@dataclasses.dataclass
+class _ARState:
+    seq: torch.Tensor
+    pos: torch.Tensor
+    key_pos: torch.Tensor
+    delays: torch.Tensor
+    frames: int
+    heads: torch.Tensor
+    coef: torch.Tensor
+    temp: torch.Tensor
+    seed_rows: torch.Tensor
+    cross_kv: tp.Any
+    cache: KVCache
+    params: ARParams
+    nonfinite: torch.Tensor
+
+
+@torch.no_grad()
+def reference_ar_generate(lm: MagnetLM, cond: torch.Tensor, steps: int, seq_len: int, params: ARParams,
+                          seeds: tp.Optional[tp.Sequence[int]] = None, impl: tp.Optional[str] = "torch",
+                          logits_out: tp.Optional[tp.List[torch.Tensor]] = None) -> torch.Tensor:
+    """The oracle of `ARRuntime`: every step recomputes the whole prefix with full causal
+    attention (no cache), fp32, same sampling keys. Returns the sequence [B, K, seq_len]."""
+    cfg = lm.cfg
+    batch = cond.shape[0] // 2
+    dev = cond.device
+    seeds = [0] * batch if seeds is None else list(seeds)
+    seq = torch.full((batch, cfg.n_q, seq_len), cfg.card, dtype=torch.long, device=dev)
+    coef = torch.tensor(float(params.cfg_coef), device=dev)
+    temp = torch.tensor(max(float(params.temperature), 1e-2), device=dev)
+    seed_rows = torch.tensor(seeds, dtype=torch.long, device=dev).repeat_interleave(cfg.n_q)
+    frames = seq_len - cfg.max_delay - 1
+    for p in range(steps):
+        prefix = seq[:, :, :p + 1]
+        hidden = lm.hidden(torch.cat([prefix, prefix]), cond, 0, attend=causal_self_attention)
+        logits = lm.head_logits(hidden[:, -1:])[:, :, 0]
+        if logits_out is not None:
+            logits_out.append(logits.clone())
+        row_ids = p * cfg.n_q + torch.arange(cfg.n_q, device=dev).repeat(batch)
+        tokens, _ = _sample_heads(logits, batch, params, coef, temp, seed_rows, row_ids, impl)
+        for k, d in enumerate(cfg.delays):
+            if 0 <= p - d < frames:
+                seq[:, k, p + 1] = tokens[:, k]
+    return seq
+
+
+# --------------------------------------------------------------------------- hybrid
+@dataclasses.dataclass(frozen=True)
+class HybridOptions:
+    """What the API exposes of hybrid decoding. prefix_seconds None: the default for the
+    checkpoint (DEFAULT_PREFIX_SECONDS for a hybrid-MAGNeT one, none for a plain one)."""
+    prefix_seconds: tp.Optional[float] = None
+    handoff: str = "staircase"
+    prefix_attention: str = "cached"
+    ar: ARParams = ARParams()
+
+    def validate(self) -> "HybridOptions":
+        s = self.prefix_seconds
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0):
+            raise InvalidOptionError(f"hybrid_prefix_seconds must be None or a number >= 0, found {s!r}")
+        if self.handoff not in HANDOFFS:
+            raise InvalidOptionError(f"hybrid_handoff must be one of {HANDOFFS}, found {self.handoff!r}")
+        if self.prefix_attention not in PREFIX_ATTENTIONS:
+            raise InvalidOptionError(f"hybrid_prefix_attention must be one of {PREFIX_ATTENTIONS}, "
+                                     f"found {self.prefix_attention!r}")
+        self.ar.validate()
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridPlan:
+    """Host-side layout of one hybrid generation (see module docstring)."""
+    frames: int                        # T': frames of the clip kept after span trimming
+    prefix_frames: int                 # F
+    ar_steps: int                      # S
+    prompt_lens: tp.Tuple[int, ...]    # fixed frames per codebook
+    seq_len: int                       # T' + max(d) + 1
+    query_start: int                   # first row recomputed in masked steps
+    handoff: str
+    prefix_attention: str
+
+    @property
+    def audio_frames(self) -> int:
+        """Frames with every codebook fixed: decodable as soon as the AR phase ends."""
+        return min(self.prompt_lens)
+
+
+def plan_hybrid(cfg: ModelConfig, frames: int, prefix_frames: int, params: DecodingParams,
+                handoff: str = "staircase", prefix_attention: str = "cached") -> HybridPlan:
+    if handoff not in HANDOFFS:
+        raise InvalidOptionError(f"hybrid hand-off must be one of {HANDOFFS}, found {handoff!r}")
+    if prefix_attention not in PREFIX_ATTENTIONS:
+        raise InvalidOptionError(f"hybrid prefix attention must be one of {PREFIX_ATTENTIONS}, "
+                                 f"found {prefix_attention!r}")
+    layout = masking.mode(cfg.span_len, params.span_arrangement)
+    kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
+    if not 1 <= prefix_frames < kept:
+        raise InvalidOptionError(f"the AR prefix must be 1 to {kept - 1} frames of the {kept}-frame clip, "
+                                 f"found {prefix_frames}")
+    delays = cfg.delays
+    if handoff == "staircase":
+        steps, lens = prefix_frames, tuple(max(prefix_frames - d, 0) for d in delays)
+    else:
+        steps, lens = prefix_frames + max(delays), (prefix_frames,) * len(delays)
+    if prefix_attention == "cached":
+        span = cfg.span_len if layout == "chunk" else 1
+        first_row = min(span * (n // span) + d for n, d in zip(lens, delays))
+        query_start = max(0, min(first_row, prefix_frames))
+    else:
+        query_start = 0
+    return HybridPlan(kept, prefix_frames, steps, lens, delayed_length(kept, delays), query_start,
+                      handoff, prefix_attention)
+
+
+def stage_attention_mask(cfg: ModelConfig, plan: HybridPlan, stage: int, window: tp.Optional[int],
+                         device) -> torch.Tensor:
+    """[seq_len, seq_len] bool (True = may attend) of a masked step at `stage`, every row.
+
+    Tail rows: all keys at stage 0, |i − j + 1| <= W above. Prefix rows (i < F) with cached
+    prefix attention: causal (j <= i), as in the AR phase they come from."""
+    rows = torch.arange(plan.seq_len, device=device)
+    i, j = rows[:, None], rows[None, :]
+    mask = torch.ones(plan.seq_len, plan.seq_len, dtype=torch.bool, device=device)
+    if window is not None:
+        mask = (i - j + 1).abs() <= window
+    if plan.prefix_attention == "cached":
+        mask = torch.where(i < plan.prefix_frames, j <= i, mask)
+    return mask
+
+
+class HybridRuntime:
+    """Hybrid AR + masked decoding of a hybrid-MAGNeT checkpoint (spec A.3–A.5).
+
+    runtime: the masked-decoding `decoding.Runtime` of the same LM (its precision is used
+    for both phases)."""
+
+    def __init__(self, runtime, cuda_graphs: bool = False):
+        if not runtime.cfg.is_hybrid:
+            raise InvalidOptionError("hybrid decoding needs a hybrid-MAGNeT checkpoint (MAGNeT LM with "
+                                     "codebooks_pattern.modeling 'delay')")
+        self.runtime = runtime
+        self.ar = ARRuntime(runtime.lm, runtime.dtype, runtime.impl, cuda_graphs=cuda_graphs)
+        self.cfg = runtime.cfg
+
+    @torch.no_grad()
+    def generate(self, cond: torch.Tensor, frames: int, params: DecodingParams, ar_params: ARParams,
+                 prefix_frames: int, *, handoff: str = "staircase", prefix_attention: str = "cached",
+                 seeds: tp.Optional[tp.Sequence[int]] = None,
+                 callback: tp.Optional[tp.Callable[[int, int], None]] = None,
+                 on_prefix: tp.Optional[tp.Callable[[torch.Tensor], None]] = None,
+                 rescorer=None) -> torch.Tensor:
+        """cond [2B, S, D] -> codes [B, K, T'].
+
+        on_prefix(codes [B, K, F_audio]) is called once the AR phase is done with the frames
+        whose every codebook is fixed (the time-to-first-audio hook). callback(done, total)
+        counts AR steps and masked steps together."""
+        cfg = self.cfg
+        if rescorer is not None and rescorer.options.fill == "greedy":
+            raise InvalidOptionError("rescore_fill='greedy' is not supported with hybrid decoding (the delay "
+                                     "layout puts each head's frames on other rows); use 'special'")
+        plan = plan_hybrid(cfg, frames, prefix_frames, params, handoff, prefix_attention)
+        total = plan.ar_steps + sum(params.decoding_steps)
+        ar_cb = None if callback is None else (lambda done, _: callback(done, total))
+        ar = self.ar.generate(cond, plan.ar_steps, plan.seq_len, ar_params, seeds, callback=ar_cb)
+        prompt = revert_delayed(ar.seq, cfg.delays, plan.prefix_frames)          # [B, K, F]
+        for k, n in enumerate(plan.prompt_lens):   # cells past a codebook's prefix are not fixed
+            prompt[:, k, n:] = cfg.mask_id
+        if on_prefix is not None:
+            on_prefix(prompt[..., :plan.audio_frames].clone())
+        forward = self.tail_forward(plan, ar)
+        nar_cb = None if callback is None else (lambda done, _: callback(plan.ar_steps + done, total))
+        return self.runtime.generate(cond, frames, params, prompt=prompt, seeds=seeds, callback=nar_cb,
+                                     prompt_lens=plan.prompt_lens, forward=forward, rescorer=rescorer)
+
+    def tail_forward(self, plan: HybridPlan, ar: ARResult):
+        """The masked steps' FrameForward: rows from query_start over the AR cache."""
+        cfg, lm, dev = self.cfg, self.runtime.lm, self.runtime.device
+        positions = torch.arange(plan.query_start, plan.seq_len, device=dev)
+        masks = [stage_attention_mask(cfg, plan, k, lm.window(k), dev)[plan.query_start:] for k in range(cfg.n_q)]
+        # frame t of stage k is predicted by row t + d_k (rows before query_start are never read:
+        # those frames are fixed and never sampled or scored)
+        rows = [(torch.arange(plan.frames, device=dev) + d - plan.query_start).clamp(min=0) for d in cfg.delays]
+
+        def forward(codes: torch.Tensor, stage: int, cond_only: bool) -> torch.Tensor:
+            seq = build_delayed(codes, cfg.delays, cfg.card)[..., plan.query_start:]
+            x = lm.forward_cached(seq, positions, ar.cross_kv, ar.cache, masks[stage], self.runtime.dtype)
+            return x.index_select(1, rows[stage])
+        return forward
+
+
+def reference_tail_hidden(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, plan: HybridPlan,
+                          stage: int) -> torch.Tensor:
+    """The oracle of the cached tail: every row of the delay-layout canvas recomputed from
+    scratch under `stage_attention_mask` (prefix rows causal) -> LN_out output [2B, seq_len, D]."""
+    seq = build_delayed(codes, lm.cfg.delays, lm.cfg.card)
+    mask = stage_attention_mask(lm.cfg, plan, stage, lm.window(stage), codes.device)
+    return lm.hidden(torch.cat([seq, seq]), cond, 0, attend=masked_self_attention(mask))
+
+
+@torch.no_grad()
+def generate_two_model(runtime, cond: torch.Tensor, ar_runtime: ARRuntime, ar_cond: torch.Tensor, frames: int,
+                       params: DecodingParams, ar_params: ARParams, prefix_frames: int, *,
+                       seeds: tp.Optional[tp.Sequence[int]] = None,
+                       callback: tp.Optional[tp.Callable[[int, int], None]] = None,
+                       on_prefix: tp.Optional[tp.Callable[[torch.Tensor], None]] = None,
+                       rescorer=None) -> torch.Tensor:
+    """Two-model hybrid (spec A.6; not the paper's model): a MusicGen / AudioGen LM makes
+    the first F frames of every codebook (the staircase completed into a rectangle with
+    max(d) extra steps), then a plain MAGNeT continues them through its prompt path. Tokens
+    go straight across, no waveform round trip. cond / ar_cond: each model's own condition
+    rows [2B, S, D] for the same descriptions."""
+    cfg, ar_cfg = runtime.cfg, ar_runtime.cfg
+    if (ar_cfg.n_q, ar_cfg.card, ar_cfg.frame_rate) != (cfg.n_q, cfg.card, cfg.frame_rate):
+        raise InvalidOptionError(f"prefix model codes (n_q {ar_cfg.n_q}, card {ar_cfg.card}, {ar_cfg.frame_rate} Hz) "
+                                 f"do not match MAGNeT's (n_q {cfg.n_q}, card {cfg.card}, {cfg.frame_rate} Hz)")
+    layout = masking.mode(cfg.span_len, params.span_arrangement)
+    kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
+    if not 1 <= prefix_frames < kept:
+        raise InvalidOptionError(f"the AR prefix must be 1 to {kept - 1} frames of the {kept}-frame clip, "
+                                 f"found {prefix_frames}")
+    steps = prefix_frames + ar_cfg.max_delay
+    total = steps + sum(params.decoding_steps)
+    ar = ar_runtime.generate(ar_cond, steps, delayed_length(prefix_frames, ar_cfg.delays), ar_params, seeds,
+                             callback=None if callback is None else (lambda done, _: callback(done, total)))
+    prompt = revert_delayed(ar.seq, ar_cfg.delays, prefix_frames)
+    if on_prefix is not None:
+        on_prefix(prompt.clone())
+    return runtime.generate(cond, frames, params, prompt=prompt, seeds=seeds, rescorer=rescorer,
+                            callback=None if callback is None else (lambda done, _: callback(steps + done, total)))
