@@ -119,3 +119,63 @@ def test_cli_demo_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "noise" in out and (tmp_path / "d.wav").exists()
     assert (tmp_path / "cache" / "demo-tiny-10s" / "BUILT.json").exists()
+
+
+@pytest.fixture(scope="session")
+def ar_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ar-models")
+    return {kind: build_random_model(root / kind, "tiny", seed=1, kind=kind) for kind in ("hybrid", "musicgen")}
+
+
+def _wav_ok(path, seconds):
+    data, sr = sf.read(path)
+    assert sr == 32000 and data.ndim == 1 and len(data) > 0.9 * seconds * 32000
+    assert float(abs(data).max()) > 0
+
+
+@pytest.mark.parametrize("extra", [
+    ["--hybrid-prefix-seconds", "0.3"],
+    ["--hybrid-prefix-seconds", "0.3", "--hybrid-handoff", "rectangle", "--hybrid-prefix-attention", "bidirectional"],
+])
+def test_cli_hybrid(ar_dirs, tmp_path, extra):
+    out = tmp_path / "hybrid.wav"
+    assert cli_main(["generate", "a hybrid test", "--model", str(ar_dirs["hybrid"]), "--duration", "1", "-q",
+                     "--decoding-steps", "3", "2", "2", "2", "--seed", "1", "-o", str(out)] + extra) == 0
+    _wav_ok(out, 0.96)
+
+
+def test_cli_two_model_hybrid_and_rescoring(ar_dirs, tiny_dir, tmp_path):
+    out = tmp_path / "two.wav"
+    assert cli_main(["generate", "two models", "--model", str(tiny_dir), "--duration", "1", "-q",
+                     "--decoding-steps", "3", "2", "2", "2", "--hybrid-prefix-seconds", "0.4",
+                     "--prefix-model", str(ar_dirs["musicgen"]), "-o", str(out)]) == 0
+    _wav_ok(out, 0.96)
+    out = tmp_path / "rescored.wav"
+    assert cli_main(["generate", "rescored", "--model", str(tiny_dir), "--duration", "1", "-q",
+                     "--decoding-steps", "3", "2", "2", "2", "--rescorer", str(ar_dirs["musicgen"]),
+                     "--rescore-weight", "0.7", "-o", str(out)]) == 0
+    _wav_ok(out, 0.96)
+
+
+def test_api_hybrid_prefix_audio_first_and_errors(ar_dirs, tiny_dir):
+    hy = MAGNeT.from_pretrained(ar_dirs["hybrid"], device="cpu")
+    hy.set_generation_params(duration=1, **FAST)
+    assert hy.prefix_frames() == 25                      # default: 3 s capped at half the clip
+    events = list(hy.generate_stream(["x"], seed=2, hybrid_prefix_seconds=0.4))
+    assert [e for e, _ in events] == ["prefix", "full"]
+    assert events[0][1].shape == (1, 1, (20 - 3) * 640) and events[1][1].shape == (1, 1, 48 * 640)
+    wav = hy.generate(["x"], seed=2, hybrid_prefix_seconds=0.4)
+    assert torch.equal(wav, events[1][1])
+    with pytest.raises(InvalidOptionError, match="at least one frame"):
+        hy.set_generation_params(hybrid_prefix_seconds=0)
+    with pytest.raises(InvalidOptionError, match="span"):
+        hy.generate(["x"], hybrid_prefix_seconds=0.99)
+    plain = MAGNeT.from_pretrained(tiny_dir, device="cpu")
+    with pytest.raises(InvalidOptionError, match="prefix_model"):
+        plain.set_generation_params(duration=1, hybrid_prefix_seconds=0.2)
+    with pytest.raises(InvalidOptionError, match="rescore_weight"):
+        plain.set_generation_params(rescorer=str(ar_dirs["musicgen"]), rescore_weight=2)
+    from magnet_engine.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="autoregressive"):
+        plain.set_generation_params(rescorer=str(ar_dirs["hybrid"]), rescore_weight=0.5)
+    assert plain.rescorer is None and plain.params.decoding_steps == (20, 10, 10, 10)  # nothing half-set

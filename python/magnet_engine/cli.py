@@ -40,13 +40,38 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--span-arrangement", choices=("nonoverlap", "stride1"), default="nonoverlap")
     g.add_argument("--span-scoring", choices=("max", "prod"), default="max")
     g.add_argument("--no-anneal-temp", dest="anneal_temp", action="store_false")
+    h = p.add_argument_group("hybrid AR + masked decoding (hybrid-MAGNeT, or two-model with --prefix-model)")
+    h.add_argument("--hybrid-prefix-seconds", type=float, default=None,
+                   help="seconds generated autoregressively first (hybrid checkpoints: default 3, capped at half "
+                        "the clip; plain MAGNeT: needs --prefix-model)")
+    h.add_argument("--hybrid-handoff", choices=("staircase", "rectangle"), default="staircase")
+    h.add_argument("--hybrid-prefix-attention", choices=("cached", "bidirectional"), default="cached")
+    h.add_argument("--prefix-model", default=None,
+                   help="MusicGen / AudioGen checkpoint that makes the prefix for a plain MAGNeT "
+                        "(two-model hybrid, not the paper's model)")
+    h.add_argument("--ar-top-k", type=int, default=250)
+    h.add_argument("--ar-top-p", type=float, default=0.0)
+    h.add_argument("--ar-temperature", type=float, default=1.0)
+    h.add_argument("--ar-cfg-coef", type=float, default=None, help="default: the checkpoint's inference_coef")
+    r = p.add_argument_group("rescoring with an external AR model (spec B)")
+    r.add_argument("--rescorer", default=None, help="MusicGen / AudioGen checkpoint that rescores each step")
+    r.add_argument("--rescore-weight", type=float, default=1.0, help="w in w*p_magnet + (1-w)*p_ext (1: off)")
+    r.add_argument("--rescore-temperature", choices=("tempered", "raw"), default="tempered")
+    r.add_argument("--rescore-fill", choices=("special", "greedy"), default="special")
+    r.add_argument("--rescore-cfg-coef", type=float, default=None, help="default: conditional only (1x)")
 
 
 def _generation_params(args) -> dict:
     return dict(use_sampling=args.use_sampling, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                 max_cfg_coef=args.max_cfg_coef, min_cfg_coef=args.min_cfg_coef,
                 decoding_steps=args.decoding_steps, span_arrangement=args.span_arrangement,
-                duration=args.duration, span_scoring=args.span_scoring, anneal_temp=args.anneal_temp)
+                duration=args.duration, span_scoring=args.span_scoring, anneal_temp=args.anneal_temp,
+                hybrid_prefix_seconds=args.hybrid_prefix_seconds, hybrid_handoff=args.hybrid_handoff,
+                hybrid_prefix_attention=args.hybrid_prefix_attention, prefix_model=args.prefix_model,
+                ar_top_k=args.ar_top_k, ar_top_p=args.ar_top_p, ar_temperature=args.ar_temperature,
+                ar_cfg_coef=args.ar_cfg_coef, rescorer=args.rescorer, rescore_weight=args.rescore_weight,
+                rescore_temperature=args.rescore_temperature, rescore_fill=args.rescore_fill,
+                rescore_cfg_coef=args.rescore_cfg_coef)
 
 
 def _load(args, model: tp.Optional[str] = None):

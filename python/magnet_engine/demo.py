@@ -30,8 +30,11 @@ PRESETS: tp.Dict[str, dict] = {
 
 
 def build_random_model(directory: tp.Union[str, Path], preset: str = "tiny", *, duration: float = 10,
-                       sample_rate: int = 32000, seed: int = 0) -> Path:
-    """Write a random-weight model directory (state_dict.bin, compression_state_dict.bin, t5/)."""
+                       sample_rate: int = 32000, seed: int = 0, kind: str = "magnet") -> Path:
+    """Write a random-weight model directory (state_dict.bin, compression_state_dict.bin, t5/).
+
+    kind: 'magnet', 'hybrid' (hybrid-MAGNeT) or 'musicgen' (a MusicGen LM: a prefix model or
+    rescorer for the others)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, found {preset!r}")
     spec = PRESETS[preset]
@@ -43,7 +46,7 @@ def build_random_model(directory: tp.Union[str, Path], preset: str = "tiny", *, 
     codec = random_compression_package(sample_rate=sample_rate, n_filters=spec["codec_filters"], ratios=ratios,
                                        seed=seed)
     lm = ckpt.random_lm_package(**ckpt.ARCHITECTURES[spec["arch"]], d_t5=spec["t5"]["d_model"],
-                                duration=duration, sample_rate=sample_rate, seed=seed)
+                                duration=duration, sample_rate=sample_rate, seed=seed, kind=kind)
     return ckpt.save_checkpoint(directory, lm, codec)
 
 
