@@ -172,8 +172,10 @@ def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage
         codes[:, stage] = y
 
         rescore = rescorer is not None and rescorer.active(step, n_steps)
-        hidden = lm.hidden(torch.cat([codes, codes]), cond, stage)             # [2B, T, D]
-        logits_all = lm.linears[stage](hidden)                                 # [2B, T, C]
+        logits_all = lm.stage_logits(torch.cat([codes, codes]), cond, stage)  # [2B, T, C]
+        greedy_fill = rescore and rescorer.options.fill == "greedy" and stage + 1 < cfg.n_q
+        if greedy_fill:   # the other heads on this step's input (the same forward again)
+            above = lm.head_logits(lm.hidden(torch.cat([codes, codes]), cond, stage), range(stage + 1, cfg.n_q))
         cond_logits, uncond_logits = logits_all.split(batch)
         cfg_coef = float(mask_p) * params.max_cfg_coef + (1 - float(mask_p)) * params.min_cfg_coef
         logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
@@ -196,9 +198,8 @@ def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage
             if rescorer.options.temperature == "raw":
                 p_hat = rescorer.raw_probability(cond_logits, uncond_logits.reshape(-1, cfg.card), coef_t, sampled)
             view = codes
-            if rescorer.options.fill == "greedy" and stage + 1 < cfg.n_q:
-                above = lm.head_logits(hidden, range(stage + 1, cfg.n_q))        # [2B, K', T, C]
-                above_c, above_u = above.split(batch)
+            if greedy_fill:
+                above_c, above_u = above.split(batch)                            # [B, K', T, C] each
                 view = codes.clone()
                 view[:, stage + 1:] = (above_u + (above_c - above_u) * cfg_coef).argmax(dim=-1)
             temp_t = torch.tensor(max(temp, 1e-2), dtype=torch.float32, device=device)
