@@ -30,6 +30,7 @@ from magnet_engine.kernels import attention as attn_kernels
 from magnet_engine.kernels import masking, sampling
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_BUFFERS = 8   # (batch, frames) buffer sets kept per runtime
 
 
 class Runtime:
@@ -63,14 +64,20 @@ class Runtime:
 
     # ---------------------------------------------------------------- buffers
     def _get_buffers(self, batch: int, frames: int) -> tp.Dict[str, torch.Tensor]:
+        """Buffers of one (batch, frames) shape; the MAX_BUFFERS most recently used shapes are
+        kept, so a service that sees many shapes holds bounded memory."""
         key = (batch, frames)
-        if key not in self._buffers:
+        bufs = self._buffers.pop(key, None)
+        if bufs is None:
             dev = self.device
-            self._buffers[key] = {
+            bufs = {
                 "codes": torch.empty(batch, self.cfg.n_q, frames, dtype=torch.long, device=dev),
                 "prob": torch.empty(batch, frames, dtype=torch.float32, device=dev),
             }
-        return self._buffers[key]
+        self._buffers[key] = bufs                      # most recently used last
+        while len(self._buffers) > MAX_BUFFERS:
+            self._buffers.pop(next(iter(self._buffers)))
+        return bufs
 
     # ----------------------------------------------------------------- model
     def _attend(self, q, k, v, window):

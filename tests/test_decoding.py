@@ -91,6 +91,18 @@ def test_buffers_reused_across_shapes_do_not_leak():
     assert torch.equal(first, again)
 
 
+def test_buffer_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(decoding, "MAX_BUFFERS", 2)
+    lm = tiny_lm(seed=13)
+    runtime = Runtime(lm)
+    params = DecodingParams(decoding_steps=(1, 1, 1, 1))
+    first = runtime.generate(_cond(lm, 1), 12, params, seeds=[5])
+    for frames in (15, 18, 21):
+        runtime.generate(_cond(lm, 1), frames, params, seeds=[1])
+    assert list(runtime._buffers) == [(1, 18), (1, 21)]       # the two most recently used
+    assert torch.equal(runtime.generate(_cond(lm, 1), 12, params, seeds=[5]), first)   # rebuilt cleanly
+
+
 def test_low_precision_agrees_with_fp32():
     lm = tiny_lm(seed=14, layers=2)
     cond = _cond(lm, 2, seed=1)

@@ -373,3 +373,23 @@ def test_serve_command_reports_a_missing_model(tmp_path, capsys):
 
     assert main(["--model", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_hybrid_checkpoint_served_with_prefix_progress(tmp_path_factory, tiny_model):
+    """A hybrid-MAGNeT checkpoint served: the AR prefix steps count in the progress, and the
+    shared instance's settings stay untouched (per-call params)."""
+    model = MAGNeT.from_pretrained(build_random_model(tmp_path_factory.mktemp("hybrid"), "tiny", kind="hybrid"),
+                                   device="cpu")
+    before = (model.params, model.duration)
+    with serve(model) as client:
+        assert client.get("/v1/model").json()["hybrid"] is True
+        r = post(client, description="warm piano", seed=3, request_id="hy", duration=0.6)
+        events = sse_events(client.get("/v1/progress/hy").text)
+    assert r.status_code == 200
+    wav, _ = sf.read(io.BytesIO(r.content))
+    assert wav.shape == (int(0.6 * model.frame_rate) // 3 * 3 * 640,)
+    step = dict(events)["step"]          # a replay keeps the latest step: AR prefix steps + masked steps
+    assert step["done"] == step["total"] == 15 + 5 and step["stage"] == 3   # prefix: half of the 0.6 s clip
+    assert (model.params, model.duration) == before
+    model.set_generation_params(duration=0.6, decoding_steps=[2, 1, 1, 1])
+    assert r.content == wav_bytes(model.decode(model.generate_tokens(["warm piano"], seed=[3]))[0], model.sample_rate)

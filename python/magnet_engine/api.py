@@ -308,13 +308,25 @@ class MAGNeT:
         return self._generate(descriptions, prompt_codes, progress, return_tokens, seed)
 
     def generate_tokens(self, descriptions: tp.Sequence[tp.Optional[str]], prompt_codes: tp.Optional[torch.Tensor] = None,
-                        progress: tp.Union[bool, Progress] = False, seed: tp.Union[int, tp.Sequence[int], None] = None) -> torch.Tensor:
-        """Tokens only, no codec: [B, K, T']. `prompt_codes` [B, K, P] are kept fixed."""
+                        progress: tp.Union[bool, Progress] = False, seed: tp.Union[int, tp.Sequence[int], None] = None,
+                        *, params: tp.Optional[DecodingParams] = None, duration: tp.Optional[float] = None
+                        ) -> torch.Tensor:
+        """Tokens only, no codec: [B, K, T']. `prompt_codes` [B, K, P] are kept fixed.
+
+        params / duration: this call's decoding options and length instead of the instance's
+        (`set_generation_params`), which stay untouched — a service sharing one instance
+        between requests passes them here rather than setting state."""
         descriptions = check_descriptions(descriptions)
+        if params is not None:
+            if not isinstance(params, DecodingParams):
+                raise InvalidOptionError(f"params must be a DecodingParams, found {type(params).__name__}")
+            params.validate(self.cfg.n_q)
+        if duration is not None:
+            duration = self.check_duration(duration)
         if prompt_codes is not None:
-            prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions))
+            prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions), duration)
         with self._lock:
-            return self._tokens(descriptions, prompt_codes, progress, seed)
+            return self._tokens(descriptions, prompt_codes, progress, seed, params=params, duration=duration)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Codes [B, K, T] -> waveform [B, channels, T · hop]."""
@@ -322,15 +334,17 @@ class MAGNeT:
             return self.codec.decode(tokens.to(self.device))
 
     # --------------------------------------------------------------- internals
-    def _check_prompt_codes(self, codes: torch.Tensor, batch: int) -> torch.Tensor:
+    def _check_prompt_codes(self, codes: torch.Tensor, batch: int, duration: tp.Optional[float] = None) -> torch.Tensor:
         k = self.cfg.n_q
+        duration = self.duration if duration is None else duration
+        frames = int(duration * self.frame_rate)
         if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[:2] != (batch, k) \
                 or codes.dtype not in (torch.int64, torch.int32):
             raise InvalidInputError(f"prompt codes must be an integer tensor [{batch}, {k}, P], "
                                     f"found {getattr(codes, 'dtype', type(codes))} {tuple(getattr(codes, 'shape', ()))}")
-        if codes.shape[-1] >= self.frames:
+        if codes.shape[-1] >= frames:
             raise InvalidInputError(f"prompt has {codes.shape[-1]} frames; it must be shorter than the "
-                                    f"{self.frames} frames of a {self.duration} s generation")
+                                    f"{frames} frames of a {duration} s generation")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.card):
             raise InvalidInputError(f"prompt codes must lie in [0, {self.cfg.card - 1}], found "
                                     f"[{int(codes.min())}, {int(codes.max())}]")
@@ -360,13 +374,18 @@ class MAGNeT:
         return seeds
 
     def _tokens(self, descriptions, prompt_codes, progress, seed, hybrid_prefix_seconds=None,
-                on_prefix=None) -> torch.Tensor:
+                on_prefix=None, params: tp.Optional[DecodingParams] = None,
+                duration: tp.Optional[float] = None) -> torch.Tensor:
         seeds = self._seeds(seed, len(descriptions))
+        params = self.params if params is None else params
+        duration = self.duration if duration is None else duration
+        frames = int(duration * self.frame_rate)
         options = self.hybrid
         if hybrid_prefix_seconds is not None:
             options = dataclasses.replace(options, prefix_seconds=hybrid_prefix_seconds).validate()
-            self._check_hybrid(options, self.prefix_model, self.duration)
-        prefix_frames = self.prefix_frames(options=options)
+        if hybrid_prefix_seconds is not None or duration != self.duration:
+            self._check_hybrid(options, self.prefix_model, duration)
+        prefix_frames = self.prefix_frames(duration, options)
         if prefix_frames and prompt_codes is not None:
             raise InvalidOptionError("hybrid decoding and a prompt are exclusive: the AR prefix is the prompt")
         ar_steps = 0   # for the progress total: staircase F steps, rectangle F + max(d)
@@ -374,7 +393,7 @@ class MAGNeT:
             ar_steps = prefix_frames + (self.cfg.max_delay if options.handoff == "rectangle" else 0)
         elif prefix_frames:
             ar_steps = prefix_frames + self.prefix_model.cfg.max_delay
-        callback, bar = _progress_callback(progress, ar_steps + sum(self.params.decoding_steps))
+        callback, bar = _progress_callback(progress, ar_steps + sum(params.decoding_steps))
         decoded_prefix = None
         if on_prefix is not None:
             def decoded_prefix(codes):
@@ -391,20 +410,20 @@ class MAGNeT:
                         raise InvalidOptionError("hybrid decoding runs on the fast engine only")
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(seeds[0])
-                    return reference.generate_tokens(self.lm, cond, self.frames, self.params, prompt=prompt_codes,
+                    return reference.generate_tokens(self.lm, cond, frames, params, prompt=prompt_codes,
                                                      generator=generator, callback=callback, rescorer=rescorer)
                 if self.cfg.is_hybrid:
                     return self._hybrid().generate(
-                        cond, self.frames, self.params, options.ar, prefix_frames, handoff=options.handoff,
+                        cond, frames, params, options.ar, prefix_frames, handoff=options.handoff,
                         prefix_attention=options.prefix_attention, seeds=seeds, callback=callback,
                         on_prefix=decoded_prefix, rescorer=rescorer)
                 if prefix_frames:
                     from magnet_engine.engine.hybrid import generate_two_model
                     ar_cond = self.prefix_model.conditioner.encode(descriptions).embeds.to(self.device)
                     return generate_two_model(self._fast_runtime(), cond, self.prefix_model.runtime, ar_cond,
-                                              self.frames, self.params, options.ar, prefix_frames, seeds=seeds,
+                                              frames, params, options.ar, prefix_frames, seeds=seeds,
                                               callback=callback, on_prefix=decoded_prefix, rescorer=rescorer)
-                return self._fast_runtime().generate(cond, self.frames, self.params, prompt=prompt_codes,
+                return self._fast_runtime().generate(cond, frames, params, prompt=prompt_codes,
                                                      seeds=seeds, callback=callback, rescorer=rescorer)
         finally:
             if bar is not None:

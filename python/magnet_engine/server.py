@@ -451,16 +451,22 @@ class Batcher:
         def progress(done: int, total: int) -> None:
             if all(job.closed for job in jobs):
                 raise _BatchAbandoned()
-            stage = next(s for s in range(len(steps)) if done <= sum(steps[:s + 1]))
-            event = {"stage": stage, "step": done - sum(steps[:stage]), "stage_steps": steps[stage],
-                     "done": done, "total": total}
+            prefix_steps = total - sum(steps)          # AR steps of a hybrid checkpoint come first
+            if done <= prefix_steps:
+                event = {"stage": "prefix", "step": done, "stage_steps": prefix_steps, "done": done, "total": total}
+            else:
+                masked = done - prefix_steps
+                stage = next(s for s in range(len(steps)) if masked <= sum(steps[:s + 1]))
+                event = {"stage": stage, "step": masked - sum(steps[:stage]), "stage_steps": steps[stage],
+                         "done": done, "total": total}
             for job in jobs:
                 job.channel.publish("step", event)
 
         try:
-            self.model.set_generation_params(**dataclasses.asdict(key.params), duration=key.duration)
+            # per-call options: the shared model instance is never reconfigured by a request
             tokens = self.model.generate_tokens([r.text for r in batch], progress=progress,
-                                                seed=[r.seed for r in batch])      # [B, K, T]
+                                                seed=[r.seed for r in batch], params=key.params,
+                                                duration=key.duration)             # [B, K, T]
             tokens_done = time.monotonic()
             for job in jobs:
                 job.channel.publish("codec", {})
@@ -538,6 +544,7 @@ def model_info(model, settings: Settings, max_batch: int) -> dict:
         "frame_rate": model.frame_rate,
         "channels": model.cfg.channels,
         "n_q": model.cfg.n_q,
+        "hybrid": model.cfg.is_hybrid,   # AR prefix first: progress events with stage "prefix"
         "max_duration": check_duration(model, settings, None),
         "defaults": {**dataclasses.asdict(DecodingParams()), "duration": check_duration(model, settings, None)},
         "choices": {"span_arrangement": list(SPAN_ARRANGEMENTS), "span_scoring": list(SPAN_SCORINGS)},

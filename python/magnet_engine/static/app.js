@@ -54,7 +54,9 @@ function followProgress(requestId) {
   });
   on("queued", (d) => setStatus(`queued (position ${d.position})`, 0));
   on("started", (d) => setStatus(`generating in a batch of ${d.batch_size}`));
-  on("step", (d) => setStatus(`codebook ${d.stage + 1}/${modelInfo.n_q}, step ${d.step}/${d.stage_steps}`,
+  on("step", (d) => setStatus(d.stage === "prefix"
+                               ? `autoregressive prefix, step ${d.step}/${d.stage_steps}`
+                               : `codebook ${d.stage + 1}/${modelInfo.n_q}, step ${d.step}/${d.stage_steps}`,
                                0.95 * d.done / d.total));
   on("codec", () => setStatus("decoding audio", 0.95));
   on("done", () => events.close());
