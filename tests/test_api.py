@@ -137,11 +137,14 @@ def _wav_ok(path, seconds):
     ["--hybrid-prefix-seconds", "0.3"],
     ["--hybrid-prefix-seconds", "0.3", "--hybrid-handoff", "rectangle", "--hybrid-prefix-attention", "bidirectional"],
 ])
-def test_cli_hybrid(ar_dirs, tmp_path, extra):
-    out = tmp_path / "hybrid.wav"
+def test_cli_hybrid(ar_dirs, tmp_path, capsys, extra):
+    out, first = tmp_path / "hybrid.wav", tmp_path / "prefix.wav"
     assert cli_main(["generate", "a hybrid test", "--model", str(ar_dirs["hybrid"]), "--duration", "1", "-q",
-                     "--decoding-steps", "3", "2", "2", "2", "--seed", "1", "-o", str(out)] + extra) == 0
+                     "--decoding-steps", "3", "2", "2", "2", "--seed", "1", "-o", str(out),
+                     "--prefix-output", str(first)] + extra) == 0
     _wav_ok(out, 0.96)
+    _wav_ok(first, 0.3 - 0.06 * ("staircase" in extra or "rectangle" not in extra))
+    assert "time to first audio" in capsys.readouterr().out
 
 
 def test_cli_two_model_hybrid_and_rescoring(ar_dirs, tiny_dir, tmp_path):
@@ -179,3 +182,12 @@ def test_api_hybrid_prefix_audio_first_and_errors(ar_dirs, tiny_dir):
     with pytest.raises(CheckpointError, match="autoregressive"):
         plain.set_generation_params(rescorer=str(ar_dirs["hybrid"]), rescore_weight=0.5)
     assert plain.rescorer is None and plain.params.decoding_steps == (20, 10, 10, 10)  # nothing half-set
+
+
+def test_cli_demo_hybrid(tmp_path, capsys):
+    rc = cli_main(["demo", "--preset", "tiny", "--kind", "hybrid", "--cache-dir", str(tmp_path / "cache"),
+                   "-o", str(tmp_path / "h.wav"), "--duration", "1", "--decoding-steps", "2", "1", "1", "1", "-q"])
+    assert rc == 0
+    _wav_ok(tmp_path / "h.wav", 0.96)
+    assert (tmp_path / "cache" / "demo-tiny-hybrid-10s" / "BUILT.json").exists()
+    assert "hybrid-MAGNeT" in capsys.readouterr().out

@@ -98,7 +98,20 @@ def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
         wav = model.generate_continuation(wav_in[None].expand(len(texts), -1, -1), sr, texts,
                                           progress=not args.quiet, seed=args.seed)
     else:
-        wav = model.generate(texts, progress=not args.quiet, seed=args.seed)
+        first = {}
+
+        def on_prefix(prefix_wav):   # hybrid: the AR prefix is audio before the tail is decoded
+            first["s"] = time.perf_counter() - start
+            if getattr(args, "prefix_output", None):
+                for path, one in zip(_output_paths(Path(args.prefix_output), prefix_wav.shape[0]), prefix_wav):
+                    write_wav(path, one, model.sample_rate)
+            if not args.quiet:
+                print(f"first audio ({prefix_wav.shape[-1] / model.sample_rate:.2f} s prefix) after {first['s']:.2f} s",
+                      file=sys.stderr)
+        wav = model.generate(texts, progress=not args.quiet, seed=args.seed,
+                             on_prefix=on_prefix if model.prefix_frames() else None)
+        if "s" in first:
+            print(f"time to first audio: {first['s']:.2f} s")
     elapsed = time.perf_counter() - start
     paths = _output_paths(Path(args.output), wav.shape[0])
     for path, one in zip(paths, wav):
@@ -120,11 +133,12 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from magnet_engine.demo import cached_demo_model
 
-    print(f"magnet-engine demo: a random-weight '{args.preset}' model of the published architecture.\n"
+    kind = "hybrid-MAGNeT " if args.kind == "hybrid" else ""
+    print(f"magnet-engine demo: a random-weight '{args.preset}' {kind}model of the published architecture.\n"
           "Untrained weights make noise, not music. For music, run e.g.\n"
           "  magnet-engine generate 'lo-fi piano' --model facebook/magnet-small-10secs  (or a local directory)")
     t0 = time.perf_counter()
-    directory = cached_demo_model(args.cache_dir, args.preset)
+    directory = cached_demo_model(args.cache_dir, args.preset, kind=args.kind)
     t1 = time.perf_counter()
     model = _load(args, model=str(directory))
     t2 = time.perf_counter()
@@ -147,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="magnet.wav", help="output wav (several texts: name_0.wav ...)")
     g.add_argument("--prompt", default=None, help="audio file to continue (its frames stay fixed)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--prefix-output", default=None,
+                   help="hybrid decoding: also write the AR prefix audio here as soon as it exists")
     _add_model_args(g)
     _add_decoding_args(g)
     g.set_defaults(func=cmd_generate)
@@ -155,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("texts", nargs="*")
     d.add_argument("--preset", choices=("tiny", "small", "medium"), default="small",
                    help="architecture of the random model (small = the published magnet-small)")
+    d.add_argument("--kind", choices=("magnet", "hybrid"), default="magnet",
+                   help="plain MAGNeT, or hybrid-MAGNeT (AR prefix, then masked decoding)")
     d.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     d.add_argument("-o", "--output", default="magnet_demo.wav")
     d.add_argument("-q", "--quiet", action="store_true")

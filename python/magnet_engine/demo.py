@@ -50,17 +50,19 @@ def build_random_model(directory: tp.Union[str, Path], preset: str = "tiny", *, 
     return ckpt.save_checkpoint(directory, lm, codec)
 
 
-def cached_demo_model(cache_dir: tp.Union[str, Path], preset: str, duration: float = 10) -> Path:
+def cached_demo_model(cache_dir: tp.Union[str, Path], preset: str, duration: float = 10,
+                      kind: str = "magnet") -> Path:
     """The demo's model directory, built on first use; a half-built one is never reused."""
-    target = Path(cache_dir).expanduser() / f"demo-{preset}-{duration:g}s"
+    name = f"demo-{preset}-{duration:g}s" if kind == "magnet" else f"demo-{preset}-{kind}-{duration:g}s"
+    target = Path(cache_dir).expanduser() / name
     stamp = target / "BUILT.json"
     if stamp.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        build_random_model(staging, preset, duration=duration)
-        (staging / "BUILT.json").write_text(json.dumps({"preset": preset, "duration": duration}))
+        build_random_model(staging, preset, duration=duration, kind=kind)
+        (staging / "BUILT.json").write_text(json.dumps({"preset": preset, "duration": duration, "kind": kind}))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     except BaseException:
