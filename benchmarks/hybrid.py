@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -72,10 +73,17 @@ def build_models(cache_dir: Path, arch: str, segment: float) -> Path:
         build_random_t5(staging / "t5", seed=0, **spec["t5"])
         codec = random_compression_package(sample_rate=32000, n_filters=spec["codec_filters"], ratios=(8, 5, 4, 4),
                                            seed=0)
-        for seed, kind in enumerate(KINDS):
+        for seed, kind in enumerate(KINDS):   # no t5/ inside: all load the shared one
             lm = ckpt.random_lm_package(**BENCH_ARCHS[arch], d_t5=spec["t5"]["d_model"], duration=segment,
                                         sample_rate=32000, seed=seed, kind=kind)
-            ckpt.save_checkpoint(staging / kind, lm, codec)   # no t5/ inside: all load the shared one
+            if seed == 0:
+                ckpt.save_checkpoint(staging / kind, lm, codec)
+                continue
+            ckpt.atomic_save(lm, staging / kind / ckpt.LM_FILE)
+            try:    # one codec file on disk (the real-size EnCodec package is ~230 MB)
+                os.link(staging / KINDS[0] / ckpt.CODEC_FILE, staging / kind / ckpt.CODEC_FILE)
+            except OSError:
+                shutil.copyfile(staging / KINDS[0] / ckpt.CODEC_FILE, staging / kind / ckpt.CODEC_FILE)
         (staging / "BUILT.json").write_text(json.dumps({"arch": arch, "segment": segment, **BENCH_ARCHS[arch]}))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
@@ -148,6 +156,14 @@ class _TimedRescorer:
 
 
 # ------------------------------------------------------------------------ timing
+def _loadavg() -> tp.Optional[float]:
+    """1-minute load average before a run (the machine may be shared: a hint for outliers)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tuple[dict, torch.Tensor]:
     """One generation, dispatched as `MAGNeT._tokens` does, with timestamps (ms):
     tokens (decoding only, the prefix codec decode taken out), e2e (text in -> waveform out,
@@ -161,7 +177,11 @@ def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tu
     opts = model.hybrid
     prefix_frames = model.prefix_frames(options=opts)
     marks: tp.Dict[str, float] = {}
-    info: tp.Dict[str, tp.Any] = {}
+    info: tp.Dict[str, tp.Any] = {"loadavg_1m": _loadavg()}
+    if model.cfg.is_hybrid:   # rows each masked step recomputes: query_start..seq_len
+        from magnet_engine.engine.hybrid import plan_hybrid
+        plan = plan_hybrid(model.cfg, model.frames, prefix_frames, model.params, opts.handoff, opts.prefix_attention)
+        info.update(recomputed_rows=plan.seq_len - plan.query_start, sequence_rows=plan.seq_len)
 
     def on_prefix(codes: torch.Tensor) -> None:
         _sync(device)
@@ -179,7 +199,7 @@ def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tu
         if model.rescorer is not None and model.rescore.weight != 1.0:
             rescorer = _TimedRescorer(BoundRescorer(model.rescorer, model.rescore, descriptions), device)
         ar_cond = None
-        if case.kind == "two-model":
+        if prefix_frames and not model.cfg.is_hybrid:   # two-model hybrid: MusicGen's own condition
             ar_cond = model.prefix_model.conditioner.encode(descriptions).embeds.to(device)
         _sync(device)
         t_tok = time.perf_counter()
@@ -206,6 +226,7 @@ def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tu
         "end_to_end_ms": ms(t0, t2),
         "encode_ms": ms(t0, t_tok),
         "codec_decode_ms": ms(t1, t2),
+        **{k: v for k, v in info.items() if k != "prefix_audio_s"},
     }
     if marks:
         sample.update(first_audio_ms=ms(t0, marks["first_audio"]), ar_ms=ms(t_tok, marks["ar_done"]),
@@ -242,7 +263,9 @@ def summarise(case: Case, samples: tp.List[dict], model, args) -> dict:
     for key in ("encode_ms", "codec_decode_ms", "ar_ms", "prefix_decode_ms", "masked_ms", "rescore_forward_ms"):
         if key in samples[0]:
             out[key + "_p50"] = statistics.median(s[key] for s in samples)
-    for key in ("prefix_frames", "prefix_audio_s", "rescore_calls"):
+            out[key + "_all"] = [s[key] for s in samples]
+    out["loadavg_1m_all"] = [s["loadavg_1m"] for s in samples]
+    for key in ("prefix_frames", "prefix_audio_s", "rescore_calls", "recomputed_rows", "sequence_rows"):
         if key in samples[0]:
             out[key] = samples[0][key]
     audio_s = model.frames // model.cfg.span_len * model.cfg.span_len / model.frame_rate
@@ -287,7 +310,8 @@ def print_table(report: dict) -> None:
     def s(ms: float) -> str:
         return f"{ms / 1e3:.2f} s"
 
-    rows = [("config", "tokens p50 (p95)", "e2e p50 (p95)", "first audio p50", "AR phase", "tokens x plain",
+    rows = [("config", "tokens p50 (p95)", "e2e p50 (p95)", "first audio p50", "AR phase", "masked phase",
+             "tokens x plain",
              "e2e x plain", "1st audio / plain e2e")]
     for c in report["cases"]:
         first = c.get("first_audio_ms")
@@ -295,6 +319,7 @@ def print_table(report: dict) -> None:
                      f"{s(c['end_to_end_ms']['p50'])} ({s(c['end_to_end_ms']['p95'])})",
                      s(first["p50"]) if first else "(= e2e)",
                      s(c["ar_ms_p50"]) if "ar_ms_p50" in c else "-",
+                     s(c["masked_ms_p50"]) if "masked_ms_p50" in c else "-",
                      f"{c['vs_plain']['tokens_p50']:.2f}x", f"{c['vs_plain']['end_to_end_p50']:.2f}x",
                      f"{c['vs_plain']['first_audio_p50_over_plain_e2e_p50']:.2f}x"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
