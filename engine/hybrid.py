@@ -40,6 +40,7 @@ import math
 import typing as tp
 
 import torch
+import torch.nn.functional as F
 
 from magnet_engine.engine.config import DecodingParams, ModelConfig
 from magnet_engine.engine.model import KVCache, MagnetLM, causal_self_attention, masked_self_attention
@@ -419,16 +420,55 @@ class HybridRuntime:
         """The masked steps' FrameForward: rows from query_start over the AR cache."""
         cfg, lm, dev = self.cfg, self.runtime.lm, self.runtime.device
         positions = torch.arange(plan.query_start, plan.seq_len, device=dev)
-        masks = [stage_attention_mask(cfg, plan, k, lm.window(k), dev)[plan.query_start:] for k in range(cfg.n_q)]
+        attends = [tail_attention(plan, lm.window(k), self.runtime.impl) for k in range(cfg.n_q)]
         # frame t of stage k is predicted by row t + d_k (rows before query_start are never read:
         # those frames are fixed and never sampled or scored)
         rows = [(torch.arange(plan.frames, device=dev) + d - plan.query_start).clamp(min=0) for d in cfg.delays]
+        batch = ar.seq.shape[0]
 
         def forward(codes: torch.Tensor, stage: int, cond_only: bool) -> torch.Tensor:
             seq = build_delayed(codes, cfg.delays, cfg.card)[..., plan.query_start:]
-            x = lm.forward_cached(seq, positions, ar.cross_kv, ar.cache, masks[stage], self.runtime.dtype)
+            x = lm.forward_cached(seq, positions, ar.cross_kv, ar.cache, attends[stage], self.runtime.dtype,
+                                  rows=batch if cond_only else 2 * batch)
             return x.index_select(1, rows[stage])
         return forward
+
+
+def tail_attention(plan: HybridPlan, window: tp.Optional[int], impl: tp.Optional[str] = None):
+    """Self-attention of the rows [query_start, seq_len) over the cache [R, H, seq_len, d],
+    equal to `stage_attention_mask` without building it:
+
+    * prefix rows (i < F, cached variant): causal over the prefix, one small SDPA;
+    * tail rows at stage 0 (window None): every key, one unmasked SDPA;
+    * tail rows above: keys j with |i − j + 1| <= W. Placing query i at index i + 1 turns
+      this into the symmetric band |(i + 1) − j| <= W of the banded kernel (kernels/attention.py,
+      O(T·W), C++ / Triton); the last row, which that index would push past the end, sees
+      keys j >= seq_len − W in its own small SDPA.
+    """
+    from magnet_engine.kernels import attention as attn_kernels
+
+    q0, n_seq = plan.query_start, plan.seq_len
+    first_tail = max(plan.prefix_frames, q0) if plan.prefix_attention == "cached" else q0
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        n_prefix = first_tail - q0                                       # causal rows among the queries
+        if n_prefix:
+            i = torch.arange(q0, first_tail, device=q.device)[:, None]
+            j = torch.arange(first_tail, device=q.device)[None, :]
+            out[:, :, :n_prefix] = F.scaled_dot_product_attention(q[:, :, :n_prefix], k[:, :, :first_tail],
+                                                                  v[:, :, :first_tail], attn_mask=j <= i)
+        if window is None:
+            out[:, :, n_prefix:] = F.scaled_dot_product_attention(q[:, :, n_prefix:], k, v)
+            return out
+        shifted = torch.zeros_like(k)                    # query of row i at index i + 1
+        shifted[:, :, first_tail + 1:] = q[:, :, n_prefix:-1]
+        banded = attn_kernels.attention(shifted, k, v, window, impl=impl if impl != "cpp" else None)
+        out[:, :, n_prefix:-1] = banded[:, :, first_tail + 1:]
+        last = max(n_seq - window, 0)
+        out[:, :, -1:] = F.scaled_dot_product_attention(q[:, :, -1:], k[:, :, last:], v[:, :, last:])
+        return out
+    return attend
 
 
 def reference_tail_hidden(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, plan: HybridPlan,

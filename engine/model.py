@@ -30,6 +30,8 @@ from magnet_engine.engine.config import ModelConfig
 
 # (q, k, v: [B, H, T, d], window or None) -> [B, H, T, d]
 SelfAttention = tp.Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tp.Optional[int]], torch.Tensor]
+# over a KV cache: a [t, T_max] bool mask, or (q [R, H, t, d], k, v [R, H, T_max, d]) -> [R, H, t, d]
+CachedAttention = tp.Union[torch.Tensor, tp.Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
 def sin_embedding(positions: torch.Tensor, dim: int, max_period: float = 10000.0,
@@ -120,16 +122,19 @@ class Attention(nn.Module):
         return self._merge(attend(q, k, v, window))
 
     def self_attend_cached(self, x: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
-                           cache_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                           cache_v: torch.Tensor, attend: CachedAttention) -> torch.Tensor:
         """x [R, t, D] at `positions` [t] (int64, on x's device): write their keys/values into
-        the cache [R, H, T_max, d] at those positions, then attend over the whole cache with
-        `mask` [t, T_max] bool (True = may attend). No host value is read: graph-capturable."""
+        the cache [R, H, T_max, d] at those positions, then attend over the whole cache:
+        `attend` is a [t, T_max] bool mask (True = may attend) or a callable (q, k, v) -> out.
+        No host value is read: graph-capturable."""
         b, t, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
         cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
-        return self._merge(F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask))
+        if isinstance(attend, torch.Tensor):
+            return self._merge(F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=attend))
+        return self._merge(attend(q, cache_k, cache_v))
 
     def kv(self, memory: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values of the condition: [B, S, D] -> 2 x [B, H, S, d]."""
@@ -229,23 +234,33 @@ class MagnetLM(nn.Module):
                        dtype or p.dtype, p.device)
 
     def forward_cached(self, codes: torch.Tensor, positions: torch.Tensor, cross_kv, cache: KVCache,
-                       mask: torch.Tensor, dtype: tp.Optional[torch.dtype] = None) -> torch.Tensor:
-        """Rows at `positions` through every layer over the static cache -> LN_out output.
+                       attend: CachedAttention, dtype: tp.Optional[torch.dtype] = None,
+                       rows: tp.Optional[int] = None) -> torch.Tensor:
+        """Rows at `positions` through every layer over the static cache.
 
-        codes: [B, K, t] for B distinct rows; the cache holds R = B or 2B rows (CFG: both
-        halves see the same codes, conditional rows first), and cross_kv as many rows as
-        carry a real condition (fewer: the rest are null rows, see `Layer.cross_and_ffn`).
-        positions: [t] int64; mask: [t, T_max] bool. Returns the last layer's output
-        [R, t, D] before `out_norm`, in the transformer's dtype.
+        codes: [B, K, t] for B distinct rows; the first `rows` cache rows run (default all:
+        R = B, or 2B for CFG, whose halves see the same codes, conditional rows first; B runs
+        the conditional rows alone, for a CFG coefficient of exactly 1). Layer 0's input is the
+        same for every half, so its self-attention runs once and its keys/values are copied.
+        cross_kv holds as many rows as carry a real condition (fewer: the rest are null rows,
+        see `Layer.cross_and_ffn`). positions: [t] int64; attend: see `self_attend_cached`.
+        Returns the last layer's output [rows, t, D] before `out_norm`, in the transformer's dtype.
         """
         x = self.embed(codes, positions)
         if dtype is not None:
             x = x.to(dtype)
-        if cache.rows != x.shape[0]:
-            x = x.repeat(cache.rows // x.shape[0], 1, 1)
-        for layer, kv, ck, cv in zip(self.transformer.layers, cross_kv, cache.keys, cache.values):
-            x = x + layer.self_attn.self_attend_cached(layer.norm1(x), positions, ck, cv, mask)
-            x = layer.cross_and_ffn(x, kv)
+        rows = cache.rows if rows is None else rows
+        b = x.shape[0]
+        for i, (layer, kv, ck, cv) in enumerate(zip(self.transformer.layers, cross_kv, cache.keys, cache.values)):
+            if i == 0:
+                x = x + layer.self_attn.self_attend_cached(layer.norm1(x), positions, ck[:b], cv[:b], attend)
+                for start in range(b, rows, b):   # the other CFG halves: same keys/values
+                    ck[start:start + b].index_copy_(2, positions, ck[:b].index_select(2, positions))
+                    cv[start:start + b].index_copy_(2, positions, cv[:b].index_select(2, positions))
+                x = x.repeat(rows // b, 1, 1) if rows != b else x
+            else:
+                x = x + layer.self_attn.self_attend_cached(layer.norm1(x), positions, ck[:rows], cv[:rows], attend)
+            x = layer.cross_and_ffn(x, (kv[0][:rows], kv[1][:rows]))
         return x
 
     def head_logits(self, hidden: torch.Tensor, heads: tp.Optional[tp.Sequence[int]] = None) -> torch.Tensor:

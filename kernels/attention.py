@@ -147,7 +147,8 @@ def _banded_triton(q, k, v, window, scale):
 # ----------------------------------------------------------------------------- C++
 def _banded_cpp(q, k, v, window, scale):
     batch, heads, frames, head_dim = q.shape
-    q32, k32, v32 = (x.float() for x in (q, k, v))  # no copy for fp32; the kernel computes in fp32
+    # no copy for fp32; the kernel computes in fp32 (and has no autograd: inference only)
+    q32, k32, v32 = (x.detach().float() for x in (q, k, v))
     out = torch.empty(batch, frames, heads, head_dim).transpose(1, 2)
     backend.cpp_module().banded_attention(q32.numpy(), k32.numpy(), v32.numpy(), out.numpy(), window, scale)
     return out.to(q.dtype)

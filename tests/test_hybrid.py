@@ -243,3 +243,37 @@ def test_masked_stage_band_is_in_frames_of_the_stage_codebook():
     changed = (a - b).abs().amax(dim=(0, 2)) > 0
     expect = (torch.arange(plan.frames) - t_changed).abs() <= lm.cfg.subcodes_context
     assert torch.equal(changed, expect)
+
+
+@pytest.mark.parametrize("impl", [None, "torch", "triton"])
+@pytest.mark.parametrize("prefix_attention", hybrid.PREFIX_ATTENTIONS)
+@pytest.mark.parametrize("window", [None, 0, 2, 5])
+def test_tail_attention_equals_the_dense_stage_mask(impl, prefix_attention, window):
+    """The shifted-query banded path (and its prefix / last-row pieces) against SDPA with the
+    dense [seq_len, seq_len] mask of stage_attention_mask."""
+    import dataclasses
+    import torch.nn.functional as F
+
+    cfg = dataclasses.replace(ar_lm("hybrid").cfg, subcodes_context=-1 if window is None else window)
+    plan = hybrid.plan_hybrid(cfg, 40, 10, DecodingParams(), "staircase", prefix_attention)
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 3, plan.seq_len, 16, generator=gen) for _ in range(2))
+    q = torch.randn(2, 3, plan.seq_len - plan.query_start, 16, generator=gen)
+    mask = hybrid.stage_attention_mask(cfg, plan, 1, window, "cpu")[plan.query_start:]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = hybrid.tail_attention(plan, window, impl)(q, k, v)
+    assert torch.allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_tail_forward_conditional_rows_alone():
+    lm = ar_lm("hybrid", seed=5)
+    cond = _cond(lm, 2, seed=6)
+    plan = hybrid.plan_hybrid(lm.cfg, 45, 12, DecodingParams())
+    hy = hybrid.HybridRuntime(Runtime(lm))
+    with torch.no_grad():
+        ar = hy.ar.generate(cond, plan.ar_steps, plan.seq_len, hybrid.ARParams(top_k=10), seeds=[3, 4])
+        codes = torch.randint(0, 40, (2, 4, plan.frames))
+        forward = hy.tail_forward(plan, ar)
+        both, alone = forward(codes, 1, False), forward(codes, 1, True)
+    assert both.shape[0] == 4 and alone.shape[0] == 2
+    assert torch.allclose(alone, both[:2], atol=1e-5, rtol=0)
