@@ -191,3 +191,14 @@ def test_cli_demo_hybrid(tmp_path, capsys):
     _wav_ok(tmp_path / "h.wav", 0.96)
     assert (tmp_path / "cache" / "demo-tiny-hybrid-10s" / "BUILT.json").exists()
     assert "hybrid-MAGNeT" in capsys.readouterr().out
+
+
+def test_two_model_ar_cfg_defaults_to_the_prefix_models_own(ar_dirs, tiny_dir):
+    import dataclasses
+    plain = MAGNeT.from_pretrained(tiny_dir, device="cpu")
+    musicgen = plain._external_lm(str(ar_dirs["musicgen"]))
+    musicgen.cfg = dataclasses.replace(musicgen.cfg, cfg_coef=5.0)
+    plain.set_generation_params(duration=1, hybrid_prefix_seconds=0.2, prefix_model=musicgen)
+    assert plain.hybrid.ar.cfg_coef == 5.0 and plain.prefix_model is musicgen
+    plain.set_generation_params(duration=1, hybrid_prefix_seconds=0.2, prefix_model=musicgen, ar_cfg_coef=2.0)
+    assert plain.hybrid.ar.cfg_coef == 2.0

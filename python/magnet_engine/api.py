@@ -166,11 +166,13 @@ class MAGNeT:
                                 decoding_steps=tuple(decoding_steps), span_arrangement=span_arrangement,
                                 span_scoring=span_scoring, anneal_temp=anneal_temp).validate(self.cfg.n_q)
         new_duration = self.max_duration if duration is None else self.check_duration(duration)
-        ar = ARParams(use_sampling=ar_use_sampling, top_k=ar_top_k, top_p=ar_top_p, temperature=ar_temperature,
-                      cfg_coef=self.cfg.cfg_coef if ar_cfg_coef is None else ar_cfg_coef)
-        hybrid = HybridOptions(hybrid_prefix_seconds, hybrid_handoff, hybrid_prefix_attention, ar).validate()
         rescore = RescoreOptions(rescore_weight, rescore_temperature, rescore_fill, rescore_cfg_coef).validate()
         prefix = self._external_lm(prefix_model) if prefix_model is not None else None
+        if ar_cfg_coef is None:   # the AR model's own inference_coef: MusicGen's for the two-model hybrid
+            ar_cfg_coef = (prefix or self).cfg.cfg_coef
+        ar = ARParams(use_sampling=ar_use_sampling, top_k=ar_top_k, top_p=ar_top_p, temperature=ar_temperature,
+                      cfg_coef=ar_cfg_coef)
+        hybrid = HybridOptions(hybrid_prefix_seconds, hybrid_handoff, hybrid_prefix_attention, ar).validate()
         if prefix is not None and self.cfg.is_hybrid:
             raise InvalidOptionError("prefix_model is for a plain MAGNeT (two-model hybrid); this hybrid-MAGNeT "
                                      "checkpoint makes its own prefix")
