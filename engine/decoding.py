@@ -55,7 +55,7 @@ class Runtime:
         self.skip_null_cross = not self.cfg.bias_attn
         self._buffers: tp.Dict[tp.Tuple[int, int], tp.Dict[str, torch.Tensor]] = {}
         if self.dtype != torch.float32:
-            self.lm = _cast_copy(lm, self.dtype)
+            self.lm = cast_copy(lm, self.dtype)
         if compile:
             # One graph per (stage window, shape); the first call of each compiles (start-up
             # cost traded for latency). Opaque extension calls (the C++ kernels) run eagerly
@@ -172,8 +172,6 @@ class Runtime:
                 hidden = forward(codes, stage, not with_cfg)                          # [2B or B, T', D]
                 if rescore and rescorer.options.fill == "greedy":
                     guesses = self._greedy_guesses(hidden, stage, coefs[i], batch, with_cfg)
-                if not with_cfg:
-                    hidden = hidden[:batch]
                 if layout == "stride1":
                     pos = torch.arange(kept, device=dev).expand(batch, -1)             # every frame
                     h = hidden
@@ -248,7 +246,7 @@ def _masked_positions(span_mask: torch.Tensor, count: int, span_len: int) -> tor
         span_mask.shape[0], -1)
 
 
-def _cast_copy(lm: MagnetLM, dtype: torch.dtype) -> MagnetLM:
+def cast_copy(lm: MagnetLM, dtype: torch.dtype) -> MagnetLM:
     """A copy of the LM whose transformer runs in `dtype`. Embeddings, output norm and heads
     stay fp32, like the reference's autocast on CUDA (spec §2, reference precision)."""
     import copy

@@ -32,13 +32,13 @@ import torch
 
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.conditioning import TextConditioner
+from magnet_engine.engine.decoding import PRECISIONS, cast_copy
 from magnet_engine.engine.hybrid import ARRuntime, build_delayed
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.errors import CheckpointError, InvalidOptionError
 
 TEMPERATURES = ("tempered", "raw")
 FILLS = ("special", "greedy")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ExternalLM:
@@ -53,8 +53,7 @@ class ExternalLM:
             raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
         self.name, self.cfg, self.conditioner = name, lm.cfg, conditioner
         if PRECISIONS[precision] != torch.float32:
-            from magnet_engine.engine.decoding import _cast_copy
-            lm = _cast_copy(lm, PRECISIONS[precision])
+            lm = cast_copy(lm, PRECISIONS[precision])
         self.lm = lm
         self.runtime = ARRuntime(lm, PRECISIONS[precision])
 
