@@ -202,3 +202,17 @@ def test_two_model_ar_cfg_defaults_to_the_prefix_models_own(ar_dirs, tiny_dir):
     assert plain.hybrid.ar.cfg_coef == 5.0 and plain.prefix_model is musicgen
     plain.set_generation_params(duration=1, hybrid_prefix_seconds=0.2, prefix_model=musicgen, ar_cfg_coef=2.0)
     assert plain.hybrid.ar.cfg_coef == 2.0
+
+
+def test_bench_hybrid_runs_on_a_tiny_model(tmp_path):
+    """`magnet-engine bench hybrid` end to end on tiny random models: every configuration
+    runs and the JSON holds a time to first audio for the hybrid ones (not a timing test)."""
+    import json
+    out = tmp_path / "hybrid.json"
+    assert cli_main(["bench", "hybrid", "--arch", "tiny", "--runs", "1", "--warmup", "1", "--duration", "1",
+                     "--prefixes", "0.3", "--decoding-steps", "2", "1", "1", "1", "--precision", "fp32",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    cases = {c["name"]: c for c in json.loads(out.read_text())["cases"]}
+    assert {"plain", "hybrid-0.3s", "rescored"} <= set(cases) and any(n.startswith("two-model") for n in cases)
+    hybrid_case = cases["hybrid-0.3s"]
+    assert 0 < hybrid_case["first_audio_ms"]["p50"] < hybrid_case["end_to_end_ms"]["p50"]

@@ -2,6 +2,7 @@
 
     magnet-engine bench --arch small --duration 2 --batch 1 --precision fp32 bf16
     python benchmarks/latency.py --model /path/to/magnet-small-10secs --runs 5
+    magnet-engine bench hybrid --prefixes 1 3   # hybrid vs plain, rescoring, time to first audio
 
 Both loops run in one process on the same model, inputs, settings and machine; the ratio
 is the headline. Reports p50/p95 of tokens-only and end-to-end latency, time per stage,
@@ -195,6 +196,10 @@ def _load_model(args, precision: str):
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hybrid"]:   # hybrid vs plain, rescoring cost, time to first audio
+        from magnet_engine.bench_hybrid import main as hybrid_main
+        return hybrid_main(argv[1:])
     p = argparse.ArgumentParser(prog="magnet-engine bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: random weights of --arch)")
