@@ -216,3 +216,12 @@ def test_bench_hybrid_runs_on_a_tiny_model(tmp_path):
     assert {"plain", "hybrid-0.3s", "rescored"} <= set(cases) and any(n.startswith("two-model") for n in cases)
     hybrid_case = cases["hybrid-0.3s"]
     assert 0 < hybrid_case["first_audio_ms"]["p50"] < hybrid_case["end_to_end_ms"]["p50"]
+
+
+def test_generate_stream_raises_the_workers_error(ar_dirs):
+    hy = MAGNeT.from_pretrained(ar_dirs["hybrid"], device="cpu")
+    hy.set_generation_params(duration=1, **FAST)
+    with pytest.raises(InvalidOptionError, match="span"):
+        list(hy.generate_stream(["x"], hybrid_prefix_seconds=0.99))
+    with pytest.raises(InvalidOptionError, match="exclusive"):
+        hy.generate_tokens(["x"], prompt_codes=torch.zeros(1, 4, 5, dtype=torch.long))
