@@ -137,6 +137,9 @@ class Runtime:
         prob = bufs["prob"][:, :kept]
 
         if forward is None:
+            if cfg.pattern != "parallel":   # its rows are not frames: only the hybrid tail forward fits
+                raise InvalidOptionError(f"a {cfg.pattern}-layout checkpoint decodes through hybrid.HybridRuntime "
+                                         "(an AR prefix, then the masked tail), not plain masked decoding")
             cond = cond.to(self.dtype)
             cross_kv = lm.cross_kv(cond[:batch] if self.skip_null_cross else cond)
             forward = lambda codes, stage, cond_only: self._forward_hidden(codes, cross_kv, stage, cond_only)  # noqa: E731

@@ -20,6 +20,7 @@ import torch
 
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.model import MagnetLM
+from magnet_engine.errors import InvalidOptionError
 
 DONT_REMASK = -1e4
 
@@ -114,6 +115,8 @@ def generate_tokens(lm: MagnetLM, cond: torch.Tensor, frames: int, params: Decod
     (`rescoring.BoundRescorer`): its confidence is mixed into p̂ before span scoring.
     """
     cfg = lm.cfg
+    if cfg.pattern != "parallel":
+        raise InvalidOptionError(f"the reference loop decodes the parallel layout; this checkpoint's is {cfg.pattern!r}")
     batch = cond.shape[0] // 2
     p_len = 0 if prompt is None else prompt.shape[-1]
     codes = torch.full((batch, cfg.n_q, frames), cfg.mask_id, dtype=torch.long, device=cond.device)

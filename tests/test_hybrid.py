@@ -277,3 +277,24 @@ def test_tail_forward_conditional_rows_alone():
         both, alone = forward(codes, 1, False), forward(codes, 1, True)
     assert both.shape[0] == 4 and alone.shape[0] == 2
     assert torch.allclose(alone, both[:2], atol=1e-5, rtol=0)
+
+
+def test_hybrid_rows_independent_of_batch():
+    """Per-row seeds and row-keyed draws: a row's hybrid sample does not depend on which
+    other rows share its batch (AR phase and masked tail alike)."""
+    lm = ar_lm("hybrid", seed=4)
+    params = DecodingParams(decoding_steps=(4, 2, 2, 2))
+    cond2 = _cond(lm, 2, seed=8)
+    hy = hybrid.HybridRuntime(Runtime(lm))
+    both = hy.generate(cond2, 33, params, hybrid.ARParams(top_k=10), 9, seeds=[7, 8])
+    alone = hy.generate(torch.cat([cond2[1:2], cond2[3:4]]), 33, params, hybrid.ARParams(top_k=10), 9, seeds=[8])
+    assert torch.equal(both[1:2], alone)
+
+
+def test_plain_masked_decoding_refuses_a_delay_layout_checkpoint():
+    lm = ar_lm("hybrid")
+    with pytest.raises(InvalidOptionError, match="HybridRuntime"):
+        Runtime(lm).generate(_cond(lm, 1), 30, DecodingParams())
+    from magnet_engine.engine import reference
+    with pytest.raises(InvalidOptionError, match="parallel layout"):
+        reference.generate_tokens(lm, _cond(lm, 1), 30, DecodingParams())
