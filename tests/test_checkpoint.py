@@ -127,3 +127,31 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(Exception):
         ckpt.atomic_save({"x": Unpicklable()}, target)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind,lm_model,pattern,causal,span_len,window", [
+    ("magnet", "transformer_lm_magnet", "parallel", False, 3, 5),
+    ("hybrid", "transformer_lm_magnet", "delay", False, 3, 5),
+    ("musicgen", "transformer_lm", "delay", True, 1, -1),
+])
+def test_layouts_read_from_the_config(kind, lm_model, pattern, causal, span_len, window):
+    cfg = ckpt.read_lm_package(ckpt.random_lm_package(32, 4, 1, d_t5=8, kind=kind), frame_rate=50).cfg
+    assert (cfg.lm_model, cfg.pattern, cfg.causal, cfg.span_len, cfg.subcodes_context) == \
+        (lm_model, pattern, causal, span_len, window)
+    assert cfg.delays == (() if pattern == "parallel" else (0, 1, 2, 3)) and cfg.cfg_coef == 3.0
+    assert cfg.is_hybrid == (kind == "hybrid") and cfg.is_autoregressive == (kind == "musicgen")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (("delays: [0, 1, 2, 3]", "delays: [0, 1, 2]"), "delays"),
+    (("flatten_first: 0", "flatten_first: 1"), "flatten_first"),
+    (("empty_initial: 0\n  parallel", "empty_initial: 2\n  parallel"), "empty_initial"),
+    (("modeling: delay", "modeling: parallel"), "delay"),
+    (("modeling: delay", "modeling: unroll"), "unroll"),
+])
+def test_delay_layout_config_errors(edit, match):
+    pkg = ckpt.random_lm_package(32, 4, 1, d_t5=8, kind="musicgen")
+    assert edit[0] in pkg["xp.cfg"]
+    pkg["xp.cfg"] = pkg["xp.cfg"].replace(*edit)
+    with pytest.raises(ConfigError, match=match):
+        ckpt.read_lm_package(pkg, frame_rate=50)

@@ -147,9 +147,21 @@ def test_hybrid_prefix_cells_fixed_through_masked_decoding(handoff, arrangement)
         for k, n in enumerate(plan.prompt_lens):
             assert torch.equal(codes[:, k, :n], prefix[:, k, :n]), (done, k)
 
+    handed = {}
+    masked_decoding = runtime.generate
+
+    def record(*args, **kwargs):   # what the hand-off gives masked decoding
+        handed.update(prompt=kwargs["prompt"].clone(), lens=kwargs["prompt_lens"])
+        return masked_decoding(*args, **kwargs)
+
+    runtime.generate = record
     first = []
     out = hybrid.HybridRuntime(runtime).generate(cond, 40, params, ar_params, 11, handoff=handoff, seeds=[1, 2],
                                                  callback=check, on_prefix=first.append)
+    assert handed["lens"] == plan.prompt_lens and handed["prompt"].shape == (2, 4, 11)
+    for k, n in enumerate(plan.prompt_lens):   # exactly the fixed cells: AR tokens, then the mask id
+        assert torch.equal(handed["prompt"][:, k, :n], prefix[:, k, :n])
+        assert (handed["prompt"][:, k, n:] == lm.cfg.mask_id).all()
     assert seen[-1] == plan.ar_steps + 11
     for k, n in enumerate(plan.prompt_lens):
         assert torch.equal(out[:, k, :n], prefix[:, k, :n])
