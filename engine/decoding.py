@@ -20,7 +20,6 @@ from __future__ import annotations
 import typing as tp
 
 import torch
-import torch.nn.functional as F
 
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.model import MagnetLM

@@ -329,6 +329,16 @@ class HybridPlan:
         return min(self.prompt_lens)
 
 
+def _frames_with_prefix(cfg: ModelConfig, frames: int, prefix_frames: int, params: DecodingParams) -> int:
+    """Frames T' kept by masked decoding, checking that an AR prefix of `prefix_frames` leaves a tail."""
+    layout = masking.mode(cfg.span_len, params.span_arrangement)
+    kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
+    if not 1 <= prefix_frames < kept:
+        raise InvalidOptionError(f"the AR prefix must be 1 to {kept - 1} frames of the {kept}-frame clip, "
+                                 f"found {prefix_frames}")
+    return kept
+
+
 def plan_hybrid(cfg: ModelConfig, frames: int, prefix_frames: int, params: DecodingParams,
                 handoff: str = "staircase", prefix_attention: str = "cached") -> HybridPlan:
     if handoff not in HANDOFFS:
@@ -337,10 +347,7 @@ def plan_hybrid(cfg: ModelConfig, frames: int, prefix_frames: int, params: Decod
         raise InvalidOptionError(f"hybrid prefix attention must be one of {PREFIX_ATTENTIONS}, "
                                  f"found {prefix_attention!r}")
     layout = masking.mode(cfg.span_len, params.span_arrangement)
-    kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
-    if not 1 <= prefix_frames < kept:
-        raise InvalidOptionError(f"the AR prefix must be 1 to {kept - 1} frames of the {kept}-frame clip, "
-                                 f"found {prefix_frames}")
+    kept = _frames_with_prefix(cfg, frames, prefix_frames, params)
     delays = cfg.delays
     if handoff == "staircase":
         steps, lens = prefix_frames, tuple(max(prefix_frames - d, 0) for d in delays)
@@ -496,11 +503,7 @@ def generate_two_model(runtime, cond: torch.Tensor, ar_runtime: ARRuntime, ar_co
     if (ar_cfg.n_q, ar_cfg.card, ar_cfg.frame_rate) != (cfg.n_q, cfg.card, cfg.frame_rate):
         raise InvalidOptionError(f"prefix model codes (n_q {ar_cfg.n_q}, card {ar_cfg.card}, {ar_cfg.frame_rate} Hz) "
                                  f"do not match MAGNeT's (n_q {cfg.n_q}, card {cfg.card}, {cfg.frame_rate} Hz)")
-    layout = masking.mode(cfg.span_len, params.span_arrangement)
-    kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
-    if not 1 <= prefix_frames < kept:
-        raise InvalidOptionError(f"the AR prefix must be 1 to {kept - 1} frames of the {kept}-frame clip, "
-                                 f"found {prefix_frames}")
+    _frames_with_prefix(cfg, frames, prefix_frames, params)
     steps = prefix_frames + ar_cfg.max_delay
     total = steps + sum(params.decoding_steps)
     ar = ar_runtime.generate(ar_cond, steps, delayed_length(prefix_frames, ar_cfg.delays), ar_params, seeds,

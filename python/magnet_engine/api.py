@@ -396,11 +396,7 @@ class MAGNeT:
         elif prefix_frames:
             ar_steps = prefix_frames + self.prefix_model.cfg.max_delay
         callback, bar = _progress_callback(progress, ar_steps + sum(params.decoding_steps))
-        decoded_prefix = None
-        if on_prefix is not None:
-            def decoded_prefix(codes):
-                with torch.no_grad():
-                    on_prefix(self.codec.decode(codes))
+        decoded_prefix = None if on_prefix is None else (lambda codes: on_prefix(self.codec.decode(codes)))
         try:
             with torch.no_grad():
                 cond = self.conditioner.encode(descriptions).embeds.to(self.device)

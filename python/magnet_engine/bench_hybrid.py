@@ -32,12 +32,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
-import json
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import typing as tp
 from pathlib import Path
@@ -45,7 +43,7 @@ from pathlib import Path
 import torch
 
 from magnet_engine.bench import DEFAULT_OUT, _git_commit, _percentile, _sync, machine_info, write_report
-from magnet_engine.demo import PRESETS
+from magnet_engine.demo import PRESETS, build_once
 from magnet_engine.engine import checkpoint as ckpt
 
 # A reduced architecture for a 2-core CPU (magnet-small at 5 s takes minutes per run there).
@@ -61,16 +59,12 @@ def build_models(cache_dir: Path, arch: str, segment: float) -> Path:
     """<cache>/hybrid-bench-<arch>-<segment>s/{t5, magnet, hybrid, musicgen}: three LMs of one
     architecture sharing one random T5 (passed to the loader) and one EnCodec. Built once; a
     half-built directory is never reused."""
-    target = Path(cache_dir).expanduser() / f"hybrid-bench-{arch}-{segment:g}s"
-    if (target / "BUILT.json").exists():
-        return target
     from magnet_engine.engine.codec import random_compression_package
     from magnet_engine.engine.conditioning import build_random_t5
 
     spec = PRESETS[_PRESET_OF[arch]]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def build(staging: Path) -> None:
         build_random_t5(staging / "t5", seed=0, **spec["t5"])
         codec = random_compression_package(sample_rate=32000, n_filters=spec["codec_filters"], ratios=(8, 5, 4, 4),
                                            seed=0)
@@ -85,13 +79,9 @@ def build_models(cache_dir: Path, arch: str, segment: float) -> Path:
                 os.link(staging / KINDS[0] / ckpt.CODEC_FILE, staging / kind / ckpt.CODEC_FILE)
             except OSError:
                 shutil.copyfile(staging / KINDS[0] / ckpt.CODEC_FILE, staging / kind / ckpt.CODEC_FILE)
-        (staging / "BUILT.json").write_text(json.dumps({"arch": arch, "segment": segment, **BENCH_ARCHS[arch]}))
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return build_once(Path(cache_dir).expanduser() / f"hybrid-bench-{arch}-{segment:g}s", build,
+                      {"arch": arch, "segment": segment, **BENCH_ARCHS[arch]})
 
 
 # -------------------------------------------------------------------------- cases

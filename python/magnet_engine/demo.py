@@ -54,15 +54,21 @@ def cached_demo_model(cache_dir: tp.Union[str, Path], preset: str, duration: flo
                       kind: str = "magnet") -> Path:
     """The demo's model directory, built on first use; a half-built one is never reused."""
     name = f"demo-{preset}-{duration:g}s" if kind == "magnet" else f"demo-{preset}-{kind}-{duration:g}s"
-    target = Path(cache_dir).expanduser() / name
-    stamp = target / "BUILT.json"
-    if stamp.exists():
+    return build_once(Path(cache_dir).expanduser() / name,
+                      lambda staging: build_random_model(staging, preset, duration=duration, kind=kind),
+                      {"preset": preset, "duration": duration, "kind": kind})
+
+
+def build_once(target: Path, build: tp.Callable[[Path], tp.Any], stamp: dict) -> Path:
+    """`target`, built by build(staging directory) on first use and renamed into place with
+    a BUILT.json stamp; a half-built directory is never reused."""
+    if (target / "BUILT.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        build_random_model(staging, preset, duration=duration, kind=kind)
-        (staging / "BUILT.json").write_text(json.dumps({"preset": preset, "duration": duration, "kind": kind}))
+        build(staging)
+        (staging / "BUILT.json").write_text(json.dumps(stamp))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     except BaseException:
