@@ -310,3 +310,56 @@ def test_plain_masked_decoding_refuses_a_delay_layout_checkpoint():
     from magnet_engine.engine import reference
     with pytest.raises(InvalidOptionError, match="parallel layout"):
         reference.generate_tokens(lm, _cond(lm, 1), 30, DecodingParams())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_cached_logits_error_within_twice_the_plain_model(precision):
+    """The KV-cached AR step and the cached hybrid tail in low precision: their logits' error
+    against fp32 is at most 2x that of the plain model run whole in the same precision."""
+    import copy
+    from magnet_engine.engine import decoding
+
+    lm = ar_lm("hybrid", seed=10, dim=64)
+    dtype = decoding.PRECISIONS[precision]
+    cond = _cond(lm, 2, seed=2)
+    plain_low = copy.deepcopy(lm).to(dtype)
+    params = DecodingParams()
+    plan = hybrid.plan_hybrid(lm.cfg, 30, 9, params)
+    exact_ar = hybrid.HybridRuntime(Runtime(lm))
+    low_rt = Runtime(lm, precision=precision)
+    low = hybrid.HybridRuntime(low_rt)
+    with torch.no_grad():
+        ar = exact_ar.ar.generate(cond, plan.ar_steps, plan.seq_len, hybrid.ARParams(top_k=10), seeds=[1, 2])
+        codes = torch.randint(0, 40, (2, 4, plan.frames))
+        prefix = hybrid.revert_delayed(ar.seq, lm.cfg.delays, 9)
+        for k, n in enumerate(plan.prompt_lens):
+            codes[:, k, :n] = prefix[:, k, :n]
+        # AR steps: replay the exact sequence through the low-precision cache, step by step
+        positions = torch.arange(plan.seq_len)
+        cache = low_rt.lm.new_cache(4, plan.seq_len, dtype)
+        low_kv = low.ar.cross_kv(cond)
+        for p in range(plan.ar_steps):
+            seq = ar.seq[:, :, :p + 1]
+            mask = positions[None, :] <= p
+            got = low_rt.lm.head_logits(low.ar.hidden(ar.seq[:, :, p:p + 1], positions[p:p + 1], low_kv, cache, mask))
+            exact = lm.head_logits(lm.hidden(torch.cat([seq, seq]), cond, 0, attend=hybrid.causal_self_attention)[:, -1:])
+            plain = plain_low.head_logits(plain_low.hidden(torch.cat([seq, seq]), cond.to(dtype), 0,
+                                                           attend=hybrid.causal_self_attention)[:, -1:])
+            fast_err = (got.double() - exact.double()).abs().max()
+            plain_err = (plain.double() - exact.double()).abs().max()
+            assert fast_err <= 2 * plain_err, (p, float(fast_err), float(plain_err))
+        # the masked tail over that low-precision cache (now holding the prefix rows 0..F-1)
+        tail = low.tail_forward(plan, hybrid.ARResult(ar.seq, cache, low_kv, plan.ar_steps))
+        for stage in (0, 2):
+            d = lm.cfg.delays[stage]
+            frames = torch.arange(plan.frames)
+            used = frames + d >= plan.query_start
+            rows = (frames + d)[used]
+            got = lm.linears[stage](lm.out_norm(tail(codes, stage, False)[:, used].float())).double()
+            exact = lm.linears[stage](hybrid.reference_tail_hidden(lm, codes, cond, plan, stage)[:, rows]).double()
+            plain_rows = hybrid.reference_tail_hidden(plain_low, codes, cond.to(dtype), plan, stage)[:, rows]
+            plain = plain_low.linears[stage](plain_rows).double()
+            fast_err = (got - exact).abs().max()
+            plain_err = (plain - exact).abs().max()
+            assert plain_err > 0
+            assert fast_err <= 2 * plain_err, (stage, float(fast_err), float(plain_err))
