@@ -93,3 +93,39 @@ def test_demo_page_generates_playable_audio(driver, server_url, tmp_path):
     if os.environ.get("MAGNET_SAVE_SCREENSHOT") == "1":
         RESULTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, RESULTS / "demo_page.png")
+
+
+@pytest.fixture
+def hybrid_server_url(tmp_path):
+    model = MAGNeT.from_pretrained(build_random_model(tmp_path / "hybrid", "tiny", kind="hybrid"), device="cpu",
+                                   name="demo-tiny-hybrid (random weights)")
+    with BackgroundServer(create_app(model, Settings())) as url:
+        yield url
+
+
+def test_demo_page_plays_the_hybrid_prefix_first(driver, hybrid_server_url):
+    """A hybrid checkpoint: the page receives the SSE "prefix" event, points the player at
+    /v1/prefix/<id> (the AR prefix, 0.94 s of a 2 s clip), then swaps in the full clip."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(hybrid_server_url)
+    WebDriverWait(driver, 30).until(lambda _: "engine" in driver.find_element(By.ID, "model-line").text)
+    # remember every source the player is given
+    driver.execute_script("""
+        const a = document.getElementById('audio'); window.sources = [];
+        new MutationObserver(() => window.sources.push(a.src)).observe(a, {attributes: true, attributeFilter: ['src']});""")
+    for element_id, value in (("prompt", "slow strings"), ("duration", "2"), ("steps", "4,2,2,2"), ("seed", "7")):
+        element = driver.find_element(By.ID, element_id)
+        element.clear()
+        element.send_keys(value)
+    driver.find_element(By.ID, "generate").click()
+    status = driver.find_element(By.ID, "status")
+    WebDriverWait(driver, 120).until(lambda _: status.get_attribute("data-last-event") == "done")
+    assert status.get_attribute("data-prefix-seconds") == "0.94"
+    sources = driver.execute_script("return window.sources")
+    assert "/v1/prefix/" in sources[0] and sources[-1].startswith("blob:")
+    playable = "const a = document.getElementById('audio'); return a.readyState >= 1 && a.duration > 0;"
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script(playable))
+    assert driver.execute_script("return document.getElementById('audio').duration") == pytest.approx(1.98, abs=0.02)
+    assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

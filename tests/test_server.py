@@ -19,6 +19,7 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from magnet_engine.api import MAGNeT
+from magnet_engine.engine.config import DecodingParams
 from magnet_engine.audio import wav_bytes
 from magnet_engine.demo import build_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app, text_token_count
@@ -376,8 +377,9 @@ def test_serve_command_reports_a_missing_model(tmp_path, capsys):
 
 
 def test_hybrid_checkpoint_served_with_prefix_progress(tmp_path_factory, tiny_model):
-    """A hybrid-MAGNeT checkpoint served: the AR prefix steps count in the progress, and the
-    shared instance's settings stay untouched (per-call params)."""
+    """A hybrid-MAGNeT checkpoint served: the AR prefix steps count in the progress, the
+    decoded prefix is announced (SSE "prefix") and served at /v1/prefix/<id> before the clip
+    is done, and the shared instance's settings stay untouched (per-call params)."""
     model = MAGNeT.from_pretrained(build_random_model(tmp_path_factory.mktemp("hybrid"), "tiny", kind="hybrid"),
                                    device="cpu")
     before = (model.params, model.duration)
@@ -385,11 +387,23 @@ def test_hybrid_checkpoint_served_with_prefix_progress(tmp_path_factory, tiny_mo
         assert client.get("/v1/model").json()["hybrid"] is True
         r = post(client, description="warm piano", seed=3, request_id="hy", duration=0.6)
         events = sse_events(client.get("/v1/progress/hy").text)
+        first = client.get("/v1/prefix/hy")
+        missing = client.get("/v1/prefix/nobody")
     assert r.status_code == 200
     wav, _ = sf.read(io.BytesIO(r.content))
     assert wav.shape == (int(0.6 * model.frame_rate) // 3 * 3 * 640,)
     step = dict(events)["step"]          # a replay keeps the latest step: AR prefix steps + masked steps
     assert step["done"] == step["total"] == 15 + 5 and step["stage"] == 3   # prefix: half of the 0.6 s clip
+    kinds = [kind for kind, _ in events]
+    assert kinds.index("prefix") < kinds.index("codec") < kinds.index("done")
+    announced = dict(events)["prefix"]
+    assert announced["url"] == "/v1/prefix/hy" and announced["rows"] == [0] and announced["seconds"] == 12 * 640 / 32000
+    # the prefix served early is the decoded first 12 frames (15 − 3: every codebook fixed) of the final clip
+    assert first.status_code == 200 and first.headers["content-type"] == "audio/wav"
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "NotFound"
+    tokens = model.generate_tokens(["warm piano"], seed=[3], params=DecodingParams(decoding_steps=(2, 1, 1, 1)),
+                                   duration=0.6)
+    assert_same_audio(first.content, wav_bytes(model.decode(tokens[..., :12])[0], model.sample_rate))
     assert (model.params, model.duration) == before
     model.set_generation_params(duration=0.6, decoding_steps=[2, 1, 1, 1])
     assert r.content == wav_bytes(model.decode(model.generate_tokens(["warm piano"], seed=[3]))[0], model.sample_rate)

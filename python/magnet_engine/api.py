@@ -311,13 +311,14 @@ class MAGNeT:
 
     def generate_tokens(self, descriptions: tp.Sequence[tp.Optional[str]], prompt_codes: tp.Optional[torch.Tensor] = None,
                         progress: tp.Union[bool, Progress] = False, seed: tp.Union[int, tp.Sequence[int], None] = None,
-                        *, params: tp.Optional[DecodingParams] = None, duration: tp.Optional[float] = None
-                        ) -> torch.Tensor:
+                        *, params: tp.Optional[DecodingParams] = None, duration: tp.Optional[float] = None,
+                        on_prefix: tp.Optional[tp.Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
         """Tokens only, no codec: [B, K, T']. `prompt_codes` [B, K, P] are kept fixed.
 
         params / duration: this call's decoding options and length instead of the instance's
         (`set_generation_params`), which stay untouched — a service sharing one instance
-        between requests passes them here rather than setting state."""
+        between requests passes them here rather than setting state. on_prefix: as `generate`'s
+        (hybrid decoding: the decoded AR prefix audio, before the tail)."""
         descriptions = check_descriptions(descriptions)
         if params is not None:
             if not isinstance(params, DecodingParams):
@@ -328,7 +329,8 @@ class MAGNeT:
         if prompt_codes is not None:
             prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions), duration)
         with self._lock:
-            return self._tokens(descriptions, prompt_codes, progress, seed, params=params, duration=duration)
+            return self._tokens(descriptions, prompt_codes, progress, seed, params=params, duration=duration,
+                                on_prefix=on_prefix)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Codes [B, K, T] -> waveform [B, channels, T · hop]."""

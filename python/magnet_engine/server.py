@@ -217,6 +217,7 @@ class ProgressChannel:
         self.claimed = False            # a POST owns this id
         self.created = time.monotonic()
         self.finished: tp.Optional[float] = None
+        self.prefix: tp.Dict[int, bytes] = {}   # hybrid: row index -> the AR prefix as a wav, served early
 
     def publish(self, kind: str, data: dict) -> None:
         """Any thread."""
@@ -462,11 +463,20 @@ class Batcher:
             for job in jobs:
                 job.channel.publish("step", event)
 
+        def on_prefix(wav) -> None:   # hybrid checkpoints: the decoded AR prefix, before the tail exists
+            wav = wav.cpu()
+            for i, row in enumerate(batch):
+                row.job.channel.prefix[row.index] = wav_bytes(wav[i], self.model.sample_rate)
+            for job in jobs:
+                job.channel.publish("prefix", {"seconds": round(wav.shape[-1] / self.model.sample_rate, 3),
+                                               "rows": sorted(r.index for r in batch if r.job is job),
+                                               "url": f"/v1/prefix/{job.request_id}"})
+
         try:
             # per-call options: the shared model instance is never reconfigured by a request
             tokens = self.model.generate_tokens([r.text for r in batch], progress=progress,
                                                 seed=[r.seed for r in batch], params=key.params,
-                                                duration=key.duration)             # [B, K, T]
+                                                duration=key.duration, on_prefix=on_prefix)  # [B, K, T]
             tokens_done = time.monotonic()
             for job in jobs:
                 job.channel.publish("codec", {})
@@ -690,6 +700,17 @@ def create_app(model, settings: tp.Optional[Settings] = None) -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/prefix/{request_id}")
+    async def prefix(request_id: str, index: int = 0):
+        """Hybrid checkpoints: row `index`'s AR prefix as a wav, as soon as the SSE stream
+        announced it (event "prefix"), while the rest of the clip is still being decoded."""
+        channel = hub.get(request_id)
+        blob = None if channel is None else channel.prefix.get(index)
+        if blob is None:
+            return ApiError(404, "NotFound", f"no prefix audio for request {request_id!r} row {index} (only "
+                            "hybrid checkpoints make one, and only requests that gave a request_id)").response()
+        return Response(blob, media_type="audio/wav")
 
     @app.get("/v1/model")
     async def get_model():

@@ -58,6 +58,12 @@ function followProgress(requestId) {
                                ? `autoregressive prefix, step ${d.step}/${d.stage_steps}`
                                : `codebook ${d.stage + 1}/${modelInfo.n_q}, step ${d.step}/${d.stage_steps}`,
                                0.95 * d.done / d.total));
+  on("prefix", (d) => {   // hybrid checkpoints: the AR prefix plays while the tail is decoded
+    if (!d.rows.includes(0)) return;
+    $("audio").src = `${d.url}?index=0`;
+    $("result").hidden = false;
+    $("status").dataset.prefixSeconds = d.seconds;
+  });
   on("codec", () => setStatus("decoding audio", 0.95));
   on("done", () => events.close());
   on("error", () => events.close());
@@ -96,7 +102,7 @@ async function generate(event) {
 
 function showResult(wav, headers, totalMs) {
   const audio = $("audio");
-  if (audio.src) URL.revokeObjectURL(audio.src);
+  if (audio.src.startsWith("blob:")) URL.revokeObjectURL(audio.src);
   audio.src = URL.createObjectURL(new Blob([wav], {type: "audio/wav"}));
   $("result").hidden = false;
   drawWaveform($("waveform"), pcmSamples(wav));
