@@ -46,7 +46,7 @@ function setStatus(text, fraction) {
   if (fraction !== undefined) $("progress").value = fraction;
 }
 
-function followProgress(requestId) {
+function followProgress(requestId, request) {
   const events = new EventSource(`/v1/progress/${encodeURIComponent(requestId)}`);
   const on = (kind, handler) => events.addEventListener(kind, (e) => {
     $("status").dataset.lastEvent = kind;  // read by tests/test_browser.py
@@ -59,10 +59,10 @@ function followProgress(requestId) {
                                : `codebook ${d.stage + 1}/${modelInfo.n_q}, step ${d.step}/${d.stage_steps}`,
                                0.95 * d.done / d.total));
   on("prefix", (d) => {   // hybrid checkpoints: the AR prefix plays while the tail is decoded
-    if (!d.rows.includes(0)) return;
+    $("status").dataset.prefixSeconds = d.seconds;
+    if (!d.rows.includes(0) || request.done) return;   // a late event never replaces the full clip
     $("audio").src = `${d.url}?index=0`;
     $("result").hidden = false;
-    $("status").dataset.prefixSeconds = d.seconds;
   });
   on("codec", () => setStatus("decoding audio", 0.95));
   on("done", () => events.close());
@@ -76,7 +76,8 @@ async function generate(event) {
   $("generate").disabled = true;
   $("error").hidden = true;
   const requestId = newRequestId();
-  const events = followProgress(requestId);
+  const request = {done: false};
+  const events = followProgress(requestId, request);
   const started = performance.now();
   try {
     const response = await fetch("/v1/generate", {
@@ -89,6 +90,7 @@ async function generate(event) {
       throw new Error(answer && answer.error ? answer.error.message : `HTTP ${response.status}`);
     }
     const wav = await response.arrayBuffer();
+    request.done = true;
     showResult(wav, response.headers, performance.now() - started);
   } catch (err) {
     setStatus("failed", 0);
