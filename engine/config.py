@@ -180,6 +180,19 @@ class ModelConfig:
         )
 
 
+def check_sampling_options(use_sampling, top_k, top_p, temperature, what: str = "") -> None:
+    """The sampling options shared by masked and AR decoding; `what` prefixes the messages."""
+    if not isinstance(use_sampling, bool):
+        raise InvalidOptionError(f"{what}use_sampling must be a bool, found {use_sampling!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise InvalidOptionError(f"{what}top_k must be an int >= 0, found {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
+        raise InvalidOptionError(f"{what}top_p must be 0 (off) or in (0, 1], found {top_p!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise InvalidOptionError(f"{what}temperature must be a finite number >= 0, found {temperature!r}")
+
+
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
 
@@ -204,15 +217,7 @@ class DecodingParams:
         def bad(msg):
             raise InvalidOptionError(msg)
 
-        if not isinstance(self.use_sampling, bool):
-            bad(f"use_sampling must be a bool, found {self.use_sampling!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            bad(f"top_k must be an int >= 0, found {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not (0.0 <= self.top_p <= 1.0) or math.isnan(self.top_p):
-            bad(f"top_p must be 0 (off) or in (0, 1], found {self.top_p!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
-                or self.temperature < 0:
-            bad(f"temperature must be a finite number >= 0, found {self.temperature!r}")
+        check_sampling_options(self.use_sampling, self.top_k, self.top_p, self.temperature)
         for name in ("max_cfg_coef", "min_cfg_coef"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -51,7 +51,6 @@ class Runtime:
         self.dtype = PRECISIONS[precision]
         self.impl = impl
         self.device = next(lm.parameters()).device
-        self.skip_null_cross = not self.cfg.bias_attn
         self._buffers: tp.Dict[tp.Tuple[int, int], tp.Dict[str, torch.Tensor]] = {}
         if self.dtype != torch.float32:
             self.lm = cast_copy(lm, self.dtype)
@@ -139,8 +138,7 @@ class Runtime:
             if cfg.pattern != "parallel":   # its rows are not frames: only the hybrid tail forward fits
                 raise InvalidOptionError(f"a {cfg.pattern}-layout checkpoint decodes through hybrid.HybridRuntime "
                                          "(an AR prefix, then the masked tail), not plain masked decoding")
-            cond = cond.to(self.dtype)
-            cross_kv = lm.cross_kv(cond[:batch] if self.skip_null_cross else cond)
+            cross_kv = lm.cfg_cross_kv(cond, self.dtype)
             forward = lambda codes, stage, cond_only: self._forward_hidden(codes, cross_kv, stage, cond_only)  # noqa: E731
         # RNG key of position (b, t): (seeds[b], step, t), so a row's draws never depend on
         # which other rows share its batch.

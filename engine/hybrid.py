@@ -42,7 +42,7 @@ import typing as tp
 import torch
 import torch.nn.functional as F
 
-from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampling_options
 from magnet_engine.engine.model import KVCache, MagnetLM, causal_self_attention, masked_self_attention
 from magnet_engine.engine.schedule import spans_to_generate
 from magnet_engine.errors import InvalidOptionError, NumericalError
@@ -87,18 +87,10 @@ class ARParams:
     cfg_coef: float = 3.0
 
     def validate(self) -> "ARParams":
-        if not isinstance(self.use_sampling, bool):
-            raise InvalidOptionError(f"AR use_sampling must be a bool, found {self.use_sampling!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidOptionError(f"AR top_k must be an int >= 0, found {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 <= self.top_p <= 1.0:
-            raise InvalidOptionError(f"AR top_p must be in [0, 1], found {self.top_p!r}")
-        for name in ("temperature", "cfg_coef"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or (name == "temperature" and value < 0):
-                raise InvalidOptionError(f"AR {name} must be a finite number{' >= 0' * (name == 'temperature')}, "
-                                         f"found {value!r}")
+        check_sampling_options(self.use_sampling, self.top_k, self.top_p, self.temperature, what="AR ")
+        c = self.cfg_coef
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise InvalidOptionError(f"AR cfg_coef must be a finite number, found {c!r}")
         return self
 
 
@@ -141,7 +133,6 @@ class ARRuntime:
         if cuda_graphs and self.device.type != "cuda":
             raise InvalidOptionError("cuda_graphs=True needs the model on a CUDA device")
         self.cuda_graphs = cuda_graphs
-        self.skip_null_cross = not cfg.bias_attn
         self._caches: tp.Dict[tp.Tuple[int, int], KVCache] = {}
         self._graphs: tp.Dict[tuple, tp.Any] = {}
 
@@ -155,9 +146,8 @@ class ARRuntime:
         return cache
 
     def cross_kv(self, cond: torch.Tensor):
-        """Per-layer cross K/V of the conditional rows only when the null rows' output is 0."""
-        batch = cond.shape[0] // 2
-        return self.lm.cross_kv(cond[:batch].to(self.dtype) if self.skip_null_cross else cond.to(self.dtype))
+        """Per-layer cross K/V of CFG rows [2B, S, D] in this runtime's dtype (`MagnetLM.cfg_cross_kv`)."""
+        return self.lm.cfg_cross_kv(cond, self.dtype)
 
     def hidden(self, codes: torch.Tensor, positions: torch.Tensor, cross_kv, cache: KVCache,
                mask: torch.Tensor) -> torch.Tensor:

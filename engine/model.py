@@ -217,6 +217,13 @@ class MagnetLM(nn.Module):
         """Per-layer cross-attention (K, V) of the condition [B, S, D]; reusable across steps."""
         return [layer.cross_attention.kv(cond) for layer in self.transformer.layers]
 
+    def cfg_cross_kv(self, cond: torch.Tensor, dtype: tp.Optional[torch.dtype] = None):
+        """Cross K/V of CFG condition rows [2B, S, D] (conditional, then null): of the B
+        conditional rows alone when the null rows' cross-attention output is exactly zero
+        (bias-free projections of all-zero rows, spec §3; see `Layer.cross_and_ffn`)."""
+        cond = cond if dtype is None else cond.to(dtype)
+        return self.cross_kv(cond if self.cfg.bias_attn else cond[:cond.shape[0] // 2])
+
     def hidden(self, codes: torch.Tensor, cond: torch.Tensor, stage: int,
                attend: SelfAttention = dense_self_attention, cross_kv=None) -> torch.Tensor:
         """codes [B, K, T], cond [B, S, D] -> LN_out output [B, T, D]."""
