@@ -145,7 +145,7 @@ def _timed_generation(model, engine: str, descriptions, seed: int, timer: StageT
         timer.start()
         if engine == "reference":
             gen = torch.Generator(device=device).manual_seed(seed)
-            tokens = reference.generate_tokens(model.lm, cond, model.frames, model.params, generator=gen,
+            tokens = reference.generate_tokens(model.lm.module, cond, model.frames, model.params, generator=gen,
                                                callback=timer)
         else:
             tokens = model._fast_runtime().generate(cond, model.frames, model.params,
@@ -182,7 +182,7 @@ def run_cases(model, engines: tp.Sequence[str], descriptions, runs: int, warmup:
             result = _timed_generation(model, engine, descriptions, seed, timer)
             if i >= warmup:
                 samples[engine].append(result)
-    audio_s = model.frames // model.cfg.span_len * model.cfg.span_len / model.frame_rate
+    audio_s = model.frames // model.config.span_len * model.config.span_len / model.frame_rate
     return {e: _summary(e, samples[e], audio_s) for e in engines}
 
 
@@ -244,14 +244,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 case["reference"] = ref
                 case["speedup_tokens_p50"] = ref["tokens_ms"]["p50"] / fast["tokens_ms"]["p50"]
                 case["speedup_end_to_end_p50"] = ref["end_to_end_ms"]["p50"] / fast["end_to_end_ms"]["p50"]
-            cfg = model.cfg
+            cfg = model.config
             flops = 0.0
             from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
             kept, _, to_gen = spans_to_generate(model.frames, 0, cfg.span_len, True)
             for stage, n in enumerate(model.params.decoding_steps):
                 sched = stage_schedule(n, to_gen, model.params)
                 for m in sched.num_masked:
-                    flops += step_flops(cfg, batch, kept, model.lm.window(stage), m * cfg.span_len)
+                    flops += step_flops(cfg, batch, kept, model.lm.module.window(stage), m * cfg.span_len)
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
             case["tokens_tflop"] = flops / 1e12
             case["achieved_tflops"] = flops / (fast["tokens_ms"]["p50"] / 1e3) / 1e12

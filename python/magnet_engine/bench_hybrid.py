@@ -169,9 +169,9 @@ def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tu
     prefix_frames = model.prefix_frames(options=opts)
     marks: tp.Dict[str, float] = {}
     info: tp.Dict[str, tp.Any] = {"loadavg_1m": _loadavg()}
-    if model.cfg.is_hybrid:   # rows each masked step recomputes: query_start..seq_len
+    if model.config.is_hybrid:   # rows each masked step recomputes: query_start..seq_len
         from magnet_engine.engine.hybrid import plan_hybrid
-        plan = plan_hybrid(model.cfg, model.frames, prefix_frames, model.params, opts.handoff, opts.prefix_attention)
+        plan = plan_hybrid(model.config, model.frames, prefix_frames, model.params, opts.handoff, opts.prefix_attention)
         info.update(recomputed_rows=plan.seq_len - plan.query_start, sequence_rows=plan.seq_len)
 
     def on_prefix(codes: torch.Tensor) -> None:
@@ -190,11 +190,11 @@ def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tu
         if model.rescorer is not None and model.rescore.weight != 1.0:
             rescorer = _TimedRescorer(BoundRescorer(model.rescorer, model.rescore, descriptions), device)
         ar_cond = None
-        if prefix_frames and not model.cfg.is_hybrid:   # two-model hybrid: MusicGen's own condition
+        if prefix_frames and not model.config.is_hybrid:   # two-model hybrid: MusicGen's own condition
             ar_cond = model.prefix_model.conditioner.encode(descriptions).embeds.to(device)
         _sync(device)
         t_tok = time.perf_counter()
-        if model.cfg.is_hybrid:
+        if model.config.is_hybrid:
             tokens = model._hybrid().generate(cond, model.frames, model.params, opts.ar, prefix_frames,
                                               handoff=opts.handoff, prefix_attention=opts.prefix_attention,
                                               seeds=seeds, on_prefix=on_prefix, rescorer=rescorer)
@@ -259,7 +259,7 @@ def summarise(case: Case, samples: tp.List[dict], model, args) -> dict:
     for key in ("prefix_frames", "prefix_audio_s", "rescore_calls", "recomputed_rows", "sequence_rows"):
         if key in samples[0]:
             out[key] = samples[0][key]
-    audio_s = model.frames // model.cfg.span_len * model.cfg.span_len / model.frame_rate
+    audio_s = model.frames // model.config.span_len * model.config.span_len / model.frame_rate
     out["audio_seconds"] = audio_s
     out["real_time_factor"] = audio_s / (out["end_to_end_ms"]["p50"] / 1e3)
     return out
@@ -397,7 +397,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     cases = make_cases(args, root / "musicgen")
     for case in cases:       # validates every setting (and loads the MusicGen LM) before any timing
         configure(models[case.model], case, args)
-    cfg = models["magnet"].cfg
+    cfg = models["magnet"].config
     print(f"{args.arch}: dim {cfg.dim}, {cfg.num_heads} heads, {cfg.num_layers} layers; {args.duration:g} s = "
           f"{models['magnet'].frames} frames, {args.precision}, {device}, {torch.get_num_threads()} threads; "
           f"models in {root} ({build_s:.0f} s to build/find)", flush=True)
