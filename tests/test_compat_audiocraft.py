@@ -502,13 +502,14 @@ def test_generation_params(model):
                                     min_cfg_coef=2.0, decoding_steps=[4, 3, 2, 1], span_arrangement="stride1")
         assert dict(model.generation_params) == {
             "use_sampling": False, "temp": 2.0, "top_k": 5, "top_p": 0.0, "max_cfg_coef": 5.0,
-            "min_cfg_coef": 2.0, "decoding_steps": [4, 3, 2, 1], "span_arrangement": "stride1",
-            "anneal_temp": True, "span_scoring": "max"}
+            "min_cfg_coef": 2.0, "decoding_steps": [4, 3, 2, 1], "span_arrangement": "stride1"}
         with pytest.raises(TypeError):
             model.generation_params["temp"] = 1.0     # a read-only view: a change must not be lost silently
         model.generation_params = {"temp": 1.5, "decoding_steps": [5.0, 1, 1, 1]}
         assert model.params.temperature == 1.5 and model.params.decoding_steps == (5, 1, 1, 1)
         assert model.params.top_p == 0.9                # unnamed keys take lm.generate's defaults
+        model.generation_params = {"span_scoring": "prod", "anneal_temp": False}   # lm.generate takes these too
+        assert model.params.span_scoring == "prod" and not model.params.anneal_temp
         with pytest.raises(InvalidOptionError, match="unknown"):
             model.generation_params = {"cfg_coef": 3.0}
     finally:

@@ -183,14 +183,15 @@ class MAGNeT:
 
     @property
     def generation_params(self) -> tp.Mapping[str, tp.Any]:
-        """The decoding options under the keyword names of audiocraft's `lm.generate` (read-only
-        view; assign a whole mapping, or call `set_generation_params`, to change them)."""
+        """audiocraft's MAGNeT.generation_params: the decoding options under the keyword names
+        of its `lm.generate`. A read-only view, so that a change cannot skip validation: assign a
+        whole mapping (which may also name `anneal_temp` and `span_scoring`), or call
+        `set_generation_params`."""
         p = self.params
         return types.MappingProxyType({
             "use_sampling": p.use_sampling, "temp": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
             "max_cfg_coef": p.max_cfg_coef, "min_cfg_coef": p.min_cfg_coef,
-            "decoding_steps": list(p.decoding_steps), "span_arrangement": p.span_arrangement,
-            "anneal_temp": p.anneal_temp, "span_scoring": p.span_scoring})
+            "decoding_steps": list(p.decoding_steps), "span_arrangement": p.span_arrangement})
 
     @generation_params.setter
     def generation_params(self, value: tp.Mapping[str, tp.Any]) -> None:
