@@ -309,8 +309,8 @@ class MAGNeT:
                                      f"{total}-frame clip to masked decoding")
 
     def check_duration(self, duration: float, limit: tp.Optional[float] = None) -> float:
-        """Validate a duration in seconds against the model's trained length (and `limit`,
-        e.g. a server's cap); returns it as a float. Changes nothing."""
+        """Validate a duration in seconds against `max_duration` (and `limit`, e.g. a server's
+        cap); returns it as a float. Changes nothing."""
         limit = self.max_duration if limit is None else min(limit, self.max_duration)
         if not _is_real(duration):
             raise InvalidOptionError(f"duration must be a number of seconds, found {duration!r}")
