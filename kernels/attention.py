@@ -10,8 +10,8 @@ Contract
 
 q, k, v: [B, H, T, d], one T for queries and keys (self-attention), fp32, fp16 or bf16, all
 of one dtype and device, any strides (the model passes permuted views of its packed qkv
-projection; only a non-contiguous last dimension costs a copy). out: [B, H, T, d] in q's dtype; its strides
-are unspecified (the fast paths write a [B, T, H, d] buffer, so merging heads is a view).
+projection; only a non-contiguous last dimension costs a copy). out: [B, H, T, d] in q's dtype; the banded
+kernels write a transposed [B, T, H, d] buffer (merging heads is a view), SDPA / flash-attn their own.
 scale: the softmax scale, d ** -0.5 when None (SDPA's default).
 
 banded_attention: query i attends keys j with |i - j| <= window (inclusive: 2W+1 keys, fewer
@@ -41,6 +41,12 @@ window = T - 1; there is no "cpp" full attention (SDPA's CPU flash kernel is the
 
 attention: window None or < 0 is full_attention, otherwise banded_attention.
 
+`impl` is an Impls from kernels/backend.py `resolve` (the engine's, resolved once) or a
+name / None resolved per call. Torch ops: `magnet_engine::banded_attention(q, k, v, window,
+scale, impl)` (impl 'cpp' or 'torch') and `magnet_engine::banded_attention_triton(q, k, v,
+window, scale)` (a triton_op); both return the [B, T, H, d]-backed layout above, which is
+what their fake implementation promises.
+
 Measured on a 2-core CPU (benchmarks/kernels_attention.py; 2B = 2 or 8 rows, H = 16 or 24,
 d = 64, T = 500 or 1500, W = 5, fp32): the C++ path is 4.7-11.9x faster than SDPA with a dense
 band mask and 1.2-4.5x faster than the blocked torch path (itself 1.2-9.7x faster than the
@@ -64,7 +70,6 @@ except ImportError:  # CPU-only install: the torch and C++ paths do not need it
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
-FP32_BLOCKS = (32, 32, 4)  # (BLOCK_M, BLOCK_N, num_warps) of fp32 operands: see _banded_blocks
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -128,16 +133,19 @@ if triton is not None:
 
 
 def _banded_blocks(dtype: torch.dtype, interpreted: bool) -> tp.Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) per operand dtype. tl.dot needs >= 16 per side. fp32
-    operands take the FMA path (input_precision='ieee'), whose operand layouts cost far more
-    registers than the tensor-core one: at 64 x 32 it needed 255 registers and spilled on
-    sm_80/sm_90, so fp32 takes smaller query blocks (checked by tests/test_triton_aot.py).
-    The band is thin, so the kernel is bound by reading Q, K, V once; K/V blocks are re-read
-    (BLOCK_M + 2W) / BLOCK_M times."""
+    """(BLOCK_M, BLOCK_N, num_warps) per operand dtype. tl.dot needs >= 16 per side.
+
+    fp32 operands take the FMA path (input_precision='ieee'), whose operand layouts cost far
+    more registers than the tensor cores' path: at 64 x 32 with 4 warps ptxas used 255
+    registers and spilled (336 B on sm_80, 24 B on sm_90). 8 warps halve each thread's share
+    of the tiles: 88-124 registers, no spills, with the tiling (and the K/V re-reads,
+    (BLOCK_M + 2W) / BLOCK_M) of fp16/bf16. Counted by `python -m magnet_engine.kernels.aot`
+    (tests/test_triton_aot.py fails on any spill); the speed is not measured (no GPU here).
+    """
     if interpreted:
         return 16, 16, 4
     if dtype == torch.float32:
-        return FP32_BLOCKS
+        return 64, 32, 8
     return 64, 32, 4
 
 

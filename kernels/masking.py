@@ -8,6 +8,13 @@ Contract
     span_scores(prob, masked, *, span_len, arrangement, scoring) -> scores
     initial_span_scores(batch, frames, *, span_len, arrangement, prompt_len, device) -> scores
 
+Torch ops (what the functions call; `impl` as in kernels/sampling.py): layout codes CHUNK,
+STRIDE1, TOKEN;
+    magnet_engine::remask(codes!, scores, num_masked, layout, span_len, prompt_len, mask_id, impl)
+    magnet_engine::remask_triton(codes!, scores, num_masked, layout, span_len, prompt_len, mask_id)
+    magnet_engine::span_scores(prob, masked, layout, span_len, scoring)
+(codes! is written in place; each returns a new tensor).
+
 Layouts. `mode(span_len, arrangement)` picks one of three (the reference's rule):
 - "chunk"   ('nonoverlap', L > 1): span j is frames [j*L, j*L + L); n = T // L spans (the
             caller trims the canvas to n*L frames; frames past n*L are never touched).

@@ -19,6 +19,12 @@ Contract
   its own (seed_i, offset, row_ids[i]), never on which other rows, or seeds, share the
   call. A [N] seed whose entries all equal s draws exactly as the 0-d seed s.
 - Returns `tokens` [N] int64 and `prob` [N] fp32.
+- `impl`: an Impls from `backend.resolve` (what the engine passes: nothing is looked up in
+  a traced step), or "triton" / "cpp" / "torch" / None, resolved per call.
+- Torch ops: `magnet_engine::sample_tokens(cond, uncond, cfg_coef, temperature, seed,
+  offset, row_ids, mode, top_k, top_p, impl)` (impl 'cpp' or 'torch') and
+  `magnet_engine::sample_tokens_triton(...)` (the same without impl; a triton_op), both
+  returning (tokens, prob); `mode` is sampling_mode(...).
 
 Semantics (fp32, in this order, as the reference):
     l  = u + (c - u) * g             # and l = u where c == u, so -inf in both halves stays -inf
