@@ -31,8 +31,9 @@ import torch
 from magnet_engine import MAGNeT
 from magnet_engine.demo import PRESETS, build_random_model
 from magnet_engine.engine import checkpoint as ckpt
-from magnet_engine.engine.codec import Codec, random_compression_package
+from magnet_engine.engine.codec import Codec
 from magnet_engine.engine.config import parse_yaml_config
+from magnet_engine.engine.random_weights import random_compression_package, random_lm_package
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 
 HOP = 640          # 32 kHz codec: 50 frames per second
@@ -48,7 +49,7 @@ def model_dirs(tmp_path_factory):
     tiny = PRESETS["tiny"]
     for name, duration, sample_rate, ratios in (("music1", 1, 32000, (8, 5, 4, 4)), ("audio1", 1, 16000, (8, 5, 4, 2))):
         shutil.copytree(dirs["music10"] / "t5", root / name / "t5")
-        lm = ckpt.random_lm_package(**ckpt.ARCHITECTURES["tiny"], d_t5=tiny["t5"]["d_model"], duration=duration,
+        lm = random_lm_package(**ckpt.ARCHITECTURES["tiny"], d_t5=tiny["t5"]["d_model"], duration=duration,
                                     sample_rate=sample_rate, seed=1)
         codec = random_compression_package(sample_rate=sample_rate, n_filters=tiny["codec_filters"], ratios=ratios,
                                            seed=1)
@@ -429,7 +430,7 @@ def test_training_config_runs_no_resolver(monkeypatch):
         warnings.simplefilter("ignore", UserWarning)
         OmegaConf.register_new_resolver("compat_spy", lambda *a: calls.append(a) or "SPY-RAN", replace=True)
     monkeypatch.setenv("USER", "not-to-be-read")
-    text = ckpt.random_lm_package(32, 4, 1, d_t5=8)["xp.cfg"] + (
+    text = random_lm_package(32, 4, 1, d_t5=8)["xp.cfg"] + (
         "spy: ${compat_spy:x}\nnested: a-${compat_spy:${sample_rate}}-b\nescaped: \\\\${compat_spy:y}\n")
     cfg = training_config(parse_yaml_config(text))
     assert cfg.dora.dir == "/checkpoint/${oc.env:USER}/experiments/audiocraft/outputs"
