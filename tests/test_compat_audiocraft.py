@@ -410,6 +410,10 @@ def test_lm_view(model):
     assert isinstance(lm.cfg, DictConfig) and model.cfg is lm.cfg
     assert lm.cfg.dataset.segment_duration == 10 and lm.cfg.transformer_lm.n_q == 4
     assert lm.cfg.generate.audio.sample_rate == 32000           # a node reference resolves
+    # what audiocraft's loader sets: this run's device and dtype, transformer_lm's derived fields
+    assert (lm.cfg.device, lm.cfg.dtype) == ("cpu", "float32")
+    tl = lm.cfg.transformer_lm
+    assert (tl.compression_model_framerate, tl.segment_duration, tl.span_len) == (50, 10, 3)
     with pytest.raises(ReadonlyConfigError):
         lm.cfg.dataset.segment_duration = 30
     with pytest.raises(ConfigAttributeError):
@@ -433,7 +437,8 @@ def test_training_config_runs_no_resolver(monkeypatch):
     monkeypatch.setenv("USER", "not-to-be-read")
     text = random_lm_package(32, 4, 1, d_t5=8)["xp.cfg"] + (
         "spy: ${compat_spy:x}\nnested: a-${compat_spy:${sample_rate}}-b\nescaped: \\\\${compat_spy:y}\n")
-    cfg = training_config(parse_yaml_config(text))
+    cfg = training_config(parse_yaml_config(text), torch.device("cuda"), 50)
+    assert cfg.dtype == "float16" and cfg.device == "cuda"
     assert cfg.dora.dir == "/checkpoint/${oc.env:USER}/experiments/audiocraft/outputs"
     assert cfg.spy == "${compat_spy:x}" and cfg.nested == "a-${compat_spy:${sample_rate}}-b"
     assert cfg.escaped == "\\\\${compat_spy:y}"

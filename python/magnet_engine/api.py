@@ -66,9 +66,9 @@ class MAGNeT:
         self.engine = engine
         self.config: ModelConfig = lm.cfg   # what the engine reads; `cfg` is audiocraft's full config
         # audiocraft's surface: cfg = lm.cfg, the checkpoint's training config (xp.cfg), read-only
-        self.cfg = training_config(xp_cfg) if xp_cfg is not None else None
-        self.lm = LMView(lm, self.cfg, conditioner)
         self.compression_model = CompressionModelView(codec)
+        self.cfg = None if xp_cfg is None else training_config(xp_cfg, device, int(self.compression_model.frame_rate))
+        self.lm = LMView(lm, self.cfg, conditioner)
         trained = cfg_get(xp_cfg, "dataset.segment_duration", None) if xp_cfg is not None else None
         if isinstance(trained, bool) or not isinstance(trained, (int, float)):
             trained = self.config.segment_duration

@@ -28,11 +28,13 @@ def _literal(text: str) -> str:
     return _INTERPOLATION.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
 
 
-def training_config(xp_cfg) -> tp.Any:
-    """The checkpoint's full training config (xp.cfg) as a read-only, struct-mode OmegaConf
-    object, as audiocraft's `lm.cfg`. Node references (`${sample_rate}`) resolve as there;
-    a value that calls a resolver reads as its own text, so that nothing in a checkpoint can
-    run a resolver (`${oc.env:USER}` would read the environment)."""
+def training_config(xp_cfg, device: torch.device, frame_rate: int) -> tp.Any:
+    """The checkpoint's full training config (xp.cfg) as audiocraft's MAGNeT loader leaves it
+    in `lm.cfg`: device and dtype of this run, transformer_lm's compression_model_framerate,
+    segment_duration and span_len filled in, two training-only conditioner args dropped; then
+    read-only and in struct mode (a missing key raises). Node references (`${sample_rate}`)
+    resolve as there; a value that calls a resolver reads as its own text, so that nothing in
+    a checkpoint can run a resolver (`${oc.env:USER}` would read the environment)."""
     from omegaconf import OmegaConf
 
     def inert(node):
@@ -44,8 +46,21 @@ def training_config(xp_cfg) -> tp.Any:
             return _literal(node)
         return node
 
-    cfg = OmegaConf.create(inert(OmegaConf.to_container(xp_cfg, resolve=False)))
-    OmegaConf.set_struct(cfg, True)     # a missing key raises instead of reading as None
+    tree = inert(OmegaConf.to_container(xp_cfg, resolve=False))
+    conditioners = tree.get("conditioners")
+    args = conditioners.get("args") if isinstance(conditioners, dict) else None
+    if isinstance(args, dict):
+        for name in ("merge_text_conditions_p", "drop_desc_p"):
+            args.pop(name, None)
+    cfg = OmegaConf.create(tree)
+    cfg.device = str(device)
+    cfg.dtype = "float32" if cfg.device == "cpu" else "float16"
+    cfg.transformer_lm.compression_model_framerate = frame_rate
+    for key, source in (("segment_duration", "dataset.segment_duration"), ("span_len", "masking.span_len")):
+        value = OmegaConf.select(cfg, source)
+        if value is not None:
+            cfg.transformer_lm[key] = value
+    OmegaConf.set_struct(cfg, True)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
