@@ -69,7 +69,7 @@ class MAGNeT:
         self.compression_model = CompressionModelView(codec)
         self.cfg = None if xp_cfg is None else training_config(xp_cfg, device, int(self.compression_model.frame_rate))
         self.lm = LMView(lm, self.cfg, conditioner)
-        trained = cfg_get(xp_cfg, "dataset.segment_duration", None) if xp_cfg is not None else None
+        trained = cfg_get(self.cfg, "dataset.segment_duration", None) if self.cfg is not None else None
         if isinstance(trained, bool) or not isinstance(trained, (int, float)):
             trained = self.config.segment_duration
         self._max_duration = trained     # audiocraft's type: as written in xp.cfg (10, not 10.0)
