@@ -12,8 +12,8 @@ explicit impl that cannot run raises. `resolve` does the imports and checks once
 (device type, impl) and reports the choice once through the `magnet_engine` logger. The
 result, a frozen `Impls`, is what the engine passes as `impl=` to every kernel: a kernel
 given an `Impls` reads one attribute, so a step traced by torch.compile holds no import, no
-environment read and no cache lookup (a str or None is resolved per call: fine eagerly,
-a graph break under torch.compile).
+environment read and no cache lookup. A str or None is resolved per call (a cached
+lookup eagerly; at trace time under torch.compile, see `resolve`).
 
 Every kernel is a torch custom op in the `magnet_engine` namespace (the op names are in
 each kernel module): the torch and C++ implementations behind one opaque op taking the
@@ -132,8 +132,11 @@ def _resolve(device_type: str, impl: tp.Optional[str]) -> Impls:
     return impls
 
 
+@torch.compiler.assume_constant_result
 def resolve(device: tp.Union[torch.device, str], impl: tp.Optional[str] = None) -> Impls:
-    """The implementations for tensors on `device`; raises when an explicit impl cannot run."""
+    """The implementations for tensors on `device`; raises when an explicit impl cannot run.
+    Under torch.compile it runs at trace time and its result is a constant of the graph, so
+    even a kernel given a name traces without a break; the engine still resolves once."""
     return _resolve(torch.device(device).type, impl)
 
 

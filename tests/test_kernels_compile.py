@@ -77,6 +77,12 @@ def test_step_traces_without_graph_breaks_and_compiled_equals_eager(name):
         assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
+def test_an_impl_given_by_name_resolves_at_trace_time():
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(_step)(None, **_inputs())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_resolve_once():
     impls = backend.resolve("cpu", "torch")
     assert impls is backend.resolve(torch.device("cpu"), "torch")
