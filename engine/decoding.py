@@ -22,7 +22,7 @@ import typing as tp
 import torch
 
 from magnet_engine.engine.config import DecodingParams
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.model import MagnetLM, cast_transformer_
 from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
 from magnet_engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import attention as attn_kernels
@@ -37,7 +37,7 @@ class Runtime:
 
     compile: run the transformer forward through torch.compile (off by default).
     precision: 'fp32' | 'bf16' | 'fp16' — the transformer's weights and activations, its
-    residual stream included (a cast copy of the LM); embeddings, the output norm, the heads,
+    residual stream included (`lm`'s transformer is cast in place); embeddings, the output norm, the heads,
     the CFG mix, softmax and sampling stay fp32. (The reference's CUDA autocast keeps the
     residual stream fp32 as well; here it is low precision, judged by the tests' error bounds.)
     """
@@ -52,8 +52,7 @@ class Runtime:
         self.impl = impl
         self.device = next(lm.parameters()).device
         self._buffers: tp.Dict[tp.Tuple[int, int], tp.Dict[str, torch.Tensor]] = {}
-        if self.dtype != torch.float32:
-            self.lm = cast_copy(lm, self.dtype)
+        cast_transformer_(lm, self.dtype)   # in place: the runtime owns `lm` (pass a copy to keep an fp32 one)
         if compile:
             # One graph per (stage window, shape); the first call of each compiles (start-up
             # cost traded for latency). Opaque extension calls (the C++ kernels) run eagerly
@@ -245,11 +244,3 @@ def _masked_positions(span_mask: torch.Tensor, count: int, span_len: int) -> tor
     return (spans[..., None] * span_len + torch.arange(span_len, device=span_mask.device)).reshape(
         span_mask.shape[0], -1)
 
-
-def cast_copy(lm: MagnetLM, dtype: torch.dtype) -> MagnetLM:
-    """A copy of the LM whose transformer runs in `dtype`. Embeddings, output norm and heads
-    stay fp32, like the reference's autocast on CUDA (spec §2, reference precision)."""
-    import copy
-    low = copy.deepcopy(lm)
-    low.transformer.to(dtype)
-    return low

@@ -32,9 +32,9 @@ import torch
 
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.conditioning import TextConditioner
-from magnet_engine.engine.decoding import PRECISIONS, cast_copy
+from magnet_engine.engine.decoding import PRECISIONS
 from magnet_engine.engine.hybrid import ARRuntime, build_delayed
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.model import MagnetLM, cast_transformer_
 from magnet_engine.errors import CheckpointError, InvalidOptionError
 
 TEMPERATURES = ("tempered", "raw")
@@ -52,9 +52,7 @@ class ExternalLM:
         if precision not in PRECISIONS:
             raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
         self.name, self.cfg, self.conditioner = name, lm.cfg, conditioner
-        if PRECISIONS[precision] != torch.float32:
-            lm = cast_copy(lm, PRECISIONS[precision])
-        self.lm = lm
+        self.lm = cast_transformer_(lm, PRECISIONS[precision])   # in place: one copy of the weights
         self.runtime = ARRuntime(lm, PRECISIONS[precision])
 
     @classmethod
@@ -69,10 +67,8 @@ class ExternalLM:
         conditioner). A checkpoint naming the same T5 (and shipping no t5/ folder) uses the
         same source, and when the sources agree the encoder and tokenizer are reused."""
         directory = ckpt.resolve_model_dir(name_or_dir)
-        loaded = ckpt.read_lm_package(ckpt.load_package(directory / ckpt.LM_FILE), frame_rate=frame_rate)
-        lm = MagnetLM(loaded.cfg)
-        lm.load_state_dict({k: v.float() for k, v in loaded.lm_state.items()}, strict=True)
-        lm.to(device).eval().requires_grad_(False)
+        loaded = ckpt.load_lm_checkpoint(directory / ckpt.LM_FILE, frame_rate=frame_rate)
+        lm = ckpt.build_lm(loaded, device, PRECISIONS.get(precision, torch.float32))
         if t5 is None:
             if (directory / "t5" / "config.json").is_file():
                 t5 = str(directory / "t5")

@@ -144,7 +144,7 @@ def test_low_precision_logits_error_within_twice_the_reference(precision):
     codes = torch.randint(0, lm.cfg.card + 1, (2, 4, 33), generator=gen)
     cond = torch.cat([torch.randn(2, 5, lm.cfg.dim, generator=gen), torch.zeros(2, 5, lm.cfg.dim)])
     plain_low = copy.deepcopy(lm).to(dtype)
-    runtime = Runtime(lm, precision=precision)
+    runtime = Runtime(copy.deepcopy(lm), precision=precision)   # it casts its LM in place; lm stays fp32
     with torch.no_grad():
         for stage in (0, 2):
             exact = lm.stage_logits(torch.cat([codes, codes]), cond, stage).double()

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import threading
 import typing as tp
+from pathlib import Path
 
 import torch
 
@@ -21,8 +23,9 @@ from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.codec import Codec
 from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
 from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.decoding import PRECISIONS as _DTYPES
 from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, ARParams, HybridOptions
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.model import MagnetLM, weight_bytes
 from magnet_engine.engine import reference
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
@@ -44,13 +47,7 @@ class MAGNeT:
     def __init__(self, name: str, lm: MagnetLM, conditioner: TextConditioner, codec: Codec,
                  device: torch.device, engine: str = "fast", precision: tp.Optional[str] = None,
                  compile: bool = False):
-        if engine not in ENGINES:
-            raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
-        if precision is None:
-            precision = "fp16" if device.type == "cuda" else "fp32"
-        if precision not in PRECISIONS:
-            raise InvalidOptionError(f"precision must be one of {PRECISIONS}, found {precision!r}")
-        self.precision = precision
+        self.precision = precision = _check_engine(engine, precision, device)
         self.compile = compile
         self.name = name
         self.lm = lm
@@ -70,6 +67,8 @@ class MAGNeT:
         self._lock = threading.Lock()
         self._runtime = None  # the fast runtime, built on first use
         self._hybrid_runtime = None
+        self.source: tp.Optional[Path] = None    # the checkpoint directory, to reload fp32 weights from
+        self._reference_lm: tp.Optional[MagnetLM] = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -96,15 +95,15 @@ class MAGNeT:
         """
         directory = ckpt.resolve_model_dir(directory)
         device = _resolve_device(device)
-        codec = Codec.from_package(ckpt.load_package(directory / ckpt.CODEC_FILE), device=device)
-        lm_ckpt = ckpt.read_lm_package(ckpt.load_package(directory / ckpt.LM_FILE),
-                                       frame_rate=round(codec.frame_rate))
+        precision = _check_engine(engine, precision, device)
+        codec_file = directory / ckpt.CODEC_FILE
+        codec = Codec.from_package(ckpt.load_package(codec_file), device=device, mapped=ckpt.mappable(codec_file))
+        lm_ckpt = ckpt.load_lm_checkpoint(directory / ckpt.LM_FILE, frame_rate=round(codec.frame_rate))
         if lm_ckpt.cfg.sample_rate != codec.sample_rate:
             raise ckpt.CheckpointError(f"LM was trained at {lm_ckpt.cfg.sample_rate} Hz but the codec runs at "
                                        f"{codec.sample_rate} Hz")
-        lm = MagnetLM(lm_ckpt.cfg)
-        lm.load_state_dict({k: v.float() for k, v in lm_ckpt.lm_state.items()}, strict=True)
-        lm.to(device).eval().requires_grad_(False)
+        # Straight into the precision it runs in: the fast runtime's cast is then a no-op.
+        lm = ckpt.build_lm(lm_ckpt, device, _DTYPES[precision] if engine == "fast" else torch.float32)
         weight, bias = lm_ckpt.output_proj
         if t5 is None:  # a T5 shipped inside the model directory wins over the hub name in xp.cfg
             t5 = str(directory / "t5") if (directory / "t5" / "config.json").is_file() else lm_ckpt.cfg.t5_name
@@ -112,6 +111,7 @@ class MAGNeT:
         model = cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision,
                     compile=compile)
         model.t5_source = t5
+        model.source = directory
         return model
 
     # ------------------------------------------------------------- properties
@@ -410,7 +410,7 @@ class MAGNeT:
                         raise InvalidOptionError("hybrid decoding runs on the fast engine only")
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(seeds[0])
-                    return reference.generate_tokens(self.lm, cond, frames, params, prompt=prompt_codes,
+                    return reference.generate_tokens(self.reference_lm(), cond, frames, params, prompt=prompt_codes,
                                                      generator=generator, callback=callback, rescorer=rescorer)
                 if self.cfg.is_hybrid:
                     return self._hybrid().generate(
@@ -429,6 +429,47 @@ class MAGNeT:
             if bar is not None:
                 bar.close()
 
+    def reference_lm(self) -> MagnetLM:
+        """The fp32 LM the reference loop runs: this instance's own while its transformer is
+        fp32; once the fast runtime has cast it to a lower precision (in place), a second one
+        loaded from the checkpoint on first use — held only by those who ask for it."""
+        if next(self.lm.transformer.parameters()).dtype == torch.float32:
+            return self.lm
+        if self._reference_lm is None:
+            if self.source is None:
+                raise InvalidOptionError(f"the reference loop runs fp32 weights; this instance holds {self.precision} "
+                                         "ones and no checkpoint directory to reload from (use from_pretrained)")
+            loaded = ckpt.load_lm_checkpoint(self.source / ckpt.LM_FILE, frame_rate=round(self.frame_rate))
+            self._reference_lm = ckpt.build_lm(loaded, self.device)
+        return self._reference_lm
+
+    def memory_stats(self) -> tp.Dict[str, tp.Any]:
+        """Bytes of the weights per component, in the dtype each runs in (a tensor shared by
+        two components, such as a T5 used by an external LM too, counted once, at the first),
+        and the process's memory: resident set now and at its peak (Linux /proc; peak only
+        elsewhere), and on CUDA the allocator's current and peak allocated / reserved bytes.
+
+            {"weights_bytes": {"lm": ..., "conditioner": ..., "codec": ..., ...},
+             "weights_total_bytes": ..., "rss_bytes": ..., "peak_rss_bytes": ..., "device": "cpu"}
+        """
+        components: tp.Dict[str, torch.nn.Module] = {"lm": self.lm, "conditioner": self.conditioner,
+                                                     "codec": self.codec}
+        if self._reference_lm is not None:
+            components["reference_lm"] = self._reference_lm
+        for (name, _), external in self._external.items():
+            components[f"external_lm:{name}"] = external.lm
+            components[f"external_conditioner:{name}"] = external.conditioner
+        seen: tp.Set[int] = set()
+        weights = {key: weight_bytes(module, seen) for key, module in components.items()}
+        stats: tp.Dict[str, tp.Any] = {"weights_bytes": weights, "weights_total_bytes": sum(weights.values()),
+                                       "device": str(self.device), **_process_memory()}
+        if self.device.type == "cuda":
+            stats.update(cuda_allocated_bytes=torch.cuda.memory_allocated(self.device),
+                         cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device),
+                         cuda_reserved_bytes=torch.cuda.memory_reserved(self.device),
+                         cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device))
+        return stats
+
     def _hybrid(self):
         if self._hybrid_runtime is None:
             from magnet_engine.engine.hybrid import HybridRuntime
@@ -440,6 +481,30 @@ class MAGNeT:
             from magnet_engine.engine.decoding import Runtime
             self._runtime = Runtime(self.lm, precision=self.precision, compile=self.compile)
         return self._runtime
+
+
+def _check_engine(engine: str, precision: tp.Optional[str], device: torch.device) -> str:
+    """Validate engine and precision; the precision, defaulted (fp16 on CUDA, fp32 elsewhere)."""
+    if engine not in ENGINES:
+        raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
+    if precision is None:
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise InvalidOptionError(f"precision must be one of {PRECISIONS}, found {precision!r}")
+    return precision
+
+
+def _process_memory() -> tp.Dict[str, int]:
+    """rss_bytes and peak_rss_bytes of this process (VmRSS / VmHWM); peak only where there is no /proc."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith(("VmRSS", "VmHWM")))
+        return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024,
+                "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError, ValueError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+        return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}
 
 
 def _progress_callback(progress: tp.Union[bool, Progress], total: int):
