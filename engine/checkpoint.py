@@ -12,7 +12,8 @@ mapped, copy-on-write: its tensors are views of the file's pages, read on first 
 become the module's parameters as they are (`load_state_dict(assign=True)` into modules
 built on the meta device). A tensor that needs another dtype or device is copied one at a
 time, and the file pages it was read from are handed back at once (`release_pages`), so a
-load never holds the checkpoint and the model side by side.
+load never holds the checkpoint and the model side by side. A mapped file must not be
+rewritten in place while a model loaded from it lives (`atomic_save` renames: that is safe).
 """
 from __future__ import annotations
 
@@ -85,14 +86,14 @@ def mappable(path: Path) -> bool:
         return False
 
 
-def load_package(path: Path, *, mmap: bool = True) -> dict:
+def load_package(path: Path) -> dict:
     """torch.load(weights_only=True), memory-mapped when the file allows it (see the module
     docstring), with each failure mapped to a typed error."""
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"checkpoint file not found: {path}")
     try:
-        pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and mappable(path))
+        pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=mappable(path))
     except pickle.UnpicklingError as exc:
         # weights_only refuses any global that is not a tensor / plain container.
         raise CheckpointError(f"{path.name}: refused to load, the pickle holds more than plain tensors "
