@@ -80,8 +80,8 @@ def run_weight_bytes(model, precision: str) -> tp.Dict[str, int]:
 
     def count(module, run_bytes: tp.Callable[[str], int]) -> int:
         total = 0
-        named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
-        for name, tensor in named:
+        for name, tensor in [*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False)]:
             if tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
                 total += tensor.numel() * run_bytes(name)
@@ -174,6 +174,29 @@ def _child(case: dict, code_dir: tp.Optional[Path]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def summarize(report: dict) -> tp.List[dict]:
+    """One row per run and case: the numbers the issue's targets are about, in MiB and seconds.
+    overhead: peak above baseline minus the weights (activations, buffers, allocator slack,
+    code paged in on first use; on the old code, the second copies)."""
+    rows = []
+    for run in report["runs"]:
+        for case in run["cases"]:
+            peak, weights = case["peak_rss_above_baseline"], case["weights_total_bytes"]
+            load_peak = case["load"]["peak_rss"] - case["baseline_rss"]
+            rows.append({"label": run["label"], "precision": case["precision"], "cache": case["cache"],
+                         "weights_mib": round(weights / 2 ** 20, 1),
+                         "peak_above_baseline_mib": round(peak / 2 ** 20, 1),
+                         "peak_over_weights": round(peak / weights, 3),
+                         "overhead_mib": round((peak - weights) / 2 ** 20, 1),
+                         "steady_activations_mib": round(case["activation_bytes"] / 2 ** 20, 1),
+                         "load_peak_above_baseline_mib": round(load_peak / 2 ** 20, 1),
+                         "load_s": round(case["load"]["seconds"], 2),
+                         "load_plus_first_generate_s": round(case["load"]["seconds"]
+                                                             + case["first_generate"]["seconds"], 2),
+                         "meets_target": case["meets_target"]})
+    return rows
+
+
 def _mb(n: float) -> str:
     return f"{n / 2 ** 20:.0f} MiB"
 
@@ -213,8 +236,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     precisions = args.precision or (["fp16", "bf16"] if device.type == "cuda" else ["fp32", "bf16"])
     directory = Path(args.model) if args.model else cached_demo_model(args.cache_dir, args.arch)
     threads = args.threads or torch.get_num_threads()
-    run = {"label": args.label or _git_commit(), "code_dir": str(args.code_dir) if args.code_dir else None,
-           "model": str(directory), "arch": None if args.model else args.arch, "cases": []}
+    run = {"label": args.label or _git_commit(), "git_commit": _git_commit(),
+           "code_dir": str(args.code_dir) if args.code_dir else None, "model": str(directory),
+           "arch": None if args.model else args.arch, "cases": []}
     for precision in precisions:
         for cache in args.cache:
             case = {"model": str(directory), "device": args.device, "precision": precision, "cache": cache,
@@ -226,7 +250,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                     f"peak RSS above baseline {_mb(result['peak_rss_above_baseline'])} "
                     f"({result['peak_over_weights']:.2f}x weights; activations {_mb(result['activation_bytes'])}, "
                     f"target {'met' if result['meets_target'] else 'MISSED'}), "
-                    f"load {result['load']['seconds']:.2f} s peak {_mb(result['load']['peak_rss'] - result['baseline_rss'])}, "
+                    f"load {result['load']['seconds']:.2f} s, "
+                    f"load peak {_mb(result['load']['peak_rss'] - result['baseline_rss'])}, "
                     f"first generate {result['first_generate']['seconds']:.2f} s")
             if device.type == "cuda":
                 line += f", CUDA peak allocated {_mb(result['cuda_peak_allocated'])}"
@@ -236,6 +261,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if args.append and out.exists():
         report = json.loads(out.read_text())
     report["runs"] = [r for r in report["runs"] if r["label"] != run["label"]] + [run]
+    report["summary"] = summarize(report)
     write_report(out, report)
     print(f"wrote {out}")
     return 0
