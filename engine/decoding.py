@@ -32,11 +32,11 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine.config import DecodingParams
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.model import MagnetLM, cast_transformer_
 from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
 from magnet_engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import attention as attn_kernels
-from magnet_engine.kernels import masking, sampling
+from magnet_engine.kernels import backend, masking, sampling
 
 # precision -> (matmul dtype, residual-stream dtype). 'fp16-mixed' is what the reference's
 # CUDA autocast computes: matmuls and attention in fp16, residual stream and norms in fp32.
@@ -63,21 +63,17 @@ def check_precision(precision: str) -> str:
 
 
 def cast_for_precision(lm: MagnetLM, precision: str) -> MagnetLM:
-    """A copy of the LM in `precision` (the LM itself for fp32). Embeddings, the output norm
-    and the heads stay fp32, like the reference's autocast (spec §2, reference precision);
+    """Cast `lm` IN PLACE for `precision` and return it: one copy of the weights, in the run
+    precision (the runtime owns `lm`; pass a copy to keep an fp32 one). Embeddings, the output
+    norm and the heads stay fp32, like the reference's autocast (spec §2, reference precision);
     in the mixed modes the transformer's norms stay fp32 too (only matmul weights are cast)."""
     matmul, residual = PRECISIONS[check_precision(precision)]
-    if matmul == torch.float32:
-        return lm
-    import copy
-    low = copy.deepcopy(lm)
     if residual == matmul:
-        low.transformer.to(matmul)
-    else:
-        for layer in low.transformer.layers:
-            for part in (layer.self_attn, layer.cross_attention, layer.linear1, layer.linear2):
-                part.to(matmul)
-    return low
+        return cast_transformer_(lm, matmul)
+    for layer in lm.transformer.layers:
+        for part in (layer.self_attn, layer.cross_attention, layer.linear1, layer.linear2):
+            part.to(matmul)
+    return lm
 
 
 # (codes [B, K, T'], stage, cond_only) -> per-frame hidden [2B or B, T', D], pre out_norm
@@ -157,8 +153,9 @@ class Runtime:
         self.matmul_dtype, self.dtype = PRECISIONS[precision]
         self.lm = cast_for_precision(lm, precision)
         self.cfg = lm.cfg
-        self.impl = impl
         self.device = next(lm.parameters()).device
+        # the kernel choice, made once: a traced step then holds no import or lookup
+        self.impl = backend.resolve(self.device, impl)
         if cuda_graphs and self.device.type != "cuda":
             raise InvalidOptionError("cuda_graphs=True needs the model on a CUDA device")
         self.cuda_graphs = cuda_graphs
@@ -167,9 +164,10 @@ class Runtime:
         self._step_fn = self._step
         if compile:
             import torch._dynamo
-            # one compiled graph per step shape: a 10 s clip has ~40 of them
+            # a step shape whose gathered count alone changes recompiles once, then the count
+            # is symbolic (automatic dynamic shapes): a few graphs per stage, not one per step
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
+            self._step_fn = torch.compile(self._step, fullgraph=True)
 
     # ------------------------------------------------------------------ state
     def state(self, batch: int, frames: int, text_len: int, arrangement: str, total_steps: int) -> DecodeState:
@@ -204,7 +202,7 @@ class Runtime:
 
     # ----------------------------------------------------------------- model
     def _attend(self, q, k, v, window):
-        return attn_kernels.attention(q, k, v, window, impl=self.impl if self.impl != "cpp" else None)
+        return attn_kernels.attention(q, k, v, window, impl=self.impl)
 
     def _forward_hidden(self, codes: torch.Tensor, cross_kv, stage: int, cond_only: bool = False) -> torch.Tensor:
         """codes [B, K, T] -> final-layer output [2B, T, D] (cond rows first), pre out_norm;

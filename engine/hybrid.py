@@ -47,7 +47,7 @@ from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampl
 from magnet_engine.engine.model import KVCache, MagnetLM
 from magnet_engine.engine.schedule import spans_to_generate
 from magnet_engine.errors import InvalidOptionError, NumericalError
-from magnet_engine.kernels import masking, sampling
+from magnet_engine.kernels import backend, masking, sampling
 
 HANDOFFS = ("staircase", "rectangle")
 PREFIX_ATTENTIONS = ("cached", "bidirectional")
@@ -129,8 +129,9 @@ class ARRuntime:
         if cfg.pattern != "delay":
             raise InvalidOptionError(f"autoregressive decoding needs a delay-layout checkpoint "
                                      f"(codebooks_pattern.modeling), this one is {cfg.pattern!r}")
-        self.lm, self.cfg, self.dtype, self.impl = lm, cfg, dtype, impl
+        self.lm, self.cfg, self.dtype = lm, cfg, dtype
         self.device = next(lm.parameters()).device
+        self.impl = backend.resolve(self.device, impl)   # once: the traced step holds no lookup
         if cuda_graphs and self.device.type != "cuda":
             raise InvalidOptionError("cuda_graphs=True needs the model on a CUDA device")
         self.cuda_graphs = cuda_graphs
@@ -405,7 +406,7 @@ def tail_attention(plan: HybridPlan, window: tp.Optional[int], impl: tp.Optional
             return out
         shifted = torch.zeros_like(k)                    # query of row i at index i + 1
         shifted[:, :, first_tail + 1:] = q[:, :, n_prefix:-1]
-        banded = attn_kernels.attention(shifted, k, v, window, impl=impl if impl != "cpp" else None)
+        banded = attn_kernels.attention(shifted, k, v, window, impl=impl)
         out[:, :, n_prefix:-1] = banded[:, :, first_tail + 1:]
         last = max(n_seq - window, 0)
         out[:, :, -1:] = F.scaled_dot_product_attention(q[:, :, -1:], k[:, :, last:], v[:, :, last:])

@@ -1,5 +1,6 @@
 """The fast runtime against its oracle, the reference loop."""
 import ast
+import copy
 import inspect
 import textwrap
 
@@ -146,7 +147,7 @@ def test_low_precision_logits_error_within_twice_the_reference(precision):
     codes = torch.randint(0, lm.cfg.card + 1, (2, 4, 33), generator=gen)
     cond = torch.cat([torch.randn(2, 5, lm.cfg.dim, generator=gen), torch.zeros(2, 5, lm.cfg.dim)])
     plain_low = copy.deepcopy(lm).to(dtype)
-    runtime = Runtime(lm, precision=precision)
+    runtime = Runtime(copy.deepcopy(lm), precision=precision)   # it casts its LM in place; lm stays fp32
     with torch.no_grad():
         for stage in (0, 2):
             exact = lm.stage_logits(torch.cat([codes, codes]), cond, stage).double()
@@ -165,7 +166,7 @@ def test_compiled_runtime_gives_the_same_tokens():
     cond = _cond(lm, 1)
     params = DecodingParams(decoding_steps=(3, 2, 2, 2))
     eager = Runtime(lm).generate(cond, 30, params, seeds=[5])
-    compiled = Runtime(lm, compile=True, impl="torch")
+    compiled = Runtime(lm, compile=True)
     assert torch.equal(compiled.generate(cond, 30, params, seeds=[5]), eager)
     assert torch.equal(compiled.generate(cond, 30, params, seeds=[5]), eager)   # replay, no recompile needed
 
@@ -187,3 +188,28 @@ def test_cfg_coefficient_one_skips_the_null_half_exactly():
     fast = Runtime(lm).generate(cond, 24, params, seeds=[1, 2])
     ref = reference.generate_tokens(lm, cond, 24, params, sampler=keyed_sampler(params, [1, 2], 24))
     assert torch.equal(fast, ref)
+
+
+def test_mixed_precision_error_within_twice_autocasts():
+    """The CUDA default ('fp16-mixed': low-precision matmuls, fp32 residual stream and norms)
+    is what the reference's autocast computes: its logits error against fp32 is at most 2x
+    that of the plain model run under torch.autocast on the same inputs. On the CPU the same
+    mode in bf16 (CPU autocast's dtype) stands in for fp16."""
+    lm = tiny_lm(seed=15, layers=2, dim=64, heads=4)
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, lm.cfg.card + 1, (2, 4, 33), generator=gen)
+    cond = torch.cat([torch.randn(2, 5, lm.cfg.dim, generator=gen), torch.zeros(2, 5, lm.cfg.dim)])
+    runtime = Runtime(copy.deepcopy(lm), precision="bf16-mixed")     # it casts its LM in place
+    layer = runtime.lm.transformer.layers[0]
+    assert layer.linear1.weight.dtype == torch.bfloat16 and layer.norm1.weight.dtype == torch.float32
+    with torch.no_grad():
+        for stage in (0, 2):
+            exact = lm.stage_logits(torch.cat([codes, codes]), cond, stage).double()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                auto = lm.stage_logits(torch.cat([codes, codes]), cond, stage).double()
+            hidden = runtime._forward_hidden(codes, runtime.lm.cfg_cross_kv(cond, torch.bfloat16), stage)
+            assert hidden.dtype == torch.float32                              # the residual stream
+            fast = runtime.lm.linears[stage](runtime.lm.out_norm(hidden)).double()
+            auto_err, fast_err = (auto - exact).abs().max(), (fast - exact).abs().max()
+            assert auto_err > 0
+            assert fast_err <= 2 * auto_err, (stage, float(fast_err), float(auto_err))
