@@ -210,9 +210,11 @@ class Codec(nn.Module):
     latent [B, D, T] to codes [K, B, T] with `.encode` and back with `.decode`.
     """
 
-    def __init__(self, cfg: CodecConfig, encoder: nn.Module, decoder: nn.Module, rvq: nn.Module):
+    def __init__(self, cfg: CodecConfig, encoder: nn.Module, decoder: nn.Module, rvq: nn.Module,
+                 source: str = "audiocraft"):
         super().__init__()
         self.cfg = cfg
+        self.source = source    # package format: 'audiocraft' (a) or 'transformers' (b)
         self.encoder, self.decoder, self.rvq = encoder, decoder, rvq
         self.sample_rate = cfg.sample_rate
         self.channels = cfg.channels
@@ -272,7 +274,8 @@ class Codec(nn.Module):
             # transformers would then encode/decode overlapping chunks; audiocraft's 32 kHz has none.
             raise ConfigError(f"{name}: chunked EnCodec (chunk_length_s={model.config.chunk_length_s}) "
                               "is not supported")
-        return cls(CodecConfig.from_transformers(model.config), model.encoder, model.decoder, model.quantizer)
+        return cls(CodecConfig.from_transformers(model.config), model.encoder, model.decoder, model.quantizer,
+                   source="transformers")
 
     def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, T] -> z [B, D, T] = Σ_k E_k[codes_k]."""

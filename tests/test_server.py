@@ -161,7 +161,7 @@ def test_several_descriptions_return_a_zip_in_order(tiny_model):
 def test_model_info(tiny_model):
     with serve(tiny_model, max_duration=2.0, max_text_chars=50) as client:
         info = client.get("/v1/model").json()
-    assert info["sample_rate"] == 32000 and info["n_q"] == tiny_model.cfg.n_q
+    assert info["sample_rate"] == 32000 and info["n_q"] == tiny_model.config.n_q
     assert info["max_duration"] == 2.0 and info["defaults"]["duration"] == 2.0
     assert info["defaults"]["decoding_steps"] == [20, 10, 10, 10] and info["defaults"]["top_p"] == 0.9
     assert info["choices"]["span_arrangement"] == ["nonoverlap", "stride1"]
