@@ -197,9 +197,22 @@ SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
 
 
+# Bounds on options whose size the caller controls. The published models decode with 20-10-10-10
+# steps; each step is one transformer pass and its schedule is a host-side table built before
+# the loop, so an unbounded count (1e6 or 1e8 steps) would hold the model for hours and the
+# host's memory. |CFG coefficient| beyond 1e4 makes (cond - uncond) * coef overflow low
+# precision logits into inf and NaN; the published schedule runs from 10 down to 1.
+MAX_DECODING_STEPS = 1000   # per codebook
+MAX_CFG_COEF = 1e4
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodingParams:
-    """Decoding options, with the names and defaults of `MAGNeT.set_generation_params`."""
+    """Decoding options, with the names and defaults of `MAGNeT.set_generation_params`.
+
+    `validate` bounds each codebook's step count by MAX_DECODING_STEPS (a server passes its
+    own, lower `max_steps`), top_k by the codebook size and the CFG coefficients by
+    MAX_CFG_COEF."""
 
     use_sampling: bool = True
     top_k: int = 0
@@ -212,21 +225,26 @@ class DecodingParams:
     span_scoring: str = "max"
     anneal_temp: bool = True
 
-    def validate(self, n_q: int) -> "DecodingParams":
-        """Check every option; returns self so calls chain."""
+    def validate(self, n_q: int, card: tp.Optional[int] = None,
+                 max_steps: int = MAX_DECODING_STEPS) -> "DecodingParams":
+        """Check every option (top_k against the codebook size `card` when given); returns
+        self so calls chain."""
         def bad(msg):
             raise InvalidOptionError(msg)
 
         check_sampling_options(self.use_sampling, self.top_k, self.top_p, self.temperature)
+        if card is not None and self.top_k > card:
+            bad(f"top_k must be at most the codebook size {card} (0: off), found {self.top_k}")
         for name in ("max_cfg_coef", "min_cfg_coef"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                bad(f"{name} must be a finite number, found {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or abs(value) > MAX_CFG_COEF:
+                bad(f"{name} must be a number in [-{MAX_CFG_COEF:g}, {MAX_CFG_COEF:g}], found {value!r}")
         steps = self.decoding_steps
         if len(steps) != n_q:
-            bad(f"decoding_steps must have one entry per codebook ({n_q}), found {len(steps)}: {list(steps)}")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
-            bad(f"decoding_steps must be ints >= 1, found {list(steps)}")
+            bad(f"decoding_steps must have one entry per codebook ({n_q}), found {len(steps)}: {list(steps)[:8]}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= max_steps for s in steps):
+            bad(f"decoding_steps must be ints in [1, {max_steps}], found {list(steps)}")
         if self.span_arrangement not in SPAN_ARRANGEMENTS:
             bad(f"span_arrangement must be one of {SPAN_ARRANGEMENTS}, found {self.span_arrangement!r}")
         if self.span_scoring not in SPAN_SCORINGS:

@@ -11,9 +11,6 @@ import time
 import typing as tp
 from pathlib import Path
 
-DEFAULT_CACHE = Path("~/.cache/magnet_engine")
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="facebook/magnet-small-10secs",
                    help="model directory (Hugging Face layout) or Hub id")
@@ -153,6 +150,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from magnet_engine.demo import DEFAULT_CACHE
+
     parser = argparse.ArgumentParser(prog="magnet-engine", description="Fast MAGNeT inference")
     sub = parser.add_subparsers(dest="command", required=True)
 

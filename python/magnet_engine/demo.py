@@ -19,6 +19,7 @@ from magnet_engine.engine.codec import random_compression_package
 from magnet_engine.engine.conditioning import build_random_t5
 
 T5_DIR = "t5"
+DEFAULT_CACHE = Path("~/.cache/magnet_engine")   # where the demo models are built, once
 
 # name -> (LM architecture, codec n_filters, T5 (d_model, layers, heads, d_ff))
 PRESETS: tp.Dict[str, dict] = {
