@@ -75,6 +75,8 @@ def load_package(path: Path) -> dict:
         # weights_only refuses any global that is not a tensor / plain container.
         raise CheckpointError(f"{path.name}: refused to load, the pickle holds more than plain tensors "
                               f"and containers ({str(exc).splitlines()[0][:300]})") from exc
+    except PermissionError as exc:
+        raise CheckpointError(f"{path}: not readable ({exc.strerror}); check the file's permissions") from exc
     except (EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path.name}: truncated or corrupt file ({exc})") from exc
     except MemoryError:

@@ -3,7 +3,10 @@
 `xp.cfg` is the full audiocraft training config as a YAML string, with `${...}`
 interpolations left unresolved (real exports keep them). We parse it with OmegaConf and
 read only the fields generation needs; each is resolved on access, so an interpolation
-we never read (e.g. `${oc.env:USER}` in the dora section) cannot fail the load.
+we never read cannot fail the load. Only plain references (`${a.b}`) resolve: a value
+that calls a resolver (`${oc.env:USER}` in the dora section, `${oc.decode:...}`, anything
+registered) is replaced at parse time by a marker that is an error to read, so nothing
+in a checkpoint reaches the environment.
 """
 from __future__ import annotations
 
@@ -28,7 +31,55 @@ def parse_yaml_config(text: str, what: str = "xp.cfg"):
         raise ConfigError(f"{what}: not valid YAML ({exc})") from exc
     if not hasattr(cfg, "keys"):
         raise ConfigError(f"{what}: expected a mapping at top level")
-    return cfg
+    return OmegaConf.create(_without_resolvers(OmegaConf.to_container(cfg, resolve=False)))
+
+
+REFUSED = "<refused: an OmegaConf resolver interpolation>"
+
+
+def _uses_resolver(text: str) -> bool:
+    """Whether a string calls a resolver (`${name:...}`, at any depth), by OmegaConf's own grammar."""
+    from omegaconf import grammar_parser
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+
+    if "${" not in text:
+        return False
+    try:
+        tree = grammar_parser.parse(text)
+    except Exception:  # noqa: BLE001 - unparsable: OmegaConf could not resolve it either
+        return True
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+            return True
+        stack.extend(getattr(node, "children", None) or [])
+    return False
+
+
+def _without_resolvers(node: tp.Any) -> tp.Any:
+    """The raw config tree with every string that calls a resolver replaced by REFUSED."""
+    if isinstance(node, dict):
+        return {k: _without_resolvers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_without_resolvers(v) for v in node]
+    if isinstance(node, str) and _uses_resolver(node):
+        return REFUSED
+    return node
+
+
+def _holds_refused(value: tp.Any) -> bool:
+    if isinstance(value, str):
+        return REFUSED in value
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and any(_holds_refused(v) for v in value)
+
+
+def _check_not_refused(value: tp.Any, path: str, what: str) -> None:
+    if _holds_refused(value):
+        raise ConfigError(f"{what}: `{path}` uses an OmegaConf resolver (${{name:...}}); a checkpoint may only "
+                          "use plain ${...} references, so it is not read")
 
 
 def cfg_get(cfg, path: str, default: tp.Any = _MISSING, what: str = "xp.cfg") -> tp.Any:
@@ -44,7 +95,11 @@ def cfg_get(cfg, path: str, default: tp.Any = _MISSING, what: str = "xp.cfg") ->
             raise ConfigError(f"{what}: required field `{path}` is missing")
         return default
     if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value, resolve=True)
+        try:
+            value = OmegaConf.to_container(value, resolve=True)
+        except Exception as exc:
+            raise ConfigError(f"{what}: cannot resolve `{path}` ({exc})") from exc
+    _check_not_refused(value, path, what)
     return value
 
 
