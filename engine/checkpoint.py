@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import tempfile
 import typing as tp
 import zipfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
+from magnet_engine.engine.files import atomic_write
 from magnet_engine.errors import CheckpointError, ModelNotFoundError
 
 LM_FILE = "state_dict.bin"
@@ -169,17 +169,9 @@ def read_lm_package(pkg: dict, frame_rate: tp.Optional[int], what: str = LM_FILE
 
 
 def atomic_save(obj: tp.Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temporary file in the same directory, then rename over `path`
+    (engine/files.py: the mode of an existing file kept, a non-regular file refused)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(directory: tp.Union[str, os.PathLike], lm_package: dict, codec_package: dict) -> Path:

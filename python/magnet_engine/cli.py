@@ -84,11 +84,25 @@ def _output_paths(output: Path, n: int) -> tp.List[Path]:
     return [output.with_name(f"{output.stem}_{i}{output.suffix or '.wav'}") for i in range(n)]
 
 
+def _checked_outputs(args, n: int) -> tp.List[Path]:
+    """The output paths, checked before any generation: a bad -o fails in a second, not
+    after minutes of decoding."""
+    from magnet_engine.engine.files import check_output_path
+
+    paths = _output_paths(Path(args.output), n)
+    if getattr(args, "prefix_output", None):
+        paths += _output_paths(Path(args.prefix_output), n)
+    for path in paths:
+        check_output_path(path)
+    return paths[:n]
+
+
 def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
     from magnet_engine.audio import read_audio, write_wav
 
-    model.set_generation_params(**_generation_params(args))
     texts = args.texts or [None]
+    paths = _checked_outputs(args, len(texts))
+    model.set_generation_params(**_generation_params(args))
     start = time.perf_counter()
     if getattr(args, "prompt", None):
         wav_in, sr = read_audio(args.prompt)
@@ -110,13 +124,13 @@ def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
         if "s" in first:
             print(f"time to first audio: {first['s']:.2f} s")
     elapsed = time.perf_counter() - start
-    paths = _output_paths(Path(args.output), wav.shape[0])
     for path, one in zip(paths, wav):
         write_wav(path, one, model.sample_rate)
     return paths, elapsed
 
 
 def cmd_generate(args) -> int:
+    _checked_outputs(args, max(1, len(args.texts)))   # before loading: the model may take minutes to fetch
     model = _load(args)
     paths, elapsed = _generate(model, args)
     seconds = model.frames / model.frame_rate
@@ -130,6 +144,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from magnet_engine.demo import cached_demo_model
 
+    _checked_outputs(args, max(1, len(args.texts)))
     kind = "hybrid-MAGNeT " if args.kind == "hybrid" else ""
     print(f"magnet-engine demo: a random-weight '{args.preset}' {kind}model of the published architecture.\n"
           "Untrained weights make noise, not music. For music, run e.g.\n"
@@ -199,9 +214,16 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MagnetEngineError as exc:
-        print(f"magnet-engine: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except MagnetEngineError as exc:   # bad input, model or option: one line, no traceback
+        print(f"magnet-engine: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:             # the file system failed under us (disk full, permissions changed)
+        print(f"magnet-engine: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from magnet_engine.audio import wav_bytes
 from magnet_engine.server.batcher import Batcher, BatchKey, Job, QueueFull
-from magnet_engine.server.metrics import CONTENT_TYPE_LATEST
 from magnet_engine.server.progress import TERMINAL_EVENTS, ProgressChannel, ProgressHub, sse
 from magnet_engine.server.schema import (
     ApiError, GenerateRequest, Settings, api_error_from, describe_validation_error, model_info, parse_body,
