@@ -78,6 +78,14 @@ def _load(args, model: tp.Optional[str] = None):
                                  precision=args.precision, compile=args.compile)
 
 
+def _cuda_requested(device: tp.Optional[str]) -> bool:
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _output_paths(output: Path, n: int) -> tp.List[Path]:
     if n == 1:
         return [output]
@@ -152,6 +160,10 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     directory = cached_demo_model(args.cache_dir, args.preset, kind=args.kind)
     t1 = time.perf_counter()
+    if args.precision is None and args.engine == "fast" and not _cuda_requested(args.device):
+        # Random weights make noise at any precision; bf16 decodes the real-size LM ~3x faster on CPU.
+        args.precision = "bf16"
+        print("precision: bf16 (the demo's default on CPU; --precision fp32 for full precision)")
     model = _load(args, model=str(directory))
     t2 = time.perf_counter()
     args.texts = args.texts or ["warm lo-fi piano with soft vinyl crackle"]
@@ -160,7 +172,7 @@ def cmd_demo(args) -> int:
     for p in paths:
         print(f"wrote {p}")
     print(f"generated {model.frames / model.frame_rate:.2f} s of audio in {elapsed:.2f} s "
-          f"(engine {args.engine}, device {model.device})")
+          f"(engine {args.engine}, device {model.device}, precision {model.precision})")
     return 0
 
 
