@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.config import cfg_get, parse_yaml_config
+from magnet_engine.engine.random_weights import random_lm_package
 from magnet_engine.errors import CheckpointError, ConfigError
 
 SECRET = "s3cr3t-value-from-the-environment"
@@ -19,7 +20,7 @@ def secret_env(monkeypatch):
 
 
 def lm_package(t5_name: str) -> dict:
-    return ckpt.random_lm_package(**ckpt.ARCHITECTURES["tiny"], d_t5=32, duration=1, t5_name=t5_name)
+    return random_lm_package(**ckpt.ARCHITECTURES["tiny"], d_t5=32, duration=1, t5_name=t5_name)
 
 
 @pytest.mark.parametrize("t5_name", [
