@@ -185,14 +185,16 @@ class Unmasker:
 
     def logits(self) -> torch.Tensor:
         """[L, A] fp32: guided logits of the target rows from one batched forward."""
-        hidden = self.model.hidden(self.ids)[:, self.text_len:]      # [R, P + L + Q, D]
+        # fp32 from here on (a no-op for an fp32 model): the CFG stds and the sampling need it.
+        hidden = self.model.hidden(self.ids)[:, self.text_len:].float()      # [R, P + L + Q, D]
         rows = slice(self.left, self.left + self.target_len)
         if self.cfg_on:
             std_rows = rows if self.options.cfg_std_target_only else None
             guided = cfg_mix(hidden[0], hidden[1], self.options.guidance, self.options.rescale, std_rows)
         else:
             guided = hidden[0]
-        return self.model.to_logits(guided[rows]).float()
+        head = self.model.to_logits
+        return head(guided[rows].to(head.weight.dtype)).float()
 
     def step(self, i: int, draws: Draws) -> None:
         """One unmasking step on the static buffers; reads no device value."""
