@@ -57,6 +57,10 @@ class SpeechResult:
     timings: dict                    # phase -> seconds
     plan: EditPlan | None = None
 
+    def pcm_tuple(self) -> tuple[int, np.ndarray]:
+        """upstream's return value: (sample_rate, int16 PCM)."""
+        return self.sample_rate, self.pcm
+
 
 def to_pcm16(wave: torch.Tensor) -> np.ndarray:
     """[-1, 1] float -> int16 as upstream: clip(trunc(x · 32768))."""
