@@ -121,14 +121,13 @@ def load_pickle(path: Path) -> tp.Any:
 
 def load_converted(path: Path) -> dict:
     """A convert.py output: tensors under '<top>/<key>', the rest as JSON in the metadata."""
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("playdiffusion", "{}"))
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except Exception as e:  # safetensors raises its own SafetensorError, not exported everywhere
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
     out: dict = dict(meta.get("values", {}))
     for name, tensor in tensors.items():

@@ -183,6 +183,7 @@ class Unmasker:
         self.next_masked = sched.next_masked.to(dev)
         self.neg_max = torch.tensor(-FLT_MAX, device=dev)
 
+    @torch.inference_mode()
     def logits(self) -> torch.Tensor:
         """[L, A] fp32: guided logits of the target rows from one batched forward."""
         # fp32 from here on (a no-op for an fp32 model): the CFG stds and the sampling need it.
@@ -196,6 +197,7 @@ class Unmasker:
         head = self.model.to_logits
         return head(guided[rows].to(head.weight.dtype)).float()
 
+    @torch.inference_mode()
     def step(self, i: int, draws: Draws) -> None:
         """One unmasking step on the static buffers; reads no device value."""
         logits = self.logits()

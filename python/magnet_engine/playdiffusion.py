@@ -99,6 +99,17 @@ def write_pcm16(path, pcm: np.ndarray, sample_rate: int) -> Path:
     return path
 
 
+def wav_bytes_pcm16(pcm: np.ndarray, sample_rate: int) -> bytes:
+    """int16 [N] -> the bytes of a 16-bit PCM WAV file."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, pcm, sample_rate, subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
 def random_model_dir(cache: Path = DEFAULT_CACHE) -> Path:
     """The tiny random-weight model, written once into the cache."""
     from magnet_engine.engine.playdiffusion import files
