@@ -279,6 +279,9 @@ def plan_edit(input_text: str, output_text: str, word_times: tp.Sequence[dict], 
         raise InvalidInputError(
             f"word times do not match the input text: {len(alignment.references[0])} words in the text, "
             f"{len(repaired)} after aligning the timed words (a word made only of punctuation cannot be timed)")
+    if not any(w.get("start") is not None and w.get("end") is not None for w in repaired):
+        # Upstream would go on with 0 frames per syllable and regenerate nothing (quirk 7).
+        raise InvalidInputError("none of the timed words match the input text: the edit cannot be placed")
     duration = n_units / FRAME_RATE
     for w in repaired:
         if w.get("end") is not None and w["end"] > duration + 1.0 / FRAME_RATE:

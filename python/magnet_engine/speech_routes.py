@@ -11,7 +11,6 @@
 Every bad request is a 4xx: 413 for an upload or clip over the limits, 400 for unreadable audio
 or input the edit cannot use, 422 for a setting outside its bounds, 429 when the queue is full.
 """
-from __future__ import annotations
 
 import dataclasses
 import io
