@@ -54,12 +54,19 @@ setup(
         "tqdm",
         "einops",  # used by the encodec package's modules
         "huggingface_hub",
+        # PlayDiffusion (speech editing): text BPE, word diff, syllable count as upstream, configs.
+        "tokenizers",
+        "jiwer>=3.0",
+        "syllables==1.0.9",  # byte-identical in code to upstream's pinned playht/python-syllables
+        "unidecode",
+        "pydantic>=2",
+        "safetensors",
     ],
     extras_require={
         "gpu": ["triton", "flash-attn"],
         "triton": ["triton"],
-        "serve": ["fastapi", "uvicorn", "httpx"],
-        "test": ["pytest", "triton", "fastapi", "uvicorn", "httpx", "selenium"],
+        "serve": ["fastapi", "uvicorn", "httpx", "python-multipart"],
+        "test": ["pytest", "triton", "fastapi", "uvicorn", "httpx", "selenium", "python-multipart"],
     },
     entry_points={"console_scripts": ["magnet-engine=magnet_engine.cli:main"]},
 )
