@@ -280,3 +280,35 @@ def test_speech_edit_router(pd, clip):
     too_long = client.post("/v1/speech/edit", data=form, files={"audio": ("l.wav", long.getvalue(), "audio/wav")})
     assert too_long.status_code == 413
     assert client.get("/v1/speech/edit/defaults").json()["topk"] == 25
+
+
+# ----------------------------------------------------------------------------- planner
+def test_long_region_is_split_as_upstream():
+    """n > 750 frames: 1 + n // 750 near-equal word groups (numpy.array_split); the first keeps
+    the start edge, the last the end edge, middle groups get no audio context (quirk 9)."""
+    from magnet_engine.engine.playdiffusion.planner import plan_edit
+
+    words = [dict(word=w, start=0.1 + 0.4 * i, end=0.4 + 0.4 * i) for i, w in enumerate("one two three".split())]
+    inserted = " ".join(["banana"] * 40)  # 3 syllables each at 25 frames: ~3000 frames
+    plan = plan_edit("one two three", f"one {inserted} two three", words, n_units=75, ratio=25.0)
+    regions = plan.regions
+    n_total = int(3 * 40 * 25)
+    assert len(regions) >= 1 + n_total // 750
+    first, last = regions[0], regions[-1]
+    assert first.start_frame is not None and first.end_frame is None and first.buf_end_frame is None
+    assert last.start_frame is None and last.end_frame is not None and last.buf_start_frame is None
+    assert all(r.start_frame is None and r.end_frame is None for r in regions[1:-1])
+    assert all(r.n_frames <= 750 + 75 for r in regions)
+
+
+def test_end_insertion_quirk_and_its_fix():
+    """Quirk 4: an insertion after the last word never takes the left neighbour (frames × 50
+    compared with a time); the named fix does."""
+    from magnet_engine.engine.playdiffusion.planner import PlannerOptions, plan_edit
+
+    words = [dict(word="hello", start=0.1, end=0.5), dict(word="world", start=0.55, end=1.0)]
+    quirk = plan_edit("hello world", "hello world again", words, n_units=60, ratio=12.5).regions[0]
+    fixed = plan_edit("hello world", "hello world again", words, n_units=60, ratio=12.5,
+                      options=PlannerOptions(fix_end_insertion_buffer=True)).regions[0]
+    assert quirk.start_frame == 60 and quirk.text == "hello world again"
+    assert fixed.start_frame == int(0.55 * 50)
