@@ -21,9 +21,14 @@ Contract
     p       = softmax(kept)[tokens]                           (no temperature)
     scores  = -(diversity * G(score_u) + log(p + 1e-10))
 
-Only a torch implementation exists: it is written op for op as upstream, so a CPU run with the
-same uniforms reproduces upstream's tokens bit for bit; it has no host sync and no data-dependent
-branch, so a step that calls it can be captured as a CUDA graph.
+Implementations (dispatch: Triton on CUDA, torch elsewhere):
+- torch: written op for op as upstream, so a CPU run with the same uniforms reproduces
+  upstream's tokens bit for bit. No host sync, no data-dependent branch.
+- Triton: one program per row, the whole row in registers (C <= 16384). The k-th largest
+  logit is found by bisection on the order-preserving integer image of the fp32 bits (32
+  passes), so every entry equal to it is kept: it differs from torch.topk only when the k-th
+  value is tied. exp/log are Triton's: a token can differ only where two perturbed logits are
+  within an ulp, and scores agree to a few ulps.
 """
 from __future__ import annotations
 
@@ -31,10 +36,70 @@ import torch
 
 from magnet_engine.kernels import backend
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the torch path does not need it
+    triton = None
+
+MAX_TRITON_CARD = 16384
+
 
 def gumbel(u: torch.Tensor) -> torch.Tensor:
     """Gumbel noise from uniforms, as upstream spells it (eps 1e-10 inside both logs)."""
     return -torch.log(-torch.log(u + 1e-10) + 1e-10)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gumbel(u):
+        return -tl.log(-tl.log(u + 1e-10) + 1e-10)
+
+    @triton.jit
+    def _gumbel_topk_kernel(logits_ptr, sample_u_ptr, score_u_ptr, temp_ptr, div_ptr, tokens_ptr, scores_ptr,
+                            C, top_k, HAS_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        inside = cols < C
+        logits = tl.load(logits_ptr + row * C + cols, mask=inside, other=float("-inf"))
+        # Order-preserving int32 image of fp32: negative floats have their magnitude bits flipped.
+        bits = logits.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        key = tl.where(inside, key, -2147483647 - 1)
+        lo = tl.min(tl.where(inside, key, 2147483647), axis=0).to(tl.int64)
+        hi = tl.max(key, axis=0).to(tl.int64)
+        for _ in range(33):  # largest v with count(key >= v) >= k
+            mid = lo + (hi - lo + 1) // 2
+            enough = tl.sum(((key.to(tl.int64) >= mid) & inside).to(tl.int32), axis=0) >= top_k
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        kept = (key.to(tl.int64) >= lo) & inside
+        filtered = tl.where(kept, logits, float("-inf"))
+        l_max = tl.max(filtered, axis=0)
+        z = tl.sum(tl.where(kept, tl.exp(filtered - l_max), 0.0), axis=0)
+        if HAS_SAMPLE:
+            u = tl.load(sample_u_ptr + row * C + cols, mask=inside, other=0.5)
+            race = tl.where(kept, filtered / tl.load(temp_ptr) + _gumbel(u), float("-inf"))
+            token = tl.argmax(race, axis=0)
+        else:
+            token = tl.argmax(filtered, axis=0)
+        l_tok = tl.sum(tl.where(cols == token, filtered, 0.0), axis=0)
+        p = tl.exp(l_tok - l_max) / z
+        score = -(tl.load(div_ptr) * _gumbel(tl.load(score_u_ptr + row)) + tl.log(p + 1e-10))
+        tl.store(tokens_ptr + row, token.to(tl.int64))
+        tl.store(scores_ptr + row, score)
+
+
+def _gumbel_topk_triton(logits, sample_u, score_u, temperature, diversity, top_k):
+    n, card = logits.shape
+    tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
+    scores = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        _gumbel_topk_kernel[(n,)](logits, logits if sample_u is None else sample_u, score_u, temperature, diversity,
+                                  tokens, scores, card, top_k, HAS_SAMPLE=sample_u is not None,
+                                  BLOCK_C=triton.next_power_of_2(card))
+    return tokens, scores
 
 
 def _gumbel_topk_torch(logits, sample_u, score_u, temperature, diversity, top_k):
@@ -75,5 +140,9 @@ def gumbel_topk_sample(
                              f"of shape {tuple(value.shape)}")
     if not 1 <= top_k <= card:
         raise ValueError(f"gumbel_topk_sample: top_k must be in [1, {card}], found {top_k}")
-    backend.choose("gumbel_topk_sample", logits.device, impl, available=("torch",))
-    return _gumbel_topk_torch(logits, sample_u, score_u, temperature, diversity, top_k)
+    available = ("triton", "torch") if card <= MAX_TRITON_CARD else ("torch",)
+    chosen = backend.choose("gumbel_topk_sample", logits.device, impl, available)
+    fn = _gumbel_topk_triton if chosen == "triton" else _gumbel_topk_torch
+    logits = logits.contiguous()
+    sample_u = None if sample_u is None else sample_u.contiguous()
+    return fn(logits, sample_u, score_u.contiguous(), temperature, diversity, top_k)

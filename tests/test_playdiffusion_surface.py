@@ -312,3 +312,22 @@ def test_end_insertion_quirk_and_its_fix():
                       options=PlannerOptions(fix_end_insertion_buffer=True)).regions[0]
     assert quirk.start_frame == 60 and quirk.text == "hello world again"
     assert fixed.start_frame == int(0.55 * 50)
+
+
+@pytest.mark.parametrize("card, top_k", [(64, 25), (1000, 7), (10, 10)])
+def test_gumbel_topk_triton_matches_torch(card, top_k):
+    from magnet_engine.kernels import backend
+    from magnet_engine.kernels.gumbel_sampling import gumbel_topk_sample
+
+    if not (backend.triton_available() and backend.triton_interpreted()):
+        pytest.skip("Triton interpreter not available")
+    gen = torch.Generator().manual_seed(card)
+    logits = torch.randn(9, card, generator=gen) * 3  # distinct values: no tie at the k-th
+    logits[0, :] = -logits[0, :]                       # negative-heavy row: the int image of fp32
+    sample_u, score_u = torch.rand(9, card, generator=gen), torch.rand(9, generator=gen)
+    temperature, diversity = torch.tensor(0.4), torch.tensor(0.8)
+    for su in (sample_u, None):
+        t_tok, t_sc = gumbel_topk_sample(logits, su, score_u, temperature, diversity, top_k=top_k, impl="torch")
+        x_tok, x_sc = gumbel_topk_sample(logits, su, score_u, temperature, diversity, top_k=top_k, impl="triton")
+        assert torch.equal(t_tok, x_tok)
+        torch.testing.assert_close(x_sc, t_sc, atol=1e-5, rtol=1e-5)
