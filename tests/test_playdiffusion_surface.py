@@ -122,7 +122,7 @@ def test_bad_audio_and_settings_are_typed_errors(pd, clip, tmp_path):
     with pytest.raises(InvalidOptionError, match="init_temp"):
         pd.tts(dict(output_text="hi", voice=str(clip), init_temp=5.0))
     with pytest.raises(InvalidOptionError, match="quirk"):
-        type(pd)(pd.pipeline and "random", unmask_fixes={"no_such_fix": True})
+        type(pd)("random", unmask_fixes={"no_such_fix": True})  # refused before anything loads
 
 
 # ----------------------------------------------------------------------------- loop

@@ -51,6 +51,7 @@ def convert(src: Path) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"playdiffusion": json.dumps({"values": values})})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

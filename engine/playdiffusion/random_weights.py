@@ -65,6 +65,7 @@ def _atomic_save(obj, path: Path, save) -> None:
     os.close(fd)
     try:
         save(obj, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -92,6 +92,7 @@ def write_pcm16(path, pcm: np.ndarray, sample_rate: int) -> Path:
     os.close(fd)
     try:
         sf.write(tmp, pcm, sample_rate, subtype="PCM_16", format="WAV")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an output file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -134,14 +135,14 @@ class PlayDiffusion:
         from magnet_engine.engine.playdiffusion.planner import PlannerOptions
         from magnet_engine.engine.playdiffusion.unmasking import UnmaskOptions
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        root = random_model_dir() if str(model) == RANDOM_MODEL else model
-        self.pipeline = PlayDiffusionPipeline.load(root, device, precision or Precision())
         try:
             self._unmask_fixes = UnmaskOptions(**(unmask_fixes or {}))
             self._planner = PlannerOptions(**(planner_fixes or {}))
         except TypeError as e:
             raise InvalidOptionError(f"unknown quirk fix: {e}") from None
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        root = random_model_dir() if str(model) == RANDOM_MODEL else model
+        self.pipeline = PlayDiffusionPipeline.load(root, device, precision or Precision())
         self._lock = threading.Lock()
 
     @property
