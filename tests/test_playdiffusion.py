@@ -4,8 +4,6 @@ intermediate of upstream's CPU run with its tolerances. Also: safe loading."""
 from __future__ import annotations
 
 import pickle
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
