@@ -150,7 +150,7 @@ def test_loop_invariants_and_fast_equals_reference_under_every_fix(pd):
             previous = torch.ones(length, dtype=torch.bool)
             for i, canvas in enumerate(canvases):
                 target = canvas[10:10 + length]
-                masked = target == cfg.mask
+                masked = target == cfg.codebook_size  # the canvas holds units; MASK is A
                 expected = int(run.schedule.next_masked[i]) if i + 1 < len(canvases) else 0
                 assert int(masked.sum()) == expected
                 assert not (masked & ~previous).any()

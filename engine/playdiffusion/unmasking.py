@@ -219,14 +219,16 @@ class Unmasker:
 
     @torch.inference_mode()
     def run(self, draws: Draws, listener: Listener | None = None) -> torch.Tensor:
-        """-> units [P + L + Q] int64 (context unchanged, target filled)."""
+        """-> units [P + L + Q] int64 (context unchanged, target filled). A listener gets
+        StageStep events whose canvas [1, 1, P + L + Q] holds units, MASK as A (the card)."""
         steps = self.schedule.steps_run
+        vocab = self.model.cfg.vocab_size
         for i in range(steps):
             self.step(i, draws)
             if listener is not None:
                 listener(StageStep(stage=0, step=i, steps=steps, done=i + 1, total=steps,
-                                   canvas=self.ids[0:1, None, self.text_len:]))
-        return self.ids[0, self.text_len:] - self.model.cfg.vocab_size
+                                   canvas=self.ids[0:1, None, self.text_len:] - vocab))
+        return self.ids[0, self.text_len:] - vocab
 
 
 def split_code(code: torch.Tensor, start_frame: int, end_frame: int) -> tuple[torch.Tensor, int, torch.Tensor]:
