@@ -57,7 +57,7 @@ def edit_request():
 
 
 def run_case(pipe: PlayDiffusionPipeline, mode: str, options: UnmaskOptions, seed: int) -> dict:
-    draws = GeneratorDraws(torch.Generator().manual_seed(seed))
+    draws = GeneratorDraws(torch.Generator(device=pipe.device).manual_seed(seed))
     start = time.perf_counter()
     if mode == "edit":
         wave, sr, text_in, text_out, times = edit_request()

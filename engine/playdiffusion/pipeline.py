@@ -65,7 +65,7 @@ class SpeechResult:
 def to_pcm16(wave: torch.Tensor) -> np.ndarray:
     """[-1, 1] float -> int16 as upstream: clip(trunc(x · 32768))."""
     x = torch.trunc(wave.float().reshape(-1) * 32768).clamp(-32768, 32767)
-    return x.to(torch.int16).numpy()
+    return x.to(torch.int16).cpu().numpy()
 
 
 def check_audio(wave: torch.Tensor, sample_rate: int, what: str) -> torch.Tensor:

@@ -156,15 +156,14 @@ class PlayDiffusion:
                                    init_diversity=settings.init_diversity, guidance=settings.guidance,
                                    rescale=settings.rescale, topk=settings.topk)
 
-    @staticmethod
-    def _draws(seed: tp.Optional[int]):
+    def _draws(self, seed: tp.Optional[int]):
         from magnet_engine.engine.playdiffusion.unmasking import GeneratorDraws
 
         if seed is None:
-            return GeneratorDraws()  # the global generator, as upstream
+            return GeneratorDraws()  # the device's default generator, as upstream
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise InvalidOptionError(f"seed must be an int, found {seed!r}")
-        return GeneratorDraws(torch.Generator().manual_seed(seed))
+        return GeneratorDraws(torch.Generator(device=self.pipeline.device).manual_seed(seed))
 
     def inpaint(self, input: tp.Union[InpaintInput, dict], *, seed: tp.Optional[int] = None,
                 listener=None) -> tuple[int, np.ndarray]:
