@@ -71,20 +71,27 @@ def run_case(pipe: PlayDiffusionPipeline, mode: str, options: UnmaskOptions, see
                 phases_s={k: round(v, 3) for k, v in result.timings.items()}, units=int(result.units.numel()))
 
 
-def reference_unmask(pipe: PlayDiffusionPipeline, options: UnmaskOptions) -> float:
-    """The plain loop (two separate CFG forwards per step) on the edit's first region."""
+def region0_loops(pipe: PlayDiffusionPipeline, options: UnmaskOptions) -> dict:
+    """The edit's first region through the fast loop (one batched [2, S] CFG forward per step)
+    and the plain reference loop (two forwards per step), same draws: same tokens, both timed."""
+    from magnet_engine.engine.playdiffusion.planner import plan_edit
+    from magnet_engine.engine.playdiffusion.unmasking import generate
+
     wave, sr, text_in, text_out, times = edit_request()
     units = pipe.units(wave[None], sr)
-    from magnet_engine.engine.playdiffusion.planner import plan_edit
-
     region = plan_edit(text_in, text_out, times, units.numel()).regions[0]
     left = units[region.buf_start_frame:region.start_frame]
     right = units[region.end_frame:region.buf_end_frame]
-    code = torch.cat([left, torch.zeros(region.n_frames, dtype=torch.long), right])
-    start = time.perf_counter()
-    reference_generate(pipe.inpainter, pipe._text(region.text), options, GeneratorDraws(torch.Generator().manual_seed(0)),
-                       code=code, start_frame=left.numel(), end_frame=left.numel() + region.n_frames)
-    return time.perf_counter() - start
+    where = dict(code=torch.cat([left, torch.zeros(region.n_frames, dtype=torch.long), right]),
+                 start_frame=left.numel(), end_frame=left.numel() + region.n_frames)
+    text = pipe._text(region.text)
+    out, seconds = {}, {}
+    for name, loop in (("fast", generate), ("reference", reference_generate)):
+        start = time.perf_counter()
+        out[name] = loop(pipe.inpainter, text, options, GeneratorDraws(torch.Generator().manual_seed(0)), **where)
+        seconds[name] = round(time.perf_counter() - start, 3)
+    return dict(seq_len=text.numel() + 2 + where["code"].numel() + 1, unmask_s=seconds,
+                same_tokens=bool(torch.equal(out["fast"], out["reference"])))
 
 
 def default_forward(lengths: list[int], precisions: list[str]) -> list[dict]:
@@ -113,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine").expanduser())
+    p.add_argument("--compare-loops", nargs="*", default=["fp32"], choices=sorted(DTYPES),
+                   help="precisions at which the edit's first region also runs through the reference loop")
+    p.add_argument("--modes", nargs="+", default=["edit", "tts"], choices=["edit", "tts"])
     p.add_argument("--inpainter-forward-only", action="store_true",
                    help="also time single forwards of the default-size inpainter (no files written)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "playdiffusion_cpu.json")
@@ -128,15 +138,16 @@ def main(argv=None) -> int:
     for name in args.precision:
         pipe = PlayDiffusionPipeline.load(root, "cpu", Precision(inpainter=DTYPES[name]))
         run_case(pipe, "edit", dataclasses.replace(options, steps=2), 0)  # warm-up
-        for mode in ("edit", "tts"):
+        for mode in args.modes:
             row = dict(precision=name, **run_case(pipe, mode, options, 0))
             results.append(row)
             print(f"{name:5s} {mode:5s} audio {row['audio_s']:5.2f} s  wall {row['wall_s']:7.2f} s  "
                   f"RTF {row['rtf']:.3f}  " + "  ".join(f"{k} {v:.2f}" for k, v in row["phases_s"].items()))
-        if name == "fp32":
-            ref = reference_unmask(pipe, options)
-            results.append(dict(precision=name, mode="edit_region0_reference_loop", unmask_s=round(ref, 3)))
-            print(f"fp32 reference loop, first region of the edit: unmask {ref:.2f} s")
+        if name in args.compare_loops:
+            row = dict(precision=name, mode="edit_region0_fast_vs_reference", **region0_loops(pipe, options))
+            results.append(row)
+            print(f"{name} first region of the edit (S={row['seq_len']}): fast {row['unmask_s']['fast']:.2f} s, "
+                  f"reference {row['unmask_s']['reference']:.2f} s, same tokens: {row['same_tokens']}")
     sizes = dataclasses.asdict(random_weights.PRESETS[args.preset])
     report = dict(benchmark="playdiffusion", preset=args.preset, sizes=sizes, steps=args.steps,
                   threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine(),
