@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine").expanduser())
     p.add_argument("--compare-loops", nargs="*", default=["fp32"], choices=sorted(DTYPES),
                    help="precisions at which the edit's first region also runs through the reference loop")
-    p.add_argument("--modes", nargs="+", default=["edit", "tts"], choices=["edit", "tts"])
+    p.add_argument("--modes", nargs="*", default=["edit", "tts"], choices=["edit", "tts"])
     p.add_argument("--inpainter-forward-only", action="store_true",
                    help="also time single forwards of the default-size inpainter (no files written)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "playdiffusion_cpu.json")
