@@ -21,7 +21,7 @@ Contract
     p       = softmax(kept)[tokens]                           (no temperature)
     scores  = -(diversity * G(score_u) + log(p + 1e-10))
 
-Implementations (dispatch: Triton on CUDA, torch elsewhere):
+Implementations (dispatch: Triton on CUDA, torch elsewhere; "cpp" runs the torch path):
 - torch: written op for op as upstream, so a CPU run with the same uniforms reproduces
   upstream's tokens bit for bit. No host sync, no data-dependent branch.
 - Triton: one program per row, the whole row in registers (C <= 16384). The k-th largest
@@ -114,6 +114,23 @@ def _gumbel_topk_torch(logits, sample_u, score_u, temperature, diversity, top_k)
     return tokens, scores
 
 
+def _use_triton(impl, device: torch.device, card: int) -> bool:
+    """None / an engine-resolved Impls: Triton on CUDA (rows up to MAX_TRITON_CARD), torch
+    elsewhere (C++ has no twin: the torch path is upstream's exact arithmetic on the CPU)."""
+    if isinstance(impl, backend.Impls):
+        impl = impl.requested
+    if impl not in (None, "triton", "torch", "cpp"):
+        raise ValueError(f"gumbel_topk_sample: impl must be one of {backend.IMPLS} or None, found {impl!r}")
+    if impl == "triton":
+        if not (backend.triton_available() and (device.type == "cuda" or backend.triton_interpreted())):
+            raise RuntimeError(f"gumbel_topk_sample: Triton needs a CUDA tensor or TRITON_INTERPRET=1 "
+                               f"(device {device})")
+        if card > MAX_TRITON_CARD:
+            raise ValueError(f"gumbel_topk_sample: the Triton kernel holds rows of <= {MAX_TRITON_CARD}, found {card}")
+        return True
+    return impl is None and device.type == "cuda" and backend.triton_available() and card <= MAX_TRITON_CARD
+
+
 def gumbel_topk_sample(
     logits: torch.Tensor,
     sample_u: torch.Tensor | None,
@@ -140,9 +157,7 @@ def gumbel_topk_sample(
                              f"of shape {tuple(value.shape)}")
     if not 1 <= top_k <= card:
         raise ValueError(f"gumbel_topk_sample: top_k must be in [1, {card}], found {top_k}")
-    available = ("triton", "torch") if card <= MAX_TRITON_CARD else ("torch",)
-    chosen = backend.choose("gumbel_topk_sample", logits.device, impl, available)
-    fn = _gumbel_topk_triton if chosen == "triton" else _gumbel_topk_torch
+    fn = _gumbel_topk_triton if _use_triton(impl, logits.device, card) else _gumbel_topk_torch
     logits = logits.contiguous()
     sample_u = None if sample_u is None else sample_u.contiguous()
     return fn(logits, sample_u, score_u.contiguous(), temperature, diversity, top_k)
