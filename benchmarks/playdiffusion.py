@@ -82,13 +82,14 @@ def region0_loops(pipe: PlayDiffusionPipeline, options: UnmaskOptions) -> dict:
     region = plan_edit(text_in, text_out, times, units.numel()).regions[0]
     left = units[region.buf_start_frame:region.start_frame]
     right = units[region.end_frame:region.buf_end_frame]
-    where = dict(code=torch.cat([left, torch.zeros(region.n_frames, dtype=torch.long), right]),
+    where = dict(code=torch.cat([left, left.new_zeros(region.n_frames), right]),
                  start_frame=left.numel(), end_frame=left.numel() + region.n_frames)
     text = pipe._text(region.text)
     out, seconds = {}, {}
     for name, loop in (("fast", generate), ("reference", reference_generate)):
         start = time.perf_counter()
-        out[name] = loop(pipe.inpainter, text, options, GeneratorDraws(torch.Generator().manual_seed(0)), **where)
+        draws = GeneratorDraws(torch.Generator(device=pipe.device).manual_seed(0))
+        out[name] = loop(pipe.inpainter, text, options, draws, **where)
         seconds[name] = round(time.perf_counter() - start, 3)
     return dict(seq_len=text.numel() + 2 + where["code"].numel() + 1, unmask_s=seconds,
                 same_tokens=bool(torch.equal(out["fast"], out["reference"])))
@@ -119,13 +120,14 @@ def main(argv=None) -> int:
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU path is untested)")
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine").expanduser())
     p.add_argument("--compare-loops", nargs="*", default=["fp32"], choices=sorted(DTYPES),
                    help="precisions at which the edit's first region also runs through the reference loop")
     p.add_argument("--modes", nargs="*", default=["edit", "tts"], choices=["edit", "tts"])
     p.add_argument("--inpainter-forward-only", action="store_true",
                    help="also time single forwards of the default-size inpainter (no files written)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "playdiffusion_cpu.json")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/playdiffusion_<device>.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     options = UnmaskOptions(steps=args.steps)  # the API defaults otherwise
     results = []
     for name in args.precision:
-        pipe = PlayDiffusionPipeline.load(root, "cpu", Precision(inpainter=DTYPES[name]))
+        pipe = PlayDiffusionPipeline.load(root, args.device, Precision(inpainter=DTYPES[name]))
         run_case(pipe, "edit", dataclasses.replace(options, steps=2), 0)  # warm-up
         for mode in args.modes:
             row = dict(precision=name, **run_case(pipe, mode, options, 0))
@@ -150,12 +152,13 @@ def main(argv=None) -> int:
                   f"reference {row['unmask_s']['reference']:.2f} s, same tokens: {row['same_tokens']}")
     sizes = dataclasses.asdict(random_weights.PRESETS[args.preset])
     report = dict(benchmark="playdiffusion", preset=args.preset, sizes=sizes, steps=args.steps,
-                  threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine(),
+                  device=args.device, threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine(),
                   cpus=os.cpu_count(), load_average=os.getloadavg(), results=results,
                   notes="random weights; text tokenizer is a character-level stand-in (more text ids than the "
                         "real 16k BPE); rtf = output seconds / wall seconds")
     if args.inpainter_forward_only:
         report["default_inpainter_forward"] = default_forward([250, 560], args.precision)
+    args.out = args.out or Path(__file__).parent / "results" / f"playdiffusion_{torch.device(args.device).type}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"saved {args.out}")
