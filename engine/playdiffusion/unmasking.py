@@ -28,6 +28,7 @@ import torch
 from magnet_engine.engine.events import Listener, StageStep
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter
 from magnet_engine.errors import InvalidOptionError
+from magnet_engine.kernels import backend
 from magnet_engine.kernels.gumbel_sampling import gumbel_topk_sample
 from magnet_engine.kernels.masking import remask
 
@@ -182,6 +183,7 @@ class Unmasker:
         self.diversity = sched.diversity.to(dev)
         self.next_masked = sched.next_masked.to(dev)
         self.neg_max = torch.tensor(-FLT_MAX, device=dev)
+        self.impls = backend.resolve(dev)  # once, outside the step: the step reads one attribute
 
     @torch.inference_mode()
     def logits(self) -> torch.Tensor:
@@ -206,13 +208,14 @@ class Unmasker:
             draws.sample(i, self.sample_u)
         draws.score(i, self.score_u)
         tokens, scores = gumbel_topk_sample(logits, None if greedy else self.sample_u, self.score_u,
-                                            self.temperature[i], self.diversity[i], top_k=self.options.topk)
+                                            self.temperature[i], self.diversity[i], top_k=self.options.topk,
+                                            impl=self.impls)
         vocab = self.model.cfg.vocab_size
         self.target.copy_(torch.where(self.masked, tokens + vocab, self.target))
         if i + 1 < self.schedule.steps_run:
             scores = torch.where(self.masked, scores, self.neg_max)
             masked = remask(self.target[None], scores[None], self.next_masked[i], span_len=1,
-                            arrangement="token", prompt_len=0, mask_id=self.model.cfg.mask)
+                            arrangement="token", prompt_len=0, mask_id=self.model.cfg.mask, impl=self.impls)
             self.masked.copy_(masked[0])
         if self.cfg_on:
             self.target_rows[1].copy_(self.target)
