@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="latency benchmark, fast vs reference loop (bench --help)", add_help=False)
     sub.add_parser("serve", help="HTTP service with dynamic batching and the demo page (serve --help)",
                    add_help=False)
+    sub.add_parser("speech", help="PlayDiffusion speech editing / TTS / voice conversion (speech --help)",
+                   add_help=False)
     return parser
 
 
@@ -224,7 +226,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # serve and bench own their flags: hand them over before argparse reads any of them.
-    handoff = {"serve": "magnet_engine.server", "bench": "magnet_engine.bench"}
+    handoff = {"serve": "magnet_engine.server", "bench": "magnet_engine.bench", "speech": "magnet_engine.speech_cli"}
     if argv[:1] and argv[0] in handoff:
         import importlib
         return importlib.import_module(handoff[argv[0]]).main(argv[1:])
