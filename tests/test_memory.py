@@ -58,7 +58,7 @@ def test_fp32_load_keeps_the_file_pages_as_the_parameters(tiny_dir):
     model.set_generation_params(**FAST)
     model.generate_tokens(["x"], seed=0)
     runtime = model._fast_runtime()
-    assert runtime.lm is model.lm.module                                   # no cast copy at fp32
+    assert runtime.lm is model.lm.module    # no cast copy at fp32
     lm_file, codec_file = _file_ranges(tiny_dir / ckpt.LM_FILE), _file_ranges(tiny_dir / ckpt.CODEC_FILE)
     assert lm_file and codec_file
     for tensors, ranges in ((_tensors(model.lm.module, model.conditioner.output_proj), lm_file),
@@ -79,7 +79,7 @@ def test_low_precision_runtime_holds_no_fp32_transformer_weights(tiny_dir, preci
     model.set_generation_params(**FAST)
     model.generate_tokens(["x"], seed=0)
     runtime = model._fast_runtime()
-    assert runtime.lm is model.lm.module                                   # cast in place: no second LM
+    assert runtime.lm is model.lm.module    # cast in place: no second LM
     tensors = _tensors(model.lm.module, runtime.lm, model.conditioner, model.codec)
     assert len({t.data_ptr() for t in tensors}) == len({id(t) for t in tensors})
     for name, param in model.lm.module.named_parameters():
@@ -111,7 +111,7 @@ def test_runtime_casts_in_place():
 def test_reference_engine_gets_fp32_weights_only_when_asked(tiny_dir):
     low = MAGNeT.from_pretrained(tiny_dir, device="cpu", precision="bf16")
     ref = MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="reference")
-    assert ref.reference_lm() is ref.lm.module                             # fp32 already: nothing loaded twice
+    assert ref.reference_lm() is ref.lm.module                      # fp32 already: nothing loaded twice
     for m in (low, ref):
         m.set_generation_params(**FAST)
     low.generate_tokens(["x"], seed=0)                              # the fast runtime exists, in bf16

@@ -258,7 +258,8 @@ class MAGNeT:
         params = DecodingParams(use_sampling=use_sampling, top_k=top_k, top_p=top_p, temperature=temperature,
                                 max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
                                 decoding_steps=decoding_steps, span_arrangement=span_arrangement,
-                                span_scoring=span_scoring, anneal_temp=anneal_temp).validate(self.config.n_q)
+                                span_scoring=span_scoring, anneal_temp=anneal_temp).validate(
+                                    self.config.n_q, card=self.config.card)
         new_duration = self.duration if duration is None else self.check_duration(duration)
         rescore = RescoreOptions(rescore_weight, rescore_temperature, rescore_fill, rescore_cfg_coef).validate()
         prefix = self._external_lm(prefix_model) if prefix_model is not None else None
@@ -424,7 +425,7 @@ class MAGNeT:
         if params is not None:
             if not isinstance(params, DecodingParams):
                 raise InvalidOptionError(f"params must be a DecodingParams, found {type(params).__name__}")
-            params.validate(self.config.n_q)
+            params.validate(self.config.n_q, card=self.config.card)
         if duration is not None:
             duration = self.check_duration(duration)
         else:
@@ -609,7 +610,7 @@ class MAGNeT:
         return generate.Models(runtime=runtime, ar=ar)
 
     def _fast_runtime(self):
-        """The fast runtime (built on first use; it casts `self._lm` in place to its precision)."""
+        """The fast runtime (built on first use; it casts the engine LM in place to its precision)."""
         if self._runtime is None:
             from magnet_engine.engine.decoding import Runtime
             self._runtime = Runtime(self._lm, precision=self.precision, compile=self.compile,

@@ -9,13 +9,13 @@ import io
 import logging
 import math
 import os
-import tempfile
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from magnet_engine.engine.files import atomic_write
 from magnet_engine.errors import DependencyError, InvalidInputError, InvalidOptionError
 
 logger = logging.getLogger(__name__)
@@ -42,17 +42,9 @@ def write_wav(path, wav: torch.Tensor, sample_rate: int) -> Path:
     """Write [C, samples] as 16-bit PCM WAV at `path`, atomically."""
     import soundfile as sf
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, _frames(wav), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    frames = _frames(wav)
+    return atomic_write(path, lambda tmp: sf.write(tmp, frames, sample_rate, subtype="PCM_16", format="WAV"),
+                        suffix=".wav")
 
 
 def wav_bytes(wav: torch.Tensor, sample_rate: int) -> bytes:
@@ -189,11 +181,5 @@ def _atomic_write(path: Path, data: np.ndarray, sample_rate: int, sf_format: str
                   options: tp.Dict[str, tp.Any]) -> None:
     import soundfile as sf
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, data, sample_rate, subtype=subtype, format=sf_format, **options)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: sf.write(tmp, data, sample_rate, subtype=subtype, format=sf_format, **options),
+                 suffix=path.suffix)
