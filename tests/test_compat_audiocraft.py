@@ -425,23 +425,21 @@ def test_lm_view(model):
 
 
 def test_training_config_runs_no_resolver(monkeypatch):
-    """`${oc.env:USER}` (in every real export's dora section) and any other resolver call read
-    as their text: nothing in a checkpoint reaches the environment through model.cfg."""
+    """`${oc.env:USER}` (in every real export's dora section) and any other resolver call are
+    refused at parse time (engine/config.py); model.cfg keeps that and runs none."""
     from omegaconf import OmegaConf
     from magnet_engine.compat import training_config
+    from magnet_engine.engine.config import REFUSED
 
     calls = []
     with warnings.catch_warnings():   # omegaconf 2.4 renames it register_resolver; 2.3 has only this one
         warnings.simplefilter("ignore", UserWarning)
         OmegaConf.register_new_resolver("compat_spy", lambda *a: calls.append(a) or "SPY-RAN", replace=True)
     monkeypatch.setenv("USER", "not-to-be-read")
-    text = random_lm_package(32, 4, 1, d_t5=8)["xp.cfg"] + (
-        "spy: ${compat_spy:x}\nnested: a-${compat_spy:${sample_rate}}-b\nescaped: \\\\${compat_spy:y}\n")
+    text = random_lm_package(32, 4, 1, d_t5=8)["xp.cfg"] + "spy: ${compat_spy:x}\nref: ${sample_rate}\n"
     cfg = training_config(parse_yaml_config(text), torch.device("cuda"), 50)
-    assert cfg.dtype == "float16" and cfg.device == "cuda"
-    assert cfg.dora.dir == "/checkpoint/${oc.env:USER}/experiments/audiocraft/outputs"
-    assert cfg.spy == "${compat_spy:x}" and cfg.nested == "a-${compat_spy:${sample_rate}}-b"
-    assert cfg.escaped == "\\\\${compat_spy:y}"
+    assert cfg.dtype == "float16" and cfg.device == "cuda" and cfg.ref == 32000
+    assert cfg.dora.dir == REFUSED and cfg.spy == REFUSED
     yaml = OmegaConf.to_yaml(cfg, resolve=True)
     assert calls == [] and "not-to-be-read" not in yaml and "SPY-RAN" not in yaml
 

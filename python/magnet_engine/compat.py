@@ -6,7 +6,6 @@ and LM, and hold no state of their own. The engine itself never goes through the
 """
 from __future__ import annotations
 
-import re
 import types
 import typing as tp
 
@@ -17,36 +16,15 @@ from magnet_engine.engine.conditioning import TextConditioner
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.errors import InvalidInputError
 
-# `${name:` opens a resolver call (`${oc.env:USER}`); a node reference (`${sample_rate}`) has no colon.
-_RESOLVER_CALL = re.compile(r"\$\{\s*[A-Za-z_][\w.\-]*\s*:")
-_INTERPOLATION = re.compile(r"(\\*)\$\{")
-
-
-def _literal(text: str) -> str:
-    """OmegaConf source that reads back as exactly `text`: before each `${`, every backslash
-    is doubled and one more escapes the `${` (OmegaConf's escaping rule)."""
-    return _INTERPOLATION.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
-
-
 def training_config(xp_cfg, device: torch.device, frame_rate: int) -> tp.Any:
-    """The checkpoint's full training config (xp.cfg) as audiocraft's MAGNeT loader leaves it
-    in `lm.cfg`: device and dtype of this run, transformer_lm's compression_model_framerate,
+    """The checkpoint's full training config (xp.cfg, as `parse_yaml_config` returns it: any
+    resolver call already replaced by its refusal marker) as audiocraft's MAGNeT loader leaves
+    it in `lm.cfg`: device and dtype of this run, transformer_lm's compression_model_framerate,
     segment_duration and span_len filled in, two training-only conditioner args dropped; then
-    read-only and in struct mode (a missing key raises). Node references (`${sample_rate}`)
-    resolve as there; a value that calls a resolver reads as its own text, so that nothing in
-    a checkpoint can run a resolver (`${oc.env:USER}` would read the environment)."""
+    read-only and in struct mode (a missing key raises)."""
     from omegaconf import OmegaConf
 
-    def inert(node):
-        if isinstance(node, dict):
-            return {key: inert(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [inert(value) for value in node]
-        if isinstance(node, str) and _RESOLVER_CALL.search(node):
-            return _literal(node)
-        return node
-
-    tree = inert(OmegaConf.to_container(xp_cfg, resolve=False))
+    tree = OmegaConf.to_container(xp_cfg, resolve=False)
     conditioners = tree.get("conditioners")
     args = conditioners.get("args") if isinstance(conditioners, dict) else None
     if isinstance(args, dict):
