@@ -171,6 +171,10 @@ def test_model_info(tiny_model):
     assert info["defaults"]["decoding_steps"] == [20, 10, 10, 10] and info["defaults"]["top_p"] == 0.9
     assert info["choices"]["span_arrangement"] == ["nonoverlap", "stride1"]
     assert info["limits"]["max_text_chars"] == 50
+    assert (info["precision"], info["compile"], info["cuda_graphs"]) == ("fp32", False, False)
+    weights = info["memory"]["weights_bytes"]
+    assert weights["lm"] == sum(p.numel() * p.element_size() for p in tiny_model.lm.module.parameters())
+    assert info["memory"]["weights_total_bytes"] == sum(weights.values()) and info["memory"]["peak_rss_bytes"] > 0
 
 
 def test_healthz_page_and_static_files(tiny_model):
@@ -195,6 +199,8 @@ def test_metrics_exposition(tiny_model):
         assert metric(client, "magnet_queue_depth") == 0 and metric(client, "magnet_batches_total") == 1
         assert metric(client, "magnet_rows_total") == 1 and metric(client, "magnet_running_rows") == 0
         assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+        assert metric(client, "magnet_weights_bytes") == tiny_model.memory_stats()["weights_total_bytes"] > 0
+        assert metric(client, "magnet_peak_memory_bytes") >= metric(client, "magnet_weights_bytes")
 
 
 def test_progress_stream_replays_a_finished_request(tiny_model):

@@ -110,7 +110,7 @@ class Batcher:
     def __init__(self, model, settings: Settings):
         self.model = model
         self.settings = settings
-        self.metrics = Metrics(self.queue_depth, lambda: self.running)
+        self.metrics = Metrics(self.queue_depth, lambda: self.running, getattr(model, "memory_stats", None))
         # The reference loop draws every row from one generator seeded with the first row's
         # seed, so its rows are not batch-invariant: it generates one row at a time.
         self.max_batch = 1 if getattr(model, "engine", None) == "reference" else settings.max_batch

@@ -14,7 +14,8 @@ class Metrics:
     """Counters and histograms, updated from the event loop and the worker thread
     (prometheus_client's metrics are thread-safe)."""
 
-    def __init__(self, queue_depth: tp.Callable[[], int], running_rows: tp.Callable[[], int]):
+    def __init__(self, queue_depth: tp.Callable[[], int], running_rows: tp.Callable[[], int],
+                 memory: tp.Optional[tp.Callable[[], dict]] = None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("magnet_requests", "Generate requests answered, by HTTP status.", ["status"],
@@ -31,6 +32,11 @@ class Metrics:
         self.batches = Counter("magnet_batches", "Generation loops run (one per batch).", registry=r)
         self.rows = Counter("magnet_rows", "Rows (descriptions) generated.", registry=r)
         self.cancelled = Counter("magnet_cancelled", "Requests cancelled by disconnect or timeout.", registry=r)
+        if memory is not None:   # MAGNeT.memory_stats: weights in their run precision, the process's peak
+            Gauge("magnet_weights_bytes", "Bytes of the loaded weights, in the precision they run in.",
+                  registry=r).set_function(lambda: memory()["weights_total_bytes"])
+            Gauge("magnet_peak_memory_bytes", "Peak memory of the process: CUDA peak allocated on a GPU, "
+                  "else peak resident set.", registry=r).set_function(lambda: _peak(memory()))
 
     def request_done(self, status: int, seconds: tp.Optional[float] = None, error: tp.Optional[str] = None) -> None:
         self.requests.labels(status=str(status)).inc()
@@ -46,3 +52,7 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _peak(stats: dict) -> int:
+    return stats.get("cuda_peak_allocated_bytes", stats.get("peak_rss_bytes", 0))

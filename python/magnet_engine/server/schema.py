@@ -190,11 +190,21 @@ def parse_request(model, settings: Settings, body: GenerateRequest):
     return texts, params, check_duration(model, settings, body.duration)
 
 
+def _memory(model) -> tp.Optional[dict]:
+    """Weight bytes per component (in their run precision) and the process's memory."""
+    stats = getattr(model, "memory_stats", None)
+    return None if stats is None else stats()
+
+
 def model_info(model, settings: Settings, max_batch: int) -> dict:
     return {
         "name": model.name,
         "engine": model.engine,
         "device": str(model.device),
+        "precision": getattr(model, "precision", None),
+        "compile": getattr(model, "compile", False),
+        "cuda_graphs": getattr(model, "cuda_graphs", False),
+        "memory": _memory(model),
         "sample_rate": model.sample_rate,
         "frame_rate": model.frame_rate,
         "channels": model.config.channels,

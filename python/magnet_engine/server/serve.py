@@ -119,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5", default=None, help="T5 text encoder: local directory or Hub name")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
+    p.add_argument("--precision", choices=("fp32", "fp16-mixed", "bf16-mixed", "bf16", "fp16"), default=None,
+                   help="default: fp32 on CPU, fp16-mixed on CUDA (fp16 matmuls, fp32 residual stream)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoding step whole")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each decoding step shape as a CUDA graph")
+    p.add_argument("--speech", default=None, metavar="DIR|ID|random",
+                   help="also serve PlayDiffusion speech editing at POST /v1/speech/edit (a directory with its "
+                        "six upstream files, a Hub id, or 'random' for random weights)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the demo model is built")
@@ -163,14 +169,25 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             print(f"magnet-engine serve: no --model given. {note} Pass --model for a real checkpoint.")
             directory = cached_demo_model(args.cache_dir, "tiny")
             model = MAGNeT.from_pretrained(directory, device=args.device, t5=args.t5, engine=args.engine,
-                                           precision=args.precision, name="demo-tiny (random weights)")
+                                           precision=args.precision, compile=args.compile,
+                                           cuda_graphs=args.cuda_graphs, name="demo-tiny (random weights)")
         else:
             model = MAGNeT.get_pretrained(args.model, device=args.device, t5=args.t5, engine=args.engine,
-                                          precision=args.precision)
+                                          precision=args.precision, compile=args.compile,
+                                          cuda_graphs=args.cuda_graphs)
     except MagnetEngineError as exc:
         print(f"magnet-engine serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     app = create_app(model, dataclasses.replace(settings, note=note))
+    if args.speech is not None:
+        from magnet_engine.playdiffusion import PlayDiffusion
+        from magnet_engine.speech_routes import make_speech_router
+
+        try:
+            app.include_router(make_speech_router(PlayDiffusion(args.speech, device=args.device)))
+        except MagnetEngineError as exc:
+            print(f"magnet-engine serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
     print(f"magnet-engine serve: {model.name} on {model.device} ({model.engine}); http://{args.host}:{args.port}/",
           flush=True)
     uvicorn.Server(uvicorn_config(app, args.host, args.port)).run()
