@@ -283,6 +283,18 @@ class ProgressHub:
 
 
 # ------------------------------------------------------------------------------ batching
+def step_event(steps: tp.Sequence[int], done: int, total: int) -> dict:
+    """The progress event of generation step `done` of `total` (the `progress` callback's
+    arguments) for a row decoded with `decoding_steps` = steps."""
+    prefix_steps = total - sum(steps)          # AR steps of a hybrid checkpoint come first
+    if done <= prefix_steps:
+        return {"stage": "prefix", "step": done, "stage_steps": prefix_steps, "done": done, "total": total}
+    masked = done - prefix_steps
+    stage = next(s for s in range(len(steps)) if masked <= sum(steps[:s + 1]))
+    return {"stage": stage, "step": masked - sum(steps[:stage]), "stage_steps": steps[stage],
+            "done": done, "total": total}
+
+
 class QueueFull(Exception):
     pass
 
@@ -388,6 +400,9 @@ class Batcher:
         with self.metrics.lock:
             self.metrics.cancelled += 1
 
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
     def queue_depth(self) -> int:
         with self.cond:
             return self.waiting_jobs
@@ -447,19 +462,11 @@ class Batcher:
                 job.queue_ms = (started - job.enqueued) * 1000
             job.batch_sizes.append(len(batch))
             job.channel.publish("started", {"batch_size": len(batch), "rows": sum(r.job is job for r in batch)})
-        steps = key.params.decoding_steps
 
         def progress(done: int, total: int) -> None:
             if all(job.closed for job in jobs):
                 raise _BatchAbandoned()
-            prefix_steps = total - sum(steps)          # AR steps of a hybrid checkpoint come first
-            if done <= prefix_steps:
-                event = {"stage": "prefix", "step": done, "stage_steps": prefix_steps, "done": done, "total": total}
-            else:
-                masked = done - prefix_steps
-                stage = next(s for s in range(len(steps)) if masked <= sum(steps[:s + 1]))
-                event = {"stage": stage, "step": masked - sum(steps[:stage]), "stage_steps": steps[stage],
-                         "done": done, "total": total}
+            event = step_event(key.params.decoding_steps, done, total)
             for job in jobs:
                 job.channel.publish("step", event)
 
@@ -592,11 +599,15 @@ async def wait_for_job(request: Request, job: Job, timeout_s: float) -> tp.List[
                 return None
 
 
-def create_app(model, settings: tp.Optional[Settings] = None) -> FastAPI:
-    """The service around a loaded MAGNeT (anything with its interface); starts the worker on startup."""
+def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=None) -> FastAPI:
+    """The service around a loaded MAGNeT (anything with its interface); starts the worker on startup.
+
+    batcher_factory(model, settings, metrics): what runs the jobs, with Batcher's interface
+    (default: Batcher, one worker thread on this process's model; magnet_engine.cluster
+    passes one that sends rows to Ray Serve replicas)."""
     settings = settings or Settings()
     metrics = Metrics()
-    batcher = Batcher(model, settings, metrics)
+    batcher = (batcher_factory or Batcher)(model, settings, metrics)
     hub = ProgressHub(settings.progress_ttl_s)
 
     @contextlib.asynccontextmanager
@@ -718,7 +729,7 @@ def create_app(model, settings: tp.Optional[Settings] = None) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        alive = batcher.thread.is_alive()
+        alive = batcher.alive()
         body = {"status": "ok" if alive else "worker stopped", "queue_depth": batcher.queue_depth()}
         return JSONResponse(body, status_code=200 if alive else 503)
 
