@@ -59,6 +59,9 @@ setup(
         "gpu": ["triton", "flash-attn"],
         "triton": ["triton"],
         "serve": ["fastapi", "uvicorn", "httpx"],
+        # magnet_engine.cluster (serve --ray); pinned: Serve's deployment options and config
+        # schema change between releases.
+        "cluster": ["ray[serve]==2.60.0", "fastapi", "uvicorn", "httpx"],
         "test": ["pytest", "triton", "fastapi", "uvicorn", "httpx", "selenium"],
     },
     entry_points={"console_scripts": ["magnet-engine=magnet_engine.cli:main"]},

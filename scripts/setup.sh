@@ -16,7 +16,7 @@ python -m pip install -q pybind11 numpy
 # encodec's own requirements name torchaudio, which this torch cannot use and we never
 # import: install it without dependencies (its other needs, einops and numpy, come below).
 python -m pip install -q --no-deps "encodec==0.1.1"
-python -m pip install -q --no-build-isolation -e ".[test]"
+python -m pip install -q --no-build-isolation -e ".[test,cluster]"
 
 # Headless Chromium for the browser test of the demo page (Debian packages).
 if [ "${MAGNET_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then

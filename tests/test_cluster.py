@@ -8,7 +8,9 @@ under load, autoscaling 1 -> 2 -> 1, and last a model that fails to load.
 import concurrent.futures as cf
 import io
 import json
+import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,13 +23,12 @@ from magnet_engine.api import MAGNeT  # noqa: E402
 from magnet_engine.audio import wav_bytes  # noqa: E402
 from magnet_engine.cluster import APP_NAME, MODEL_DEPLOYMENT, ModelSpec, application, deployment_error  # noqa: E402
 from magnet_engine.demo import build_random_model  # noqa: E402
+from magnet_engine.engine.config import DecodingParams  # noqa: E402
 from magnet_engine.server import Settings  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
 FAST = {"duration": 0.3, "decoding_steps": [2, 1, 1, 1]}
-PORT = 8471
-URL = f"http://127.0.0.1:{PORT}"
 SETTINGS = Settings(max_batch=4, max_wait_ms=20, request_timeout_s=120)
 HTTP_TIMEOUT_S = 90   # a request with no answer by then counts as hung
 
@@ -45,6 +46,16 @@ def tiny_model(tiny_dir):
 @pytest.fixture(scope="module")
 def spec(tiny_dir):
     return ModelSpec(model=str(tiny_dir), device="cpu", threads=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = free_port()
+URL = f"http://127.0.0.1:{PORT}"
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +103,24 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
         assert time.monotonic() - start < timeout_s, f"{what}: not within {timeout_s:g} s"
         time.sleep(0.25)
     return time.monotonic() - start
+
+
+def test_config_file_is_a_valid_serve_config():
+    """deploy/serve_config.yaml: Serve's schema accepts it and its args build the application."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from magnet_engine.cluster import build_app
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (magnet,) = schema.applications
+    assert magnet.import_path == "magnet_engine.cluster:build_app"
+    model = next(d for d in magnet.deployments if d.name == MODEL_DEPLOYMENT)
+    assert model.autoscaling_config["target_ongoing_requests"] > 0 and model.ray_actor_options.num_gpus == 1
+    assert type(build_app(magnet.args)).__name__ == "Application"
+    with pytest.raises(ValueError, match="unknown application args"):
+        build_app({**magnet.args, "max_batch_size": 8})
 
 
 def test_rows_spread_over_replicas_same_audio_as_one_process(cluster, tiny_model):
@@ -206,6 +235,43 @@ def test_autoscaling_up_under_load_and_back(cluster, spec):
     down = wait_for(lambda: model_replicas() == {"RUNNING": 1}, 90, "back to 1 replica when idle")
     print(f"\nautoscaling: 1 -> 2 after {up:.1f} s of load ({len(statuses)} requests), 2 -> 1 {down:.1f} s after it")
     assert set(statuses) == {200}
+
+
+def sse_events(text: str) -> list:
+    """[(event, data)] of a server-sent event stream."""
+    kinds = [line[len("event: "):] for line in text.splitlines() if line.startswith("event: ")]
+    datas = [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+    return list(zip(kinds, datas))
+
+
+def test_hybrid_prefix_announced_and_served_through_the_ingress(cluster, tmp_path_factory):
+    """A hybrid checkpoint on its own application: the AR prefix decoded on the replica is
+    announced on the ingress's progress stream and served from the ingress before the clip."""
+    directory = build_random_model(tmp_path_factory.mktemp("hybrid"), "tiny", kind="hybrid")
+    serve.run(application(ModelSpec(model=str(directory), device="cpu", threads=1), SETTINGS, replicas=1),
+              name="hybrid", route_prefix="/hybrid")
+    base = f"{URL}/hybrid"
+    body = {**FAST, "description": "warm piano", "seed": 3, "duration": 0.6, "request_id": "hy"}
+    with cf.ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(requests.get, f"{base}/v1/progress/hy", timeout=HTTP_TIMEOUT_S)
+        time.sleep(0.5)
+        r = requests.post(f"{base}/v1/generate", json=body, timeout=HTTP_TIMEOUT_S)
+        events = sse_events(stream.result().text)
+    first = requests.get(f"{base}/v1/prefix/hy", timeout=10)
+    serve.delete("hybrid")
+    assert r.status_code == 200
+    kinds = [kind for kind, _ in events]
+    assert kinds.index("prefix") < kinds.index("codec") < kinds.index("done")
+    assert dict(events)["prefix"]["rows"] == [0] and dict(events)["prefix"]["url"] == "/v1/prefix/hy"
+    assert any(data.get("stage") == "prefix" for kind, data in events if kind == "step")
+    # the prefix served early is the decoded first frames of the final clip
+    model = MAGNeT.from_pretrained(directory, device="cpu")
+    tokens = model.generate_tokens(["warm piano"], seed=[3], params=DecodingParams(decoding_steps=(2, 1, 1, 1)),
+                                   duration=0.6)
+    frames = int(dict(events)["prefix"]["seconds"] * model.frame_rate)
+    assert first.status_code == 200
+    assert_same_audio(first.content, wav_bytes(model.decode(tokens[..., :frames])[0], model.sample_rate))
+    assert_same_audio(r.content, wav_bytes(model.decode(tokens)[0], model.sample_rate))
 
 
 def test_model_that_fails_to_load_fails_the_deployment(cluster, tmp_path):

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import sys
@@ -142,7 +143,11 @@ class MagnetModel:
         self.model = spec.load()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # The reference loop's rows are not batch-invariant (one generator for all rows).
-        self._rows.set_max_batch_size(1 if self.model.engine == "reference" else max_batch)
+        self.max_batch = 1 if self.model.engine == "reference" else max_batch
+        # @serve.batch hands over up to two batches' worth of waiting rows, so that rows of equal
+        # key find each other among more than one batch's worth, as in the single-process
+        # batcher's whole queue; each generate_tokens call still takes at most max_batch.
+        self._rows.set_max_batch_size(2 * max_batch)
         self._rows.set_batch_wait_timeout_s(max_wait_ms / 1000)
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="magnet-generation")
         self.batches = 0
@@ -159,20 +164,23 @@ class MagnetModel:
         finally:   # cancelled by the caller, or done
             row.cancelled = True
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)   # both reset from Settings in __init__
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)   # both reset from Settings in __init__
     async def _rows(self, rows: tp.List[RowRequest]) -> tp.AsyncIterator[tp.List[tp.Any]]:
-        """Yields one list per event, with the event at its rows' positions (None elsewhere);
+        """Runs rows of equal key together, max_batch at a time, the oldest row's group first.
+        Yields one list per event, with the event at its rows' positions (None elsewhere);
         StopIteration ends a row's stream."""
         groups: tp.Dict[BatchKey, tp.List[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row.key, []).append(i)
-        for positions in groups.values():
-            async for targets, event in self._run([rows[i] for i in positions]):
-                out: tp.List[tp.Any] = [None] * len(rows)
-                for j in targets:
-                    out[positions[j]] = event
-                yield out
-            yield [StopIteration if i in positions else None for i in range(len(rows))]
+        for group in groups.values():
+            for start in range(0, len(group), self.max_batch):
+                positions = group[start:start + self.max_batch]
+                async for targets, event in self._run([rows[i] for i in positions]):
+                    out: tp.List[tp.Any] = [None] * len(rows)
+                    for j in targets:
+                        out[positions[j]] = event
+                    yield out
+                yield [StopIteration if i in positions else None for i in range(len(rows))]
 
     async def _run(self, rows: tp.List[RowRequest]) -> tp.AsyncIterator[tp.Tuple[tp.List[int], tp.Any]]:
         """Generates one group of compatible rows on the worker thread; its events, as they come."""
@@ -228,7 +236,8 @@ class MagnetModel:
             err = api_error_from(exc)
             emit(everyone, ("error", {"status": err.status, "type": err.kind, "message": err.message}))
             return
-        timing = {**batch, "tokens_ms": (tokens_done - started) * 1000, "codec_ms": (time.monotonic() - tokens_done) * 1000}
+        timing = {**batch, "tokens_ms": (tokens_done - started) * 1000,
+                  "codec_ms": (time.monotonic() - tokens_done) * 1000}
         for i in everyone:
             emit([i], ("audio", {**timing, "wav": wav[i], "lead": i == 0}))
 
@@ -309,6 +318,8 @@ class RayBatcher:
     async def _row(self, job: Job, row) -> None:
         request = RowRequest(row.text, row.seed, row.key)
         for attempt in range(self.retries + 1):
+            if job.closed:   # cancelled, or failed by another row, before a retry
+                return
             stream = self.handle.generate.remote(request)
             try:
                 async for kind, data in stream:
@@ -440,13 +451,13 @@ class MagnetIngress:
 
 
 # ------------------------------------------------------------------------------ the application
-def application(spec: ModelSpec, settings: Settings, replicas: int = 1,
+def application(spec: ModelSpec, settings: Settings, replicas: tp.Optional[int] = None,
                 autoscale: tp.Optional[tp.Tuple[int, int]] = None, gpus_per_replica: float = 0,
                 cpus_per_replica: float = 1, target_ongoing_requests: tp.Optional[float] = None,
                 retries: int = 1):
     """The bound Serve application: MagnetModel (N replicas, or autoscaled MIN:MAX on ongoing
-    rows per replica) behind MagnetIngress."""
-    scaling: tp.Dict[str, tp.Any] = {"num_replicas": replicas}
+    rows per replica; neither: Serve's default or a config file's `deployments:`) behind MagnetIngress."""
+    scaling: tp.Dict[str, tp.Any] = {} if replicas is None else {"num_replicas": replicas}
     if autoscale is not None:
         low, high = autoscale
         # One full batch in flight per replica is the steady state worth scaling out from.
@@ -537,8 +548,14 @@ def main(argv: tp.Sequence[str]) -> int:
         return 2
     spec = ModelSpec(model=args.model, t5=args.t5, device=args.device, engine=args.engine, precision=args.precision,
                      cache_dir=str(Path(args.cache_dir).expanduser()), threads=max(1, int(args.cpus_per_replica)))
-    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)},
-                        note=spec.note)
+    # the server's flags are named after Settings' fields (progress_ttl_s and note have none)
+    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
+                           if hasattr(args, f.name)}, note=spec.note)
+    if spec.model is None:   # built once here, not raced by replicas starting together on this node
+        from magnet_engine.demo import cached_demo_model
+
+        print(f"{prog}: no --model given. {DEMO_NOTE} Pass --model for a real checkpoint.")
+        cached_demo_model(spec.cache_dir, "tiny")
     ray.init(address=args.address, include_dashboard=False)
     gpus = args.gpus_per_replica
     if gpus is None:
@@ -551,7 +568,7 @@ def main(argv: tp.Sequence[str]) -> int:
         serve.run(app, name=APP_NAME, route_prefix="/")
     except RuntimeError:   # Serve's message names the deployment; the cause is in its status
         print(f"{prog}: the deployment failed: {deployment_error()}", file=sys.stderr)
-        serve.shutdown()
+        serve.delete(APP_NAME)
         return 2
     scale = f"autoscaled {autoscale[0]}..{autoscale[1]}" if autoscale else f"{args.replicas}"
     print(f"{prog}: {scale} replica(s), {gpus:g} GPU / {args.cpus_per_replica:g} CPU each; "
@@ -559,8 +576,8 @@ def main(argv: tp.Sequence[str]) -> int:
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
+    except KeyboardInterrupt:   # as `serve run`: the application goes, the cluster (if joined) stays
+        print(f"{prog}: stopping", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            serve.delete(APP_NAME)
     return 0

@@ -793,6 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-duration", type=float, default=None, help="seconds (default: the model's trained length)")
     p.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the demo model is built")
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve: model replicas, autoscaling "
+                   "(pip install magnet-engine[cluster]; its flags: serve --ray --help)")
     return p
 
 
@@ -801,6 +803,15 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
     from magnet_engine.api import MAGNeT
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ray" in argv:   # the same routes on Ray Serve replicas (magnet_engine.cluster)
+        try:
+            from magnet_engine.cluster import main as cluster_main
+        except ImportError as exc:
+            print(f"magnet-engine serve --ray: needs Ray Serve (pip install magnet-engine[cluster]): {exc}",
+                  file=sys.stderr)
+            return 2
+        return cluster_main(argv)
     args = build_parser().parse_args(argv)
     for name in ("max_batch", "queue_size", "max_text_chars"):
         if getattr(args, name) < 1:
