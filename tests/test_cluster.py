@@ -214,10 +214,13 @@ def test_replica_killed_under_load(cluster, tiny_model):
     assert counts["200"] >= 24 - 2 * SETTINGS.max_batch   # at most the dead replica's rows in flight fail
 
 
+@pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
 def test_autoscaling_up_under_load_and_back(cluster, spec):
     """Autoscaled 1..2 on ongoing rows (target 1 per replica): load brings a second replica, idle
-    takes it away, each within a bounded time."""
-    app = application(spec, SETTINGS, autoscale=(1, 2), target_ongoing_requests=1)
+    takes it away, each within a bounded time. Metrics every second (Serve's default: 10 s,
+    looking back 30 s) keep the test short."""
+    fast_metrics = {"metrics_interval_s": 1, "look_back_period_s": 3, "upscale_delay_s": 1, "downscale_delay_s": 3}
+    app = application(spec, SETTINGS, autoscale=(1, 2), target_ongoing_requests=1, autoscaling=fast_metrics)
     serve.run(app, name=APP_NAME, route_prefix="/")
     wait_for(lambda: model_replicas() == {"RUNNING": 1}, 90, "autoscaled deployment at its minimum of 1")
     stop = time.monotonic() + 120

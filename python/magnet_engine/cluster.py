@@ -454,9 +454,10 @@ class MagnetIngress:
 def application(spec: ModelSpec, settings: Settings, replicas: tp.Optional[int] = None,
                 autoscale: tp.Optional[tp.Tuple[int, int]] = None, gpus_per_replica: float = 0,
                 cpus_per_replica: float = 1, target_ongoing_requests: tp.Optional[float] = None,
-                retries: int = 1):
+                retries: int = 1, autoscaling: tp.Optional[tp.Dict[str, tp.Any]] = None):
     """The bound Serve application: MagnetModel (N replicas, or autoscaled MIN:MAX on ongoing
-    rows per replica; neither: Serve's default or a config file's `deployments:`) behind MagnetIngress."""
+    rows per replica; neither: Serve's default or a config file's `deployments:`) behind MagnetIngress.
+    autoscaling: AutoscalingConfig fields over the defaults below (e.g. faster metrics in tests)."""
     scaling: tp.Dict[str, tp.Any] = {} if replicas is None else {"num_replicas": replicas}
     if autoscale is not None:
         low, high = autoscale
@@ -464,7 +465,7 @@ def application(spec: ModelSpec, settings: Settings, replicas: tp.Optional[int] 
         target = target_ongoing_requests or settings.max_batch
         scaling = {"autoscaling_config": {
             "min_replicas": low, "initial_replicas": low, "max_replicas": high, "target_ongoing_requests": target,
-            "upscale_delay_s": 2.0, "downscale_delay_s": 10.0}}
+            "upscale_delay_s": 2.0, "downscale_delay_s": 10.0, **(autoscaling or {})}}
     model = serve.deployment(
         MagnetModel, name=MODEL_DEPLOYMENT,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
