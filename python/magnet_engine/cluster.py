@@ -49,7 +49,6 @@ from ray.serve.handle import DeploymentHandle
 from magnet_engine.api import MAGNeT
 from magnet_engine.audio import wav_bytes
 from magnet_engine.engine.conditioning import TextConditioner
-from magnet_engine.errors import MagnetEngineError
 from magnet_engine.server import (ApiError, BatchKey, Job, QueueFull, Settings, api_error_from, build_parser,
                                   create_app, step_event)
 
@@ -151,6 +150,13 @@ class MagnetModel:
         self._rows.set_batch_wait_timeout_s(max_wait_ms / 1000)
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="magnet-generation")
         self.batches = 0
+        # @serve.batch forms the next batch as soon as the previous one is handed over, not when
+        # the model is free: under steady load rows then arrive one per finished row and every
+        # batch has one row. Rows wait here while a batch runs, and enter @serve.batch together
+        # when it ends, so a batch gathers the rows that waited (the single-process batcher's
+        # behaviour).
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def card(self) -> ModelCard:
         return ModelCard.of(self.model)
@@ -158,6 +164,7 @@ class MagnetModel:
     async def generate(self, row: RowRequest) -> tp.AsyncIterator[tp.Tuple[str, dict]]:
         """A row's events: started, step..., [prefix], codec, then audio | error."""
         try:
+            await self.idle.wait()
             async for event in self._rows(row):
                 if event is not None:   # an event of another row of the same batch
                     yield event
@@ -172,15 +179,19 @@ class MagnetModel:
         groups: tp.Dict[BatchKey, tp.List[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row.key, []).append(i)
-        for group in groups.values():
-            for start in range(0, len(group), self.max_batch):
-                positions = group[start:start + self.max_batch]
-                async for targets, event in self._run([rows[i] for i in positions]):
-                    out: tp.List[tp.Any] = [None] * len(rows)
-                    for j in targets:
-                        out[positions[j]] = event
-                    yield out
-                yield [StopIteration if i in positions else None for i in range(len(rows))]
+        self.idle.clear()
+        try:
+            for group in groups.values():
+                for start in range(0, len(group), self.max_batch):
+                    positions = group[start:start + self.max_batch]
+                    async for targets, event in self._run([rows[i] for i in positions]):
+                        out: tp.List[tp.Any] = [None] * len(rows)
+                        for j in targets:
+                            out[positions[j]] = event
+                        yield out
+                    yield [StopIteration if i in positions else None for i in range(len(rows))]
+        finally:
+            self.idle.set()
 
     async def _run(self, rows: tp.List[RowRequest]) -> tp.AsyncIterator[tp.Tuple[tp.List[int], tp.Any]]:
         """Generates one group of compatible rows on the worker thread; its events, as they come."""

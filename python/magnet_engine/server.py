@@ -807,7 +807,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if "--ray" in argv:   # the same routes on Ray Serve replicas (magnet_engine.cluster)
         try:
             from magnet_engine.cluster import main as cluster_main
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("ray"):
+                raise
             print(f"magnet-engine serve --ray: needs Ray Serve (pip install magnet-engine[cluster]): {exc}",
                   file=sys.stderr)
             return 2
