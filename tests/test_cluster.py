@@ -10,6 +10,7 @@ import io
 import json
 import socket
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from magnet_engine.audio import wav_bytes  # noqa: E402
 from magnet_engine.cluster import APP_NAME, MODEL_DEPLOYMENT, ModelSpec, application, deployment_error  # noqa: E402
 from magnet_engine.demo import build_random_model  # noqa: E402
 from magnet_engine.engine.config import DecodingParams  # noqa: E402
-from magnet_engine.server import Settings  # noqa: E402
+from magnet_engine.server import Settings, text_token_count  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -130,12 +131,19 @@ def test_rows_spread_over_replicas_same_audio_as_one_process(cluster, tiny_model
     assert [r.status_code for r in answers] == [200] * len(seeds)
     replicas = {r.headers["x-replica-id"] for r in answers}
     assert len(replicas) == 2, f"all requests went to {replicas}"
+    assert max(int(r.headers["x-batch-size"]) for r in answers) > 1, "equal rows were never batched"
     for seed, r in zip(seeds, answers):
         assert r.headers["content-type"] == "audio/wav" and r.headers["x-seed"] == str(seed)
         assert_same_audio(r.content, solo_wav(tiny_model, "piano", seed))
-    # several descriptions: one zip, rows possibly on different replicas, each its own seed
-    r = post(descriptions=["piano", "rain"], seed=40)
+    # three text lengths: three batches, wherever the rows ran; one zip, each row its own seed
+    texts = ["piano", "slow cinematic strings", "warm lo-fi piano with soft vinyl crackle"]
+    assert len({text_token_count(tiny_model, text) for text in texts}) == 3
+    r = post(descriptions=texts, seed=40)
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert r.headers["x-batches"] == "3"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        for i, text in enumerate(texts):
+            assert_same_audio(zf.read(f"sample_{i}.wav"), solo_wav(tiny_model, text, 40 + i))
 
 
 def test_same_routes_and_progress_through_the_ingress(cluster, tiny_model):
