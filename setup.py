@@ -37,8 +37,9 @@ setup(
         "magnet_engine": "python/magnet_engine",
         "magnet_engine.engine": "engine",
         "magnet_engine.kernels": "kernels",
+        "magnet_engine.server": "python/magnet_engine/server",
     },
-    packages=["magnet_engine", "magnet_engine.engine", "magnet_engine.kernels"],
+    packages=["magnet_engine", "magnet_engine.server", "magnet_engine.engine", "magnet_engine.kernels"],
     package_data={"magnet_engine": ["static/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -58,11 +59,13 @@ setup(
     extras_require={
         "gpu": ["triton", "flash-attn"],
         "triton": ["triton"],
-        "serve": ["fastapi", "uvicorn", "httpx"],
+        # uvicorn pinned below 1: serve.py subclasses its h11 protocol for the request-head timeout.
+        "serve": ["fastapi", "uvicorn<1", "h11", "httpx", "prometheus_client>=0.20"],
         # magnet_engine.cluster (serve --ray); pinned: Serve's deployment options and config
         # schema change between releases.
-        "cluster": ["ray[serve]==2.60.0", "fastapi", "uvicorn", "httpx"],
-        "test": ["pytest", "triton", "fastapi", "uvicorn", "httpx", "selenium"],
+        "cluster": ["ray[serve]==2.60.0", "fastapi", "uvicorn<1", "h11", "httpx", "prometheus_client>=0.20"],
+        "test": ["pytest", "triton", "fastapi", "uvicorn<1", "h11", "httpx", "prometheus_client>=0.20",
+                 "hypothesis>=6.100", "selenium"],
     },
     entry_points={"console_scripts": ["magnet-engine=magnet_engine.cli:main"]},
 )

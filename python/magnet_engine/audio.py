@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from magnet_engine.engine.files import atomic_write
 from magnet_engine.errors import InvalidInputError
 
 
@@ -23,17 +22,9 @@ def write_wav(path, wav: torch.Tensor, sample_rate: int) -> Path:
     """Write [C, samples] as 16-bit PCM WAV at `path`, atomically."""
     import soundfile as sf
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, _frames(wav), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    frames = _frames(wav)
+    return atomic_write(path, lambda tmp: sf.write(tmp, frames, sample_rate, subtype="PCM_16", format="WAV"),
+                        suffix=".wav")
 
 
 def wav_bytes(wav: torch.Tensor, sample_rate: int) -> bytes:

@@ -11,9 +11,6 @@ import time
 import typing as tp
 from pathlib import Path
 
-DEFAULT_CACHE = Path("~/.cache/magnet_engine")
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="facebook/magnet-small-10secs",
                    help="model directory (Hugging Face layout) or Hub id")
@@ -21,9 +18,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast",
                    help="fast runtime (default) or the plain reference loop")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="transformer precision of the fast runtime (default: fp32 on CPU, fp16 on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast runtime's forward")
+    p.add_argument("--precision", choices=("fp32", "fp16-mixed", "bf16-mixed", "bf16", "fp16"), default=None,
+                   help="transformer precision of the fast runtime (default: fp32 on CPU; on CUDA fp16-mixed: "
+                        "fp16 matmuls, fp32 residual stream and norms, as the reference's autocast)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoding step whole")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each decoding step shape once as a CUDA graph and replay it (CUDA only)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +78,15 @@ def _load(args, model: tp.Optional[str] = None):
     from magnet_engine.api import MAGNeT
 
     return MAGNeT.get_pretrained(model or args.model, device=args.device, t5=args.t5, engine=args.engine,
-                                 precision=args.precision, compile=args.compile)
+                                 precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
+
+
+def _cuda_requested(device: tp.Optional[str]) -> bool:
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _output_paths(output: Path, n: int) -> tp.List[Path]:
@@ -87,11 +95,25 @@ def _output_paths(output: Path, n: int) -> tp.List[Path]:
     return [output.with_name(f"{output.stem}_{i}{output.suffix or '.wav'}") for i in range(n)]
 
 
+def _checked_outputs(args, n: int) -> tp.List[Path]:
+    """The output paths, checked before any generation: a bad -o fails in a second, not
+    after minutes of decoding."""
+    from magnet_engine.engine.files import check_output_path
+
+    paths = _output_paths(Path(args.output), n)
+    if getattr(args, "prefix_output", None):
+        paths += _output_paths(Path(args.prefix_output), n)
+    for path in paths:
+        check_output_path(path)
+    return paths[:n]
+
+
 def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
     from magnet_engine.audio import read_audio, write_wav
 
-    model.set_generation_params(**_generation_params(args))
     texts = args.texts or [None]
+    paths = _checked_outputs(args, len(texts))
+    model.set_generation_params(**_generation_params(args))
     start = time.perf_counter()
     if getattr(args, "prompt", None):
         wav_in, sr = read_audio(args.prompt)
@@ -113,13 +135,13 @@ def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
         if "s" in first:
             print(f"time to first audio: {first['s']:.2f} s")
     elapsed = time.perf_counter() - start
-    paths = _output_paths(Path(args.output), wav.shape[0])
     for path, one in zip(paths, wav):
         write_wav(path, one, model.sample_rate)
     return paths, elapsed
 
 
 def cmd_generate(args) -> int:
+    _checked_outputs(args, max(1, len(args.texts)))   # before loading: the model may take minutes to fetch
     model = _load(args)
     paths, elapsed = _generate(model, args)
     seconds = model.frames / model.frame_rate
@@ -133,6 +155,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from magnet_engine.demo import cached_demo_model
 
+    _checked_outputs(args, max(1, len(args.texts)))
     kind = "hybrid-MAGNeT " if args.kind == "hybrid" else ""
     print(f"magnet-engine demo: a random-weight '{args.preset}' {kind}model of the published architecture.\n"
           "Untrained weights make noise, not music. For music, run e.g.\n"
@@ -140,6 +163,10 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     directory = cached_demo_model(args.cache_dir, args.preset, kind=args.kind)
     t1 = time.perf_counter()
+    if args.precision is None and args.engine == "fast" and not _cuda_requested(args.device):
+        # Random weights make noise at any precision; bf16 decodes the real-size LM ~3x faster on CPU.
+        args.precision = "bf16"
+        print("precision: bf16 (the demo's default on CPU; --precision fp32 for full precision)")
     model = _load(args, model=str(directory))
     t2 = time.perf_counter()
     args.texts = args.texts or ["warm lo-fi piano with soft vinyl crackle"]
@@ -148,11 +175,13 @@ def cmd_demo(args) -> int:
     for p in paths:
         print(f"wrote {p}")
     print(f"generated {model.frames / model.frame_rate:.2f} s of audio in {elapsed:.2f} s "
-          f"(engine {args.engine}, device {model.device})")
+          f"(engine {args.engine}, device {model.device}, precision {model.precision})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from magnet_engine.demo import DEFAULT_CACHE
+
     parser = argparse.ArgumentParser(prog="magnet-engine", description="Fast MAGNeT inference")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -200,9 +229,16 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MagnetEngineError as exc:
-        print(f"magnet-engine: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except MagnetEngineError as exc:   # bad input, model or option: one line, no traceback
+        print(f"magnet-engine: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:             # the file system failed under us (disk full, permissions changed)
+        print(f"magnet-engine: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

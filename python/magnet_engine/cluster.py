@@ -49,8 +49,12 @@ from ray.serve.handle import DeploymentHandle
 from magnet_engine.api import MAGNeT
 from magnet_engine.audio import wav_bytes
 from magnet_engine.engine.conditioning import TextConditioner
-from magnet_engine.server import (ApiError, BatchKey, Job, QueueFull, Settings, api_error_from, build_parser,
-                                  create_app, step_event)
+from magnet_engine.errors import MagnetEngineError
+from magnet_engine.server.app import create_app
+from magnet_engine.server.batcher import BatchKey, Job, QueueFull, step_event
+from magnet_engine.server.metrics import Metrics
+from magnet_engine.server.schema import ApiError, Settings, api_error_from
+from magnet_engine.server.serve import SETTING_ARGS, build_parser
 
 APP_NAME = "magnet"
 MODEL_DEPLOYMENT = "MagnetModel"
@@ -82,8 +86,7 @@ class ModelSpec:
         options = dict(device=self.device, t5=self.t5, engine=self.engine, precision=self.precision)
         if self.model is not None:
             return MAGNeT.get_pretrained(self.model, **options)
-        from magnet_engine.cli import DEFAULT_CACHE
-        from magnet_engine.demo import cached_demo_model
+        from magnet_engine.demo import DEFAULT_CACHE, cached_demo_model
 
         directory = cached_demo_model(self.cache_dir or DEFAULT_CACHE, "tiny")
         return MAGNeT.from_pretrained(directory, name="demo-tiny (random weights)", **options)
@@ -271,9 +274,10 @@ class RayBatcher:
 
     Runs on the ingress's event loop (the routes call submit and cancel)."""
 
-    def __init__(self, handle: DeploymentHandle, card: ModelCard, settings: Settings, metrics, retries: int = 1):
+    def __init__(self, handle: DeploymentHandle, card: ModelCard, settings: Settings, retries: int = 1):
         self.handle = handle.options(stream=True)
-        self.settings, self.metrics, self.retries = settings, metrics, retries
+        self.settings, self.retries = settings, retries
+        self.metrics = Metrics(self.queue_depth, lambda: self.running)
         self.max_batch = 1 if card.engine == "reference" else settings.max_batch
         self.jobs: tp.Dict[Job, _Rows] = {}
         self.waiting_jobs = 0                      # jobs with a row no replica has started
@@ -315,8 +319,7 @@ class RayBatcher:
         if job.closed:
             return
         self._close(job)
-        with self.metrics.lock:
-            self.metrics.cancelled += 1
+        self.metrics.cancelled.inc()
 
     def queue_depth(self) -> int:
         return self.waiting_jobs
@@ -446,8 +449,8 @@ class MagnetIngress:
         self.card: ModelCard = await model.card.remote()
 
     def __serve_build_asgi_app__(self):
-        def batcher(card, settings, metrics) -> RayBatcher:
-            self.batcher = RayBatcher(self.model, card, settings, metrics, self.retries)
+        def batcher(card, settings) -> RayBatcher:
+            self.batcher = RayBatcher(self.model, card, settings, self.retries)
             return self.batcher
 
         app = create_app(self.card, self.settings, batcher_factory=batcher)
@@ -550,19 +553,15 @@ def main(argv: tp.Sequence[str]) -> int:
     prog = "magnet-engine serve --ray"
     try:
         autoscale = None if args.autoscale is None else parse_autoscale(args.autoscale)
-        for name in ("max_batch", "queue_size", "max_text_chars", "replicas"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if args.retries < 0:
-            raise ValueError("--retries must be >= 0")
-    except ValueError as exc:
+        if args.replicas < 1 or args.retries < 0:
+            raise ValueError(f"--replicas must be >= 1 and --retries >= 0, found {args.replicas} and {args.retries}")
+        settings = Settings(**{name: getattr(args, name) for name in SETTING_ARGS})
+    except (ValueError, MagnetEngineError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     spec = ModelSpec(model=args.model, t5=args.t5, device=args.device, engine=args.engine, precision=args.precision,
                      cache_dir=str(Path(args.cache_dir).expanduser()), threads=max(1, int(args.cpus_per_replica)))
-    # the server's flags are named after Settings' fields (progress_ttl_s and note have none)
-    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
-                           if hasattr(args, f.name)}, note=spec.note)
+    settings = dataclasses.replace(settings, note=spec.note)
     if spec.model is None:   # built once here, not raced by replicas starting together on this node
         from magnet_engine.demo import cached_demo_model
 
