@@ -522,9 +522,10 @@ def deployment_error(app_name: str = APP_NAME) -> str:
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     """`magnet-engine serve --ray` flags, on top of the single-process server's."""
     g = parser.add_argument_group("Ray Serve (--ray)")
-    g.add_argument("--replicas", type=int, default=1, help="model replicas, each one model on one device")
-    g.add_argument("--autoscale", default=None, metavar="MIN:MAX",
-                   help="autoscale the replicas between MIN and MAX on ongoing rows per replica")
+    scale = g.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="model replicas, each one model on one device")
+    scale.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                       help="autoscale the replicas between MIN and MAX on ongoing rows per replica")
     g.add_argument("--target-ongoing", type=float, default=None,
                    help="autoscaling target: rows in flight per replica (default: --max-batch)")
     g.add_argument("--gpus-per-replica", type=float, default=None,
