@@ -87,6 +87,13 @@ def assert_same_audio(got: bytes, want: bytes) -> None:
     assert a.shape == b.shape and abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+def sse_events(text: str) -> list:
+    """[(event, data)] of a server-sent event stream."""
+    kinds = [line[len("event: "):] for line in text.splitlines() if line.startswith("event: ")]
+    datas = [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+    return list(zip(kinds, datas))
+
+
 def model_replicas() -> dict:
     """Replica states of MagnetModel, e.g. {"RUNNING": 2}."""
     return dict(serve.status().applications[APP_NAME].deployments[MODEL_DEPLOYMENT].replica_states)
@@ -171,11 +178,15 @@ def test_same_routes_and_progress_through_the_ingress(cluster, tiny_model):
         stream = pool.submit(requests.get, f"{URL}/v1/progress/p-7", timeout=HTTP_TIMEOUT_S)
         time.sleep(0.5)
         r = post(description="piano", request_id="p-7", seed=7)
-        events = [line.split(": ", 1)[1] for line in stream.result().text.splitlines() if line.startswith("event:")]
+        events = sse_events(stream.result().text)
     assert r.status_code == 200
     # behind the proxy the header has our id first, then Ray Serve's own request id
     assert r.headers["x-request-id"].split(",")[0] == "p-7"
-    assert events[0] == "queued" and events[-1] == "done" and {"started", "step", "codec"} <= set(events)
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "queued" and kinds[-1] == "done" and {"started", "step", "codec"} <= set(kinds)
+    # a watched request's steps carry the token canvas, made on the replica
+    canvas = [data["canvas"] for kind, data in events if kind == "step" and "canvas" in data]
+    assert canvas and canvas[-1]["codebooks"] == tiny_model.cfg.n_q
     assert post(description="piano", request_id="p-7").status_code == 409
     metrics = requests.get(f"{URL}/metrics", timeout=10).text
     assert 'magnet_requests_total{status="200"}' in metrics and "magnet_batches_total" in metrics
@@ -256,13 +267,6 @@ def test_autoscaling_up_under_load_and_back(cluster, spec):
     down = wait_for(lambda: model_replicas() == {"RUNNING": 1}, 90, "back to 1 replica when idle")
     print(f"\nautoscaling: 1 -> 2 after {up:.1f} s of load ({len(statuses)} requests), 2 -> 1 {down:.1f} s after it")
     assert set(statuses) == {200}
-
-
-def sse_events(text: str) -> list:
-    """[(event, data)] of a server-sent event stream."""
-    kinds = [line[len("event: "):] for line in text.splitlines() if line.startswith("event: ")]
-    datas = [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
-    return list(zip(kinds, datas))
 
 
 def test_hybrid_prefix_announced_and_served_through_the_ingress(cluster, tmp_path_factory):

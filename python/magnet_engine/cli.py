@@ -108,11 +108,10 @@ def _checked_outputs(args, n: int) -> tp.List[Path]:
     return paths[:n]
 
 
-def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
+def _generate(model, args, paths: tp.List[Path]) -> tp.Tuple[tp.List[Path], float]:
     from magnet_engine.audio import read_audio, write_wav
 
     texts = args.texts or [None]
-    paths = _checked_outputs(args, len(texts))
     model.set_generation_params(**_generation_params(args))
     start = time.perf_counter()
     if getattr(args, "prompt", None):
@@ -141,9 +140,9 @@ def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
 
 
 def cmd_generate(args) -> int:
-    _checked_outputs(args, max(1, len(args.texts)))   # before loading: the model may take minutes to fetch
+    paths = _checked_outputs(args, max(1, len(args.texts)))   # before loading: a model may take minutes to fetch
     model = _load(args)
-    paths, elapsed = _generate(model, args)
+    paths, elapsed = _generate(model, args, paths)
     seconds = model.frames / model.frame_rate
     for p in paths:
         print(f"wrote {p}")
@@ -155,7 +154,8 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from magnet_engine.demo import cached_demo_model
 
-    _checked_outputs(args, max(1, len(args.texts)))
+    args.texts = args.texts or ["warm lo-fi piano with soft vinyl crackle"]
+    paths = _checked_outputs(args, len(args.texts))
     kind = "hybrid-MAGNeT " if args.kind == "hybrid" else ""
     print(f"magnet-engine demo: a random-weight '{args.preset}' {kind}model of the published architecture.\n"
           "Untrained weights make noise, not music. For music, run e.g.\n"
@@ -164,13 +164,12 @@ def cmd_demo(args) -> int:
     directory = cached_demo_model(args.cache_dir, args.preset, kind=args.kind)
     t1 = time.perf_counter()
     if args.precision is None and args.engine == "fast" and not _cuda_requested(args.device):
-        # Random weights make noise at any precision; bf16 decodes the real-size LM ~3x faster on CPU.
+        # Random weights make noise at any precision, and bf16 matmuls are the fast ones on current CPUs.
         args.precision = "bf16"
         print("precision: bf16 (the demo's default on CPU; --precision fp32 for full precision)")
     model = _load(args, model=str(directory))
     t2 = time.perf_counter()
-    args.texts = args.texts or ["warm lo-fi piano with soft vinyl crackle"]
-    paths, elapsed = _generate(model, args)
+    paths, elapsed = _generate(model, args, paths)
     print(f"model dir: {directory} (build/cache {t1 - t0:.1f} s, load {t2 - t1:.1f} s)")
     for p in paths:
         print(f"wrote {p}")

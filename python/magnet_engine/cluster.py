@@ -48,10 +48,11 @@ from ray.serve.handle import DeploymentHandle
 
 from magnet_engine.api import MAGNeT
 from magnet_engine.audio import wav_bytes
+from magnet_engine.engine import events
 from magnet_engine.engine.conditioning import TextConditioner
 from magnet_engine.errors import MagnetEngineError
 from magnet_engine.server.app import create_app
-from magnet_engine.server.batcher import BatchKey, Job, QueueFull, step_event
+from magnet_engine.server.batcher import BatchKey, Job, QueueFull, canvas_snapshot, step_data
 from magnet_engine.server.metrics import Metrics
 from magnet_engine.server.schema import ApiError, Settings, api_error_from
 from magnet_engine.server.serve import SETTING_ARGS, build_parser
@@ -130,6 +131,7 @@ class RowRequest:
     text: tp.Optional[str]
     seed: int
     key: BatchKey
+    watched: bool = False        # someone follows the progress: step events carry the token canvas
     cancelled: bool = False      # set on the replica when the caller goes away
 
 
@@ -226,10 +228,17 @@ class MagnetModel:
         batch = {"replica": self.replica_id, "batch": self.batches, "batch_size": len(rows)}
         emit(everyone, ("started", batch))
 
-        def progress(done: int, total: int) -> None:
+        def on_event(event: events.Event) -> None:   # between decoding steps, on this thread
             if all(row.cancelled for row in rows):
                 raise _Abandoned()
-            emit(everyone, ("step", step_event(key.params.decoding_steps, done, total)))
+            data = step_data(event)
+            if data is None:
+                return
+            canvas = isinstance(event, events.StageStep) and event.canvas is not None
+            watched = [i for i in everyone if canvas and rows[i].watched]
+            emit([i for i in everyone if i not in watched], ("step", data))
+            for i in watched:
+                emit([i], ("step", {**data, "canvas": canvas_snapshot(event, i, model.cfg.card)}))
 
         def on_prefix(wav: torch.Tensor) -> None:   # hybrid checkpoints: [B, C, prefix samples]
             wav = wav.cpu()
@@ -239,7 +248,7 @@ class MagnetModel:
 
         started = time.monotonic()
         try:
-            tokens = model.generate_tokens([r.text for r in rows], progress=progress, seed=[r.seed for r in rows],
+            tokens = model.generate_tokens([r.text for r in rows], on_event=on_event, seed=[r.seed for r in rows],
                                            params=key.params, duration=key.duration, on_prefix=on_prefix)  # [B, K, T]
             tokens_done = time.monotonic()
             emit(everyone, ("codec", {}))
@@ -330,7 +339,8 @@ class RayBatcher:
 
     # --------------------------------------------------------- rows
     async def _row(self, job: Job, row) -> None:
-        request = RowRequest(row.text, row.seed, row.key)
+        # as the single-process server: the canvas goes to a watched request's first row only
+        request = RowRequest(row.text, row.seed, row.key, watched=row.index == 0 and bool(job.channel.subscribers))
         for attempt in range(self.retries + 1):
             if job.closed:   # cancelled, or failed by another row, before a retry
                 return

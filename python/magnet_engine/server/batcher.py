@@ -10,12 +10,13 @@ its seed, so a request gets the same tokens alone or batched (and the same audio
 PCM step: the codec's batched convolutions round a few samples differently).
 
 The worker checks between decoding steps whether anyone still wants the batch: when every
-request in it was cancelled (timeout, disconnect), the progress callback raises and the
-model stops after the current step.
+request in it was cancelled (timeout, disconnect), its event listener raises and the model
+stops after the current step.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import math
@@ -23,27 +24,43 @@ import threading
 import time
 import typing as tp
 
+import torch
+
 from magnet_engine.audio import wav_bytes
+from magnet_engine.engine import events
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.server.metrics import Metrics
 from magnet_engine.server.progress import ProgressChannel
 from magnet_engine.server.schema import Settings
 
 
+def canvas_snapshot(event: events.StageStep, row: int, mask_id: int) -> dict:
+    """One row's token canvas after a step, one byte per cell, for the demo page's canvas view:
+    0 = still masked; 1..255 = fixed, the current codebook's cells shaded by their confidence
+    p̂ (1 + 254·p̂), cells fixed before this stage (earlier codebooks, prompt) 255. A 10 s
+    clip of 4 codebooks is 2,000 bytes, 2.7 kB as base64."""
+    codes = event.canvas[row].cpu()                                   # [K, T]
+    cells = torch.full(codes.shape, 255, dtype=torch.uint8)
+    p_hat = event.confidence[row].float().cpu().nan_to_num(0.0, posinf=1.0).clamp(0, 1)   # [T]
+    cells[event.stage] = (1 + 254 * p_hat).round().to(torch.uint8)
+    cells[codes == mask_id] = 0
+    return {"codebooks": codes.shape[0], "frames": codes.shape[1],
+            "cells": base64.b64encode(cells.numpy().tobytes()).decode("ascii")}
+
+
+def step_data(event: events.Event) -> tp.Optional[dict]:
+    """The `step` progress event of a run event (None: not a step)."""
+    if isinstance(event, events.ARStep):          # a hybrid checkpoint's AR prefix comes first
+        data = {"stage": "prefix", "step": event.step + 1, "stage_steps": event.steps}
+    elif isinstance(event, events.StageStep):
+        data = {"stage": event.stage, "step": event.step + 1, "stage_steps": event.steps}
+    else:
+        return None
+    return {**data, "done": event.done, "total": event.total}
+
+
 class QueueFull(Exception):
     pass
-
-
-def step_event(steps: tp.Sequence[int], done: int, total: int) -> dict:
-    """The progress event of generation step `done` of `total` (the `progress` callback's
-    arguments) for a row decoded with `decoding_steps` = steps."""
-    prefix_steps = total - sum(steps)          # AR steps of a hybrid checkpoint come first
-    if done <= prefix_steps:
-        return {"stage": "prefix", "step": done, "stage_steps": prefix_steps, "done": done, "total": total}
-    masked = done - prefix_steps
-    stage = next(s for s in range(len(steps)) if masked <= sum(steps[:s + 1]))
-    return {"stage": stage, "step": masked - sum(steps[:stage]), "stage_steps": steps[stage],
-            "done": done, "total": total}
 
 
 class _BatchAbandoned(Exception):
@@ -209,13 +226,19 @@ class Batcher:
                 job.queue_ms = (started - job.enqueued) * 1000
             job.batch_sizes.append(len(batch))
             job.channel.publish("started", {"batch_size": len(batch), "rows": sum(r.job is job for r in batch)})
-
-        def progress(done: int, total: int) -> None:
+        def on_event(event: events.Event) -> None:
+            """Between decoding steps, on this thread: stop when nobody wants the batch any more,
+            else tell each request where the run is (and, to those watching, the token canvas)."""
             if all(job.closed for job in jobs):
                 raise _BatchAbandoned()
-            event = step_event(key.params.decoding_steps, done, total)
+            data = step_data(event)
+            if data is None:
+                return
             for job in jobs:
-                job.channel.publish("step", event)
+                first = next(i for i, r in enumerate(batch) if r.job is job)
+                watched = isinstance(event, events.StageStep) and event.canvas is not None and job.channel.subscribers
+                job.channel.publish("step", {**data, "canvas": canvas_snapshot(event, first, self.model.cfg.card)}
+                                    if watched else data)
 
         def on_prefix(wav) -> None:   # hybrid checkpoints: the decoded AR prefix, before the tail exists
             wav = wav.cpu()
@@ -228,7 +251,7 @@ class Batcher:
 
         try:
             # per-call options: the shared model instance is never reconfigured by a request
-            tokens = self.model.generate_tokens([r.text for r in batch], progress=progress,
+            tokens = self.model.generate_tokens([r.text for r in batch], on_event=on_event,
                                                 seed=[r.seed for r in batch], params=key.params,
                                                 duration=key.duration, on_prefix=on_prefix)  # [B, K, T]
             tokens_done = time.monotonic()

@@ -18,17 +18,27 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from magnet_engine.demo import DEFAULT_CACHE
 from magnet_engine.errors import MagnetEngineError
-from magnet_engine.server.schema import Settings
+from magnet_engine.server.schema import ApiError, Settings
 
 
-def _head_timeout_protocol(head_timeout_s: float) -> type:
+def _head_timeout_protocol(head_timeout_s: float, max_header_bytes: int) -> type:
     """uvicorn's h11 protocol, closing a connection that has not sent a whole request head
     within `head_timeout_s` of connecting or of its previous response. uvicorn's own
     keep-alive timer is disarmed by the first byte of a request, so without this a client
     that trickles its head a byte at a time (or connects and says nothing) holds its
-    connection forever."""
+    connection forever. A head h11 cannot parse (malformed, or over `max_header_bytes`) is
+    answered in the service's error shape rather than uvicorn's plain text."""
 
     class HeadTimeoutH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = ApiError(400, "BadRequest", f"invalid HTTP request: malformed, or a head over "
+                            f"{max_header_bytes} bytes").response()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=body.body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
         def connection_made(self, transport) -> None:
             self.head_timer = None
             super().connection_made(transport)
@@ -71,7 +81,7 @@ def _head_timeout_protocol(head_timeout_s: float) -> type:
 def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> uvicorn.Config:
     """uvicorn settings from the app's `Settings`: header size, slow and idle clients, connections."""
     settings: Settings = app.state.settings
-    return uvicorn.Config(app, host=host, port=port, http=_head_timeout_protocol(settings.header_timeout_s),
+    return uvicorn.Config(app, host=host, port=port, http=_head_timeout_protocol(settings.header_timeout_s, settings.max_header_bytes),
                           h11_max_incomplete_event_size=settings.max_header_bytes,
                           timeout_keep_alive=settings.keepalive_timeout_s,
                           limit_concurrency=settings.max_connections, log_level="warning", **kwargs)
