@@ -70,6 +70,10 @@ setup(
         "triton": ["triton"],
         # uvicorn pinned below 1: serve.py subclasses its h11 protocol for the request-head timeout.
         "serve": ["fastapi", "uvicorn<1", "h11", "httpx", "prometheus_client>=0.20", "python-multipart"],
+        # magnet_engine.cluster (serve --ray); pinned: Serve's deployment options and config
+        # schema change between releases.
+        "cluster": ["ray[serve]==2.60.0", "fastapi", "uvicorn<1", "h11", "httpx", "prometheus_client>=0.20",
+                    "python-multipart"],
         "test": ["pytest", "triton", "fastapi", "uvicorn<1", "h11", "httpx", "prometheus_client>=0.20",
                  "hypothesis>=6.100", "selenium", "python-multipart"],
     },

@@ -3,6 +3,7 @@
     python benchmarks/load_test.py                                   # 8 and 32 clients, 2 minutes each
     python benchmarks/load_test.py --clients 8 --seconds 30          # one shorter run
     python benchmarks/load_test.py --model DIR --duration 5 --baseline  # also a max-batch 1 run
+    python benchmarks/load_test.py --ray --clients 8 --seconds 30      # 1 vs 2 Ray Serve replicas
 
 For each client count, starts the server in a subprocess (the embedded random-weight 'tiny'
 demo model unless --model), warms it up, then each client posts requests back to back
@@ -24,11 +25,13 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -204,6 +207,74 @@ def run(args, max_batch: int, clients: int) -> dict:
             server.kill()
 
 
+# ------------------------------------------------------------------------------ --ray
+RAY_RESULTS = Path(__file__).resolve().parent / "results" / "load_test_ray_cpu.json"
+
+
+def start_ray_server(args, replicas: int, cpus_per_replica: float) -> tuple[subprocess.Popen, str]:
+    """`magnet-engine serve --ray` on a local Ray instance; returns once every replica is running."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "magnet_engine.server", "--ray", "--host", "127.0.0.1", "--port", str(port),
+           "--engine", args.engine, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+           "--queue-size", str(args.queue_size), "--replicas", str(replicas),
+           "--cpus-per-replica", str(cpus_per_replica), "--gpus-per-replica", "0"]
+    if args.model:
+        cmd += ["--model", args.model]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in server.stdout:   # serve.run has returned, every replica running, when the CLI prints this
+        if "replica(s)," in line:
+            threading.Thread(target=server.stdout.read, daemon=True).start()   # keep the pipe drained
+            return server, f"http://127.0.0.1:{port}"
+    raise RuntimeError(f"magnet-engine serve --ray exited with {server.wait()} before it was ready")
+
+
+def run_ray(args, replicas: int, cpus_per_replica: float, clients: int) -> dict:
+    server, url = start_ray_server(args, replicas, cpus_per_replica)
+    try:
+        records, wall_s = asyncio.run(drive(url, args, clients))
+        # the replicas are processes of their own: the CLI's usage would say nothing about them
+        summary = summarise(records, wall_s, args, args.max_batch, clients, server_batch_histogram(url), {})
+        return {"replicas": replicas, "cpus_per_replica": cpus_per_replica, **summary}
+    finally:
+        server.send_signal(signal.SIGINT)   # the CLI deletes its application; its local Ray goes with it
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main_ray(args) -> int:
+    """1 vs 2 Ray Serve replicas under the same load on the same cores (1 x all vs 2 x half), and
+    the single-process server beside them, for each --clients; JSON to
+    benchmarks/results/load_test_ray_cpu.json."""
+    import torch
+
+    cores = os.cpu_count() or 2
+    report = {
+        "benchmark": "load_test --ray",
+        "model": args.model or "embedded demo 'tiny' (random weights)",
+        "engine": args.engine,
+        "device": "cpu",
+        "machine": {"cpu_count": cores, "platform": platform.platform(), "torch": torch.__version__,
+                    "loadavg_1m_before": round(os.getloadavg()[0], 2)},
+        "config": {"clients": args.clients, "seconds": args.seconds, "duration_s": args.duration,
+                   "decoding_steps": args.decoding_steps, "max_batch": args.max_batch,
+                   "max_wait_ms": args.max_wait_ms, "queue_size": args.queue_size, "prompts": len(PROMPTS)},
+        "runs": [],
+    }
+    for clients in args.clients:
+        one, two = run_ray(args, 1, float(cores), clients), run_ray(args, 2, cores / 2, clients)
+        report["runs"].append({"clients": clients, "single_process": run(args, args.max_batch, clients),
+                               "ray_1_replica": one, "ray_2_replicas": two,
+                               "throughput_2_over_1_replica": round(two["throughput_rps"] / one["throughput_rps"], 3)
+                               if one["throughput_rps"] else None})
+    report["machine"]["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+    write_json(RAY_RESULTS if args.output == RESULTS else args.output, report)
+    print(json.dumps(report, indent=2))
+    runs = [run[kind] for run in report["runs"] for kind in ("single_process", "ray_1_replica", "ray_2_replicas")]
+    return 1 if any(r["errors"] or r["lost"] or r["valid_wav"] != r["sent"] for r in runs) else 0
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -227,7 +298,11 @@ def main(argv=None) -> int:
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--baseline", action="store_true", help="also run with --max-batch 1 for comparison")
     p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--ray", action="store_true",
+                   help="1 vs 2 Ray Serve replicas and the single-process server under the same load (main_ray)")
     args = p.parse_args(argv)
+    if args.ray:
+        return main_ray(args)
 
     import torch
 

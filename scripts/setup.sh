@@ -13,7 +13,7 @@ python -m pip install -q --upgrade pip setuptools wheel
 # torch first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q pybind11 numpy
-python -m pip install -q --no-build-isolation -e ".[test]"
+python -m pip install -q --no-build-isolation -e ".[test,cluster]"
 # encodec's own requirements name torchaudio, which this torch cannot use and we never
 # import: install it last and without dependencies (its other needs, einops and numpy, are
 # in by now). Installed any earlier, every later pip run's resolver would report the

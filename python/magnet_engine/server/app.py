@@ -125,10 +125,14 @@ async def wait_for_job(request: Request, job: Job, timeout_s: float) -> tp.List[
                 raise ClientGone() from None
 
 
-def create_app(model, settings: tp.Optional[Settings] = None) -> FastAPI:
-    """The service around a loaded MAGNeT (anything with its interface); starts the worker on startup."""
+def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=None) -> FastAPI:
+    """The service around a loaded MAGNeT (anything with its interface); starts the worker on startup.
+
+    batcher_factory(model, settings): what runs the jobs, with Batcher's interface (default:
+    Batcher, one worker thread on this process's model; magnet_engine.cluster passes one that
+    sends rows to Ray Serve replicas)."""
     settings = settings or Settings()
-    batcher = Batcher(model, settings)
+    batcher = (batcher_factory or Batcher)(model, settings)
     metrics = batcher.metrics
     hub = ProgressHub(settings.progress_ttl_s)
 
@@ -267,7 +271,7 @@ def create_app(model, settings: tp.Optional[Settings] = None) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        alive = batcher.thread.is_alive()
+        alive = batcher.alive()
         body = {"status": "ok" if alive else "worker stopped", "queue_depth": batcher.queue_depth()}
         return JSONResponse(body, status_code=200 if alive else 503)
 

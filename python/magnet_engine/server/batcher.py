@@ -48,6 +48,17 @@ def canvas_snapshot(event: events.StageStep, row: int, mask_id: int) -> dict:
             "cells": base64.b64encode(cells.numpy().tobytes()).decode("ascii")}
 
 
+def step_data(event: events.Event) -> tp.Optional[dict]:
+    """The `step` progress event of a run event (None: not a step)."""
+    if isinstance(event, events.ARStep):          # a hybrid checkpoint's AR prefix comes first
+        data = {"stage": "prefix", "step": event.step + 1, "stage_steps": event.steps}
+    elif isinstance(event, events.StageStep):
+        data = {"stage": event.stage, "step": event.step + 1, "stage_steps": event.steps}
+    else:
+        return None
+    return {**data, "done": event.done, "total": event.total}
+
+
 class QueueFull(Exception):
     pass
 
@@ -153,6 +164,9 @@ class Batcher:
             self._close(job)
         self.metrics.cancelled.inc()
 
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
     def queue_depth(self) -> int:
         with self.cond:
             return self.waiting_jobs
@@ -217,13 +231,9 @@ class Batcher:
             else tell each request where the run is (and, to those watching, the token canvas)."""
             if all(job.closed for job in jobs):
                 raise _BatchAbandoned()
-            if isinstance(event, events.ARStep):          # a hybrid checkpoint's AR prefix comes first
-                data = {"stage": "prefix", "step": event.step + 1, "stage_steps": event.steps}
-            elif isinstance(event, events.StageStep):
-                data = {"stage": event.stage, "step": event.step + 1, "stage_steps": event.steps}
-            else:
+            data = step_data(event)
+            if data is None:
                 return
-            data.update(done=event.done, total=event.total)
             for job in jobs:
                 first = next(i for i, r in enumerate(batch) if r.job is job)
                 watched = isinstance(event, events.StageStep) and event.canvas is not None and job.channel.subscribers

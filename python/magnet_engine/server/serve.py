@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s)
     g.add_argument("--keepalive-timeout-s", type=float, default=d.keepalive_timeout_s)
     g.add_argument("--max-connections", type=int, default=d.max_connections)
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve: model replicas, autoscaling "
+                   "(pip install magnet-engine[cluster]; its flags: serve --ray --help)")
     return p
 
 
@@ -158,6 +160,17 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     from magnet_engine.api import MAGNeT
     from magnet_engine.server.app import create_app
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ray" in argv:   # the same routes on Ray Serve replicas (magnet_engine.cluster)
+        try:
+            from magnet_engine.cluster import main as cluster_main
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("ray"):
+                raise
+            print(f"magnet-engine serve --ray: needs Ray Serve (pip install magnet-engine[cluster]): {exc}",
+                  file=sys.stderr)
+            return 2
+        return cluster_main(argv)
     args = build_parser().parse_args(argv)
     note = ""
     try:
