@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.model import MagnetLM, run_dtype
 from magnet_engine.errors import CheckpointError, ModelNotFoundError
 
 LM_FILE = "state_dict.bin"
@@ -158,15 +158,17 @@ def load_lm_checkpoint(path: Path, frame_rate: tp.Optional[int]) -> LMCheckpoint
 
 
 def build_lm(checkpoint: LMCheckpoint, device: tp.Union[str, torch.device] = "cpu",
-             dtype: torch.dtype = torch.float32) -> MagnetLM:
-    """The LM of a checkpoint on `device`, its transformer in `dtype` and the rest (embeddings,
-    output norm, heads) in fp32, as the reference's autocast (spec §2). The modules are built
-    on the meta device and take the checkpoint's tensors as their parameters: nothing is
-    allocated twice, and fp32 weights on the CPU stay the mapped file pages."""
+             matmul: torch.dtype = torch.float32, residual: tp.Optional[torch.dtype] = None) -> MagnetLM:
+    """The LM of a checkpoint on `device`, each parameter in the dtype it runs in
+    (`model.run_dtype`: transformer matmul weights in `matmul`, its norms in `residual`,
+    default `matmul`; embeddings, output norm and heads fp32). The modules are built on the
+    meta device and take the checkpoint's tensors as their parameters: nothing is allocated
+    twice, and fp32 weights on the CPU stay the mapped file pages."""
+    residual = matmul if residual is None else residual
     with torch.device("meta"):
         lm = MagnetLM(checkpoint.cfg)
-    state = place_state(checkpoint.lm_state, device,
-                        lambda key: dtype if key.startswith("transformer.") else torch.float32, checkpoint.mapped)
+    state = place_state(checkpoint.lm_state, device, lambda key: run_dtype(key, matmul, residual),
+                        checkpoint.mapped)
     lm.load_state_dict(state, strict=True, assign=True)
     return lm.eval().requires_grad_(False)
 
@@ -262,159 +264,3 @@ def save_checkpoint(directory: tp.Union[str, os.PathLike], lm_package: dict, cod
     atomic_save(lm_package, directory / LM_FILE)
     atomic_save(codec_package, directory / CODEC_FILE)
     return directory
-
-
-XP_CFG_TEMPLATE = """\
-device: cuda
-dtype: float32
-autocast: true
-autocast_dtype: float16
-seed: {seed}
-efficient_attention_backend: xformers
-dora:
-  dir: /checkpoint/${{oc.env:USER}}/experiments/audiocraft/outputs
-  use_rendezvous: false
-dataset:
-  batch_size: 64
-  segment_duration: {duration}
-  return_info: true
-generate:
-  every: 25
-  audio:
-    format: wav
-    sample_rate: ${{sample_rate}}
-  lm:
-{lm_generate}classifier_free_guidance:
-  training_dropout: 0.3
-  inference_coef: 3.0
-fuser:
-  cross_attention_pos_emb: false
-  cross_attention_pos_emb_scale: 1
-  sum: []
-  prepend: []
-  cross: [description]
-  input_interpolate: []
-conditioners:
-  description:
-    model: t5
-    t5:
-      name: {t5_name}
-      finetune: false
-      word_dropout: 0.3
-      normalize_text: false
-sample_rate: {sample_rate}
-channels: 1
-compression_model_checkpoint: //pretrained/facebook/encodec_{khz}khz
-compression_model_n_q: null
-lm_model: {lm_model}
-codebooks_pattern:
-  modeling: {modeling}
-  delay:
-    delays: [0, 1, 2, 3]
-    flatten_first: 0
-    empty_initial: 0
-  parallel:
-    empty_initial: -1
-transformer_lm:
-  dim: {dim}
-  num_heads: {num_heads}
-  num_layers: {num_layers}
-  hidden_scale: 4
-  n_q: {n_q}
-  card: {card}
-  dropout: 0.0
-  emb_lr: null
-  activation: gelu
-  norm_first: true
-  bias_ff: false
-  bias_attn: false
-  bias_proj: false
-  past_context: null
-  causal: {causal}
-  custom: false
-  memory_efficient: true
-  attention_as_float32: false
-  layer_scale: null
-  positional_embedding: sin
-  xpos: false
-  checkpointing: none
-  weight_init: gaussian
-  norm: layer_norm
-  cross_attention: false
-  qk_layer_norm: false
-  qk_layer_norm_cross: false
-  kv_repeat: 1
-  two_step_cfg: false
-{magnet_fields}"""
-
-_MAGNET_GENERATE = """\
-    use_sampling: true
-    temp: 3.0
-    top_k: 0
-    top_p: 0.9
-    max_cfg_coef: 10.0
-    min_cfg_coef: 1.0
-    decoding_steps: [{steps}, 10, 10, 10]
-    anneal_temp: true
-    span_scoring: max
-    span_arrangement: nonoverlap
-"""
-_AR_GENERATE = """\
-    use_sampling: true
-    temp: 1.0
-    top_k: 250
-    top_p: 0.0
-"""
-_MAGNET_FIELDS = """\
-  subcodes_context: {subcodes_context}
-  segment_duration: ${{dataset.segment_duration}}
-  span_len: ${{masking.span_len}}
-masking:
-  span_len: {span_len}
-"""
-
-# kind -> (lm_model, codebooks_pattern.modeling, transformer_lm.causal)
-LM_KINDS = {
-    "magnet": ("transformer_lm_magnet", "parallel", "false"),
-    # hybrid-MAGNeT: MAGNeT's network and masking fields, MusicGen's delay layout
-    "hybrid": ("transformer_lm_magnet", "delay", "false"),
-    # MusicGen / AudioGen: the plain causal transformer LM, delay layout, no masking section
-    "musicgen": ("transformer_lm", "delay", "true"),
-}
-
-
-def random_lm_package(dim: int, num_heads: int, num_layers: int, *, d_t5: int, n_q: int = 4, card: int = 2048,
-                      duration: float = 10, sample_rate: int = 32000, span_len: int = 3,
-                      subcodes_context: int = 5, t5_name: str = "t5-base", seed: int = 0,
-                      dtype: torch.dtype = torch.float32, kind: str = "magnet") -> dict:
-    """An LM package with seeded random weights, in the exporter's exact layout.
-
-    kind: 'magnet' (plain MAGNeT), 'hybrid' (hybrid-MAGNeT: delay layout) or 'musicgen'
-    (a MusicGen / AudioGen LM: causal, delay layout, no masking fields)."""
-    if kind not in LM_KINDS:
-        raise ValueError(f"kind must be one of {sorted(LM_KINDS)}, found {kind!r}")
-    lm_model, modeling, causal = LM_KINDS[kind]
-    steps = 20 if duration <= 10 else 60
-    magnet = kind != "musicgen"
-    xp_cfg = XP_CFG_TEMPLATE.format(
-        seed=seed, duration=duration if duration != int(duration) else int(duration),
-        t5_name=t5_name, sample_rate=sample_rate, khz=sample_rate // 1000, dim=dim, num_heads=num_heads,
-        num_layers=num_layers, n_q=n_q, card=card, lm_model=lm_model, modeling=modeling, causal=causal,
-        lm_generate=(_MAGNET_GENERATE.format(steps=steps) if magnet else _AR_GENERATE),
-        magnet_fields=(_MAGNET_FIELDS.format(subcodes_context=subcodes_context, span_len=span_len)
-                       if magnet else ""))
-    cfg = ModelConfig.from_xp_cfg(parse_yaml_config(xp_cfg), frame_rate=50)
-    gen = torch.Generator().manual_seed(seed)
-    state: tp.Dict[str, torch.Tensor] = {
-        CONDITIONER_PREFIX + "weight": torch.randn(dim, d_t5, generator=gen) / d_t5 ** 0.5,
-        CONDITIONER_PREFIX + "bias": torch.randn(dim, generator=gen) * 0.02,
-    }
-    for key, shape in expected_lm_shapes(cfg).items():
-        if key.endswith(("norm1.weight", "norm2.weight", "norm_cross.weight", "out_norm.weight")):
-            value = 1 + 0.1 * torch.randn(shape, generator=gen)
-        elif key.endswith(".bias"):
-            value = 0.02 * torch.randn(shape, generator=gen)
-        else:  # gaussian init scaled by fan-in, as audiocraft's weight_init='gaussian' roughly does
-            value = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
-        state[key] = value.to(dtype)
-    return {"best_state": state, "xp.cfg": xp_cfg, "version": "1.3.0", "exported": True}

@@ -32,7 +32,7 @@ from magnet_engine.engine.config import cfg_get, parse_yaml_config
 from magnet_engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
                                   ModelNotFoundError)
 
-_WHAT = f"{CODEC_FILE} xp.cfg"
+CODEC_WHAT = f"{CODEC_FILE} xp.cfg"
 _DECODER_ONLY = ("trim_right_ratio", "final_activation", "final_activation_params")
 
 # The private name the `encodec` package is registered under (see `_encodec_modules`).
@@ -109,17 +109,17 @@ class CodecConfig:
     def from_xp_cfg(cls, cfg) -> "CodecConfig":
         """Parsed compression xp.cfg -> config; unsupported variants are a ConfigError."""
         def g(path, *default):
-            return cfg_get(cfg, path, *default, what=_WHAT)
+            return cfg_get(cfg, path, *default, what=CODEC_WHAT)
 
         supported = {"compression_model": "encodec", "encodec.autoencoder": "seanet", "encodec.quantizer": "rvq",
                     # an audiocraft-only SEANet option the encodec modules do not have
                     "seanet.disable_norm_outer_blocks": 0}
         for path, allowed in supported.items():
             if g(path, allowed) != allowed:
-                raise ConfigError(f"{_WHAT}: `{path}` = {g(path)!r} is not supported (expected {allowed!r})")
+                raise ConfigError(f"{CODEC_WHAT}: `{path}` = {g(path)!r} is not supported (expected {allowed!r})")
         # audiocraft merges seanet.encoder / seanet.decoder over the shared seanet fields.
         if g("seanet.encoder", {}) or set(g("seanet.decoder", {})) - set(_DECODER_ONLY):
-            raise ConfigError(f"{_WHAT}: per-side SEANet overrides are not supported beyond decoder "
+            raise ConfigError(f"{CODEC_WHAT}: per-side SEANet overrides are not supported beyond decoder "
                               f"{list(_DECODER_ONLY)}; found encoder={g('seanet.encoder', {})}, "
                               f"decoder={g('seanet.decoder', {})}")
         return cls(
@@ -177,7 +177,7 @@ class CodecConfig:
                     compress=self.compress, lstm=self.lstm)
 
 
-def _audiocraft_modules(cfg: CodecConfig) -> nn.ModuleDict:
+def audiocraft_modules(cfg: CodecConfig) -> nn.ModuleDict:
     """encoder / decoder / quantizer named as in audiocraft's EncodecModel state dict."""
     modules, quantization = _encodec_modules()
     try:
@@ -190,7 +190,7 @@ def _audiocraft_modules(cfg: CodecConfig) -> nn.ModuleDict:
                                             final_activation=cfg.final_activation,
                                             final_activation_params=cfg.final_activation_params)
     except (AssertionError, AttributeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{_WHAT}: the encodec modules cannot build this SEANet ({type(exc).__name__}: {exc})") \
+        raise ConfigError(f"{CODEC_WHAT}: the encodec modules cannot build this SEANet ({type(exc).__name__}: {exc})") \
             from exc
     quantizer = quantization.ResidualVectorQuantizer(dimension=cfg.dimension, n_q=cfg.n_q, bins=cfg.bins)
     return nn.ModuleDict({"encoder": encoder, "decoder": decoder, "quantizer": quantizer})
@@ -243,9 +243,9 @@ class Codec(nn.Module):
         state = pkg["best_state"]
         if not isinstance(state, dict):
             raise CheckpointError(f"{CODEC_FILE}: 'best_state' is a {type(state).__name__}, expected a dict of tensors")
-        cfg = CodecConfig.from_xp_cfg(parse_yaml_config(pkg["xp.cfg"], _WHAT))
+        cfg = CodecConfig.from_xp_cfg(parse_yaml_config(pkg["xp.cfg"], CODEC_WHAT))
         with torch.device("meta"):   # no random init: the checkpoint's tensors become the parameters
-            model = _audiocraft_modules(cfg)
+            model = audiocraft_modules(cfg)
         check_state(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, CODEC_FILE)
         model.load_state_dict(place_state(state, device, lambda key: torch.float32, mapped), assign=True)
         return cls(cfg, model["encoder"], model["decoder"], model["quantizer"].vq)
@@ -380,91 +380,3 @@ def resample(wav: torch.Tensor, old_sr: int, new_sr: int, zeros: int = 24, rollo
     x = F.pad(wav.reshape(-1, 1, n), (width, width + old), mode="replicate")
     y = F.conv1d(x, kernel.to(wav)[:, None, :], stride=old)                 # [R, new, n / old + 1]
     return y.transpose(1, 2).reshape(*wav.shape[:-1], -1)[..., :n * new // old]
-
-
-CODEC_XP_CFG_TEMPLATE = """\
-device: cuda
-dtype: float32
-autocast: false
-seed: {seed}
-dora:
-  dir: /checkpoint/${{oc.env:USER}}/experiments/audiocraft/outputs
-  use_rendezvous: false
-solver: compression
-sample_rate: {sample_rate}
-channels: 1
-generate:
-  audio:
-    sample_rate: ${{sample_rate}}
-compression_model: encodec
-encodec:
-  autoencoder: seanet
-  quantizer: rvq
-  sample_rate: ${{sample_rate}}
-  channels: ${{channels}}
-  causal: false
-  renormalize: false
-seanet:
-  dimension: {dimension}
-  channels: ${{channels}}
-  causal: ${{encodec.causal}}
-  n_filters: {n_filters}
-  n_residual_layers: 1
-  ratios: {ratios}
-  activation: ELU
-  activation_params:
-    alpha: 1.0
-  norm: weight_norm
-  norm_params: {{}}
-  kernel_size: 7
-  residual_kernel_size: 3
-  last_kernel_size: 7
-  dilation_base: 2
-  pad_mode: {pad_mode}
-  true_skip: {true_skip}
-  compress: 2
-  lstm: 2
-  disable_norm_outer_blocks: 0
-  decoder:
-    trim_right_ratio: 1.0
-    final_activation: null
-    final_activation_params: null
-  encoder: {{}}
-rvq:
-  n_q: {n_q}
-  q_dropout: false
-  bins: {bins}
-  decay: 0.99
-  kmeans_init: true
-  kmeans_iters: 50
-  threshold_ema_dead_code: 2
-  orthogonal_reg_weight: 0.0
-  orthogonal_reg_active_codes_only: false
-"""
-
-
-def random_compression_package(sample_rate: int = 32000, n_filters: int = 64,
-                               ratios: tp.Sequence[int] = (8, 5, 4, 4), n_q: int = 4, bins: int = 2048,
-                               dimension: int = 128, seed: int = 0, pad_mode: str = "constant",
-                               true_skip: bool = True) -> dict:
-    """A format-(a) package with seeded random weights, laid out as audiocraft's exporter writes it."""
-    xp_cfg = CODEC_XP_CFG_TEMPLATE.format(
-        seed=seed, sample_rate=sample_rate, dimension=dimension, n_filters=n_filters,
-        ratios=[int(r) for r in ratios], pad_mode=pad_mode, true_skip=str(bool(true_skip)).lower(),
-        n_q=n_q, bins=bins)
-    cfg = CodecConfig.from_xp_cfg(parse_yaml_config(xp_cfg, _WHAT))
-    # torch's default initialisation, seeded without disturbing the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        state = _audiocraft_modules(cfg).state_dict()  # detached tensors; the modules are dropped
-        for key, value in state.items():
-            if key.endswith("weight_g"):  # off its default ‖v‖, so a dropped gain shows
-                value.mul_(torch.empty_like(value).uniform_(0.5, 1.5))
-            elif key.endswith("_codebook.embed"):  # as after k-means init: small vectors
-                value.normal_(0.0, 0.1)
-        for k in range(n_q):
-            book = f"quantizer.vq.layers.{k}._codebook."
-            state[book + "inited"].fill_(1.0)
-            state[book + "cluster_size"].fill_(1.0)
-            state[book + "embed_avg"].copy_(state[book + "embed"])
-    return {"best_state": state, "xp.cfg": xp_cfg, "version": "1.3.0", "exported": True}

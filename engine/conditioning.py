@@ -9,16 +9,11 @@ the 2B rows, no truncation, EOS appended; None or "" is the empty text, whose ma
 zeroed, and that zeroed mask is what the T5 sees too. The LM's cross-attention ignores the
 mask, so the padded length S changes every row's output: it must not be trimmed.
 
-`build_random_t5` writes a small random T5 with a sentencepiece tokenizer trained on the spot,
+`random_weights.build_random_t5` writes a small random T5 with a sentencepiece tokenizer trained on the spot,
 for tests and the offline demo.
 """
 from __future__ import annotations
 
-import io
-import os
-import shutil
-import string
-import tempfile
 import typing as tp
 from pathlib import Path
 
@@ -64,7 +59,7 @@ class TextConditioner(nn.Module):
         if output_proj_weight.dim() != 2 or tuple(output_proj_bias.shape) != output_proj_weight.shape[:1]:
             raise CheckpointError(f"output_proj must be weight [D, d_t5] and bias [D], found "
                                   f"{tuple(output_proj_weight.shape)} and {tuple(output_proj_bias.shape)}")
-        transformers = _require_transformers()
+        transformers = require_transformers()
         local = _is_local_t5(t5)
         model = _from_pretrained(transformers.T5EncoderModel, t5, local)
         dim, d_t5 = output_proj_weight.shape
@@ -108,54 +103,6 @@ class TextConditioner(nn.Module):
         return Condition(self.output_proj(hidden) * mask[..., None], mask, ids, hidden)
 
 
-def build_random_t5(out_dir: tp.Union[str, os.PathLike], d_model: int = 32, num_layers: int = 2, num_heads: int = 4,
-                    d_ff: int = 64, vocab_size: int = 256, seed: int = 0,
-                    corpus: tp.Optional[tp.Iterable[str]] = None) -> Path:
-    """Write a random T5 encoder and a sentencepiece tokenizer to `out_dir` (new or empty).
-
-    The tokenizer is a unigram model of `vocab_size` pieces trained on `corpus` (default: a
-    built-in set of music descriptions), with T5's special ids (pad 0, EOS 1, unk 2) and its
-    100 `<extra_id_*>` tokens after them. Both load with `from_pretrained(out_dir)`. The same
-    arguments give the same files; only the weights depend on `seed`.
-    """
-    transformers = _require_transformers()
-    import sentencepiece
-
-    if d_model % num_heads:
-        raise InvalidInputError(f"d_model must be a multiple of num_heads, found {d_model} and {num_heads}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InvalidInputError(f"{out_dir} exists and is not an empty directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        proto = io.BytesIO()
-        try:  # one thread: the unigram EM sums in a fixed order, so the pieces are reproducible
-            sentencepiece.SentencePieceTrainer.train(
-                sentence_iterator=iter(_music_corpus() if corpus is None else corpus), model_writer=proto,
-                model_type="unigram", vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, num_threads=1,
-                minloglevel=2)
-        except RuntimeError as exc:
-            raise InvalidInputError(f"cannot train a {vocab_size}-piece tokenizer on this corpus: {exc}") from exc
-        (staging / "spiece.model").write_bytes(proto.getvalue())
-        tokenizer = transformers.T5Tokenizer(str(staging / "spiece.model"), legacy=True)
-        config = transformers.T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads,
-                                       d_ff=d_ff, num_layers=num_layers, num_heads=num_heads,
-                                       feed_forward_proj="relu")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = transformers.T5EncoderModel(config)
-        tokenizer.save_pretrained(staging)
-        model.save_pretrained(staging)
-        staging.chmod(0o755)  # mkdtemp's 0o700 would outlive the rename
-        staging.rename(out_dir)  # replaces an empty out_dir
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
-
-
 def check_descriptions(texts) -> tp.List[tp.Optional[str]]:
     """A non-empty list of str | None (None: no text), else InvalidInputError."""
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
@@ -167,7 +114,7 @@ def check_descriptions(texts) -> tp.List[tp.Optional[str]]:
     return list(texts)
 
 
-def _require_transformers():
+def require_transformers():
     try:
         import sentencepiece  # noqa: F401  (the slow T5Tokenizer is a sentencepiece model)
         import transformers
@@ -204,46 +151,3 @@ def _from_pretrained(kind, t5: str, local: bool, **kwargs):
                                  f"({str(exc).splitlines()[0]}); without network, pass a local directory with "
                                  f"{_LOCAL_FILES} (t5=DIR, or --t5 DIR on the command line)") from exc
 
-
-# A built-in corpus for `build_random_t5`: descriptions enumerated from these lists, not sampled.
-_MOODS = """warm bright dark dreamy energetic calm melancholic uplifting aggressive gentle nostalgic playful
-haunting epic peaceful tense joyful moody romantic mysterious groovy hypnotic triumphant somber relaxed
-intense soothing euphoric gritty lush cinematic sad happy angry hopeful lonely festive spooky serene
-quirky""".split()
-_GENRES = """lo-fi jazz rock pop techno house ambient classical hip-hop funk soul reggae metal folk country
-blues disco trance dubstep drum-and-bass synthwave bossa-nova flamenco gospel punk grunge orchestral
-chillwave trap afrobeat salsa tango bluegrass ska garage electro indie baroque cumbia""".split()
-_INSTRUMENTS = """piano guitar bass drums synth strings violin cello saxophone trumpet flute organ choir
-vocals harp marimba banjo ukulele accordion clarinet oboe trombone tuba mandolin sitar harmonica
-xylophone timpani congas bongos tambourine cowbell pads arpeggios percussion handclaps bells
-glockenspiel harpsichord kalimba""".split()
-_TEXTURES = """soft vinyl crackly heavy sub reverberant distorted sidechained echoing delayed tape-saturated
-hissing shimmering airy punchy muffled crisp layered sparse dense analog digital detuned plucked bowed
-muted staccato legato swelling pulsing driving rolling syncopated""".split()
-_ERAS = "60s 70s 80s 90s 2000s modern vintage retro futuristic".split()
-_PARTS = "melody rhythm beat groove chorus bridge intro outro drop breakdown loop riff solo hook".split()
-_SETTINGS = ("for a road trip at sunset", "in a smoky club on a rainy night", "for studying late",
-             "for a wedding dance", "for a video game boss fight", "under the stars", "at a beach party",
-             "in an old cathedral", "for a car chase through the city", "at dawn in the mountains",
-             "for a fashion show", "in a busy market", "for meditation and yoga", "for a horror movie trailer",
-             "at a summer festival", "for a cozy winter evening")
-_KEYS = [f"in {note} {scale}" for note in ("C", "D", "E flat", "F sharp", "G", "A", "B flat")
-         for scale in ("major", "minor")]
-_TEMPOS = [f"{bpm} bpm" for bpm in range(60, 181, 10)] + ["slow tempo", "medium tempo", "fast tempo", "in 3/4 time"]
-
-
-def _music_corpus(n: int = 600) -> tp.List[str]:
-    def pick(words: tp.Sequence[str], i: int, stride: int, offset: int = 0) -> str:
-        return words[(stride * i + offset) % len(words)]
-
-    lines = []
-    for i in range(n):
-        mood, mood2, genre = pick(_MOODS, i, 1), pick(_MOODS, i, 7, 3), pick(_GENRES, i, 7)
-        instr, instr2 = pick(_INSTRUMENTS, i, 3), pick(_INSTRUMENTS, i, 11, 5)
-        texture, era, part = pick(_TEXTURES, i, 5), pick(_ERAS, i, 2), pick(_PARTS, i, 3)
-        tempo, key, setting = pick(_TEMPOS, i, 13), pick(_KEYS, i, 5), pick(_SETTINGS, i, 1)
-        lines.append((f"{mood.capitalize()} {era} {genre} with {texture} {instr} and {instr2}, {tempo}.",
-                      f"A {mood} {genre} track featuring {instr} over {texture} {instr2}, {key}, {setting}.",
-                      f"{instr} {part} {setting}, {mood} and {mood2}, {tempo}",
-                      f"{era} {genre} song with a {mood2} {part} that builds into a {texture} {instr} {part}")[i % 4])
-    return lines + [" ".join(string.ascii_letters + string.digits + string.punctuation)]  # no ASCII text is <unk>

@@ -1,8 +1,10 @@
-"""The fast masked-decoding runtime: the hot loop of MAGNeT on preallocated buffers.
+"""The fast masked-decoding runtime: the hot loop of MAGNeT as one step on static buffers.
 
 Same algorithm as `reference.py` (its oracle), minus the waste (spec §10):
   * the schedule (spans to mask, CFG coefficient, temperature) is built on the host before
-    the loop (`schedule.py`) and lives in device tensors: the loop never waits on the device;
+    the loop (`schedule.py`) and copied once into device tables; a step reads its row
+    through a device cursor (the global step index, also the RNG offset), so a step issues
+    work and never waits on the host;
   * cross-attention K/V of the text are computed once per call, for the conditional rows
     only: the null rows' cross-attention output is exactly zero (bias-free projections of
     all-zero embeddings), so it is skipped;
@@ -14,71 +16,179 @@ Same algorithm as `reference.py` (its oracle), minus the waste (spec §10):
   * sampling and re-masking are single fused kernels (`kernels/`), drawing randomness from
     a keyed counter-based RNG (seed, step, position), so a step is reproducible.
 Every saving is exact: in fp32 the tokens equal the reference loop's given the same draws.
+
+The step (`Runtime._step`) reads and writes only the buffers of a `DecodeState`; its shape
+is fixed by a `StepShape` (stage, gathered frames, CFG on/off), so it can be compiled whole
+(`compile=True`: `torch.compile(fullgraph=True)`) and, on CUDA, captured once per shape as a
+CUDA graph and replayed (`cuda_graphs=True`; graphs are kept across calls, bounded).
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import typing as tp
 
 import torch
 
+from magnet_engine.engine import events as ev
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.model import MagnetLM, cast_transformer_
 from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
 from magnet_engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import attention as attn_kernels
-from magnet_engine.kernels import masking, sampling
+from magnet_engine.kernels import backend, masking, sampling
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_BUFFERS = 8   # (batch, frames) buffer sets kept per runtime
+# precision -> (matmul dtype, residual-stream dtype). 'fp16-mixed' is what the reference's
+# CUDA autocast computes: matmuls and attention in fp16, residual stream and norms in fp32.
+PRECISIONS: tp.Dict[str, tp.Tuple[torch.dtype, torch.dtype]] = {
+    "fp32": (torch.float32, torch.float32),
+    "fp16-mixed": (torch.float16, torch.float32),
+    "bf16-mixed": (torch.bfloat16, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16": (torch.float16, torch.float16),
+}
+MAX_STATES = 8      # (batch, frames, text length, layout) buffer sets kept per runtime
+MAX_GRAPHS = 256    # captured step graphs kept per runtime (all states together)
+
+
+def default_precision(device: torch.device) -> str:
+    """CUDA: fp16 matmuls with an fp32 residual stream, as the reference's autocast; CPU: fp32."""
+    return "fp16-mixed" if device.type == "cuda" else "fp32"
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
+    return precision
+
+
+# (codes [B, K, T'], stage, cond_only) -> per-frame hidden [2B or B, T', D], pre out_norm
+FrameForward = tp.Callable[[torch.Tensor, int, bool], torch.Tensor]
+
+
+class ConfidenceHook(tp.Protocol):
+    """Changes the confidences that span scoring ranks (rescoring with an external model).
+
+    `active` is asked on the host (it decides the step's shape); `confidence` runs inside the
+    step, after the stage's samples are written: it returns the new prob [B, T']."""
+
+    def active(self, step: int, steps: int) -> bool: ...
+
+    def confidence(self, ctx: "StepContext") -> torch.Tensor: ...
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a confidence hook may read in a step (all device tensors, no copies)."""
+    lm: MagnetLM
+    codes: torch.Tensor        # [B, K, T'] after this step's samples are written
+    stage: int
+    hidden: torch.Tensor       # [2B or B, T', D] the transformer output, pre out_norm
+    cond_logits: torch.Tensor  # [B, M, C] the stage head at the sampled positions
+    uncond_logits: tp.Optional[torch.Tensor]   # [B·M, C] or None (CFG coefficient 1)
+    cfg_coef: torch.Tensor     # 0-d fp32
+    temperature: torch.Tensor  # 0-d fp32
+    tokens: torch.Tensor       # [B, M] sampled at `positions`
+    positions: torch.Tensor    # [B, M] frame indices
+    prob: torch.Tensor         # [B, T'] p̂ of every frame (this step's samples scattered in)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What fixes a step's tensor shapes and control flow (host values): one graph each."""
+    stage: int
+    count: int          # frames gathered for the head: m_i·L ('nonoverlap'), or T'
+    with_cfg: bool      # False when the step's CFG coefficient is exactly 1
+    prompt_len: int     # frames of this stage fixed from the start (prompt / hybrid prefix)
+    hooked: bool        # the confidence hook runs in this step
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """Every buffer a step reads or writes, allocated before the loop; reused across calls of
+    the same (batch, frames, text length, layout) so captured graphs stay valid."""
+    codes: torch.Tensor        # [B, K, T'] the canvas (mask id = card)
+    prob: torch.Tensor         # [B, T'] p̂ of the current stage
+    scores: torch.Tensor       # [B, n] span scores (higher: re-masked first)
+    seeds: torch.Tensor        # [B, 1] int64, one RNG seed per row
+    cursor: torch.Tensor       # 0-d int64: global step index = RNG offset
+    coefs: torch.Tensor        # [S] fp32 per-step CFG coefficient
+    temps: torch.Tensor        # [S] fp32 per-step temperature
+    num_masked: torch.Tensor   # [S] int64 per-step spans to mask
+    init_scores: torch.Tensor  # [K, B, n] scores at each stage's start
+    nonfinite: torch.Tensor    # 0-d bool: a NaN/inf p̂ was seen (reported after the loop)
+    cross_kv: tp.List[tp.Tuple[torch.Tensor, torch.Tensor]]
+    layout: str
+    graphs: tp.Dict[StepShape, tp.Any] = dataclasses.field(default_factory=dict)
 
 
 class Runtime:
-    """Holds a model prepared for fast decoding, and buffers reused across calls.
+    """Holds a model prepared for fast decoding, and buffers (and graphs) reused across calls.
 
-    compile: run the transformer forward through torch.compile (off by default).
-    precision: 'fp32' | 'bf16' | 'fp16' — the transformer's weights and activations, its
-    residual stream included (`lm`'s transformer is cast in place); embeddings, the output norm, the heads,
-    the CFG mix, softmax and sampling stay fp32. (The reference's CUDA autocast keeps the
-    residual stream fp32 as well; here it is low precision, judged by the tests' error bounds.)
+    precision: one of PRECISIONS (matmul dtype, residual dtype); the embeddings, the output
+    norm, the heads, the CFG mix, softmax and sampling stay fp32. compile: the whole step
+    through `torch.compile(fullgraph=True)`. cuda_graphs: capture each step shape once as a
+    CUDA graph (CUDA only) and replay it; steps with a frame-forward override (the hybrid tail)
+    or an active confidence hook run eagerly.
     """
 
     def __init__(self, lm: MagnetLM, precision: str = "fp32", impl: tp.Optional[str] = None,
-                 compile: bool = False):
-        if precision not in PRECISIONS:
-            raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
-        self.lm = lm
+                 compile: bool = False, cuda_graphs: bool = False):
+        check_precision(precision)
+        self.precision = precision
+        self.matmul_dtype, self.dtype = PRECISIONS[precision]
+        self.lm = cast_transformer_(lm, self.matmul_dtype, self.dtype)   # in place: the runtime owns `lm`
         self.cfg = lm.cfg
-        self.dtype = PRECISIONS[precision]
-        self.impl = impl
         self.device = next(lm.parameters()).device
-        self._buffers: tp.Dict[tp.Tuple[int, int], tp.Dict[str, torch.Tensor]] = {}
-        cast_transformer_(lm, self.dtype)   # in place: the runtime owns `lm` (pass a copy to keep an fp32 one)
+        # the kernel choice, made once: a traced step then holds no import or lookup
+        self.impl = backend.resolve(self.device, impl)
+        if cuda_graphs and self.device.type != "cuda":
+            raise InvalidOptionError("cuda_graphs=True needs the model on a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        self._states: "collections.OrderedDict[tuple, DecodeState]" = collections.OrderedDict()
+        self._graph_count = 0
+        self._step_fn = self._step
         if compile:
-            # One graph per (stage window, shape); the first call of each compiles (start-up
-            # cost traded for latency). Opaque extension calls (the C++ kernels) run eagerly
-            # between graph pieces.
-            self._forward_hidden = torch.compile(self._forward_hidden, dynamic=False)
+            import torch._dynamo
+            # a step shape whose gathered count alone changes recompiles once, then the count
+            # is symbolic (automatic dynamic shapes): a few graphs per stage, not one per step
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            self._step_fn = torch.compile(self._step, fullgraph=True)
 
-    # ---------------------------------------------------------------- buffers
-    def _get_buffers(self, batch: int, frames: int) -> tp.Dict[str, torch.Tensor]:
-        """Buffers of one (batch, frames) shape; the MAX_BUFFERS most recently used shapes are
-        kept, so a service that sees many shapes holds bounded memory."""
-        key = (batch, frames)
-        bufs = self._buffers.pop(key, None)
-        if bufs is None:
-            dev = self.device
-            bufs = {
-                "codes": torch.empty(batch, self.cfg.n_q, frames, dtype=torch.long, device=dev),
-                "prob": torch.empty(batch, frames, dtype=torch.float32, device=dev),
-            }
-        self._buffers[key] = bufs                      # most recently used last
-        while len(self._buffers) > MAX_BUFFERS:
-            self._buffers.pop(next(iter(self._buffers)))
-        return bufs
+    # ------------------------------------------------------------------ state
+    def state(self, batch: int, frames: int, text_len: int, arrangement: str, total_steps: int) -> DecodeState:
+        """The buffers of one shape; the MAX_STATES most recently used are kept (with their
+        graphs), so a service that sees many shapes holds bounded memory."""
+        key = (batch, frames, text_len, arrangement, total_steps)
+        st = self._states.pop(key, None)
+        if st is None:
+            dev, cfg = self.device, self.cfg
+            n = masking.num_spans(frames, cfg.span_len, arrangement)
+            kv_rows = batch if not cfg.bias_attn else 2 * batch
+            kv = [(torch.zeros(kv_rows, cfg.num_heads, text_len, cfg.head_dim, dtype=self.matmul_dtype, device=dev),
+                   torch.zeros(kv_rows, cfg.num_heads, text_len, cfg.head_dim, dtype=self.matmul_dtype, device=dev))
+                  for _ in range(cfg.num_layers)]
+            st = DecodeState(
+                codes=torch.full((batch, cfg.n_q, frames), cfg.mask_id, dtype=torch.long, device=dev),
+                prob=torch.zeros(batch, frames, dtype=torch.float32, device=dev),
+                scores=torch.zeros(batch, n, dtype=torch.float32, device=dev),
+                seeds=torch.zeros(batch, 1, dtype=torch.long, device=dev),
+                cursor=torch.zeros((), dtype=torch.long, device=dev),
+                coefs=torch.zeros(total_steps, dtype=torch.float32, device=dev),
+                temps=torch.zeros(total_steps, dtype=torch.float32, device=dev),
+                num_masked=torch.zeros(total_steps, dtype=torch.long, device=dev),
+                init_scores=torch.zeros(cfg.n_q, batch, n, dtype=torch.float32, device=dev),
+                nonfinite=torch.zeros((), dtype=torch.bool, device=dev),
+                cross_kv=kv, layout=masking.mode(cfg.span_len, arrangement))
+        self._states[key] = st                          # most recently used last
+        while len(self._states) > MAX_STATES:
+            _, old = self._states.popitem(last=False)
+            self._graph_count -= len(old.graphs)
+        return st
 
     # ----------------------------------------------------------------- model
     def _attend(self, q, k, v, window):
-        return attn_kernels.attention(q, k, v, window, impl=self.impl if self.impl != "cpp" else None)
+        return attn_kernels.attention(q, k, v, window, impl=self.impl)
 
     def _forward_hidden(self, codes: torch.Tensor, cross_kv, stage: int, cond_only: bool = False) -> torch.Tensor:
         """codes [B, K, T] -> final-layer output [2B, T, D] (cond rows first), pre out_norm;
@@ -99,138 +209,180 @@ class Runtime:
             x = layer.cross_and_ffn(x, kv)
         return x
 
+    # ------------------------------------------------------------------ step
+    def _step(self, st: DecodeState, shape: StepShape, params: DecodingParams,
+              forward: tp.Optional[FrameForward], hook: tp.Optional[ConfidenceHook]) -> None:
+        """One decoding step of stage `shape.stage`: re-mask, forward, sample, score.
+
+        Reads and writes only `st`'s buffers; every per-step value comes from the device
+        tables through `st.cursor`. No host sync, no host-to-device copy."""
+        cfg, lm = self.cfg, self.lm
+        stage, batch = shape.stage, st.codes.shape[0]
+        span_len = cfg.span_len
+        codes, row, prob = st.codes, st.codes[:, shape.stage], st.prob
+        at = st.cursor.view(1)
+        coef = st.coefs.index_select(0, at).view(())
+        temp = st.temps.index_select(0, at).view(())
+        num_masked = st.num_masked.index_select(0, at).view(())
+        span_mask = masking.remask(row, st.scores, num_masked, span_len=span_len,
+                                   arrangement=params.span_arrangement, prompt_len=shape.prompt_len,
+                                   mask_id=cfg.mask_id, impl=self.impl)
+        if forward is None:
+            hidden = self._forward_hidden(codes, st.cross_kv, stage, not shape.with_cfg)  # [2B or B, T', D]
+        else:
+            hidden = forward(codes, stage, not shape.with_cfg)
+        if st.layout == "stride1":                                            # every frame
+            pos = torch.arange(shape.count, device=codes.device).expand(batch, -1)
+            h = hidden
+        else:                                                                 # exactly m_i spans
+            pos = _masked_positions(span_mask, shape.count, span_len if st.layout == "chunk" else 1)  # [B, M]
+            rows = hidden.shape[0] // batch
+            h = torch.gather(hidden, 1, pos.repeat(rows, 1)[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = lm.linears[stage](lm.out_norm(h.float()))                    # [2B or B, M, C]
+        uncond = logits[batch:].reshape(-1, cfg.card) if shape.with_cfg else None
+        tokens, p_hat = sampling.sample_tokens(
+            logits[:batch].reshape(-1, cfg.card), uncond, coef, temp,
+            use_sampling=params.use_sampling, top_k=params.top_k, top_p=params.top_p,
+            seed=st.seeds.expand_as(pos).reshape(-1), offset=st.cursor, row_ids=pos.reshape(-1),
+            impl=self.impl)
+        tokens, p_hat = tokens.view(batch, -1), p_hat.view(batch, -1)
+        current = torch.gather(row, 1, pos)
+        row.scatter_(1, pos, torch.where(current == cfg.mask_id, tokens, current))
+        st.nonfinite.logical_or_(~torch.isfinite(p_hat).all())
+        prob.scatter_(1, pos, p_hat)
+        if shape.hooked:
+            prob.copy_(hook.confidence(StepContext(lm, codes, stage, hidden, logits[:batch], uncond, coef, temp,
+                                                   tokens, pos, prob)))
+        st.scores.copy_(masking.span_scores(prob, span_mask, span_len=span_len,
+                                            arrangement=params.span_arrangement, scoring=params.span_scoring))
+        st.cursor.add_(1)
+
+    def _run_step(self, st: DecodeState, shape: StepShape, params: DecodingParams,
+                  forward: tp.Optional[FrameForward], hook: tp.Optional[ConfidenceHook]) -> None:
+        if self.cuda_graphs and forward is None and not shape.hooked:
+            graph = st.graphs.get(shape)
+            if graph is None:
+                graph = self._capture(st, shape, params)
+            graph.replay()
+        else:
+            self._step_fn(st, shape, params, forward, hook)
+
+    def _capture(self, st: DecodeState, shape: StepShape, params: DecodingParams):
+        """Capture one step shape as a CUDA graph. The warm-up run (on a side stream: it
+        compiles any Triton variant and sets up cuBLAS before capture) changes the buffers,
+        so they are restored before the capture, which itself runs nothing."""
+        saved = [t.clone() for t in (st.codes, st.prob, st.scores, st.cursor, st.nonfinite)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step_fn(st, shape, params, None, None)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip((st.codes, st.prob, st.scores, st.cursor, st.nonfinite), saved):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step_fn(st, shape, params, None, None)
+        if self._graph_count >= MAX_GRAPHS:       # bounded: start over rather than grow
+            for other in self._states.values():
+                other.graphs.clear()
+            self._graph_count = 0
+        st.graphs[shape] = graph
+        self._graph_count += 1
+        return graph
+
     # ------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, cond: torch.Tensor, frames: int, params: DecodingParams,
                  prompt: tp.Optional[torch.Tensor] = None, seeds: tp.Optional[tp.Sequence[int]] = None,
-                 callback: tp.Optional[tp.Callable[[int, int], None]] = None, *,
+                 listener: tp.Optional[ev.Listener] = None, *,
                  prompt_lens: tp.Optional[tp.Sequence[int]] = None,
-                 forward: tp.Optional[FrameForward] = None, rescorer=None) -> torch.Tensor:
+                 forward: tp.Optional[FrameForward] = None, hook: tp.Optional[ConfidenceHook] = None,
+                 done_before: int = 0, total: tp.Optional[int] = None) -> torch.Tensor:
         """cond [2B, S, D] (conditional rows, then null rows) -> codes [B, K, T'].
 
         seeds: one int per row (default 0 for every row); prompt: [B, K, P] fixed codes.
         prompt_lens: frames of the prompt fixed in each codebook (default P for all; the
         hybrid staircase gives codebook k fewer), cells past a codebook's length hold the
-        mask id. forward: (codes, stage, cond_only) -> per-frame hidden [2B or B, T', D]
-        (default: this runtime's transformer with `cond` as the condition). rescorer: a
-        bound external-model rescorer (`rescoring.BoundRescorer`) or None.
+        mask id. forward: a FrameForward replacing this runtime's transformer (the hybrid
+        tail). hook: a ConfidenceHook (rescoring). listener: gets a StageStep event after
+        every step; done_before/total: step counts of the whole run (a hybrid's AR steps).
         """
-        cfg, lm, dev = self.cfg, self.lm, self.device
+        st, shapes = self.prepare(cond, frames, params, prompt, seeds, prompt_lens=prompt_lens,
+                                  forward=forward, hook=hook)
+        total = done_before + sum(len(s) for s in shapes) if total is None else total
+        done = done_before
+        for stage, stage_shapes in enumerate(shapes):
+            st.scores.copy_(st.init_scores[stage])
+            for i, shape in enumerate(stage_shapes):
+                self._run_step(st, shape, params, forward, hook)
+                done += 1
+                if listener is not None:
+                    listener(ev.StageStep(stage, i, len(stage_shapes), done, total, st.codes, st.prob))
+        # A NaN p̂ is re-masked (NaN scores rank first) and later overwritten, so it is
+        # remembered on the device and reported once, here.
+        if bool(st.nonfinite):
+            raise NumericalError("non-finite probabilities during decoding (NaN/inf logits): check the "
+                                 "checkpoint weights and the precision setting")
+        return st.codes.clone()
+
+    @torch.no_grad()
+    def prepare(self, cond: torch.Tensor, frames: int, params: DecodingParams,
+                prompt: tp.Optional[torch.Tensor] = None, seeds: tp.Optional[tp.Sequence[int]] = None, *,
+                prompt_lens: tp.Optional[tp.Sequence[int]] = None, forward: tp.Optional[FrameForward] = None,
+                hook: tp.Optional[ConfidenceHook] = None) -> tp.Tuple[DecodeState, tp.List[tp.List[StepShape]]]:
+        """Everything before the loop: the schedule and every step's shape on the host, then
+        the call's inputs copied into the static buffers. Returns the state and, per stage,
+        the shapes of its steps (arguments as `generate`)."""
+        cfg, dev = self.cfg, self.device
         batch = cond.shape[0] // 2
         p_len = 0 if prompt is None else prompt.shape[-1]
         lens = tuple(prompt_lens) if prompt_lens is not None else (p_len,) * cfg.n_q
         if len(lens) != cfg.n_q or any(not 0 <= n <= p_len for n in lens):
             raise InvalidOptionError(f"prompt_lens must be {cfg.n_q} frame counts in [0, {p_len}], found {lens}")
-        layout = masking.mode(cfg.span_len, params.span_arrangement)
-        chunked = layout == "chunk"
-        kept = spans_to_generate(frames, 0, cfg.span_len, chunked)[0]
-        span_len = cfg.span_len if layout != "token" else 1
-
-        bufs = self._get_buffers(batch, frames)
-        codes = bufs["codes"][..., :kept]
-        codes.fill_(cfg.mask_id)
-        if prompt is not None:
-            codes[..., :p_len] = prompt
-        prob = bufs["prob"][:, :kept]
-
-        if forward is None:
-            if cfg.pattern != "parallel":   # its rows are not frames: only the hybrid tail forward fits
-                raise InvalidOptionError(f"a {cfg.pattern}-layout checkpoint decodes through hybrid.HybridRuntime "
-                                         "(an AR prefix, then the masked tail), not plain masked decoding")
-            cross_kv = lm.cfg_cross_kv(cond, self.dtype)
-            forward = lambda codes, stage, cond_only: self._forward_hidden(codes, cross_kv, stage, cond_only)  # noqa: E731
-        # RNG key of position (b, t): (seeds[b], step, t), so a row's draws never depend on
-        # which other rows share its batch.
+        if forward is None and cfg.pattern != "parallel":   # its rows are not frames: only the hybrid tail fits
+            raise InvalidOptionError(f"a {cfg.pattern}-layout checkpoint decodes through a hybrid plan "
+                                     "(engine.generate: an AR prefix, then the masked tail), not plain masked decoding")
         seeds = [0] * batch if seeds is None else list(seeds)
         if len(seeds) != batch:
             raise InvalidOptionError(f"expected {batch} seeds (one per row), found {len(seeds)}")
-        seed_t = torch.tensor(seeds, dtype=torch.long, device=dev)[:, None]             # [B, 1]
-        total, done = sum(params.decoding_steps), 0
-        offsets = torch.arange(total, dtype=torch.long, device=dev)         # RNG offset = global step
-        # A NaN p̂ is re-masked (NaN scores rank first) and later overwritten, so it is
-        # remembered here, on the device, and reported once after the loop.
-        nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+        layout = masking.mode(cfg.span_len, params.span_arrangement)
+        kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
+        span_len = cfg.span_len if layout != "token" else 1
+
+        # ---- host: the whole schedule and every step's shape, before any device work
+        shapes, coefs, temps, masked = [], [], [], []
         for stage, n_steps in enumerate(params.decoding_steps):
-            stage_prompt = lens[stage]
-            to_gen = spans_to_generate(frames, stage_prompt, cfg.span_len, chunked)[2]
+            to_gen = spans_to_generate(frames, lens[stage], cfg.span_len, layout == "chunk")[2]
             sched = stage_schedule(n_steps, to_gen, params)
-            coefs = torch.tensor(sched.cfg_coef, dtype=torch.float32, device=dev)
-            temps = torch.tensor(sched.temperature, dtype=torch.float32, device=dev)
-            num_masked = torch.tensor(sched.num_masked, dtype=torch.long, device=dev)
-            row = codes[:, stage]
-            scores = masking.initial_span_scores(batch, kept, span_len=cfg.span_len,
-                                                 arrangement=params.span_arrangement, prompt_len=stage_prompt,
-                                                 device=dev)
-            head = lm.linears[stage]
-            for i in range(n_steps):
-                span_mask = masking.remask(row, scores, num_masked[i], span_len=cfg.span_len,
-                                           arrangement=params.span_arrangement, prompt_len=stage_prompt,
-                                           mask_id=cfg.mask_id, impl=self.impl)
-                with_cfg = sched.cfg_coef[i] != 1.0       # coefficient exactly 1: ℓ = cond logits
-                rescore = rescorer is not None and rescorer.active(i, n_steps)
-                hidden = forward(codes, stage, not with_cfg)                          # [2B or B, T', D]
-                if rescore and rescorer.options.fill == "greedy":
-                    guesses = self._greedy_guesses(hidden, stage, coefs[i], batch, with_cfg)
-                if layout == "stride1":
-                    pos = torch.arange(kept, device=dev).expand(batch, -1)             # every frame
-                    h = hidden
-                else:                                                                 # exactly m_i spans
-                    pos = _masked_positions(span_mask, sched.num_masked[i] * span_len, span_len)  # [B, M]
-                    rows = hidden.shape[0] // batch
-                    h = torch.gather(hidden, 1, pos.repeat(rows, 1)[..., None].expand(-1, -1, hidden.shape[-1]))
-                logits = head(lm.out_norm(h.float()))                                 # [2B or B, M, C]
-                uncond = logits[batch:].reshape(-1, cfg.card) if with_cfg else None
-                tokens, p_hat = sampling.sample_tokens(
-                    logits[:batch].reshape(-1, cfg.card), uncond, coefs[i], temps[i],
-                    use_sampling=params.use_sampling, top_k=params.top_k, top_p=params.top_p,
-                    seed=seed_t.expand_as(pos).reshape(-1), offset=offsets[done], row_ids=pos.reshape(-1),
-                    impl=self.impl)
-                tokens, p_hat = tokens.view(batch, -1), p_hat.view(batch, -1)
-                current = torch.gather(row, 1, pos)
-                row.scatter_(1, pos, torch.where(current == cfg.mask_id, tokens, current))
-                nonfinite |= ~torch.isfinite(p_hat).all()
-                if rescore:
-                    if rescorer.options.temperature == "raw":   # p_magnet at temperature 1
-                        p_hat = rescorer.raw_probability(logits[:batch], uncond, coefs[i], tokens)
-                    prob.scatter_(1, pos, p_hat)
-                    view = codes if rescorer.options.fill != "greedy" else _fill_above(codes, guesses, stage)
-                    prob.copy_(rescorer.mix(prob, rescorer.probabilities(view, stage, temps[i])))
-                else:
-                    prob.scatter_(1, pos, p_hat)
-                scores = masking.span_scores(prob, span_mask, span_len=cfg.span_len,
-                                             arrangement=params.span_arrangement, scoring=params.span_scoring)
-                done += 1
-                if callback is not None:
-                    callback(done, total)
-        if bool(nonfinite):
-            raise NumericalError("non-finite probabilities during decoding (NaN/inf logits): check the "
-                                 "checkpoint weights and the precision setting")
-        return codes.clone()
+            coefs += sched.cfg_coef
+            temps += sched.temperature
+            masked += sched.num_masked
+            shapes.append([StepShape(stage, kept if layout == "stride1" else m * span_len, c != 1.0, lens[stage],
+                                     hook is not None and hook.active(i, n_steps))
+                           for i, (m, c) in enumerate(zip(sched.num_masked, sched.cfg_coef))])
 
-    def _greedy_guesses(self, hidden: torch.Tensor, stage: int, coef: torch.Tensor, batch: int,
-                        with_cfg: bool) -> tp.Optional[torch.Tensor]:
-        """Argmax of the CFG-mixed logits of every head above `stage`, all frames: [B, K-s-1, T']."""
-        heads = list(range(stage + 1, self.cfg.n_q))
-        if not heads:
-            return None
-        logits = self.lm.head_logits(self.lm.out_norm(hidden.float()), heads)   # [2B or B, K', T', C]
-        if with_cfg:
-            cond, uncond = logits[:batch], logits[batch:]
-            logits = uncond + (cond - uncond) * coef
-        return logits[:batch].argmax(dim=-1)
-
-
-# (codes [B, K, T'], stage, cond_only) -> per-frame hidden [2B or B, T', D], pre out_norm
-FrameForward = tp.Callable[[torch.Tensor, int, bool], torch.Tensor]
-
-
-def _fill_above(codes: torch.Tensor, guesses: tp.Optional[torch.Tensor], stage: int) -> torch.Tensor:
-    """A copy of the canvas with the codebooks above `stage` set to MAGNeT's greedy guesses."""
-    if guesses is None:
-        return codes
-    filled = codes.clone()
-    filled[:, stage + 1:] = guesses
-    return filled
+        # ---- device: copy the call's inputs into the static buffers
+        st = self.state(batch, kept, cond.shape[1], params.span_arrangement, len(coefs))
+        st.codes.fill_(cfg.mask_id)
+        if prompt is not None:
+            st.codes[..., :p_len] = prompt
+        st.seeds.copy_(torch.tensor(seeds, dtype=torch.long)[:, None])
+        st.coefs.copy_(torch.tensor(coefs, dtype=torch.float32))
+        st.temps.copy_(torch.tensor(temps, dtype=torch.float32))
+        st.num_masked.copy_(torch.tensor(masked, dtype=torch.long))
+        for stage in range(cfg.n_q):
+            st.init_scores[stage].copy_(masking.initial_span_scores(
+                batch, kept, span_len=cfg.span_len, arrangement=params.span_arrangement, prompt_len=lens[stage],
+                device=dev))
+        st.scores.copy_(st.init_scores[0])
+        st.cursor.zero_()
+        st.nonfinite.zero_()
+        st.prob.zero_()
+        if forward is None:
+            for (k, v), (k_new, v_new) in zip(st.cross_kv, self.lm.cfg_cross_kv(cond, self.matmul_dtype)):
+                k.copy_(k_new)
+                v.copy_(v_new)
+        return st, shapes
 
 
 def _masked_positions(span_mask: torch.Tensor, count: int, span_len: int) -> torch.Tensor:
@@ -243,4 +395,3 @@ def _masked_positions(span_mask: torch.Tensor, count: int, span_len: int) -> tor
     spans = key.topk(count // span_len, dim=1).indices.sort(dim=1).values
     return (spans[..., None] * span_len + torch.arange(span_len, device=span_mask.device)).reshape(
         span_mask.shape[0], -1)
-

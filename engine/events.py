@@ -19,6 +19,12 @@ import torch
 
 
 @dataclasses.dataclass(frozen=True)
+class Started:
+    """The run begins: the condition is encoded, no step has run. total: steps of the run."""
+    total: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ARStep:
     """One autoregressive step of a hybrid prefix. done/total count every step of the run."""
     step: int          # 0-based, within the AR phase
@@ -64,7 +70,7 @@ class Done:
     codes: torch.Tensor
 
 
-Event = tp.Union[ARStep, StageStep, PrefixReady, WindowReady, Done]
+Event = tp.Union[Started, ARStep, StageStep, PrefixReady, WindowReady, Done]
 Listener = tp.Callable[[Event], None]
 
 

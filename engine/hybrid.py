@@ -11,8 +11,9 @@ Read with `spec/hybrid-and-rescoring.md` (section A). Three pieces:
   `[2B, H, T_max, d]` per layer (CFG as a doubled batch: conditional rows, then null rows).
   The step reads and writes its position through a device tensor, so it issues work and
   never waits on the host; with `cuda_graphs=True` on CUDA it is captured once and replayed.
-* **`HybridRuntime`**: a hybrid-MAGNeT checkpoint generates the first F frames with the AR
-  runtime, hands them to masked decoding as a fixed prompt, and decodes the tail. In the
+* **Hybrid** (`plan_hybrid`, `tail_forward`; run by `generate.run`): a hybrid-MAGNeT
+  checkpoint generates the first F frames with the AR runtime, hands them to masked
+  decoding as a fixed prompt, and decodes the tail. In the
   default `prefix_attention='cached'` the prefix rows keep the keys/values of the AR phase
   (causal, as in training) and only rows from `query_start` on are recomputed each step;
   'bidirectional' recomputes every row each step with the masked-stage attention for all of
@@ -43,10 +44,10 @@ import torch
 import torch.nn.functional as F
 
 from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampling_options
-from magnet_engine.engine.model import KVCache, MagnetLM, causal_self_attention, masked_self_attention
+from magnet_engine.engine.model import KVCache, MagnetLM
 from magnet_engine.engine.schedule import spans_to_generate
 from magnet_engine.errors import InvalidOptionError, NumericalError
-from magnet_engine.kernels import masking, sampling
+from magnet_engine.kernels import backend, masking, sampling
 
 HANDOFFS = ("staircase", "rectangle")
 PREFIX_ATTENTIONS = ("cached", "bidirectional")
@@ -94,7 +95,7 @@ class ARParams:
         return self
 
 
-def _sample_heads(logits: torch.Tensor, batch: int, params: ARParams, coef: torch.Tensor, temp: torch.Tensor,
+def sample_heads(logits: torch.Tensor, batch: int, params: ARParams, coef: torch.Tensor, temp: torch.Tensor,
                   seed_rows: torch.Tensor, row_ids: torch.Tensor, impl: tp.Optional[str]) -> torch.Tensor:
     """logits [2B, K, C] (cond rows, then null) -> tokens [B, K] through the sampling kernel."""
     k, card = logits.shape[1], logits.shape[2]
@@ -128,22 +129,20 @@ class ARRuntime:
         if cfg.pattern != "delay":
             raise InvalidOptionError(f"autoregressive decoding needs a delay-layout checkpoint "
                                      f"(codebooks_pattern.modeling), this one is {cfg.pattern!r}")
-        self.lm, self.cfg, self.dtype, self.impl = lm, cfg, dtype, impl
+        self.lm, self.cfg, self.dtype = lm, cfg, dtype
         self.device = next(lm.parameters()).device
+        self.impl = backend.resolve(self.device, impl)   # once: the traced step holds no lookup
         if cuda_graphs and self.device.type != "cuda":
             raise InvalidOptionError("cuda_graphs=True needs the model on a CUDA device")
         self.cuda_graphs = cuda_graphs
         self._caches: tp.Dict[tp.Tuple[int, int], KVCache] = {}
-        self._graphs: tp.Dict[tuple, tp.Any] = {}
+        self._states: tp.Dict[tuple, _ARState] = {}
 
     # -------------------------------------------------------------- shared state
     def cache(self, rows: int, max_len: int) -> KVCache:
-        key = (rows, max_len)
-        cache = self._caches.pop(key, None) or self.lm.new_cache(rows, max_len, self.dtype)
-        self._caches[key] = cache                       # most recently used last
-        while len(self._caches) > MAX_CACHES:
-            self._caches.pop(next(iter(self._caches)))
-        return cache
+        """A KV cache of this shape (the rescorer's teacher-forced forward), the MAX_CACHES
+        most recently used kept."""
+        return _lru(self._caches, (rows, max_len), lambda: self.lm.new_cache(rows, max_len))   # the matmul dtype
 
     def cross_kv(self, cond: torch.Tensor):
         """Per-layer cross K/V of CFG rows [2B, S, D] in this runtime's dtype (`MagnetLM.cfg_cross_kv`)."""
@@ -157,37 +156,57 @@ class ARRuntime:
 
     # ----------------------------------------------------------------- decoding
     @torch.no_grad()
+    def prepare(self, cond: torch.Tensor, seq_len: int, params: ARParams,
+                seeds: tp.Optional[tp.Sequence[int]] = None) -> "_ARState":
+        """The static state of a run: buffers of this (batch, length, text length, sampling
+        options), reused across calls (with their CUDA graph), the call's inputs copied in."""
+        params = params.validate()
+        cfg, dev = self.cfg, self.device
+        batch = cond.shape[0] // 2
+        seeds = [0] * batch if seeds is None else list(seeds)
+        if len(seeds) != batch:
+            raise InvalidOptionError(f"expected {batch} seeds (one per row), found {len(seeds)}")
+
+        def new_state() -> _ARState:
+            kv = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in self.cross_kv(cond)]
+            return _ARState(
+                seq=torch.full((batch, cfg.n_q, seq_len), cfg.card, dtype=torch.long, device=dev),
+                pos=torch.zeros(1, dtype=torch.long, device=dev),
+                key_pos=torch.arange(seq_len, device=dev),
+                delays=torch.tensor(cfg.delays, dtype=torch.long, device=dev),
+                frames=seq_len - cfg.max_delay - 1,
+                heads=torch.arange(cfg.n_q, device=dev),
+                coef=torch.zeros((), device=dev), temp=torch.zeros((), device=dev),
+                seed_rows=torch.zeros(batch * cfg.n_q, dtype=torch.long, device=dev),
+                cross_kv=kv, cache=self.lm.new_cache(2 * batch, seq_len), params=params,
+                nonfinite=torch.zeros((), dtype=torch.bool, device=dev))
+        s = _lru(self._states, (batch, seq_len, cond.shape[1], params), new_state)
+        s.seq.fill_(cfg.card)
+        s.coef.fill_(float(params.cfg_coef))
+        s.temp.fill_(max(float(params.temperature), 1e-2))
+        s.seed_rows.copy_(torch.tensor(seeds, dtype=torch.long).repeat_interleave(cfg.n_q))
+        for (k, v), (k_new, v_new) in zip(s.cross_kv, self.cross_kv(cond)):
+            k.copy_(k_new)
+            v.copy_(v_new)
+        for k, v in zip(s.cache.keys, s.cache.values):   # a masked slot still enters SDPA as 0·v
+            k.zero_()
+            v.zero_()
+        s.nonfinite.zero_()
+        return s
+
+    @torch.no_grad()
     def generate(self, cond: torch.Tensor, steps: int, seq_len: int, params: ARParams,
-                 seeds: tp.Optional[tp.Sequence[int]] = None, *, cross_kv=None,
+                 seeds: tp.Optional[tp.Sequence[int]] = None, *,
                  callback: tp.Optional[tp.Callable[[int, int], None]] = None) -> ARResult:
         """Generate positions 1..steps of a delay-layout sequence of `seq_len` positions.
 
         cond: [2B, S, D] condition rows (conditional, then null). seeds: one per row. The
         cells of position p + 1 whose frame p − d_k lies outside [0, seq_len − max(d) − 1)
-        get the special id, as MusicGen's valid mask does.
+        get the special id, as MusicGen's valid mask does. callback(done, steps) after each step.
         """
-        params = params.validate()
-        cfg, dev = self.cfg, self.device
-        batch = cond.shape[0] // 2
         if not 1 <= steps < seq_len:
             raise InvalidOptionError(f"AR steps must be in [1, {seq_len - 1}], found {steps}")
-        seeds = [0] * batch if seeds is None else list(seeds)
-        if len(seeds) != batch:
-            raise InvalidOptionError(f"expected {batch} seeds (one per row), found {len(seeds)}")
-        cross_kv = self.cross_kv(cond) if cross_kv is None else cross_kv
-        cache = self.cache(2 * batch, seq_len)
-        state = _ARState(
-            seq=torch.full((batch, cfg.n_q, seq_len), cfg.card, dtype=torch.long, device=dev),
-            pos=torch.zeros(1, dtype=torch.long, device=dev),
-            key_pos=torch.arange(seq_len, device=dev),
-            delays=torch.tensor(cfg.delays, dtype=torch.long, device=dev),
-            frames=seq_len - cfg.max_delay - 1,
-            heads=torch.arange(cfg.n_q, device=dev),
-            coef=torch.tensor(float(params.cfg_coef), device=dev),
-            temp=torch.tensor(max(float(params.temperature), 1e-2), device=dev),
-            seed_rows=torch.tensor(seeds, dtype=torch.long, device=dev).repeat_interleave(cfg.n_q),
-            cross_kv=cross_kv, cache=cache, params=params,
-            nonfinite=torch.zeros((), dtype=torch.bool, device=dev))
+        state = self.prepare(cond, seq_len, params, seeds)
         step = self._graph_step(state) if self.cuda_graphs else (lambda: self._step(state))
         for p in range(steps):
             state.pos.fill_(p)              # a host int written to the device: no read-back
@@ -197,7 +216,7 @@ class ARRuntime:
         if bool(state.nonfinite):
             raise NumericalError("non-finite probabilities in the autoregressive phase (NaN/inf logits): "
                                  "check the checkpoint weights and the precision setting")
-        return ARResult(state.seq, cache, cross_kv, steps)
+        return ARResult(state.seq, state.cache, state.cross_kv, steps)
 
     def _step(self, s: "_ARState") -> None:
         """Feed position pos, sample position pos + 1. Reads and writes through device tensors
@@ -208,28 +227,42 @@ class ARRuntime:
         h = self.hidden(codes, s.pos, s.cross_kv, s.cache, mask)               # [2B, 1, D]
         logits = self.lm.head_logits(h)[:, :, 0]                               # [2B, K, C]
         row_ids = (s.pos * cfg.n_q + s.heads).repeat(batch)
-        tokens, prob = _sample_heads(logits, batch, s.params, s.coef, s.temp, s.seed_rows, row_ids, self.impl)
-        s.nonfinite |= ~torch.isfinite(prob).all()
+        tokens, prob = sample_heads(logits, batch, s.params, s.coef, s.temp, s.seed_rows, row_ids, self.impl)
+        s.nonfinite.logical_or_(~torch.isfinite(prob).all())
         frame = s.pos - s.delays                                                # frame of each cell at pos + 1
         valid = (frame >= 0) & (frame < s.frames)
         s.seq.index_copy_(2, s.pos + 1, torch.where(valid, tokens, cfg.card)[..., None])
 
     def _graph_step(self, s: "_ARState") -> tp.Callable[[], None]:
-        """Capture `_step` as a CUDA graph once per state (warm-up on a side stream first).
+        """The step as a CUDA graph, captured once per state (its buffers are static across
+        calls) after a warm-up on a side stream; the warm-up's writes are undone.
 
         Not run in this project's CI (no GPU there); the eager `_step` it captures is."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
+        if s.graph is None:
+            saved = [t.clone() for t in (s.seq, s.nonfinite, *s.cache.keys, *s.cache.values)]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
                 self._step(s)
-        torch.cuda.current_stream().wait_stream(side)
-        s.seq.fill_(self.cfg.card)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(s)
-        s.seq.fill_(self.cfg.card)
-        return graph.replay
+            torch.cuda.current_stream().wait_stream(side)
+            for t, v in zip((s.seq, s.nonfinite, *s.cache.keys, *s.cache.values), saved):
+                t.copy_(v)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(s)
+            s.graph = graph
+        return s.graph.replay
+
+
+def _lru(cache: dict, key, make: tp.Callable[[], tp.Any]):
+    """cache[key], made on a miss; the MAX_CACHES most recently used entries are kept."""
+    value = cache.pop(key, None)
+    if value is None:
+        value = make()
+    cache[key] = value                              # most recently used last
+    while len(cache) > MAX_CACHES:
+        cache.pop(next(iter(cache)))
+    return value
 
 
 @dataclasses.dataclass
@@ -247,35 +280,7 @@ class _ARState:
     cache: KVCache
     params: ARParams
     nonfinite: torch.Tensor
-
-
-@torch.no_grad()
-def reference_ar_generate(lm: MagnetLM, cond: torch.Tensor, steps: int, seq_len: int, params: ARParams,
-                          seeds: tp.Optional[tp.Sequence[int]] = None, impl: tp.Optional[str] = "torch",
-                          logits_out: tp.Optional[tp.List[torch.Tensor]] = None) -> torch.Tensor:
-    """The oracle of `ARRuntime`: every step recomputes the whole prefix with full causal
-    attention (no cache), fp32, same sampling keys. Returns the sequence [B, K, seq_len]."""
-    cfg = lm.cfg
-    batch = cond.shape[0] // 2
-    dev = cond.device
-    seeds = [0] * batch if seeds is None else list(seeds)
-    seq = torch.full((batch, cfg.n_q, seq_len), cfg.card, dtype=torch.long, device=dev)
-    coef = torch.tensor(float(params.cfg_coef), device=dev)
-    temp = torch.tensor(max(float(params.temperature), 1e-2), device=dev)
-    seed_rows = torch.tensor(seeds, dtype=torch.long, device=dev).repeat_interleave(cfg.n_q)
-    frames = seq_len - cfg.max_delay - 1
-    for p in range(steps):
-        prefix = seq[:, :, :p + 1]
-        hidden = lm.hidden(torch.cat([prefix, prefix]), cond, 0, attend=causal_self_attention)
-        logits = lm.head_logits(hidden[:, -1:])[:, :, 0]
-        if logits_out is not None:
-            logits_out.append(logits.clone())
-        row_ids = p * cfg.n_q + torch.arange(cfg.n_q, device=dev).repeat(batch)
-        tokens, _ = _sample_heads(logits, batch, params, coef, temp, seed_rows, row_ids, impl)
-        for k, d in enumerate(cfg.delays):
-            if 0 <= p - d < frames:
-                seq[:, k, p + 1] = tokens[:, k]
-    return seq
+    graph: tp.Any = None
 
 
 # --------------------------------------------------------------------------- hybrid
@@ -319,7 +324,7 @@ class HybridPlan:
         return min(self.prompt_lens)
 
 
-def _frames_with_prefix(cfg: ModelConfig, frames: int, prefix_frames: int, params: DecodingParams) -> int:
+def frames_with_prefix(cfg: ModelConfig, frames: int, prefix_frames: int, params: DecodingParams) -> int:
     """Frames T' kept by masked decoding, checking that an AR prefix of `prefix_frames` leaves a tail."""
     layout = masking.mode(cfg.span_len, params.span_arrangement)
     kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
@@ -337,7 +342,7 @@ def plan_hybrid(cfg: ModelConfig, frames: int, prefix_frames: int, params: Decod
         raise InvalidOptionError(f"hybrid prefix attention must be one of {PREFIX_ATTENTIONS}, "
                                  f"found {prefix_attention!r}")
     layout = masking.mode(cfg.span_len, params.span_arrangement)
-    kept = _frames_with_prefix(cfg, frames, prefix_frames, params)
+    kept = frames_with_prefix(cfg, frames, prefix_frames, params)
     delays = cfg.delays
     if handoff == "staircase":
         steps, lens = prefix_frames, tuple(max(prefix_frames - d, 0) for d in delays)
@@ -353,82 +358,23 @@ def plan_hybrid(cfg: ModelConfig, frames: int, prefix_frames: int, params: Decod
                       handoff, prefix_attention)
 
 
-def stage_attention_mask(cfg: ModelConfig, plan: HybridPlan, stage: int, window: tp.Optional[int],
-                         device) -> torch.Tensor:
-    """[seq_len, seq_len] bool (True = may attend) of a masked step at `stage`, every row.
+def tail_forward(runtime, plan: HybridPlan, ar: ARResult):
+    """The masked steps' FrameForward of a hybrid tail (`decoding.FrameForward`): rows from
+    query_start over the AR cache. runtime: the masked runtime of the same LM."""
+    cfg, lm, dev = runtime.cfg, runtime.lm, runtime.device
+    positions = torch.arange(plan.query_start, plan.seq_len, device=dev)
+    attends = [tail_attention(plan, lm.window(k), runtime.impl) for k in range(cfg.n_q)]
+    # frame t of stage k is predicted by row t + d_k (rows before query_start are never read:
+    # those frames are fixed and never sampled or scored)
+    rows = [(torch.arange(plan.frames, device=dev) + d - plan.query_start).clamp(min=0) for d in cfg.delays]
+    batch = ar.seq.shape[0]
 
-    Tail rows: all keys at stage 0, |i − j + 1| <= W above. Prefix rows (i < F) with cached
-    prefix attention: causal (j <= i), as in the AR phase they come from."""
-    rows = torch.arange(plan.seq_len, device=device)
-    i, j = rows[:, None], rows[None, :]
-    mask = torch.ones(plan.seq_len, plan.seq_len, dtype=torch.bool, device=device)
-    if window is not None:
-        mask = (i - j + 1).abs() <= window
-    if plan.prefix_attention == "cached":
-        mask = torch.where(i < plan.prefix_frames, j <= i, mask)
-    return mask
-
-
-class HybridRuntime:
-    """Hybrid AR + masked decoding of a hybrid-MAGNeT checkpoint (spec A.3–A.5).
-
-    runtime: the masked-decoding `decoding.Runtime` of the same LM (its precision is used
-    for both phases)."""
-
-    def __init__(self, runtime, cuda_graphs: bool = False):
-        if not runtime.cfg.is_hybrid:
-            raise InvalidOptionError("hybrid decoding needs a hybrid-MAGNeT checkpoint (MAGNeT LM with "
-                                     "codebooks_pattern.modeling 'delay')")
-        self.runtime = runtime
-        self.ar = ARRuntime(runtime.lm, runtime.dtype, runtime.impl, cuda_graphs=cuda_graphs)
-        self.cfg = runtime.cfg
-
-    @torch.no_grad()
-    def generate(self, cond: torch.Tensor, frames: int, params: DecodingParams, ar_params: ARParams,
-                 prefix_frames: int, *, handoff: str = "staircase", prefix_attention: str = "cached",
-                 seeds: tp.Optional[tp.Sequence[int]] = None,
-                 callback: tp.Optional[tp.Callable[[int, int], None]] = None,
-                 on_prefix: tp.Optional[tp.Callable[[torch.Tensor], None]] = None,
-                 rescorer=None) -> torch.Tensor:
-        """cond [2B, S, D] -> codes [B, K, T'].
-
-        on_prefix(codes [B, K, F_audio]) is called once the AR phase is done with the frames
-        whose every codebook is fixed (the time-to-first-audio hook). callback(done, total)
-        counts AR steps and masked steps together."""
-        cfg = self.cfg
-        if rescorer is not None and rescorer.options.fill == "greedy":
-            raise InvalidOptionError("rescore_fill='greedy' is not supported with hybrid decoding (the delay "
-                                     "layout puts each head's frames on other rows); use 'special'")
-        plan = plan_hybrid(cfg, frames, prefix_frames, params, handoff, prefix_attention)
-        total = plan.ar_steps + sum(params.decoding_steps)
-        ar_cb = None if callback is None else (lambda done, _: callback(done, total))
-        ar = self.ar.generate(cond, plan.ar_steps, plan.seq_len, ar_params, seeds, callback=ar_cb)
-        prompt = revert_delayed(ar.seq, cfg.delays, plan.prefix_frames)          # [B, K, F]
-        for k, n in enumerate(plan.prompt_lens):   # cells past a codebook's prefix are not fixed
-            prompt[:, k, n:] = cfg.mask_id
-        if on_prefix is not None:
-            on_prefix(prompt[..., :plan.audio_frames].clone())
-        forward = self.tail_forward(plan, ar)
-        nar_cb = None if callback is None else (lambda done, _: callback(plan.ar_steps + done, total))
-        return self.runtime.generate(cond, frames, params, prompt=prompt, seeds=seeds, callback=nar_cb,
-                                     prompt_lens=plan.prompt_lens, forward=forward, rescorer=rescorer)
-
-    def tail_forward(self, plan: HybridPlan, ar: ARResult):
-        """The masked steps' FrameForward: rows from query_start over the AR cache."""
-        cfg, lm, dev = self.cfg, self.runtime.lm, self.runtime.device
-        positions = torch.arange(plan.query_start, plan.seq_len, device=dev)
-        attends = [tail_attention(plan, lm.window(k), self.runtime.impl) for k in range(cfg.n_q)]
-        # frame t of stage k is predicted by row t + d_k (rows before query_start are never read:
-        # those frames are fixed and never sampled or scored)
-        rows = [(torch.arange(plan.frames, device=dev) + d - plan.query_start).clamp(min=0) for d in cfg.delays]
-        batch = ar.seq.shape[0]
-
-        def forward(codes: torch.Tensor, stage: int, cond_only: bool) -> torch.Tensor:
-            seq = build_delayed(codes, cfg.delays, cfg.card)[..., plan.query_start:]
-            x = lm.forward_cached(seq, positions, ar.cross_kv, ar.cache, attends[stage], self.runtime.dtype,
-                                  rows=batch if cond_only else 2 * batch)
-            return x.index_select(1, rows[stage])
-        return forward
+    def forward(codes: torch.Tensor, stage: int, cond_only: bool) -> torch.Tensor:
+        seq = build_delayed(codes, cfg.delays, cfg.card)[..., plan.query_start:]
+        x = lm.forward_cached(seq, positions, ar.cross_kv, ar.cache, attends[stage], runtime.dtype,
+                              rows=batch if cond_only else 2 * batch)
+        return x.index_select(1, rows[stage])
+    return forward
 
 
 def tail_attention(plan: HybridPlan, window: tp.Optional[int], impl: tp.Optional[str] = None):
@@ -460,7 +406,7 @@ def tail_attention(plan: HybridPlan, window: tp.Optional[int], impl: tp.Optional
             return out
         shifted = torch.zeros_like(k)                    # query of row i at index i + 1
         shifted[:, :, first_tail + 1:] = q[:, :, n_prefix:-1]
-        banded = attn_kernels.attention(shifted, k, v, window, impl=impl if impl != "cpp" else None)
+        banded = attn_kernels.attention(shifted, k, v, window, impl=impl)
         out[:, :, n_prefix:-1] = banded[:, :, first_tail + 1:]
         last = max(n_seq - window, 0)
         out[:, :, -1:] = F.scaled_dot_product_attention(q[:, :, -1:], k[:, :, last:], v[:, :, last:])
@@ -468,38 +414,3 @@ def tail_attention(plan: HybridPlan, window: tp.Optional[int], impl: tp.Optional
     return attend
 
 
-def reference_tail_hidden(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, plan: HybridPlan,
-                          stage: int) -> torch.Tensor:
-    """The oracle of the cached tail: every row of the delay-layout canvas recomputed from
-    scratch under `stage_attention_mask` (prefix rows causal) -> LN_out output [2B, seq_len, D]."""
-    seq = build_delayed(codes, lm.cfg.delays, lm.cfg.card)
-    mask = stage_attention_mask(lm.cfg, plan, stage, lm.window(stage), codes.device)
-    return lm.hidden(torch.cat([seq, seq]), cond, 0, attend=masked_self_attention(mask))
-
-
-@torch.no_grad()
-def generate_two_model(runtime, cond: torch.Tensor, ar_runtime: ARRuntime, ar_cond: torch.Tensor, frames: int,
-                       params: DecodingParams, ar_params: ARParams, prefix_frames: int, *,
-                       seeds: tp.Optional[tp.Sequence[int]] = None,
-                       callback: tp.Optional[tp.Callable[[int, int], None]] = None,
-                       on_prefix: tp.Optional[tp.Callable[[torch.Tensor], None]] = None,
-                       rescorer=None) -> torch.Tensor:
-    """Two-model hybrid (spec A.6; not the paper's model): a MusicGen / AudioGen LM makes
-    the first F frames of every codebook (the staircase completed into a rectangle with
-    max(d) extra steps), then a plain MAGNeT continues them through its prompt path. Tokens
-    go straight across, no waveform round trip. cond / ar_cond: each model's own condition
-    rows [2B, S, D] for the same descriptions."""
-    cfg, ar_cfg = runtime.cfg, ar_runtime.cfg
-    if (ar_cfg.n_q, ar_cfg.card, ar_cfg.frame_rate) != (cfg.n_q, cfg.card, cfg.frame_rate):
-        raise InvalidOptionError(f"prefix model codes (n_q {ar_cfg.n_q}, card {ar_cfg.card}, {ar_cfg.frame_rate} Hz) "
-                                 f"do not match MAGNeT's (n_q {cfg.n_q}, card {cfg.card}, {cfg.frame_rate} Hz)")
-    _frames_with_prefix(cfg, frames, prefix_frames, params)
-    steps = prefix_frames + ar_cfg.max_delay
-    total = steps + sum(params.decoding_steps)
-    ar = ar_runtime.generate(ar_cond, steps, delayed_length(prefix_frames, ar_cfg.delays), ar_params, seeds,
-                             callback=None if callback is None else (lambda done, _: callback(done, total)))
-    prompt = revert_delayed(ar.seq, ar_cfg.delays, prefix_frames)
-    if on_prefix is not None:
-        on_prefix(prompt.clone())
-    return runtime.generate(cond, frames, params, prompt=prompt, seeds=seeds, rescorer=rescorer,
-                            callback=None if callback is None else (lambda done, _: callback(steps + done, total)))

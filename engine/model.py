@@ -117,6 +117,7 @@ class Attention(nn.Module):
 
     def self_attend(self, x: torch.Tensor, window: tp.Optional[int], attend: SelfAttention) -> torch.Tensor:
         b, t, dim = x.shape
+        x = x.to(self.in_proj_weight.dtype)   # mixed precision: an fp32 residual meets low-precision matmuls
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d]
         return self._merge(attend(q, k, v, window))
@@ -128,6 +129,7 @@ class Attention(nn.Module):
         `attend` is a [t, T_max] bool mask (True = may attend) or a callable (q, k, v) -> out.
         No host value is read: graph-capturable."""
         b, t, _ = x.shape
+        x = x.to(self.in_proj_weight.dtype)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
@@ -140,6 +142,7 @@ class Attention(nn.Module):
         """Cross-attention keys/values of the condition: [B, S, D] -> 2 x [B, H, S, d]."""
         dim = self.in_proj_weight.shape[1]
         bias = self.in_proj_bias
+        memory = memory.to(self.in_proj_weight.dtype)
         k = F.linear(memory, self.in_proj_weight[dim:2 * dim], None if bias is None else bias[dim:2 * dim])
         v = F.linear(memory, self.in_proj_weight[2 * dim:], None if bias is None else bias[2 * dim:])
         return self._heads(k), self._heads(v)
@@ -147,7 +150,7 @@ class Attention(nn.Module):
     def cross_attend(self, x: torch.Tensor, kv: tp.Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         dim = self.in_proj_weight.shape[1]
         bias = self.in_proj_bias
-        q = F.linear(x, self.in_proj_weight[:dim], None if bias is None else bias[:dim])
+        q = F.linear(x.to(self.in_proj_weight.dtype), self.in_proj_weight[:dim], None if bias is None else bias[:dim])
         # No key padding mask: padded text positions hold zero vectors and still take
         # softmax mass, as in the reference (spec §3).
         return self._merge(F.scaled_dot_product_attention(self._heads(q), *kv))
@@ -168,7 +171,10 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor, window: tp.Optional[int], cross_kv, attend: SelfAttention) -> torch.Tensor:
         x = x + self.self_attn.self_attend(self.norm1(x), window, attend)
         x = x + self.cross_attention.cross_attend(self.norm_cross(x), cross_kv)
-        return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
+        return x + self.ffn(self.norm2(x))
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.gelu(self.linear1(x.to(self.linear1.weight.dtype))))
 
     def cross_and_ffn(self, x: torch.Tensor, cross_kv) -> torch.Tensor:
         """Cross-attention then FFN. When `cross_kv` holds fewer rows than x, the remaining
@@ -180,7 +186,7 @@ class Layer(nn.Module):
             x = torch.cat([xc, x[b:]])
         else:
             x = x + self.cross_attention.cross_attend(self.norm_cross(x), cross_kv)
-        return x + self.linear2(F.gelu(self.linear1(self.norm2(x))))
+        return x + self.ffn(self.norm2(x))
 
 
 class Transformer(nn.Module):
@@ -285,13 +291,27 @@ class MagnetLM(nn.Module):
         return self.linears[stage](self.hidden(codes, cond, stage, attend))
 
 
-def cast_transformer_(lm: MagnetLM, dtype: torch.dtype) -> MagnetLM:
-    """Cast the transformer layers to `dtype` in place: one copy of the weights, in the run
-    precision. `Module.to` converts parameter by parameter, so each full-precision tensor is
-    freed as its copy is made. Embeddings, the output norm and the heads stay fp32, as under
-    the reference's autocast on CUDA (spec §2). A no-op when the layers already are `dtype`
-    (`checkpoint.build_lm` loads them so). Returns `lm`."""
-    lm.transformer.to(dtype)
+_NORMS = ("norm1", "norm_cross", "norm2")
+
+
+def run_dtype(key: str, matmul: torch.dtype, residual: torch.dtype) -> torch.dtype:
+    """The dtype a MagnetLM parameter (by state-dict key) runs in: the transformer's matmul
+    weights in `matmul`, its norms in `residual` (fp32 in the mixed modes), the rest —
+    embeddings, output norm, heads — fp32, as under the reference's autocast (spec §2)."""
+    if not key.startswith("transformer."):
+        return torch.float32
+    return residual if key.split(".")[3] in _NORMS else matmul
+
+
+def cast_transformer_(lm: MagnetLM, matmul: torch.dtype, residual: tp.Optional[torch.dtype] = None) -> MagnetLM:
+    """Cast the transformer to its run dtypes (`run_dtype`; residual defaults to matmul) in
+    place: one copy of the weights, in the run precision. `Module.to` converts parameter by
+    parameter, so each full-precision tensor is freed as its copy is made. A no-op when the
+    layers already are so (`checkpoint.build_lm` loads them so). Returns `lm`."""
+    residual = matmul if residual is None else residual
+    for layer in lm.transformer.layers:
+        for name, part in layer.named_children():
+            part.to(residual if name in _NORMS else matmul)
     return lm
 
 

@@ -18,8 +18,9 @@ import typing as tp
 
 import torch
 
-from magnet_engine.engine.config import DecodingParams
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.hybrid import ARParams, HybridPlan, build_delayed, sample_heads
+from magnet_engine.engine.model import MagnetLM, causal_self_attention, masked_self_attention
 from magnet_engine.errors import InvalidOptionError
 
 DONT_REMASK = -1e4
@@ -218,3 +219,60 @@ def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage
         else:
             scores = (-torch.log(p_hat)).masked_fill(~masked, DONT_REMASK)
     return codes
+
+
+# ----------------------------------------------------------------- hybrid oracles
+@torch.no_grad()
+def reference_ar_generate(lm: MagnetLM, cond: torch.Tensor, steps: int, seq_len: int, params: ARParams,
+                          seeds: tp.Optional[tp.Sequence[int]] = None, impl: tp.Optional[str] = "torch",
+                          logits_out: tp.Optional[tp.List[torch.Tensor]] = None) -> torch.Tensor:
+    """The oracle of `ARRuntime`: every step recomputes the whole prefix with full causal
+    attention (no cache), fp32, same sampling keys. Returns the sequence [B, K, seq_len]."""
+    cfg = lm.cfg
+    batch = cond.shape[0] // 2
+    dev = cond.device
+    seeds = [0] * batch if seeds is None else list(seeds)
+    seq = torch.full((batch, cfg.n_q, seq_len), cfg.card, dtype=torch.long, device=dev)
+    coef = torch.tensor(float(params.cfg_coef), device=dev)
+    temp = torch.tensor(max(float(params.temperature), 1e-2), device=dev)
+    seed_rows = torch.tensor(seeds, dtype=torch.long, device=dev).repeat_interleave(cfg.n_q)
+    frames = seq_len - cfg.max_delay - 1
+    for p in range(steps):
+        prefix = seq[:, :, :p + 1]
+        hidden = lm.hidden(torch.cat([prefix, prefix]), cond, 0, attend=causal_self_attention)
+        logits = lm.head_logits(hidden[:, -1:])[:, :, 0]
+        if logits_out is not None:
+            logits_out.append(logits.clone())
+        row_ids = p * cfg.n_q + torch.arange(cfg.n_q, device=dev).repeat(batch)
+        tokens, _ = sample_heads(logits, batch, params, coef, temp, seed_rows, row_ids, impl)
+        for k, d in enumerate(cfg.delays):
+            if 0 <= p - d < frames:
+                seq[:, k, p + 1] = tokens[:, k]
+    return seq
+
+
+
+def stage_attention_mask(cfg: ModelConfig, plan: HybridPlan, stage: int, window: tp.Optional[int],
+                         device) -> torch.Tensor:
+    """[seq_len, seq_len] bool (True = may attend) of a masked step at `stage`, every row.
+
+    Tail rows: all keys at stage 0, |i − j + 1| <= W above. Prefix rows (i < F) with cached
+    prefix attention: causal (j <= i), as in the AR phase they come from."""
+    rows = torch.arange(plan.seq_len, device=device)
+    i, j = rows[:, None], rows[None, :]
+    mask = torch.ones(plan.seq_len, plan.seq_len, dtype=torch.bool, device=device)
+    if window is not None:
+        mask = (i - j + 1).abs() <= window
+    if plan.prefix_attention == "cached":
+        mask = torch.where(i < plan.prefix_frames, j <= i, mask)
+    return mask
+
+
+
+def reference_tail_hidden(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, plan: HybridPlan,
+                          stage: int) -> torch.Tensor:
+    """The oracle of the cached tail: every row of the delay-layout canvas recomputed from
+    scratch under `stage_attention_mask` (prefix rows causal) -> LN_out output [2B, seq_len, D]."""
+    seq = build_delayed(codes, lm.cfg.delays, lm.cfg.card)
+    mask = stage_attention_mask(lm.cfg, plan, stage, lm.window(stage), codes.device)
+    return lm.hidden(torch.cat([seq, seq]), cond, 0, attend=masked_self_attention(mask))

@@ -32,7 +32,7 @@ import torch
 
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.conditioning import TextConditioner
-from magnet_engine.engine.decoding import PRECISIONS
+from magnet_engine.engine.decoding import PRECISIONS, StepContext, check_precision
 from magnet_engine.engine.hybrid import ARRuntime, build_delayed
 from magnet_engine.engine.model import MagnetLM, cast_transformer_
 from magnet_engine.errors import CheckpointError, InvalidOptionError
@@ -49,11 +49,10 @@ class ExternalLM:
         if not lm.cfg.is_autoregressive:
             raise CheckpointError(f"{name}: not an autoregressive (MusicGen / AudioGen) checkpoint: "
                                   f"lm_model={lm.cfg.lm_model!r}")
-        if precision not in PRECISIONS:
-            raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
+        check_precision(precision)
         self.name, self.cfg, self.conditioner = name, lm.cfg, conditioner
-        self.lm = cast_transformer_(lm, PRECISIONS[precision])   # in place: one copy of the weights
-        self.runtime = ARRuntime(lm, PRECISIONS[precision])
+        self.lm = cast_transformer_(lm, *PRECISIONS[precision])   # in place: one copy of the weights
+        self.runtime = ARRuntime(self.lm, PRECISIONS[precision][1])
 
     @classmethod
     def from_pretrained(cls, name_or_dir: tp.Union[str, os.PathLike], *, frame_rate: int,
@@ -68,7 +67,7 @@ class ExternalLM:
         same source, and when the sources agree the encoder and tokenizer are reused."""
         directory = ckpt.resolve_model_dir(name_or_dir)
         loaded = ckpt.load_lm_checkpoint(directory / ckpt.LM_FILE, frame_rate=frame_rate)
-        lm = ckpt.build_lm(loaded, device, PRECISIONS.get(precision, torch.float32))
+        lm = ckpt.build_lm(loaded, device, *PRECISIONS[check_precision(precision)])
         if t5 is None:
             if (directory / "t5" / "config.json").is_file():
                 t5 = str(directory / "t5")
@@ -134,6 +133,18 @@ class BoundRescorer:
         re-masked after it)."""
         return self.options.weight != 1.0 and step < n_steps - 1
 
+    def confidence(self, ctx: StepContext) -> torch.Tensor:
+        """The step's confidence hook (`decoding.ConfidenceHook`): w · p_magnet + (1 − w) · p_ext."""
+        prob = ctx.prob
+        if self.options.temperature == "raw":   # p_magnet at temperature 1
+            prob = prob.scatter(1, ctx.positions,
+                                self.raw_probability(ctx.cond_logits, ctx.uncond_logits, ctx.cfg_coef, ctx.tokens))
+        view = ctx.codes
+        if self.options.fill == "greedy" and ctx.stage + 1 < self.model.cfg.n_q:
+            view = ctx.codes.clone()
+            view[:, ctx.stage + 1:] = _greedy_guesses(ctx)
+        return self.mix(prob, self.probabilities(view, ctx.stage, ctx.temperature))
+
     def mix(self, p_magnet: torch.Tensor, p_ext: torch.Tensor) -> torch.Tensor:
         w = self.options.weight
         return w * p_magnet + (1.0 - w) * p_ext
@@ -167,3 +178,14 @@ class BoundRescorer:
         logits; cond [B, M, C], uncond flattened [B·M, C] or None (coefficient 1)."""
         logits = cond if uncond is None else uncond.view_as(cond) + (cond - uncond.view_as(cond)) * coef
         return torch.gather(torch.log_softmax(logits.float(), dim=-1), -1, tokens[..., None])[..., 0].exp()
+
+
+def _greedy_guesses(ctx: StepContext) -> torch.Tensor:
+    """Argmax of the CFG-mixed logits of every head above the step's stage, all frames:
+    [B, K-s-1, T'] ('greedy' fill of the codebooks that do not exist yet)."""
+    lm, batch = ctx.lm, ctx.codes.shape[0]
+    logits = lm.head_logits(lm.out_norm(ctx.hidden.float()), range(ctx.stage + 1, lm.cfg.n_q))
+    if ctx.uncond_logits is not None:
+        cond, uncond = logits[:batch], logits[batch:]
+        logits = uncond + (cond - uncond) * ctx.cfg_coef
+    return logits[:batch].argmax(dim=-1)

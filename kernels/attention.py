@@ -10,8 +10,8 @@ Contract
 
 q, k, v: [B, H, T, d], one T for queries and keys (self-attention), fp32, fp16 or bf16, all
 of one dtype and device, any strides (the model passes permuted views of its packed qkv
-projection; only a non-contiguous last dimension costs a copy). out: [B, H, T, d] in q's dtype; its strides
-are unspecified (the fast paths write a [B, T, H, d] buffer, so merging heads is a view).
+projection; only a non-contiguous last dimension costs a copy). out: [B, H, T, d] in q's dtype; the banded
+kernels write a transposed [B, T, H, d] buffer (merging heads is a view), SDPA / flash-attn their own.
 scale: the softmax scale, d ** -0.5 when None (SDPA's default).
 
 banded_attention: query i attends keys j with |i - j| <= window (inclusive: 2W+1 keys, fewer
@@ -41,6 +41,12 @@ window = T - 1; there is no "cpp" full attention (SDPA's CPU flash kernel is the
 
 attention: window None or < 0 is full_attention, otherwise banded_attention.
 
+`impl` is an Impls from kernels/backend.py `resolve` (the engine's, resolved once) or a
+name / None resolved per call. Torch ops: `magnet_engine::banded_attention(q, k, v, window,
+scale, impl)` (impl 'cpp' or 'torch') and `magnet_engine::banded_attention_triton(q, k, v,
+window, scale)` (a triton_op); both return the [B, T, H, d]-backed layout above, which is
+what their fake implementation promises.
+
 Measured on a 2-core CPU (benchmarks/kernels_attention.py; 2B = 2 or 8 rows, H = 16 or 24,
 d = 64, T = 500 or 1500, W = 5, fp32): the C++ path is 4.7-11.9x faster than SDPA with a dense
 band mask and 1.2-4.5x faster than the blocked torch path (itself 1.2-9.7x faster than the
@@ -48,10 +54,11 @@ dense mask), so it is the CPU default when the extension is built.
 """
 from __future__ import annotations
 
-import functools
+import typing as tp
 
 import torch
 import torch.nn.functional as F
+from torch.library import wrap_triton
 
 from magnet_engine.kernels import backend
 
@@ -125,23 +132,46 @@ if triton is not None:
         tl.store(o, acc.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < T) & d_in[None, :])
 
 
-def _banded_triton(q, k, v, window, scale):
+def _banded_blocks(dtype: torch.dtype, interpreted: bool) -> tp.Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) per operand dtype. tl.dot needs >= 16 per side.
+
+    fp32 operands take the FMA path (input_precision='ieee'), whose operand layouts cost far
+    more registers than the tensor cores' path: at 64 x 32 with 4 warps ptxas used 255
+    registers and spilled (336 B on sm_80, 24 B on sm_90). 8 warps halve each thread's share
+    of the tiles: 88-124 registers, no spills, with the tiling (and the K/V re-reads,
+    (BLOCK_M + 2W) / BLOCK_M) of fp16/bf16. Counted by `python -m magnet_engine.kernels.aot`
+    (tests/test_triton_aot.py fails on any spill); the speed is not measured (no GPU here).
+    """
+    if interpreted:
+        return 16, 16, 4
+    if dtype == torch.float32:
+        return 64, 32, 8
+    return 64, 32, 4
+
+
+def _banded_launch(q, k, v, out, window, scale, interpreted):
+    """(grid, args, constexprs) of the _banded_attention_kernel launch (the op and kernels/aot.py)."""
+    batch, heads, frames, head_dim = q.shape
+    block_m, block_n, num_warps = _banded_blocks(q.dtype, interpreted)
+    args = (q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            heads, frames, head_dim, window, scale * LOG2E)
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                UPCAST=interpreted or q.dtype == torch.float32, num_warps=num_warps)
+    return (triton.cdiv(frames, block_m), batch * heads), args, meta
+
+
+def _banded_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float) -> torch.Tensor:
     batch, heads, frames, head_dim = q.shape
     interpreted = q.device.type != "cuda"
     # The interpreter casts fp32 -> bf16 by truncation, not rounding: it stores fp32 and torch rounds.
     out_dtype = torch.float32 if interpreted else q.dtype
-    out = torch.empty(batch, frames, heads, head_dim, dtype=out_dtype, device=q.device).transpose(1, 2)
-    # Untuned on a GPU (none was lent while writing this): the band is thin, so the kernel is
-    # bound by reading Q, K, V once; K/V blocks are re-read (BLOCK_M + 2W) / BLOCK_M times.
-    block_m, block_n = (16, 16) if interpreted else (64, 32)  # tl.dot needs >= 16 per side
-    grid = (triton.cdiv(frames, block_m), batch * heads)
-    _banded_attention_kernel[grid](
-        q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        heads, frames, head_dim, window, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        UPCAST=interpreted or q.dtype == torch.float32,
-    )
-    return out.to(q.dtype)
+    out = _out_buffer(q, out_dtype)
+    grid, args, meta = _banded_launch(q, k, v, out, window, scale, interpreted)
+    launch = wrap_triton(_banded_attention_kernel) if torch.compiler.is_compiling() else _banded_attention_kernel
+    launch[grid](*args, **meta)
+    if interpreted and q.dtype != torch.float32:
+        return _out_buffer(q, q.dtype).copy_(out)
+    return out
 
 
 # ----------------------------------------------------------------------------- C++
@@ -149,9 +179,9 @@ def _banded_cpp(q, k, v, window, scale):
     batch, heads, frames, head_dim = q.shape
     # no copy for fp32; the kernel computes in fp32 (and has no autograd: inference only)
     q32, k32, v32 = (x.detach().float() for x in (q, k, v))
-    out = torch.empty(batch, frames, heads, head_dim).transpose(1, 2)
+    out = _out_buffer(q, torch.float32)
     backend.cpp_module().banded_attention(q32.numpy(), k32.numpy(), v32.numpy(), out.numpy(), window, scale)
-    return out.to(q.dtype)
+    return out if q.dtype == torch.float32 else _out_buffer(q, q.dtype).copy_(out)
 
 
 # ----------------------------------------------------------------------------- torch
@@ -188,8 +218,39 @@ def reference_banded_attention(q, k, v, window: int, *, scale: float | None = No
     return F.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scale)
 
 
-# ----------------------------------------------------------------------------- dispatch
-_BANDED = {"triton": _banded_triton, "cpp": _banded_cpp, "torch": _banded_torch}
+# ----------------------------------------------------------------------------- ops
+def _out_buffer(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, T, d] over a [B, T, H, d] buffer: every implementation's output layout (merging
+    heads is then a view), and what the ops' fake implementation promises."""
+    batch, heads, frames, head_dim = q.shape
+    return torch.empty(batch, frames, heads, head_dim, dtype=dtype, device=q.device).transpose(1, 2)
+
+
+_HOST_IMPLS = {"cpp": _banded_cpp, "torch": _banded_torch}
+
+
+def _banded_host(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float, impl: str
+                 ) -> torch.Tensor:
+    """The C++ (impl='cpp', CPU) and torch (impl='torch') implementations."""
+    out = _HOST_IMPLS[impl](q, k, v, window, scale)
+    if out.stride() != _out_buffer(q[:0], q.dtype).stride():
+        out = _out_buffer(q, q.dtype).copy_(out)
+    return out
+
+
+_banded_op = torch.library.custom_op("magnet_engine::banded_attention", _banded_host, mutates_args=())
+
+
+def _banded_fake(q, k, v, window, scale, impl=None):
+    return _out_buffer(q, q.dtype)
+
+
+_banded_op.register_fake(_banded_fake)
+
+if triton is not None:
+    _banded_triton_op = backend.register_triton_op(
+        "magnet_engine::banded_attention_triton", _banded_attention_kernel, _banded_triton, mutates_args=(),
+        fake=_banded_fake)
 
 
 def _check(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -205,19 +266,9 @@ def _contiguous_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
-def _flash_attn_func():
-    """flash_attn.flash_attn_func, or None when the optional [gpu] extra is not installed."""
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
-
-
 def banded_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, *,
-    scale: float | None = None, impl: str | None = None,
+    scale: float | None = None, impl: backend.Impls | str | None = None,
 ) -> torch.Tensor:
     """Attention of query i to keys |i - j| <= window; see the module docstring.
 
@@ -230,38 +281,45 @@ def banded_attention(
     frames = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     window = min(window, max(frames - 1, 0))  # the same band; keeps kernel indices in int32
-    if impl is None and window >= frames - 1:
-        return full_attention(q, k, v, scale=scale)
-    chosen = backend.choose("banded_attention", q.device, impl)
+    impls = backend.pick(impl, q.device)
+    if impls.requested is None and window >= frames - 1:
+        return full_attention(q, k, v, scale=scale, impl=impls)
     if q.numel() == 0:
         return torch.empty_like(q)
     q, k, v = (_contiguous_last(x) for x in (q, k, v))
-    return _BANDED[chosen](q, k, v, window, scale)
+    if impls.banded_attention == "triton":
+        return backend.call(_banded_triton_op, _banded_triton, q, k, v, window, scale)
+    return backend.call(_banded_op, _banded_host, q, k, v, window, scale, impls.banded_attention)
 
 
 def full_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, impl: str | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+    impl: backend.Impls | str | None = None,
 ) -> torch.Tensor:
     """Unmasked bidirectional attention (stage 0); see the module docstring.
 
     q, k, v: [B, H, T, d] fp32/fp16/bf16 -> out [B, H, T, d] in q's dtype.
     """
     _check("full_attention", q, k, v)
-    if impl is not None:
-        backend.choose("full_attention", q.device, impl, available=("triton", "torch"))
-    if impl == "triton":
-        return banded_attention(q, k, v, max(q.shape[2] - 1, 0), scale=scale, impl="triton")
-    flash = _flash_attn_func() if impl is None else None
+    if impl == "cpp":
+        raise ValueError("full_attention: no cpp implementation (available: triton, torch; "
+                         "SDPA's CPU flash kernel is the fast one)")
+    impls = backend.pick(impl, q.device)
+    if impls.full_attention == "triton":
+        return banded_attention(q, k, v, max(q.shape[2] - 1, 0), scale=scale, impl=impls)
     head_dim = q.shape[-1]
-    if (flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if (impls.full_attention == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and head_dim % 8 == 0 and head_dim <= 256):
-        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)  # [B, T, H, d]
-        return out.transpose(1, 2)
+        from flash_attn import flash_attn_func  # resolve() found it importable
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+        return out.transpose(1, 2)  # [B, T, H, d] -> [B, H, T, d]
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, impl: str | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+    impl: backend.Impls | str | None = None,
 ) -> torch.Tensor:
     """The model's self-attention: full when window is None or < 0 (stage 0, or W = -1),
     else banded. q, k, v: [B, H, T, d] -> out [B, H, T, d] in q's dtype."""

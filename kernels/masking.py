@@ -8,6 +8,13 @@ Contract
     span_scores(prob, masked, *, span_len, arrangement, scoring) -> scores
     initial_span_scores(batch, frames, *, span_len, arrangement, prompt_len, device) -> scores
 
+Torch ops (what the functions call; `impl` as in kernels/sampling.py): layout codes CHUNK,
+STRIDE1, TOKEN;
+    magnet_engine::remask(codes!, scores, num_masked, layout, span_len, prompt_len, mask_id, impl)
+    magnet_engine::remask_triton(codes!, scores, num_masked, layout, span_len, prompt_len, mask_id)
+    magnet_engine::span_scores(prob, masked, layout, span_len, scoring)
+(codes! is written in place; each returns a new tensor).
+
 Layouts. `mode(span_len, arrangement)` picks one of three (the reference's rule):
 - "chunk"   ('nonoverlap', L > 1): span j is frames [j*L, j*L + L); n = T // L spans (the
             caller trims the canvas to n*L frames; frames past n*L are never touched).
@@ -51,6 +58,7 @@ scores match it bit for bit):
 from __future__ import annotations
 
 import torch
+from torch.library import wrap_triton
 
 from magnet_engine.kernels import backend
 
@@ -62,7 +70,8 @@ except ImportError:  # CPU-only install: the torch and C++ paths do not need it
 
 DONT_REMASK = -1e4
 ARRANGEMENTS = ("nonoverlap", "stride1", "token")
-_MODE_CODE = {"chunk": 0, "stride1": 1, "token": 2}  # as csrc/masking.cpp
+CHUNK, STRIDE1, TOKEN = 0, 1, 2  # the layouts' codes, as csrc/masking.cpp
+_MODE_CODE = {"chunk": CHUNK, "stride1": STRIDE1, "token": TOKEN}
 
 
 def mode(span_len: int, arrangement: str) -> str:
@@ -84,7 +93,9 @@ def num_spans(frames: int, span_len: int, arrangement: str) -> int:
 # ----------------------------------------------------------------------------- Triton
 if triton is not None:
 
-    @triton.jit
+    # num_masked is a 0-d view `num_masked[i]` (alignment changes with i); prompt_len and
+    # mask_id are values (1 would specialise): no variant may appear mid-loop.
+    @triton.jit(do_not_specialize=("prompt_len", "mask_id"), do_not_specialize_on_alignment=("num_masked_ptr",))
     def _remask_kernel(
         codes_ptr, scores_ptr, num_masked_ptr, masked_ptr,
         n, codes_row_stride, prompt_len, mask_id,
@@ -121,17 +132,24 @@ if triton is not None:
             tl.store(masked_ptr + b * n + js, (y == mask_id).to(tl.int1), mask=j_in)
 
 
-def _remask_triton(codes, scores, num_masked, layout, span_len, prompt_len, mask_id):
+def _remask_launch(codes, scores, num_masked, masked, layout, span_len, prompt_len, mask_id):
+    """(grid, args, constexprs) of the _remask_kernel launch (the op and kernels/aot.py)."""
+    batch, n = scores.shape
+    block_j = min(64, triton.next_power_of_2(n))
+    args = (codes, scores, num_masked, masked, n, codes.stride(0), prompt_len, mask_id)
+    meta = dict(SPAN_LEN=span_len if layout == CHUNK else 1, CHUNK=layout == CHUNK,
+                BLOCK_J=block_j, BLOCK_I=min(64, triton.next_power_of_2(n)))
+    return (batch, triton.cdiv(n, block_j)), args, meta
+
+
+def _remask_triton(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.Tensor, layout: int,
+                   span_len: int, prompt_len: int, mask_id: int) -> torch.Tensor:
     batch, n = scores.shape
     masked = torch.empty(batch, n, dtype=torch.bool, device=codes.device)
-    if batch == 0 or n == 0:
-        return masked
-    block_j = min(64, triton.next_power_of_2(n))
-    _remask_kernel[(batch, triton.cdiv(n, block_j))](
-        codes, scores, num_masked, masked, n, codes.stride(0), prompt_len, mask_id,
-        SPAN_LEN=span_len if layout == "chunk" else 1, CHUNK=layout == "chunk",
-        BLOCK_J=block_j, BLOCK_I=min(64, triton.next_power_of_2(n)),
-    )
+    if batch > 0 and n > 0:
+        grid, args, meta = _remask_launch(codes, scores, num_masked, masked, layout, span_len, prompt_len, mask_id)
+        launch = wrap_triton(_remask_kernel) if torch.compiler.is_compiling() else _remask_kernel
+        launch[grid](*args, **meta)
     return masked
 
 
@@ -139,7 +157,7 @@ def _remask_triton(codes, scores, num_masked, layout, span_len, prompt_len, mask
 def _remask_cpp(codes, scores, num_masked, layout, span_len, prompt_len, mask_id):
     masked = torch.empty(scores.shape, dtype=torch.bool)
     backend.cpp_module().remask(
-        codes.numpy(), scores.numpy(), int(num_masked), _MODE_CODE[layout], span_len, prompt_len, mask_id,
+        codes.numpy(), scores.numpy(), int(num_masked), layout, span_len, prompt_len, mask_id,
         masked.numpy(),
     )
     return masked
@@ -205,21 +223,65 @@ def _lps_frames(scores: torch.Tensor, num_masked: torch.Tensor, span_len: int) -
 
 def _remask_torch(codes, scores, num_masked, layout, span_len, prompt_len, mask_id):
     """The plain twin, in torch ops, sync-free on CUDA."""
-    if layout == "stride1":
+    if layout == STRIDE1:
         frame_mask = _lps_frames(scores, num_masked, span_len)
     else:
         chosen = _topk_spans(scores, num_masked)
-        frame_mask = chosen.repeat_interleave(span_len, dim=-1) if layout == "chunk" else chosen
+        frame_mask = chosen.repeat_interleave(span_len, dim=-1) if layout == CHUNK else chosen
     width = frame_mask.shape[1]  # n * L in chunk mode (the trimmed canvas), else T
     not_prompt = torch.arange(width, device=codes.device) >= prompt_len
     codes[:, :width].masked_fill_(frame_mask & not_prompt, mask_id)
-    if layout == "chunk":
+    if layout == CHUNK:
         return chosen
     return codes == mask_id
 
 
-# ----------------------------------------------------------------------------- dispatch
-_IMPLS = {"triton": _remask_triton, "cpp": _remask_cpp, "torch": _remask_torch}
+# ----------------------------------------------------------------------------- ops
+_HOST_IMPLS = {"cpp": _remask_cpp, "torch": _remask_torch}
+
+
+def _remask_host(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.Tensor, layout: int, span_len: int,
+                 prompt_len: int, mask_id: int, impl: str) -> torch.Tensor:
+    """The C++ (impl='cpp', CPU) and torch (impl='torch') implementations; layout: CHUNK,
+    STRIDE1 or TOKEN (csrc/masking.cpp's codes)."""
+    return _HOST_IMPLS[impl](codes, scores, num_masked, layout, span_len, prompt_len, mask_id)
+
+
+_remask_op = torch.library.custom_op("magnet_engine::remask", _remask_host, mutates_args=("codes",))
+
+
+def _remask_fake(codes, scores, num_masked, layout, span_len, prompt_len, mask_id, impl=None):
+    return torch.empty_like(scores, dtype=torch.bool, memory_format=torch.contiguous_format)
+
+
+_remask_op.register_fake(_remask_fake)
+
+if triton is not None:
+    _remask_triton_op = backend.register_triton_op(
+        "magnet_engine::remask_triton", _remask_kernel, _remask_triton, mutates_args=("codes",), fake=_remask_fake)
+
+
+def _span_scores(prob: torch.Tensor, masked: torch.Tensor, layout: int, span_len: int, scoring: str) -> torch.Tensor:
+    batch, frames = prob.shape
+    if layout == CHUNK:
+        n = frames // span_len
+        chunks = prob[:, : n * span_len].reshape(batch, n, span_len)
+        if scoring == "max":
+            scores = 1 - torch.max(chunks, dim=-1)[0]
+        else:
+            scores = torch.sum(-torch.log(chunks), dim=-1)
+    else:
+        scores = -torch.log(prob)
+    return scores.masked_fill(~masked, DONT_REMASK)
+
+
+# An op (opaque) so that compiled scores are eager scores bit for bit: they decide the spans.
+_span_scores_op = torch.library.custom_op("magnet_engine::span_scores", _span_scores, mutates_args=())
+
+
+@_span_scores_op.register_fake
+def _span_scores_fake(prob, masked, layout, span_len, scoring):
+    return torch.empty_like(masked, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
 def remask(
@@ -231,7 +293,7 @@ def remask(
     arrangement: str,
     prompt_len: int,
     mask_id: int,
-    impl: str | None = None,
+    impl: backend.Impls | str | None = None,
 ) -> torch.Tensor:
     """Mask the num_masked highest-scoring spans of one stage in place; see the module docstring.
 
@@ -250,11 +312,15 @@ def remask(
     if num_masked.dim() != 0 or num_masked.dtype != torch.int64:
         raise ValueError(f"remask: num_masked must be a 0-d int64 tensor, found {num_masked.dtype} "
                          f"of shape {tuple(num_masked.shape)}")
-    available = ("cpp", "torch") if layout == "stride1" else backend.IMPLS
-    if impl == "triton" and layout == "stride1":
-        impl = "torch"  # no Triton LPS kernel: the torch path is sync-free on CUDA too
-    chosen = backend.choose("remask", stage_codes.device, impl, available)
-    return _IMPLS[chosen](stage_codes, span_scores.contiguous(), num_masked, layout, span_len, prompt_len, mask_id)
+    impls = backend.pick(impl, stage_codes.device)
+    chosen = impls.remask_stride1 if layout == "stride1" else impls.remask
+    scores = span_scores.contiguous()
+    code = _MODE_CODE[layout]
+    if chosen == "triton":
+        return backend.call(_remask_triton_op, _remask_triton, stage_codes, scores, num_masked, code, span_len,
+                            prompt_len, mask_id)
+    return backend.call(_remask_op, _remask_host, stage_codes, scores, num_masked, code, span_len, prompt_len,
+                        mask_id, chosen)
 
 
 def span_scores(
@@ -270,17 +336,10 @@ def span_scores(
     layout = mode(span_len, arrangement)
     if scoring not in ("max", "prod"):
         raise ValueError(f"span_scores: scoring must be 'max' or 'prod', found {scoring!r}")
-    batch, frames = prob.shape
-    if layout == "chunk":
-        n = frames // span_len
-        chunks = prob[:, : n * span_len].reshape(batch, n, span_len)
-        if scoring == "max":
-            scores = 1 - torch.max(chunks, dim=-1)[0]
-        else:
-            scores = torch.sum(-torch.log(chunks), dim=-1)
-    else:
-        scores = -torch.log(prob)
-    return scores.masked_fill(~masked, DONT_REMASK)
+    if prob.dim() != 2 or masked.shape != (prob.shape[0], num_spans(prob.shape[1], span_len, arrangement)):
+        raise ValueError(f"span_scores: prob must be [B, T] and masked [B, n] for {layout} mode, found "
+                         f"{tuple(prob.shape)} and {tuple(masked.shape)}")
+    return backend.call(_span_scores_op, _span_scores, prob, masked, _MODE_CODE[layout], span_len, scoring)
 
 
 def initial_span_scores(

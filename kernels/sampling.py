@@ -19,6 +19,12 @@ Contract
   its own (seed_i, offset, row_ids[i]), never on which other rows, or seeds, share the
   call. A [N] seed whose entries all equal s draws exactly as the 0-d seed s.
 - Returns `tokens` [N] int64 and `prob` [N] fp32.
+- `impl`: an Impls from `backend.resolve` (what the engine passes: nothing is looked up in
+  a traced step), or "triton" / "cpp" / "torch" / None, resolved per call.
+- Torch ops: `magnet_engine::sample_tokens(cond, uncond, cfg_coef, temperature, seed,
+  offset, row_ids, mode, top_k, top_p, impl)` (impl 'cpp' or 'torch') and
+  `magnet_engine::sample_tokens_triton(...)` (the same without impl; a triton_op), both
+  returning (tokens, prob); `mode` is sampling_mode(...).
 
 Semantics (fp32, in this order, as the reference):
     l  = u + (c - u) * g             # and l = u where c == u, so -inf in both halves stays -inf
@@ -50,7 +56,10 @@ Semantics (fp32, in this order, as the reference):
 """
 from __future__ import annotations
 
+import typing as tp
+
 import torch
+from torch.library import wrap_triton
 
 from magnet_engine.kernels import backend, rng
 
@@ -91,7 +100,11 @@ if triton is not None:
             logits = tl.where(logits == u, u, u + (logits - u) * g)
         return logits
 
-    @triton.jit
+    # The scalar operands are 0-d views such as `coefs[i]` whose 16-byte alignment changes
+    # with i, and top_k / seed_stride may be 1: specialising on either would compile a new
+    # variant mid-loop (fatal inside a CUDA-graph capture). One load each: nothing to gain.
+    @triton.jit(do_not_specialize=("top_k", "seed_stride"),
+                do_not_specialize_on_alignment=("cfg_ptr", "temp_ptr", "seed_ptr", "offset_ptr", "row_ids_ptr"))
     def _sample_kernel(
         cond_ptr, uncond_ptr, cfg_ptr, temp_ptr, seed_ptr, offset_ptr, row_ids_ptr,
         tokens_ptr, prob_ptr,
@@ -203,25 +216,37 @@ if triton is not None:
         tl.store(prob_ptr + row, tl.where(invalid, float("nan"), prob))
 
 
-def _sample_triton(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed, offset, row_ids):
+def _sample_launch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, tokens, prob, mode, top_k, top_p):
+    """(grid, args, constexprs) of the _sample_kernel launch: shared by the op and the
+    compile-ahead check (kernels/aot.py), so both see the same signature."""
     n_rows, card = cond.shape
-    tokens = torch.empty(n_rows, dtype=torch.int64, device=cond.device)
-    prob = torch.empty(n_rows, dtype=torch.float32, device=cond.device)
-    if n_rows == 0:
-        return tokens, prob
-    _sample_kernel[(n_rows,)](
+    args = (
         cond, cond if uncond is None else uncond, cfg_coef, temperature, seed, offset,
         tokens if row_ids is None else row_ids,  # unused pointer when HAS_ROW_IDS is False
-        tokens, prob,
-        card, min(top_k, card), top_p, 1 if seed.dim() else 0,
-        HAS_UNCOND=uncond is not None, HAS_ROW_IDS=row_ids is not None, MODE=mode,
-        BLOCK_C=min(triton.next_power_of_2(card), 2048), BISECT=BISECT_STEPS,
+        tokens, prob, card, min(top_k, card), top_p, 1 if seed.dim() else 0,
     )
+    meta = dict(HAS_UNCOND=uncond is not None, HAS_ROW_IDS=row_ids is not None, MODE=mode,
+                BLOCK_C=min(triton.next_power_of_2(card), 2048), BISECT=BISECT_STEPS)
+    return (n_rows,), args, meta
+
+
+def _sample_triton(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
+                   temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                   row_ids: tp.Optional[torch.Tensor], mode: int, top_k: int, top_p: float
+                   ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    n_rows = cond.shape[0]
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=cond.device)
+    prob = torch.empty(n_rows, dtype=torch.float32, device=cond.device)
+    if n_rows > 0:
+        grid, args, meta = _sample_launch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids,
+                                          tokens, prob, mode, top_k, top_p)
+        launch = wrap_triton(_sample_kernel) if torch.compiler.is_compiling() else _sample_kernel
+        launch[grid](*args, **meta)
     return tokens, prob
 
 
 # ----------------------------------------------------------------------------- C++
-def _sample_cpp(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed, offset, row_ids):
+def _sample_cpp(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p):
     # numpy has no bf16: the C++ kernel reads fp32 (a copy only for fp16 / bf16 logits).
     cond = cond.float()
     uncond = None if uncond is None else uncond.float()
@@ -250,7 +275,7 @@ def _nucleus_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs >= threshold
 
 
-def _sample_torch(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed, offset, row_ids):
+def _sample_torch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p):
     """The plain twin: torch ops as the reference writes them, the keyed RNG for the draw."""
     n_rows, card = cond.shape
     cond = cond.float()
@@ -289,8 +314,31 @@ def _sample_torch(cond, uncond, cfg_coef, temperature, mode, top_k, top_p, seed,
     return tokens, prob
 
 
-# ----------------------------------------------------------------------------- dispatch
-_IMPLS = {"triton": _sample_triton, "cpp": _sample_cpp, "torch": _sample_torch}
+# ----------------------------------------------------------------------------- ops
+_HOST_IMPLS = {"cpp": _sample_cpp, "torch": _sample_torch}
+
+
+def _sample_host(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
+                 temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                 row_ids: tp.Optional[torch.Tensor], mode: int, top_k: int, top_p: float, impl: str
+                 ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """The C++ (impl='cpp', CPU) and torch (impl='torch') implementations."""
+    return _HOST_IMPLS[impl](cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p)
+
+
+_sample_op = torch.library.custom_op("magnet_engine::sample_tokens", _sample_host, mutates_args=())
+
+
+def _sample_fake(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p, impl=None):
+    n_rows = cond.shape[0]
+    return cond.new_empty(n_rows, dtype=torch.int64), cond.new_empty(n_rows, dtype=torch.float32)
+
+
+_sample_op.register_fake(_sample_fake)
+
+if triton is not None:
+    _sample_triton_op = backend.register_triton_op(
+        "magnet_engine::sample_tokens_triton", _sample_kernel, _sample_triton, mutates_args=(), fake=_sample_fake)
 
 
 def sample_tokens(
@@ -305,7 +353,7 @@ def sample_tokens(
     seed: torch.Tensor,
     offset: torch.Tensor,
     row_ids: torch.Tensor | None = None,
-    impl: str | None = None,
+    impl: backend.Impls | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; see the module docstring for the full contract.
 
@@ -331,9 +379,12 @@ def sample_tokens(
     if top_k < 0 or top_p < 0:
         raise ValueError(f"sample_tokens: top_k and top_p must be >= 0, found top_k={top_k}, top_p={top_p}")
     mode = sampling_mode(use_sampling, top_k, top_p)
-    chosen = backend.choose("sample_tokens", cond_logits.device, impl)
+    chosen = backend.pick(impl, cond_logits.device).sample_tokens
     cond_logits = cond_logits.contiguous()
     uncond_logits = None if uncond_logits is None else uncond_logits.contiguous()
     row_ids = None if row_ids is None else row_ids.contiguous()
     seed = seed.contiguous()
-    return _IMPLS[chosen](cond_logits, uncond_logits, cfg_coef, temperature, mode, top_k, top_p, seed, offset, row_ids)
+    args = (cond_logits, uncond_logits, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, float(top_p))
+    if chosen == "triton":
+        return backend.call(_sample_triton_op, _sample_triton, *args)
+    return backend.call(_sample_op, _sample_host, *args, chosen)

@@ -39,3 +39,7 @@ def fixture_lm(fixtures):
     lm = MagnetLM(loaded.cfg)
     lm.load_state_dict(loaded.lm_state, strict=True)
     return lm.eval()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped here, run by benchmarks/gpu_suite.sh")

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from magnet_engine.engine import checkpoint as ckpt
+from magnet_engine.engine import random_weights
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
 from magnet_engine.errors import CheckpointError, ConfigError, ModelNotFoundError
 
 
 @pytest.fixture(scope="module")
 def lm_pkg():
-    return ckpt.random_lm_package(dim=32, num_heads=4, num_layers=2, d_t5=16, card=64, seed=3)
+    return random_weights.random_lm_package(dim=32, num_heads=4, num_layers=2, d_t5=16, card=64, seed=3)
 
 
 def test_round_trip_every_tensor_equal(tmp_path, lm_pkg):
@@ -135,7 +136,7 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path):
     ("musicgen", "transformer_lm", "delay", True, 1, -1),
 ])
 def test_layouts_read_from_the_config(kind, lm_model, pattern, causal, span_len, window):
-    cfg = ckpt.read_lm_package(ckpt.random_lm_package(32, 4, 1, d_t5=8, kind=kind), frame_rate=50).cfg
+    cfg = ckpt.read_lm_package(random_weights.random_lm_package(32, 4, 1, d_t5=8, kind=kind), frame_rate=50).cfg
     assert (cfg.lm_model, cfg.pattern, cfg.causal, cfg.span_len, cfg.subcodes_context) == \
         (lm_model, pattern, causal, span_len, window)
     assert cfg.delays == (() if pattern == "parallel" else (0, 1, 2, 3)) and cfg.cfg_coef == 3.0
@@ -150,7 +151,7 @@ def test_layouts_read_from_the_config(kind, lm_model, pattern, causal, span_len,
     (("modeling: delay", "modeling: unroll"), "unroll"),
 ])
 def test_delay_layout_config_errors(edit, match):
-    pkg = ckpt.random_lm_package(32, 4, 1, d_t5=8, kind="musicgen")
+    pkg = random_weights.random_lm_package(32, 4, 1, d_t5=8, kind="musicgen")
     assert edit[0] in pkg["xp.cfg"]
     pkg["xp.cfg"] = pkg["xp.cfg"].replace(*edit)
     with pytest.raises(ConfigError, match=match):

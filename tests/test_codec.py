@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from magnet_engine.engine import codec as codec_mod
-from magnet_engine.engine.codec import Codec, random_compression_package, resample
+from magnet_engine.engine.codec import Codec, resample
+from magnet_engine.engine.random_weights import random_compression_package
 from magnet_engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
                                   ModelNotFoundError)
 

@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from magnet_engine.engine.conditioning import TextConditioner, build_random_t5
+from magnet_engine.engine.conditioning import TextConditioner
+from magnet_engine.engine.random_weights import build_random_t5
 from magnet_engine.errors import CheckpointError, InvalidInputError, InvalidOptionError, ModelNotFoundError
 
 PROJ = "condition_provider.conditioners.description.output_proj."

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from magnet_engine.engine import checkpoint as ckpt
-from magnet_engine.engine import hybrid
+from magnet_engine.engine import random_weights
+from magnet_engine.engine import events, generate, hybrid, reference
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.model import MagnetLM, causal_self_attention
 from magnet_engine.errors import InvalidOptionError, NumericalError
 
 from test_reference import _cond
@@ -18,11 +19,32 @@ from test_reference import _cond
 
 def ar_lm(kind: str, seed: int = 0, dim: int = 32, layers: int = 2, card: int = 40) -> MagnetLM:
     """A tiny random LM in the hybrid-MAGNeT or MusicGen layout, loaded like a checkpoint."""
-    loaded = ckpt.read_lm_package(ckpt.random_lm_package(dim, 4, layers, d_t5=8, card=card, kind=kind, seed=seed),
+    loaded = ckpt.read_lm_package(random_weights.random_lm_package(dim, 4, layers, d_t5=8, card=card, kind=kind, seed=seed),
                                   frame_rate=50)
     lm = MagnetLM(loaded.cfg)
     lm.load_state_dict(loaded.lm_state, strict=True)
     return lm.eval()
+
+
+class HybridRunner:
+    """Drives a hybrid (or two-model) generation the way the API does: a plan, then a run."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.ar = hybrid.ARRuntime(runtime.lm, runtime.dtype)
+
+    def generate(self, cond, frames, params, ar_params, prefix_frames, *, handoff="staircase",
+                 prefix_attention="cached", seeds=None, listener=None, rescorer=None):
+        batch = cond.shape[0] // 2
+        p = generate.plan(self.runtime.cfg, params, batch=batch, frames=frames, prefix_frames=prefix_frames,
+                          hybrid=hybrid.HybridOptions(None, handoff, prefix_attention, ar_params),
+                          rescored=rescorer is not None,
+                          rescore_fill=rescorer.options.fill if rescorer is not None else "special")
+        return generate.run(p, generate.Models(runtime=self.runtime, ar=self.ar), cond,
+                            seeds=seeds or [0] * batch, hook=rescorer, listener=listener)
+
+    def tail_forward(self, plan, ar):
+        return hybrid.tail_forward(self.runtime, plan, ar)
 
 
 AR_PARAMS = [hybrid.ARParams(top_k=10), hybrid.ARParams(top_k=0, top_p=0.8, temperature=1.5),
@@ -49,7 +71,7 @@ def test_kv_cached_ar_equals_full_causal_recomputation(kind, params):
     runtime = hybrid.ARRuntime(lm)
     got = runtime.generate(cond, 14, 20, params, seeds=[5, 6])
     logits_ref = []
-    want = hybrid.reference_ar_generate(lm, cond, 14, 20, params, seeds=[5, 6], logits_out=logits_ref)
+    want = reference.reference_ar_generate(lm, cond, 14, 20, params, seeds=[5, 6], logits_out=logits_ref)
     assert torch.equal(got.seq, want)
     # cells outside the delay staircase hold the special id; generated ones are tokens
     assert (got.seq[..., 15:] == 40).all() and (got.seq[:, 3, :4] == 40).all()
@@ -107,8 +129,8 @@ def test_ar_errors():
         hybrid.ARRuntime(ar_lm("musicgen")).generate(_cond(ar_lm("musicgen"), 1), 20, 20, hybrid.ARParams())
     with pytest.raises(InvalidOptionError, match="top_k"):
         hybrid.ARParams(top_k=-1).validate()
-    with pytest.raises(InvalidOptionError, match="hybrid-MAGNeT"):
-        hybrid.HybridRuntime(Runtime(ar_lm("magnet")))
+    with pytest.raises(InvalidOptionError, match="prefix model"):
+        generate.plan(ar_lm("magnet").cfg, DecodingParams(), batch=1, frames=30, prefix_frames=5)
 
 
 @pytest.mark.parametrize("handoff,steps,lens", [("staircase", 10, (10, 9, 8, 7)), ("rectangle", 13, (10,) * 4)])
@@ -137,15 +159,17 @@ def test_hybrid_prefix_cells_fixed_through_masked_decoding(handoff, arrangement)
     prefix = hybrid.revert_delayed(ar_seq, lm.cfg.delays, 11)
 
     runtime = Runtime(lm)
-    seen = []
+    seen, first = [], []
 
-    def check(done, total):   # read the runtime's canvas after every masked step
-        seen.append(done)
-        if done <= plan.ar_steps:
+    def check(event):   # read the runtime's canvas after every masked step
+        if isinstance(event, events.PrefixReady):
+            first.append(event.codes)
+        if not isinstance(event, (events.ARStep, events.StageStep)):
             return
-        codes = next(iter(runtime._buffers.values()))["codes"]
-        for k, n in enumerate(plan.prompt_lens):
-            assert torch.equal(codes[:, k, :n], prefix[:, k, :n]), (done, k)
+        seen.append(event.done)
+        if isinstance(event, events.StageStep):
+            for k, n in enumerate(plan.prompt_lens):
+                assert torch.equal(event.canvas[:, k, :n], prefix[:, k, :n]), (event.done, k)
 
     handed = {}
     masked_decoding = runtime.generate
@@ -155,9 +179,8 @@ def test_hybrid_prefix_cells_fixed_through_masked_decoding(handoff, arrangement)
         return masked_decoding(*args, **kwargs)
 
     runtime.generate = record
-    first = []
-    out = hybrid.HybridRuntime(runtime).generate(cond, 40, params, ar_params, 11, handoff=handoff, seeds=[1, 2],
-                                                 callback=check, on_prefix=first.append)
+    out = HybridRunner(runtime).generate(cond, 40, params, ar_params, 11, handoff=handoff, seeds=[1, 2],
+                                         listener=check)
     assert handed["lens"] == plan.prompt_lens and handed["prompt"].shape == (2, 4, 11)
     for k, n in enumerate(plan.prompt_lens):   # exactly the fixed cells: AR tokens, then the mask id
         assert torch.equal(handed["prompt"][:, k, :n], prefix[:, k, :n])
@@ -180,7 +203,7 @@ def test_prefix_kv_reuse_equals_causal_recomputation(handoff, stage):
     params = DecodingParams()
     plan = hybrid.plan_hybrid(lm.cfg, 45, 12, params, handoff)
     runtime = Runtime(lm)
-    hy = hybrid.HybridRuntime(runtime)
+    hy = HybridRunner(runtime)
     ar = hy.ar.generate(cond, plan.ar_steps, plan.seq_len, hybrid.ARParams(top_k=10), seeds=[3, 4])
     codes = torch.randint(0, 40, (2, 4, plan.frames))          # a mid-decoding canvas
     codes[:, stage, ::2] = 40
@@ -189,7 +212,7 @@ def test_prefix_kv_reuse_equals_causal_recomputation(handoff, stage):
     for k, n in enumerate(plan.prompt_lens):
         codes[:, k, :n] = prefix[:, k, :n]
     fast = lm.out_norm(hy.tail_forward(plan, ar)(codes, stage, False))         # [2B, T', D] per frame
-    full = hybrid.reference_tail_hidden(lm, codes, cond, plan, stage)             # [2B, seq_len, D] per row
+    full = reference.reference_tail_hidden(lm, codes, cond, plan, stage)             # [2B, seq_len, D] per row
     d = lm.cfg.delays[stage]
     frames = torch.arange(plan.frames)
     used = frames + d >= plan.query_start
@@ -197,7 +220,7 @@ def test_prefix_kv_reuse_equals_causal_recomputation(handoff, stage):
     assert torch.allclose(lm.linears[stage](fast[:, used]), lm.linears[stage](want), atol=1e-4, rtol=0)
     # the bidirectional variant is a different model of the prefix rows
     bi = hybrid.plan_hybrid(lm.cfg, 45, 12, params, handoff, "bidirectional")
-    other = hybrid.reference_tail_hidden(lm, codes, cond, bi, stage)[:, (frames + d)[used]]
+    other = reference.reference_tail_hidden(lm, codes, cond, bi, stage)[:, (frames + d)[used]]
     assert not torch.allclose(other, want, atol=1e-3)
 
 
@@ -205,7 +228,7 @@ def test_bidirectional_prefix_attention_runs_and_differs():
     lm = ar_lm("hybrid", seed=7)
     cond = _cond(lm, 1, seed=1)
     params = DecodingParams(use_sampling=False, decoding_steps=(3, 2, 2, 2))
-    hy = hybrid.HybridRuntime(Runtime(lm))
+    hy = HybridRunner(Runtime(lm))
     ar_params = hybrid.ARParams(use_sampling=False)
     cached = hy.generate(cond, 36, params, ar_params, 9, seeds=[0])
     bidir = hy.generate(cond, 36, params, ar_params, 9, prefix_attention="bidirectional", seeds=[0])
@@ -218,8 +241,8 @@ def test_hybrid_low_precision_runs():
     cond = _cond(lm, 2, seed=2)
     params = DecodingParams(use_sampling=False, decoding_steps=(3, 2, 2, 2))
     ar_params = hybrid.ARParams(use_sampling=False)
-    exact = hybrid.HybridRuntime(Runtime(lm)).generate(cond, 30, params, ar_params, 8)
-    low = hybrid.HybridRuntime(Runtime(lm, precision="bf16")).generate(cond, 30, params, ar_params, 8)
+    exact = HybridRunner(Runtime(lm)).generate(cond, 30, params, ar_params, 8)
+    low = HybridRunner(Runtime(lm, precision="bf16")).generate(cond, 30, params, ar_params, 8)
     assert low.shape == exact.shape and (low >= 0).all() and (low < 40).all()
     assert (low == exact).float().mean() > 0.5
 
@@ -228,9 +251,11 @@ def test_two_model_hybrid_continues_the_musicgen_prefix():
     magnet, musicgen = ar_lm("magnet", seed=1), ar_lm("musicgen", seed=2)
     cond, ar_cond = _cond(magnet, 2, seed=1), _cond(musicgen, 2, seed=2)
     params = DecodingParams(decoding_steps=(3, 2, 2, 2))
-    ar_runtime = hybrid.ARRuntime(musicgen)
-    out = hybrid.generate_two_model(Runtime(magnet), cond, ar_runtime, ar_cond, 30, params,
-                                    hybrid.ARParams(top_k=10), 7, seeds=[4, 5])
+    p = generate.plan(magnet.cfg, params, batch=2, frames=30, prefix_frames=7,
+                      hybrid=hybrid.HybridOptions(ar=hybrid.ARParams(top_k=10)), prefix_cfg=musicgen.cfg)
+    assert (p.mode, p.ar.steps) == ("two_model", 7 + 3)
+    out = generate.run(p, generate.Models(runtime=Runtime(magnet), ar=hybrid.ARRuntime(musicgen)), cond,
+                       ar_cond=ar_cond, seeds=[4, 5])
     steps = 7 + 3                                               # the rectangle: max(d) extra steps
     seq = hybrid.ARRuntime(musicgen).generate(ar_cond, steps, hybrid.delayed_length(7, musicgen.cfg.delays),
                                               hybrid.ARParams(top_k=10), seeds=[4, 5]).seq
@@ -250,8 +275,8 @@ def test_masked_stage_band_is_in_frames_of_the_stage_codebook():
     other = codes.clone()
     other[0, 2, t_changed] = (codes[0, 2, t_changed] + 1) % 40
     rows = torch.arange(plan.frames) + d
-    a = hybrid.reference_tail_hidden(lm, codes, cond, plan, 2)[:1, rows]
-    b = hybrid.reference_tail_hidden(lm, other, cond, plan, 2)[:1, rows]
+    a = reference.reference_tail_hidden(lm, codes, cond, plan, 2)[:1, rows]
+    b = reference.reference_tail_hidden(lm, other, cond, plan, 2)[:1, rows]
     changed = (a - b).abs().amax(dim=(0, 2)) > 0
     expect = (torch.arange(plan.frames) - t_changed).abs() <= lm.cfg.subcodes_context
     assert torch.equal(changed, expect)
@@ -271,7 +296,7 @@ def test_tail_attention_equals_the_dense_stage_mask(impl, prefix_attention, wind
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2, 3, plan.seq_len, 16, generator=gen) for _ in range(2))
     q = torch.randn(2, 3, plan.seq_len - plan.query_start, 16, generator=gen)
-    mask = hybrid.stage_attention_mask(cfg, plan, 1, window, "cpu")[plan.query_start:]
+    mask = reference.stage_attention_mask(cfg, plan, 1, window, "cpu")[plan.query_start:]
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     got = hybrid.tail_attention(plan, window, impl)(q, k, v)
     assert torch.allclose(got, want, atol=2e-5, rtol=0)
@@ -281,7 +306,7 @@ def test_tail_forward_conditional_rows_alone():
     lm = ar_lm("hybrid", seed=5)
     cond = _cond(lm, 2, seed=6)
     plan = hybrid.plan_hybrid(lm.cfg, 45, 12, DecodingParams())
-    hy = hybrid.HybridRuntime(Runtime(lm))
+    hy = HybridRunner(Runtime(lm))
     with torch.no_grad():
         ar = hy.ar.generate(cond, plan.ar_steps, plan.seq_len, hybrid.ARParams(top_k=10), seeds=[3, 4])
         codes = torch.randint(0, 40, (2, 4, plan.frames))
@@ -297,7 +322,7 @@ def test_hybrid_rows_independent_of_batch():
     lm = ar_lm("hybrid", seed=4)
     params = DecodingParams(decoding_steps=(4, 2, 2, 2))
     cond2 = _cond(lm, 2, seed=8)
-    hy = hybrid.HybridRuntime(Runtime(lm))
+    hy = HybridRunner(Runtime(lm))
     both = hy.generate(cond2, 33, params, hybrid.ARParams(top_k=10), 9, seeds=[7, 8])
     alone = hy.generate(torch.cat([cond2[1:2], cond2[3:4]]), 33, params, hybrid.ARParams(top_k=10), 9, seeds=[8])
     assert torch.equal(both[1:2], alone)
@@ -305,7 +330,7 @@ def test_hybrid_rows_independent_of_batch():
 
 def test_plain_masked_decoding_refuses_a_delay_layout_checkpoint():
     lm = ar_lm("hybrid")
-    with pytest.raises(InvalidOptionError, match="HybridRuntime"):
+    with pytest.raises(InvalidOptionError, match="hybrid plan"):
         Runtime(lm).generate(_cond(lm, 1), 30, DecodingParams())
     from magnet_engine.engine import reference
     with pytest.raises(InvalidOptionError, match="parallel layout"):
@@ -320,14 +345,14 @@ def test_low_precision_cached_logits_error_within_twice_the_plain_model(precisio
     from magnet_engine.engine import decoding
 
     lm = ar_lm("hybrid", seed=10, dim=64)
-    dtype = decoding.PRECISIONS[precision]
+    dtype = decoding.PRECISIONS[precision][0]
     cond = _cond(lm, 2, seed=2)
     plain_low = copy.deepcopy(lm).to(dtype)
     params = DecodingParams()
     plan = hybrid.plan_hybrid(lm.cfg, 30, 9, params)
-    exact_ar = hybrid.HybridRuntime(Runtime(lm))
+    exact_ar = HybridRunner(Runtime(lm))
     low_rt = Runtime(copy.deepcopy(lm), precision=precision)   # it casts its LM in place; lm stays fp32
-    low = hybrid.HybridRuntime(low_rt)
+    low = HybridRunner(low_rt)
     with torch.no_grad():
         ar = exact_ar.ar.generate(cond, plan.ar_steps, plan.seq_len, hybrid.ARParams(top_k=10), seeds=[1, 2])
         codes = torch.randint(0, 40, (2, 4, plan.frames))
@@ -342,9 +367,9 @@ def test_low_precision_cached_logits_error_within_twice_the_plain_model(precisio
             seq = ar.seq[:, :, :p + 1]
             mask = positions[None, :] <= p
             got = low_rt.lm.head_logits(low.ar.hidden(ar.seq[:, :, p:p + 1], positions[p:p + 1], low_kv, cache, mask))
-            exact = lm.head_logits(lm.hidden(torch.cat([seq, seq]), cond, 0, attend=hybrid.causal_self_attention)[:, -1:])
+            exact = lm.head_logits(lm.hidden(torch.cat([seq, seq]), cond, 0, attend=causal_self_attention)[:, -1:])
             plain = plain_low.head_logits(plain_low.hidden(torch.cat([seq, seq]), cond.to(dtype), 0,
-                                                           attend=hybrid.causal_self_attention)[:, -1:])
+                                                           attend=causal_self_attention)[:, -1:])
             fast_err = (got.double() - exact.double()).abs().max()
             plain_err = (plain.double() - exact.double()).abs().max()
             assert fast_err <= 2 * plain_err, (p, float(fast_err), float(plain_err))
@@ -356,8 +381,8 @@ def test_low_precision_cached_logits_error_within_twice_the_plain_model(precisio
             used = frames + d >= plan.query_start
             rows = (frames + d)[used]
             got = lm.linears[stage](lm.out_norm(tail(codes, stage, False)[:, used].float())).double()
-            exact = lm.linears[stage](hybrid.reference_tail_hidden(lm, codes, cond, plan, stage)[:, rows]).double()
-            plain_rows = hybrid.reference_tail_hidden(plain_low, codes, cond.to(dtype), plan, stage)[:, rows]
+            exact = lm.linears[stage](reference.reference_tail_hidden(lm, codes, cond, plan, stage)[:, rows]).double()
+            plain_rows = reference.reference_tail_hidden(plain_low, codes, cond.to(dtype), plan, stage)[:, rows]
             plain = plain_low.linears[stage](plain_rows).double()
             fast_err = (got - exact).abs().max()
             plain_err = (plain - exact).abs().max()

@@ -129,6 +129,19 @@ def test_matches_torch_reference(impl, shape, mode, cfg):
 
 
 @pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+def test_top_p_exact_boundary_keeps_the_token_that_reaches_it(impl):
+    """pi = [1/2, 1/4, 1/8, 1/8] exactly (dyadic: softmax and the sums are exact) and
+    top_p = 1/2: token 1 has exactly 1/2 of the mass above it, so it is kept (the reference
+    drops j only when cumsum_j - pi_j > p); tokens 2 and 3 have 3/4 above them. 64 rows of
+    independent draws: token 1 (chance 1/3 per row) appears, tokens 2 and 3 never do."""
+    _skip_unless(impl)
+    cond = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125])).expand(64, 4).contiguous()
+    tokens, prob = _sample(cond, None, impl, "top_p", top_p=0.5, temp=1.0)
+    assert set(tokens.tolist()) == {0, 1}
+    assert torch.equal(prob, torch.where(tokens == 0, 0.5, 0.25))
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["greedy", "top_p", "top_k"])
 def test_low_precision_logits_are_computed_in_fp32(impl, dtype, mode):

@@ -11,6 +11,7 @@ from magnet_engine.demo import build_random_model
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.decoding import Runtime
 from magnet_engine.engine.model import MagnetLM, cast_transformer_, weight_bytes
+from magnet_engine.engine.random_weights import random_lm_package
 from magnet_engine.errors import CheckpointError
 
 FAST = dict(duration=0.5, decoding_steps=[2, 1, 1, 1])
@@ -56,7 +57,7 @@ def test_fp32_load_keeps_the_file_pages_as_the_parameters(tiny_dir):
     model = MAGNeT.from_pretrained(tiny_dir, device="cpu", precision="fp32")
     model.set_generation_params(**FAST)
     model.generate_tokens(["x"], seed=0)
-    runtime = model._fast_runtime()
+    runtime = model._runtime                                        # built by the first call
     assert runtime.lm is model.lm                                   # no cast copy at fp32
     lm_file, codec_file = _file_ranges(tiny_dir / ckpt.LM_FILE), _file_ranges(tiny_dir / ckpt.CODEC_FILE)
     assert lm_file and codec_file
@@ -72,30 +73,35 @@ def test_fp32_load_keeps_the_file_pages_as_the_parameters(tiny_dir):
         assert torch.equal(value, stored[key]), key
 
 
-@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_low_precision_runtime_holds_no_fp32_transformer_weights(tiny_dir, precision, dtype):
+@pytest.mark.parametrize("precision,matmul,norms", [("bf16", torch.bfloat16, torch.bfloat16),
+                                                     ("fp16", torch.float16, torch.float16),
+                                                     ("bf16-mixed", torch.bfloat16, torch.float32)])
+def test_low_precision_runtime_holds_no_fp32_transformer_weights(tiny_dir, precision, matmul, norms):
     model = MAGNeT.from_pretrained(tiny_dir, device="cpu", precision=precision)
     model.set_generation_params(**FAST)
     model.generate_tokens(["x"], seed=0)
-    runtime = model._fast_runtime()
+    runtime = model._runtime                                        # built by the first call
     assert runtime.lm is model.lm                                   # cast in place: no second LM
     tensors = _tensors(model.lm, runtime.lm, model.conditioner, model.codec)
     assert len({t.data_ptr() for t in tensors}) == len({id(t) for t in tensors})
+
+    def want(name):   # embeddings, out_norm, heads fp32; transformer norms in the residual dtype
+        if not name.startswith("transformer."):
+            return torch.float32
+        return norms if ".norm" in name else matmul
     for name, param in model.lm.named_parameters():
-        want = dtype if name.startswith("transformer.") else torch.float32   # embeddings, out_norm, heads fp32
-        assert param.dtype == want, name
+        assert param.dtype == want(name), name
     assert model._reference_lm is None                              # no fp32 LM until the reference asks
     stored = _stored(tiny_dir)
     for key, value in model.lm.state_dict().items():               # the stored values, rounded once
         assert torch.equal(value, stored[key].to(value.dtype)), key
     stats = model.memory_stats()
-    lm_bytes = sum(v.numel() * (dtype.itemsize if k.startswith("transformer.") else 4)
-                   for k, v in stored.items() if not k.startswith("condition_provider."))
+    lm_bytes = sum(v.numel() * want(k).itemsize for k, v in stored.items() if not k.startswith("condition_provider."))
     assert stats["weights_bytes"]["lm"] == lm_bytes
 
 
 def test_runtime_casts_in_place():
-    package = ckpt.random_lm_package(32, 4, 2, d_t5=8, card=40)
+    package = random_lm_package(32, 4, 2, d_t5=8, card=40)
     lm = ckpt.build_lm(ckpt.read_lm_package(package, frame_rate=50))
     before = {id(t) for t in _tensors(lm)}
     count = len(list(lm.parameters()))
@@ -134,7 +140,7 @@ def test_reference_without_a_checkpoint_directory_is_a_typed_error(tiny_dir):
 
 
 def test_legacy_pickle_loads_without_mapping(tmp_path):
-    package = ckpt.random_lm_package(32, 4, 1, d_t5=8, card=40, seed=2)
+    package = random_lm_package(32, 4, 1, d_t5=8, card=40, seed=2)
     legacy, modern = tmp_path / "legacy.bin", tmp_path / "modern.bin"
     torch.save(package, legacy, _use_new_zipfile_serialization=False)
     torch.save(package, modern)
@@ -142,7 +148,7 @@ def test_legacy_pickle_loads_without_mapping(tmp_path):
     for path in (legacy, modern):
         loaded = ckpt.load_lm_checkpoint(path, frame_rate=50)
         assert loaded.mapped == (path == modern)
-        lm = ckpt.build_lm(loaded, dtype=torch.bfloat16)
+        lm = ckpt.build_lm(loaded, matmul=torch.bfloat16)
         for key, value in lm.state_dict().items():
             assert torch.equal(value, package["best_state"][key].to(value.dtype)), key
 
@@ -150,18 +156,18 @@ def test_legacy_pickle_loads_without_mapping(tmp_path):
 def test_released_pages_read_back_the_same_values(tmp_path):
     """A cast releases the source's file pages; the package still holding them reads the
     file's bytes again, not zeros."""
-    package = ckpt.random_lm_package(64, 4, 2, d_t5=8, card=1024, seed=6)
+    package = random_lm_package(64, 4, 2, d_t5=8, card=1024, seed=6)
     path = tmp_path / ckpt.LM_FILE
     torch.save(package, path)
     loaded = ckpt.load_lm_checkpoint(path, frame_rate=50)
     assert loaded.mapped
-    ckpt.build_lm(loaded, dtype=torch.float16)
+    ckpt.build_lm(loaded, matmul=torch.float16)
     for key, value in loaded.lm_state.items():
         assert torch.equal(value, package["best_state"][key]), key
 
 
 def test_mapped_loads_keep_the_typed_errors(tmp_path):
-    package = ckpt.random_lm_package(32, 4, 1, d_t5=8, card=40)
+    package = random_lm_package(32, 4, 1, d_t5=8, card=40)
     path = tmp_path / ckpt.LM_FILE
     torch.save(package, path)
     data = path.read_bytes()
@@ -189,7 +195,7 @@ def test_shared_t5_counted_once(tiny_dir, musicgen_dir):
 
 def test_meta_built_lm_matches_a_plain_one():
     """Outputs unchanged: the LM assigned from a checkpoint computes what one loaded by copy does."""
-    package = ckpt.random_lm_package(32, 4, 2, d_t5=8, card=40, seed=9)
+    package = random_lm_package(32, 4, 2, d_t5=8, card=40, seed=9)
     loaded = ckpt.read_lm_package(package, frame_rate=50)
     assigned = ckpt.build_lm(loaded)
     copied = MagnetLM(loaded.cfg)

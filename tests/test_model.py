@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from magnet_engine.engine import checkpoint as ckpt
+from magnet_engine.engine import random_weights
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
 from magnet_engine.engine.model import MagnetLM
 
 
 def tiny_lm(seed=0, layers=2, bias=False, dim=32, heads=4, card=40, window=5) -> MagnetLM:
-    pkg = ckpt.random_lm_package(dim=dim, num_heads=heads, num_layers=layers, d_t5=8, card=card,
+    pkg = random_weights.random_lm_package(dim=dim, num_heads=heads, num_layers=layers, d_t5=8, card=card,
                                  subcodes_context=window, seed=seed)
     cfg = ModelConfig.from_xp_cfg(parse_yaml_config(pkg["xp.cfg"]), frame_rate=50)
     if bias:

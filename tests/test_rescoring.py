@@ -11,7 +11,7 @@ from magnet_engine.errors import CheckpointError, InvalidOptionError
 from magnet_engine.kernels import masking
 
 from test_decoding import keyed_sampler
-from test_hybrid import ar_lm
+from test_hybrid import HybridRunner, ar_lm
 from test_model import tiny_lm
 from test_reference import _cond
 
@@ -77,7 +77,7 @@ def test_weight_one_is_plain_decoding_bit_for_bit(engine):
     scorer.probabilities = lambda *a: calls.append(a) or 1 / 0
     if engine == "fast":
         plain = Runtime(lm).generate(cond, 30, params, seeds=[1, 2])
-        rescored = Runtime(lm).generate(cond, 30, params, seeds=[1, 2], rescorer=scorer)
+        rescored = Runtime(lm).generate(cond, 30, params, seeds=[1, 2], hook=scorer)
     else:
         plain = reference.generate_tokens(lm, cond, 30, params, sampler=keyed_sampler(params, [1, 2], 30))
         rescored = reference.generate_tokens(lm, cond, 30, params, sampler=keyed_sampler(params, [1, 2], 30),
@@ -97,7 +97,7 @@ def test_rescored_fast_loop_equals_rescored_reference(options, arrangement):
     cond = _cond(lm, 2, seed=7)
     params = DecodingParams(decoding_steps=(5, 3, 3, 2), span_arrangement=arrangement)
     scorer = bound(options)
-    fast = Runtime(lm).generate(cond, 30, params, seeds=[3, 4], rescorer=scorer)
+    fast = Runtime(lm).generate(cond, 30, params, seeds=[3, 4], hook=scorer)
     trace, plain_trace = [], []
     ref = reference.generate_tokens(lm, cond, 30, params, sampler=keyed_sampler(params, [3, 4], 30), rescorer=scorer,
                                     trace=trace)
@@ -113,7 +113,7 @@ def test_rescoring_skips_each_stages_last_step():
     seen = []
     original = scorer.probabilities
     scorer.probabilities = lambda codes, stage, t: seen.append(stage) or original(codes, stage, t)
-    Runtime(lm).generate(_cond(lm, 2), 30, DecodingParams(decoding_steps=(5, 3, 1, 2)), rescorer=scorer)
+    Runtime(lm).generate(_cond(lm, 2), 30, DecodingParams(decoding_steps=(5, 3, 1, 2)), hook=scorer)
     assert seen == [0] * 4 + [1] * 2 + [3] * 1
 
 
@@ -121,7 +121,7 @@ def test_rescoring_in_the_hybrid_tail():
     lm = ar_lm("hybrid", seed=3)
     cond = _cond(lm, 2, seed=1)
     params = DecodingParams(decoding_steps=(4, 3, 2, 2))
-    hy = hybrid.HybridRuntime(Runtime(lm))
+    hy = HybridRunner(Runtime(lm))
     plain = hy.generate(cond, 36, params, hybrid.ARParams(top_k=10), 9, seeds=[1, 2])
     rescored = hy.generate(cond, 36, params, hybrid.ARParams(top_k=10), 9, seeds=[1, 2],
                            rescorer=bound(RescoreOptions(weight=0.2)))

@@ -20,19 +20,18 @@ from pathlib import Path
 import torch
 
 from magnet_engine.engine import checkpoint as ckpt
+from magnet_engine.engine import events, generate
 from magnet_engine.engine.codec import Codec
 from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
 from magnet_engine.engine.config import DecodingParams, ModelConfig
-from magnet_engine.engine.decoding import PRECISIONS as _DTYPES
-from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, ARParams, HybridOptions
+from magnet_engine.engine.decoding import PRECISIONS, default_precision
+from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, ARParams, ARRuntime, HybridOptions
 from magnet_engine.engine.model import MagnetLM, weight_bytes
-from magnet_engine.engine import reference
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 
 Progress = tp.Callable[[int, int], None]
 ENGINES = ("fast", "reference")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _resolve_device(device: tp.Union[str, torch.device, None]) -> torch.device:
@@ -46,9 +45,13 @@ class MAGNeT:
 
     def __init__(self, name: str, lm: MagnetLM, conditioner: TextConditioner, codec: Codec,
                  device: torch.device, engine: str = "fast", precision: tp.Optional[str] = None,
-                 compile: bool = False):
-        self.precision = precision = _check_engine(engine, precision, device)
+                 compile: bool = False, cuda_graphs: bool = False):
+        precision = _check_engine(engine, precision, device)
+        if cuda_graphs and device.type != "cuda":
+            raise InvalidOptionError("cuda_graphs=True needs a CUDA device")
+        self.precision = precision
         self.compile = compile
+        self.cuda_graphs = cuda_graphs
         self.name = name
         self.lm = lm
         self.conditioner = conditioner
@@ -65,8 +68,8 @@ class MAGNeT:
         self.t5_source: tp.Optional[str] = None              # where the T5 came from (shared with external LMs)
         self._external: tp.Dict[tp.Tuple[str, str], ExternalLM] = {}
         self._lock = threading.Lock()
-        self._runtime = None  # the fast runtime, built on first use
-        self._hybrid_runtime = None
+        self._runtime = None     # the fast runtime, built on first use
+        self._ar_runtime = None  # a hybrid checkpoint's AR runtime, built on first use
         self.source: tp.Optional[Path] = None    # the checkpoint directory, to reload fp32 weights from
         self._reference_lm: tp.Optional[MagnetLM] = None
 
@@ -74,24 +77,27 @@ class MAGNeT:
     @classmethod
     def get_pretrained(cls, name: str = "facebook/magnet-small-10secs", device=None, *,
                        t5: tp.Optional[str] = None, engine: str = "fast",
-                       precision: tp.Optional[str] = None, compile: bool = False) -> "MAGNeT":
+                       precision: tp.Optional[str] = None, compile: bool = False,
+                       cuda_graphs: bool = False) -> "MAGNeT":
         """Load a model by Hub id (via the Hugging Face cache / hub client) or local directory.
 
         `t5` overrides where the T5 text encoder comes from (a local directory, or a Hub
         name); by default the checkpoint's own `conditioners.description.t5.name`.
         """
         return cls.from_pretrained(ckpt.resolve_model_dir(name), device=device, t5=t5, engine=engine,
-                                   precision=precision, compile=compile, name=name)
+                                   precision=precision, compile=compile, cuda_graphs=cuda_graphs, name=name)
 
     @classmethod
     def from_pretrained(cls, directory: tp.Union[str, os.PathLike], device=None, *, t5: tp.Optional[str] = None,
                         engine: str = "fast", precision: tp.Optional[str] = None, compile: bool = False,
-                        name: tp.Optional[str] = None) -> "MAGNeT":
+                        cuda_graphs: bool = False, name: tp.Optional[str] = None) -> "MAGNeT":
         """Load from a local directory in the Hugging Face layout.
 
-        engine: 'fast' (default) or 'reference' (the plain loop); precision: transformer
-        precision of the fast runtime, 'fp32' (CPU default), 'fp16' (CUDA default), 'bf16';
-        compile: torch.compile the fast runtime's transformer forward (slower start-up).
+        engine: 'fast' (default) or 'reference' (the plain loop); precision: of the fast
+        runtime's transformer, 'fp32' (CPU default), 'fp16-mixed' (CUDA default: fp16 matmuls,
+        fp32 residual stream and norms, as the reference's autocast), 'bf16-mixed', 'bf16',
+        'fp16' (pure low precision); compile: torch.compile each decoding step whole (slower
+        start-up); cuda_graphs: capture each step shape once as a CUDA graph and replay it.
         """
         directory = ckpt.resolve_model_dir(directory)
         device = _resolve_device(device)
@@ -103,13 +109,14 @@ class MAGNeT:
             raise ckpt.CheckpointError(f"LM was trained at {lm_ckpt.cfg.sample_rate} Hz but the codec runs at "
                                        f"{codec.sample_rate} Hz")
         # Straight into the precision it runs in: the fast runtime's cast is then a no-op.
-        lm = ckpt.build_lm(lm_ckpt, device, _DTYPES[precision] if engine == "fast" else torch.float32)
+        matmul, residual = PRECISIONS[precision if engine == "fast" else "fp32"]
+        lm = ckpt.build_lm(lm_ckpt, device, matmul, residual)
         weight, bias = lm_ckpt.output_proj
         if t5 is None:  # a T5 shipped inside the model directory wins over the hub name in xp.cfg
             t5 = str(directory / "t5") if (directory / "t5" / "config.json").is_file() else lm_ckpt.cfg.t5_name
         conditioner = TextConditioner.load(t5, weight.float(), bias.float(), device=device)
         model = cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision,
-                    compile=compile)
+                    compile=compile, cuda_graphs=cuda_graphs)
         model.t5_source = t5
         model.source = directory
         return model
@@ -191,7 +198,7 @@ class MAGNeT:
                 shared = (self.cfg.t5_name, self.t5_source, self.conditioner) if self.t5_source else None
                 self._external[key] = ExternalLM.from_pretrained(
                     model, frame_rate=round(self.frame_rate), device=self.device,
-                    precision=self.precision if self.precision != "fp16" or self.device.type == "cuda" else "fp32",
+                    precision=self.precision if self.device.type == "cuda" or "fp16" not in self.precision else "fp32",
                     shared_t5=shared)
             model = self._external[key]
         model.check_compatible(self.cfg)
@@ -258,21 +265,21 @@ class MAGNeT:
         ('full', wav) when the clip is done. Generation runs on a worker thread; an error
         there is raised here."""
         import queue
-        events: "queue.Queue" = queue.Queue()
+        results: "queue.Queue" = queue.Queue()
 
         def work():
             try:
                 wav = self.generate(descriptions, progress=progress, seed=seed,
                                     hybrid_prefix_seconds=hybrid_prefix_seconds,
-                                    on_prefix=lambda w: events.put(("prefix", w)))
-                events.put(("full", wav))
+                                    on_prefix=lambda w: results.put(("prefix", w)))
+                results.put(("full", wav))
             except BaseException as exc:  # handed to the consumer
-                events.put(("error", exc))
+                results.put(("error", exc))
 
         thread = threading.Thread(target=work, name="magnet-generate", daemon=True)
         thread.start()
         while True:
-            kind, value = events.get()
+            kind, value = results.get()
             if kind == "error":
                 raise value
             yield kind, value
@@ -312,12 +319,15 @@ class MAGNeT:
     def generate_tokens(self, descriptions: tp.Sequence[tp.Optional[str]], prompt_codes: tp.Optional[torch.Tensor] = None,
                         progress: tp.Union[bool, Progress] = False, seed: tp.Union[int, tp.Sequence[int], None] = None,
                         *, params: tp.Optional[DecodingParams] = None, duration: tp.Optional[float] = None,
-                        on_prefix: tp.Optional[tp.Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+                        on_prefix: tp.Optional[tp.Callable[[torch.Tensor], None]] = None,
+                        on_event: tp.Optional[events.Listener] = None) -> torch.Tensor:
         """Tokens only, no codec: [B, K, T']. `prompt_codes` [B, K, P] are kept fixed.
 
         params / duration: this call's decoding options and length instead of the instance's
         (`set_generation_params`), which stay untouched — a service sharing one instance
-        between requests passes them here rather than setting state. on_prefix: as `generate`'s
+        between requests passes them here rather than setting state. on_event: a listener of
+        the run's typed events (`engine.events`: AR steps, stage steps with live canvas views,
+        prefix ready, done); raising from it cancels the run. on_prefix: as `generate`'s
         (hybrid decoding: the decoded AR prefix audio, before the tail)."""
         descriptions = check_descriptions(descriptions)
         if params is not None:
@@ -330,7 +340,7 @@ class MAGNeT:
             prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions), duration)
         with self._lock:
             return self._tokens(descriptions, prompt_codes, progress, seed, params=params, duration=duration,
-                                on_prefix=on_prefix)
+                                on_prefix=on_prefix, on_event=on_event)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Codes [B, K, T] -> waveform [B, channels, T · hop]."""
@@ -379,61 +389,74 @@ class MAGNeT:
 
     def _tokens(self, descriptions, prompt_codes, progress, seed, hybrid_prefix_seconds=None,
                 on_prefix=None, params: tp.Optional[DecodingParams] = None,
-                duration: tp.Optional[float] = None) -> torch.Tensor:
+                duration: tp.Optional[float] = None, on_event: tp.Optional[events.Listener] = None) -> torch.Tensor:
         seeds = self._seeds(seed, len(descriptions))
         params = self.params if params is None else params
         duration = self.duration if duration is None else duration
-        frames = int(duration * self.frame_rate)
         options = self.hybrid
         if hybrid_prefix_seconds is not None:
             options = dataclasses.replace(options, prefix_seconds=hybrid_prefix_seconds).validate()
         if hybrid_prefix_seconds is not None or duration != self.duration:
             self._check_hybrid(options, self.prefix_model, duration)
-        prefix_frames = self.prefix_frames(duration, options)
-        if prefix_frames and prompt_codes is not None:
-            raise InvalidOptionError("hybrid decoding and a prompt are exclusive: the AR prefix is the prompt")
-        ar_steps = 0   # for the progress total: staircase F steps, rectangle F + max(d)
-        if prefix_frames and self.cfg.is_hybrid:
-            ar_steps = prefix_frames + (self.cfg.max_delay if options.handoff == "rectangle" else 0)
-        elif prefix_frames:
-            ar_steps = prefix_frames + self.prefix_model.cfg.max_delay
-        callback, bar = _progress_callback(progress, ar_steps + sum(params.decoding_steps))
-        decoded_prefix = None if on_prefix is None else (lambda codes: on_prefix(self.codec.decode(codes)))
+        rescorer = None
+        if self.rescorer is not None and self.rescore.weight != 1.0:
+            rescorer = BoundRescorer(self.rescorer, self.rescore, descriptions)
+        two_model = self.prefix_model is not None and not self.cfg.is_hybrid
+        the_plan = generate.plan(
+            self.cfg, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
+            prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1],
+            prefix_frames=self.prefix_frames(duration, options), hybrid=options,
+            prefix_cfg=self.prefix_model.cfg if two_model else None, rescored=rescorer is not None,
+            rescore_fill=self.rescore.fill, engine=self.engine)
+        listeners = [on_event] if on_event is not None else []
+        bar = None
+        if callable(progress):
+            listeners.append(events.progress_listener(progress))
+        elif progress:
+            bar = _progress_bar(the_plan.total_steps)
+            listeners.append(bar)
+        if on_prefix is not None:
+            listeners.append(lambda e: on_prefix(self.codec.decode(e.codes)) if isinstance(e, events.PrefixReady)
+                             else None)
         try:
             with torch.no_grad():
                 cond = self.conditioner.encode(descriptions).embeds.to(self.device)
-                rescorer = None
-                if self.rescorer is not None and self.rescore.weight != 1.0:
-                    rescorer = BoundRescorer(self.rescorer, self.rescore, descriptions)
+                ar_cond = None
+                if two_model:
+                    ar_cond = self.prefix_model.conditioner.encode(descriptions).embeds.to(self.device)
+                generator = None
                 if self.engine == "reference":
-                    if prefix_frames:
-                        raise InvalidOptionError("hybrid decoding runs on the fast engine only")
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(seeds[0])
-                    return reference.generate_tokens(self.reference_lm(), cond, frames, params, prompt=prompt_codes,
-                                                     generator=generator, callback=callback, rescorer=rescorer)
-                if self.cfg.is_hybrid:
-                    return self._hybrid().generate(
-                        cond, frames, params, options.ar, prefix_frames, handoff=options.handoff,
-                        prefix_attention=options.prefix_attention, seeds=seeds, callback=callback,
-                        on_prefix=decoded_prefix, rescorer=rescorer)
-                if prefix_frames:
-                    from magnet_engine.engine.hybrid import generate_two_model
-                    ar_cond = self.prefix_model.conditioner.encode(descriptions).embeds.to(self.device)
-                    return generate_two_model(self._fast_runtime(), cond, self.prefix_model.runtime, ar_cond,
-                                              frames, params, options.ar, prefix_frames, seeds=seeds,
-                                              callback=callback, on_prefix=decoded_prefix, rescorer=rescorer)
-                return self._fast_runtime().generate(cond, frames, params, prompt=prompt_codes,
-                                                     seeds=seeds, callback=callback, rescorer=rescorer)
+                return generate.run(the_plan, self._models(the_plan), cond, seeds=seeds, prompt=prompt_codes,
+                                    ar_cond=ar_cond, hook=rescorer, listener=_fan_out(listeners),
+                                    generator=generator)
         finally:
             if bar is not None:
                 bar.close()
 
+    def _models(self, the_plan: "generate.Plan") -> "generate.Models":
+        """The runtimes a plan runs on, built on first use and kept."""
+        if the_plan.engine == "reference":
+            return generate.Models(lm=self.reference_lm())
+        if self._runtime is None:
+            from magnet_engine.engine.decoding import Runtime
+            self._runtime = Runtime(self.lm, precision=self.precision, compile=self.compile,
+                                    cuda_graphs=self.cuda_graphs)
+        ar = None
+        if the_plan.mode == "hybrid":
+            if self._ar_runtime is None:
+                self._ar_runtime = ARRuntime(self._runtime.lm, self._runtime.dtype, cuda_graphs=self.cuda_graphs)
+            ar = self._ar_runtime
+        elif the_plan.mode == "two_model":
+            ar = self.prefix_model.runtime
+        return generate.Models(runtime=self._runtime, ar=ar)
+
     def reference_lm(self) -> MagnetLM:
-        """The fp32 LM the reference loop runs: this instance's own while its transformer is
-        fp32; once the fast runtime has cast it to a lower precision (in place), a second one
-        loaded from the checkpoint on first use — held only by those who ask for it."""
-        if next(self.lm.transformer.parameters()).dtype == torch.float32:
+        """The fp32 LM the reference loop runs: this instance's own while it is all fp32; once
+        the fast runtime has cast its transformer (in place), a second one loaded from the
+        checkpoint on first use — held only when the reference loop is asked for."""
+        if all(p.dtype == torch.float32 for p in self.lm.transformer.parameters()):
             return self.lm
         if self._reference_lm is None:
             if self.source is None:
@@ -470,27 +493,15 @@ class MAGNeT:
                          cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device))
         return stats
 
-    def _hybrid(self):
-        if self._hybrid_runtime is None:
-            from magnet_engine.engine.hybrid import HybridRuntime
-            self._hybrid_runtime = HybridRuntime(self._fast_runtime())
-        return self._hybrid_runtime
-
-    def _fast_runtime(self):
-        if self._runtime is None:
-            from magnet_engine.engine.decoding import Runtime
-            self._runtime = Runtime(self.lm, precision=self.precision, compile=self.compile)
-        return self._runtime
-
 
 def _check_engine(engine: str, precision: tp.Optional[str], device: torch.device) -> str:
-    """Validate engine and precision; the precision, defaulted (fp16 on CUDA, fp32 elsewhere)."""
+    """Validate engine and precision; the precision, defaulted (`decoding.default_precision`)."""
     if engine not in ENGINES:
         raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
     if precision is None:
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        precision = default_precision(device)
     if precision not in PRECISIONS:
-        raise InvalidOptionError(f"precision must be one of {PRECISIONS}, found {precision!r}")
+        raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
     return precision
 
 
@@ -507,15 +518,28 @@ def _process_memory() -> tp.Dict[str, int]:
         return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}
 
 
-def _progress_callback(progress: tp.Union[bool, Progress], total: int):
-    """progress=True shows a tqdm bar over steps; a callable gets (done, total)."""
-    if callable(progress):
-        return progress, None
-    if not progress:
-        return None, None
-    from tqdm import tqdm
-    bar = tqdm(total=total, unit="step", desc="decoding")
+def _fan_out(listeners: tp.List[events.Listener]) -> tp.Optional[events.Listener]:
+    if not listeners:
+        return None
+    if len(listeners) == 1:
+        return listeners[0]
 
-    def update(done: int, total: int) -> None:
-        bar.update(done - bar.n)
-    return update, bar
+    def listen(event: events.Event) -> None:
+        for listener in listeners:
+            listener(event)
+    return listen
+
+
+class _progress_bar:
+    """progress=True: a tqdm bar over every step of the run (AR steps included)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, unit="step", desc="decoding")
+
+    def __call__(self, event: events.Event) -> None:
+        if isinstance(event, (events.ARStep, events.StageStep)):
+            self.bar.update(event.done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from magnet_engine.engine import events
+from magnet_engine.engine.decoding import PRECISIONS, default_precision
+
 DEFAULT_OUT = Path("benchmarks/results")
 
 
@@ -115,18 +118,16 @@ def write_report(path: Path, report: dict) -> Path:
 
 
 class StageTimer:
-    """Progress callback recording when each step ends (host time, device synced on CUDA)."""
+    """A run listener recording when decoding starts and each stage ends (host time, the
+    device synchronised on CUDA): timestamps come from the engine's events."""
 
-    def __init__(self, steps: tp.Sequence[int], device: torch.device):
-        self.bounds = [sum(steps[:i + 1]) for i in range(len(steps))]
+    def __init__(self, device: torch.device):
         self.device = device
         self.marks: tp.List[float] = []
 
-    def start(self) -> None:
-        self.marks = [time.perf_counter()]
-
-    def __call__(self, done: int, total: int) -> None:
-        if done in self.bounds:
+    def __call__(self, event: events.Event) -> None:
+        if isinstance(event, events.Started) or (isinstance(event, events.StageStep)
+                                                 and event.step == event.steps - 1):
             _sync(self.device)
             self.marks.append(time.perf_counter())
 
@@ -134,29 +135,18 @@ class StageTimer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _timed_generation(model, engine: str, descriptions, seed: int, timer: StageTimer) -> tp.Tuple[float, float, list]:
-    """One generation: (tokens ms, end-to-end ms, per-stage ms)."""
-    from magnet_engine.engine import reference
-
-    device = model.device
-    _sync(device)
+def _timed_generation(model, engine: str, descriptions, seed: int) -> tp.Tuple[float, float, list]:
+    """One generation through the API, on `engine`: (tokens ms, end-to-end ms, per-stage ms)."""
+    timer = StageTimer(model.device)
+    model.engine = engine
+    _sync(model.device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        cond = model.conditioner.encode(descriptions).embeds.to(device)
-        timer.start()
-        if engine == "reference":
-            gen = torch.Generator(device=device).manual_seed(seed)
-            tokens = reference.generate_tokens(model.reference_lm(), cond, model.frames, model.params, generator=gen,
-                                               callback=timer)
-        else:
-            tokens = model._fast_runtime().generate(cond, model.frames, model.params,
-                                                    seeds=[seed + b for b in range(len(descriptions))],
-                                                    callback=timer)
-        _sync(device)
-        t1 = time.perf_counter()
-        model.codec.decode(tokens)
-        _sync(device)
-        t2 = time.perf_counter()
+    tokens = model.generate_tokens(descriptions, seed=seed, on_event=timer)
+    _sync(model.device)
+    t1 = time.perf_counter()
+    model.decode(tokens)
+    _sync(model.device)
+    t2 = time.perf_counter()
     return (t1 - timer.marks[0]) * 1e3, (t2 - t0) * 1e3, [s * 1e3 for s in timer.stage_times()]
 
 
@@ -173,27 +163,32 @@ def _summary(engine: str, samples: list, audio_s: float) -> dict:
     }
 
 
-def run_cases(model, engines: tp.Sequence[str], descriptions, runs: int, warmup: int, seed: int) -> tp.Dict[str, dict]:
-    """Time `runs` generations per engine after `warmup`, alternating the engines run by run
-    so that load from elsewhere on the machine falls on both alike."""
-    timer = StageTimer(model.params.decoding_steps, model.device)
-    samples: tp.Dict[str, list] = {e: [] for e in engines}
+def run_cases(contenders: tp.Sequence[tp.Tuple[str, tp.Any, str]], descriptions, runs: int, warmup: int,
+              seed: int) -> tp.Dict[str, dict]:
+    """Time `runs` generations per contender (name, model, engine) after `warmup`,
+    alternating the contenders run by run so that load from elsewhere on the machine falls
+    on all alike."""
+    samples: tp.Dict[str, list] = {name: [] for name, _, _ in contenders}
     for i in range(warmup + runs):
-        for engine in engines:
-            result = _timed_generation(model, engine, descriptions, seed, timer)
+        for name, model, engine in contenders:
+            result = _timed_generation(model, engine, descriptions, seed)
             if i >= warmup:
-                samples[engine].append(result)
+                samples[name].append(result)
+    model = contenders[0][1]
     audio_s = model.frames // model.cfg.span_len * model.cfg.span_len / model.frame_rate
-    return {e: _summary(e, samples[e], audio_s) for e in engines}
+    return {name: _summary(engine, samples[name], audio_s) for name, _, engine in contenders}
 
 
-def _load_model(args, precision: str):
+VARIANTS = ("eager", "compile", "graphs", "compile+graphs")
+
+
+def _load_model(args, precision: str, variant: str = "eager"):
     from magnet_engine.api import MAGNeT
     from magnet_engine.demo import cached_demo_model
 
     directory = args.model or cached_demo_model(args.cache_dir, args.arch)
     return MAGNeT.from_pretrained(directory, device=args.device, t5=args.t5, precision=precision,
-                                  compile=args.compile)
+                                  compile=args.compile or "compile" in variant, cuda_graphs="graphs" in variant)
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -213,7 +208,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--duration", type=float, default=2.0)
     p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--precision", nargs="+", default=None, help="fp32 bf16 fp16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--precision", nargs="+", default=None,
+                   help="fp32 fp16-mixed bf16-mixed bf16 fp16 (default: fp32 on CPU, fp16-mixed on CUDA)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager"],
+                   help="fast-runtime variants timed side by side: eager, compile (the whole step through "
+                        "torch.compile), graphs (CUDA graphs), compile+graphs")
     p.add_argument("--decoding-steps", type=int, nargs="+", default=[20, 10, 10, 10])
     p.add_argument("--compile", action="store_true", help="torch.compile the fast runtime (warm-up compiles)")
     p.add_argument("--runs", type=int, default=3)
@@ -224,30 +223,37 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precisions = args.precision or (["fp16"] if device.type == "cuda" else ["fp32"])
+    precisions = args.precision or [default_precision(device)]
     report = {"machine": machine_info(device), "git_commit": _git_commit(), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "cases": []}
     reference_cache: tp.Dict[int, dict] = {}
     for precision in precisions:
-        model = _load_model(args, precision)
-        model.set_generation_params(duration=args.duration, decoding_steps=args.decoding_steps)
+        models = {v: _load_model(args, precision, v) for v in args.variants}
+        for model in models.values():
+            model.set_generation_params(duration=args.duration, decoding_steps=args.decoding_steps)
+        model = models[args.variants[0]]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for batch in args.batch:
             texts = [f"benchmark description number {i} with synths and drums" for i in range(batch)]
             # The reference loop always runs the fp32 weights: it is timed (interleaved with
             # the fast loop) the first time a batch size comes up, and reused after.
-            engines = ["fast"] if args.no_reference or batch in reference_cache else ["fast", "reference"]
-            timings = run_cases(model, engines, texts, args.runs, args.warmup, args.seed)
-            fast = timings["fast"]
+            contenders = [(v, m, "fast") for v, m in models.items()]
+            if not (args.no_reference or batch in reference_cache):
+                contenders.append(("reference", model, "reference"))
+            timings = run_cases(contenders, texts, args.runs, args.warmup, args.seed)
+            fast = timings[args.variants[0]]
             if "reference" in timings:
                 reference_cache[batch] = timings["reference"]
-            case = {"precision": precision, "batch": batch, "frames": model.frames, "fast": fast}
+            case = {"precision": precision, "batch": batch, "frames": model.frames, "fast": fast,
+                    "variants": {v: timings[v] for v in args.variants}}
             if not args.no_reference:
                 ref = reference_cache[batch]
                 case["reference"] = ref
                 case["speedup_tokens_p50"] = ref["tokens_ms"]["p50"] / fast["tokens_ms"]["p50"]
                 case["speedup_end_to_end_p50"] = ref["end_to_end_ms"]["p50"] / fast["end_to_end_ms"]["p50"]
+                case["speedup_tokens_p50_by_variant"] = {
+                    v: ref["tokens_ms"]["p50"] / timings[v]["tokens_ms"]["p50"] for v in args.variants}
             cfg = model.cfg
             flops = 0.0
             from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
@@ -256,7 +262,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 sched = stage_schedule(n, to_gen, model.params)
                 for m in sched.num_masked:
                     flops += step_flops(cfg, batch, kept, model.lm.window(stage), m * cfg.span_len)
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+            dtype = PRECISIONS[precision][0]
             case["tokens_tflop"] = flops / 1e12
             case["achieved_tflops"] = flops / (fast["tokens_ms"]["p50"] / 1e3) / 1e12
             case["gemm_tflops_same_shapes"] = gemm_rate(cfg.dim, cfg.ffn_dim, 2 * batch * kept, dtype, device) / 1e12
@@ -274,8 +280,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 line += (f" | reference tokens p50 {case['reference']['tokens_ms']['p50']:.0f} ms -> "
                          f"speedup {case['speedup_tokens_p50']:.2f}x tokens, "
                          f"{case['speedup_end_to_end_p50']:.2f}x end-to-end")
+            for v in args.variants[1:]:
+                line += f" | {v} tokens p50 {timings[v]['tokens_ms']['p50']:.0f} ms"
             print(line, flush=True)
-        del model
+        del model, models
     out = write_report(args.out or DEFAULT_OUT / f"latency_{device.type}.json", report)
     print(f"wrote {out}")
     return 0

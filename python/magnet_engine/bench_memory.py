@@ -121,13 +121,12 @@ def run_case(case: dict) -> dict:
     """One case in this (fresh) process: baseline, load, first and steady generate."""
     import torch
 
+    import transformers
+
     from magnet_engine.api import MAGNeT
-    from magnet_engine.engine.codec import _encodec_modules
-    from magnet_engine.engine.conditioning import _require_transformers
 
     torch.set_num_threads(case["threads"])
-    _encodec_modules()
-    _require_transformers().T5EncoderModel   # the lazy module: imported before the baseline
+    transformers.T5EncoderModel, transformers.T5Tokenizer   # lazy modules: imported before the baseline
     directory = Path(case["model"])
     device = torch.device(case["device"])
     if device.type == "cuda":

@@ -21,9 +21,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast",
                    help="fast runtime (default) or the plain reference loop")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="transformer precision of the fast runtime (default: fp32 on CPU, fp16 on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast runtime's forward")
+    p.add_argument("--precision", choices=("fp32", "fp16-mixed", "bf16-mixed", "bf16", "fp16"), default=None,
+                   help="transformer precision of the fast runtime (default: fp32 on CPU; on CUDA fp16-mixed: "
+                        "fp16 matmuls, fp32 residual stream and norms, as the reference's autocast)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoding step whole")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each decoding step shape once as a CUDA graph and replay it (CUDA only)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +81,7 @@ def _load(args, model: tp.Optional[str] = None):
     from magnet_engine.api import MAGNeT
 
     return MAGNeT.get_pretrained(model or args.model, device=args.device, t5=args.t5, engine=args.engine,
-                                 precision=args.precision, compile=args.compile)
+                                 precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
 
 
 def _output_paths(output: Path, n: int) -> tp.List[Path]:

@@ -15,8 +15,7 @@ import typing as tp
 from pathlib import Path
 
 from magnet_engine.engine import checkpoint as ckpt
-from magnet_engine.engine.codec import random_compression_package
-from magnet_engine.engine.conditioning import build_random_t5
+from magnet_engine.engine.random_weights import build_random_t5, random_compression_package, random_lm_package
 
 T5_DIR = "t5"
 
@@ -45,7 +44,7 @@ def build_random_model(directory: tp.Union[str, Path], preset: str = "tiny", *, 
     ratios = (8, 5, 4, 4) if sample_rate == 32000 else (8, 5, 4, 2)
     codec = random_compression_package(sample_rate=sample_rate, n_filters=spec["codec_filters"], ratios=ratios,
                                        seed=seed)
-    lm = ckpt.random_lm_package(**ckpt.ARCHITECTURES[spec["arch"]], d_t5=spec["t5"]["d_model"],
+    lm = random_lm_package(**ckpt.ARCHITECTURES[spec["arch"]], d_t5=spec["t5"]["d_model"],
                                 duration=duration, sample_rate=sample_rate, seed=seed, kind=kind)
     return ckpt.save_checkpoint(directory, lm, codec)
 
