@@ -22,7 +22,6 @@ import dataclasses
 import os
 import pickle
 import sys
-import tempfile
 import typing as tp
 import zipfile
 from mmap import PAGESIZE
@@ -31,7 +30,12 @@ from pathlib import Path
 import torch
 
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
+<<<<<<< HEAD
 from magnet_engine.engine.model import MagnetLM, run_dtype
+=======
+from magnet_engine.engine.files import atomic_write
+from magnet_engine.engine.model import MagnetLM
+>>>>>>> main
 from magnet_engine.errors import CheckpointError, ModelNotFoundError
 
 LM_FILE = "state_dict.bin"
@@ -98,6 +102,8 @@ def load_package(path: Path) -> dict:
         # weights_only refuses any global that is not a tensor / plain container.
         raise CheckpointError(f"{path.name}: refused to load, the pickle holds more than plain tensors "
                               f"and containers ({str(exc).splitlines()[0][:300]})") from exc
+    except PermissionError as exc:
+        raise CheckpointError(f"{path}: not readable ({exc.strerror}); check the file's permissions") from exc
     except (EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path.name}: truncated or corrupt file ({exc})") from exc
     except MemoryError:
@@ -158,6 +164,7 @@ def load_lm_checkpoint(path: Path, frame_rate: tp.Optional[int]) -> LMCheckpoint
 
 
 def build_lm(checkpoint: LMCheckpoint, device: tp.Union[str, torch.device] = "cpu",
+<<<<<<< HEAD
              matmul: torch.dtype = torch.float32, residual: tp.Optional[torch.dtype] = None) -> MagnetLM:
     """The LM of a checkpoint on `device`, each parameter in the dtype it runs in
     (`model.run_dtype`: transformer matmul weights in `matmul`, its norms in `residual`,
@@ -169,6 +176,23 @@ def build_lm(checkpoint: LMCheckpoint, device: tp.Union[str, torch.device] = "cp
         lm = MagnetLM(checkpoint.cfg)
     state = place_state(checkpoint.lm_state, device, lambda key: run_dtype(key, matmul, residual),
                         checkpoint.mapped)
+=======
+             dtype: torch.dtype = torch.float32, norm_dtype: tp.Optional[torch.dtype] = None) -> MagnetLM:
+    """The LM of a checkpoint on `device`, its transformer in `dtype` (its layer norms in
+    `norm_dtype`, default `dtype`: fp32 for the mixed precisions) and the rest (embeddings,
+    output norm, heads) in fp32, as the reference's autocast (spec §2). The modules are built
+    on the meta device and take the checkpoint's tensors as their parameters: nothing is
+    allocated twice, and fp32 weights on the CPU stay the mapped file pages."""
+    with torch.device("meta"):
+        lm = MagnetLM(checkpoint.cfg)
+    norm_dtype = dtype if norm_dtype is None else norm_dtype
+
+    def dtype_of(key: str) -> torch.dtype:
+        if not key.startswith("transformer."):
+            return torch.float32
+        return norm_dtype if ".norm" in key else dtype
+    state = place_state(checkpoint.lm_state, device, dtype_of, checkpoint.mapped)
+>>>>>>> main
     lm.load_state_dict(state, strict=True, assign=True)
     return lm.eval().requires_grad_(False)
 
@@ -245,17 +269,9 @@ def read_lm_package(pkg: dict, frame_rate: tp.Optional[int], what: str = LM_FILE
 
 
 def atomic_save(obj: tp.Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temporary file in the same directory, then rename over `path`
+    (engine/files.py: the mode of an existing file kept, a non-regular file refused)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(directory: tp.Union[str, os.PathLike], lm_package: dict, codec_package: dict) -> Path:

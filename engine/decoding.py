@@ -62,6 +62,20 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def cast_for_precision(lm: MagnetLM, precision: str) -> MagnetLM:
+    """Cast `lm` IN PLACE for `precision` and return it: one copy of the weights, in the run
+    precision (the runtime owns `lm`; pass a copy to keep an fp32 one). Embeddings, the output
+    norm and the heads stay fp32, like the reference's autocast (spec §2, reference precision);
+    in the mixed modes the transformer's norms stay fp32 too (only matmul weights are cast)."""
+    matmul, residual = PRECISIONS[check_precision(precision)]
+    if residual == matmul:
+        return cast_transformer_(lm, matmul)
+    for layer in lm.transformer.layers:
+        for part in (layer.self_attn, layer.cross_attention, layer.linear1, layer.linear2):
+            part.to(matmul)
+    return lm
+
+
 # (codes [B, K, T'], stage, cond_only) -> per-frame hidden [2B or B, T', D], pre out_norm
 FrameForward = tp.Callable[[torch.Tensor, int, bool], torch.Tensor]
 
@@ -137,7 +151,7 @@ class Runtime:
         check_precision(precision)
         self.precision = precision
         self.matmul_dtype, self.dtype = PRECISIONS[precision]
-        self.lm = cast_transformer_(lm, self.matmul_dtype, self.dtype)   # in place: the runtime owns `lm`
+        self.lm = cast_for_precision(lm, precision)
         self.cfg = lm.cfg
         self.device = next(lm.parameters()).device
         # the kernel choice, made once: a traced step then holds no import or lookup

@@ -32,9 +32,9 @@ import torch
 
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.conditioning import TextConditioner
-from magnet_engine.engine.decoding import PRECISIONS, StepContext, check_precision
+from magnet_engine.engine.decoding import PRECISIONS, StepContext, cast_for_precision, check_precision
 from magnet_engine.engine.hybrid import ARRuntime, build_delayed
-from magnet_engine.engine.model import MagnetLM, cast_transformer_
+from magnet_engine.engine.model import MagnetLM
 from magnet_engine.errors import CheckpointError, InvalidOptionError
 
 TEMPERATURES = ("tempered", "raw")
@@ -51,7 +51,7 @@ class ExternalLM:
                                   f"lm_model={lm.cfg.lm_model!r}")
         check_precision(precision)
         self.name, self.cfg, self.conditioner = name, lm.cfg, conditioner
-        self.lm = cast_transformer_(lm, *PRECISIONS[precision])   # in place: one copy of the weights
+        self.lm = cast_for_precision(lm, precision)
         self.runtime = ARRuntime(self.lm, PRECISIONS[precision][1])
 
     @classmethod
@@ -67,7 +67,8 @@ class ExternalLM:
         same source, and when the sources agree the encoder and tokenizer are reused."""
         directory = ckpt.resolve_model_dir(name_or_dir)
         loaded = ckpt.load_lm_checkpoint(directory / ckpt.LM_FILE, frame_rate=frame_rate)
-        lm = ckpt.build_lm(loaded, device, *PRECISIONS[check_precision(precision)])
+        matmul, residual = PRECISIONS.get(precision, (torch.float32, torch.float32))
+        lm = ckpt.build_lm(loaded, device, matmul, residual)
         if t5 is None:
             if (directory / "t5" / "config.json").is_file():
                 t5 = str(directory / "t5")

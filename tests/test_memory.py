@@ -9,9 +9,9 @@ import torch
 from magnet_engine import MAGNeT
 from magnet_engine.demo import build_random_model
 from magnet_engine.engine import checkpoint as ckpt
+from magnet_engine.engine import random_weights
 from magnet_engine.engine.decoding import Runtime
 from magnet_engine.engine.model import MagnetLM, cast_transformer_, weight_bytes
-from magnet_engine.engine.random_weights import random_lm_package
 from magnet_engine.errors import CheckpointError
 
 FAST = dict(duration=0.5, decoding_steps=[2, 1, 1, 1])
@@ -57,51 +57,46 @@ def test_fp32_load_keeps_the_file_pages_as_the_parameters(tiny_dir):
     model = MAGNeT.from_pretrained(tiny_dir, device="cpu", precision="fp32")
     model.set_generation_params(**FAST)
     model.generate_tokens(["x"], seed=0)
-    runtime = model._runtime                                        # built by the first call
-    assert runtime.lm is model.lm                                   # no cast copy at fp32
+    runtime = model._fast_runtime()
+    assert runtime.lm is model.lm.module    # no cast copy at fp32
     lm_file, codec_file = _file_ranges(tiny_dir / ckpt.LM_FILE), _file_ranges(tiny_dir / ckpt.CODEC_FILE)
     assert lm_file and codec_file
-    for tensors, ranges in ((_tensors(model.lm, model.conditioner.output_proj), lm_file),
+    for tensors, ranges in ((_tensors(model.lm.module, model.conditioner.output_proj), lm_file),
                             (_tensors(model.codec), codec_file)):
         for t in tensors:   # every weight lives in the mapped checkpoint, none in a second copy
             assert any(lo <= t.data_ptr() < hi for lo, hi in ranges), t.shape
-    ptrs = [t.data_ptr() for t in _tensors(model.lm, runtime.lm, model.conditioner, model.codec)]
-    distinct = {id(t) for t in _tensors(model.lm, runtime.lm, model.conditioner, model.codec)}
+    ptrs = [t.data_ptr() for t in _tensors(model.lm.module, runtime.lm, model.conditioner, model.codec)]
+    distinct = {id(t) for t in _tensors(model.lm.module, runtime.lm, model.conditioner, model.codec)}
     assert len(set(ptrs)) == len(distinct)                          # one tensor per address
     stored = _stored(tiny_dir)
-    for key, value in model.lm.state_dict().items():
+    for key, value in model.lm.module.state_dict().items():
         assert torch.equal(value, stored[key]), key
 
 
-@pytest.mark.parametrize("precision,matmul,norms", [("bf16", torch.bfloat16, torch.bfloat16),
-                                                     ("fp16", torch.float16, torch.float16),
-                                                     ("bf16-mixed", torch.bfloat16, torch.float32)])
-def test_low_precision_runtime_holds_no_fp32_transformer_weights(tiny_dir, precision, matmul, norms):
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_low_precision_runtime_holds_no_fp32_transformer_weights(tiny_dir, precision, dtype):
     model = MAGNeT.from_pretrained(tiny_dir, device="cpu", precision=precision)
     model.set_generation_params(**FAST)
     model.generate_tokens(["x"], seed=0)
-    runtime = model._runtime                                        # built by the first call
-    assert runtime.lm is model.lm                                   # cast in place: no second LM
-    tensors = _tensors(model.lm, runtime.lm, model.conditioner, model.codec)
+    runtime = model._fast_runtime()
+    assert runtime.lm is model.lm.module    # cast in place: no second LM
+    tensors = _tensors(model.lm.module, runtime.lm, model.conditioner, model.codec)
     assert len({t.data_ptr() for t in tensors}) == len({id(t) for t in tensors})
-
-    def want(name):   # embeddings, out_norm, heads fp32; transformer norms in the residual dtype
-        if not name.startswith("transformer."):
-            return torch.float32
-        return norms if ".norm" in name else matmul
-    for name, param in model.lm.named_parameters():
-        assert param.dtype == want(name), name
+    for name, param in model.lm.module.named_parameters():
+        want = dtype if name.startswith("transformer.") else torch.float32   # embeddings, out_norm, heads fp32
+        assert param.dtype == want, name
     assert model._reference_lm is None                              # no fp32 LM until the reference asks
     stored = _stored(tiny_dir)
-    for key, value in model.lm.state_dict().items():               # the stored values, rounded once
+    for key, value in model.lm.module.state_dict().items():               # the stored values, rounded once
         assert torch.equal(value, stored[key].to(value.dtype)), key
     stats = model.memory_stats()
-    lm_bytes = sum(v.numel() * want(k).itemsize for k, v in stored.items() if not k.startswith("condition_provider."))
+    lm_bytes = sum(v.numel() * (dtype.itemsize if k.startswith("transformer.") else 4)
+                   for k, v in stored.items() if not k.startswith("condition_provider."))
     assert stats["weights_bytes"]["lm"] == lm_bytes
 
 
 def test_runtime_casts_in_place():
-    package = random_lm_package(32, 4, 2, d_t5=8, card=40)
+    package = random_weights.random_lm_package(32, 4, 2, d_t5=8, card=40)
     lm = ckpt.build_lm(ckpt.read_lm_package(package, frame_rate=50))
     before = {id(t) for t in _tensors(lm)}
     count = len(list(lm.parameters()))
@@ -116,7 +111,7 @@ def test_runtime_casts_in_place():
 def test_reference_engine_gets_fp32_weights_only_when_asked(tiny_dir):
     low = MAGNeT.from_pretrained(tiny_dir, device="cpu", precision="bf16")
     ref = MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="reference")
-    assert ref.reference_lm() is ref.lm                             # fp32 already: nothing loaded twice
+    assert ref.reference_lm() is ref.lm.module                      # fp32 already: nothing loaded twice
     for m in (low, ref):
         m.set_generation_params(**FAST)
     low.generate_tokens(["x"], seed=0)                              # the fast runtime exists, in bf16
@@ -124,7 +119,7 @@ def test_reference_engine_gets_fp32_weights_only_when_asked(tiny_dir):
     low.engine = "reference"
     tokens = low.generate_tokens(["a reference run"], seed=3)
     reference_lm = low._reference_lm
-    assert reference_lm is not None and reference_lm is not low.lm
+    assert reference_lm is not None and reference_lm is not low.lm.module
     assert {p.dtype for p in reference_lm.parameters()} == {torch.float32}
     assert torch.equal(tokens, ref.generate_tokens(["a reference run"], seed=3))
     assert low.memory_stats()["weights_bytes"]["reference_lm"] == weight_bytes(reference_lm)
@@ -134,13 +129,13 @@ def test_reference_without_a_checkpoint_directory_is_a_typed_error(tiny_dir):
     from magnet_engine.errors import InvalidOptionError
 
     loaded = MAGNeT.from_pretrained(tiny_dir, device="cpu", precision="bf16")
-    bare = MAGNeT("bare", loaded.lm, loaded.conditioner, loaded.codec, loaded.device, engine="reference")
+    bare = MAGNeT("bare", loaded.lm.module, loaded.conditioner, loaded.codec, loaded.device, engine="reference")
     with pytest.raises(InvalidOptionError, match="fp32 weights"):
         bare.reference_lm()
 
 
 def test_legacy_pickle_loads_without_mapping(tmp_path):
-    package = random_lm_package(32, 4, 1, d_t5=8, card=40, seed=2)
+    package = random_weights.random_lm_package(32, 4, 1, d_t5=8, card=40, seed=2)
     legacy, modern = tmp_path / "legacy.bin", tmp_path / "modern.bin"
     torch.save(package, legacy, _use_new_zipfile_serialization=False)
     torch.save(package, modern)
@@ -148,7 +143,7 @@ def test_legacy_pickle_loads_without_mapping(tmp_path):
     for path in (legacy, modern):
         loaded = ckpt.load_lm_checkpoint(path, frame_rate=50)
         assert loaded.mapped == (path == modern)
-        lm = ckpt.build_lm(loaded, matmul=torch.bfloat16)
+        lm = ckpt.build_lm(loaded, dtype=torch.bfloat16)
         for key, value in lm.state_dict().items():
             assert torch.equal(value, package["best_state"][key].to(value.dtype)), key
 
@@ -156,18 +151,18 @@ def test_legacy_pickle_loads_without_mapping(tmp_path):
 def test_released_pages_read_back_the_same_values(tmp_path):
     """A cast releases the source's file pages; the package still holding them reads the
     file's bytes again, not zeros."""
-    package = random_lm_package(64, 4, 2, d_t5=8, card=1024, seed=6)
+    package = random_weights.random_lm_package(64, 4, 2, d_t5=8, card=1024, seed=6)
     path = tmp_path / ckpt.LM_FILE
     torch.save(package, path)
     loaded = ckpt.load_lm_checkpoint(path, frame_rate=50)
     assert loaded.mapped
-    ckpt.build_lm(loaded, matmul=torch.float16)
+    ckpt.build_lm(loaded, dtype=torch.float16)
     for key, value in loaded.lm_state.items():
         assert torch.equal(value, package["best_state"][key]), key
 
 
 def test_mapped_loads_keep_the_typed_errors(tmp_path):
-    package = random_lm_package(32, 4, 1, d_t5=8, card=40)
+    package = random_weights.random_lm_package(32, 4, 1, d_t5=8, card=40)
     path = tmp_path / ckpt.LM_FILE
     torch.save(package, path)
     data = path.read_bytes()
@@ -195,7 +190,7 @@ def test_shared_t5_counted_once(tiny_dir, musicgen_dir):
 
 def test_meta_built_lm_matches_a_plain_one():
     """Outputs unchanged: the LM assigned from a checkpoint computes what one loaded by copy does."""
-    package = random_lm_package(32, 4, 2, d_t5=8, card=40, seed=9)
+    package = random_weights.random_lm_package(32, 4, 2, d_t5=8, card=40, seed=9)
     loaded = ckpt.read_lm_package(package, frame_rate=50)
     assigned = ckpt.build_lm(loaded)
     copied = MagnetLM(loaded.cfg)
@@ -205,23 +200,3 @@ def test_meta_built_lm_matches_a_plain_one():
     cond = torch.randn(2, 3, 32, generator=gen)
     with torch.no_grad():
         assert torch.equal(assigned.stage_logits(codes, cond, 1), copied.eval().stage_logits(codes, cond, 1))
-
-
-@linux_only
-def test_memory_benchmark_runs_a_case(tiny_dir, tmp_path):
-    """The benchmark's plumbing on the tiny model (its numbers are for the benchmark, not asserted)."""
-    import json
-
-    from magnet_engine.bench_memory import main
-
-    out = tmp_path / "memory.json"
-    assert main(["--model", str(tiny_dir), "--precision", "bf16", "--cache", "warm", "--label", "t",
-                 "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    case = report["runs"][0]["cases"][0]
-    stored = _stored(tiny_dir)
-    lm_bytes = sum(v.numel() * (2 if k.startswith("transformer.") else 4)
-                   for k, v in stored.items() if not k.startswith("condition_provider."))
-    assert case["weights_bytes"]["lm"] == lm_bytes == case["memory_stats"]["weights_bytes"]["lm"]
-    assert case["load"]["peak_rss"] >= case["baseline_rss"] > 0
-    assert [row["label"] for row in report["summary"]] == ["t"]
