@@ -30,12 +30,8 @@ from pathlib import Path
 import torch
 
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
-<<<<<<< HEAD
-from magnet_engine.engine.model import MagnetLM, run_dtype
-=======
 from magnet_engine.engine.files import atomic_write
 from magnet_engine.engine.model import MagnetLM
->>>>>>> main
 from magnet_engine.errors import CheckpointError, ModelNotFoundError
 
 LM_FILE = "state_dict.bin"
@@ -164,19 +160,6 @@ def load_lm_checkpoint(path: Path, frame_rate: tp.Optional[int]) -> LMCheckpoint
 
 
 def build_lm(checkpoint: LMCheckpoint, device: tp.Union[str, torch.device] = "cpu",
-<<<<<<< HEAD
-             matmul: torch.dtype = torch.float32, residual: tp.Optional[torch.dtype] = None) -> MagnetLM:
-    """The LM of a checkpoint on `device`, each parameter in the dtype it runs in
-    (`model.run_dtype`: transformer matmul weights in `matmul`, its norms in `residual`,
-    default `matmul`; embeddings, output norm and heads fp32). The modules are built on the
-    meta device and take the checkpoint's tensors as their parameters: nothing is allocated
-    twice, and fp32 weights on the CPU stay the mapped file pages."""
-    residual = matmul if residual is None else residual
-    with torch.device("meta"):
-        lm = MagnetLM(checkpoint.cfg)
-    state = place_state(checkpoint.lm_state, device, lambda key: run_dtype(key, matmul, residual),
-                        checkpoint.mapped)
-=======
              dtype: torch.dtype = torch.float32, norm_dtype: tp.Optional[torch.dtype] = None) -> MagnetLM:
     """The LM of a checkpoint on `device`, its transformer in `dtype` (its layer norms in
     `norm_dtype`, default `dtype`: fp32 for the mixed precisions) and the rest (embeddings,
@@ -192,7 +175,6 @@ def build_lm(checkpoint: LMCheckpoint, device: tp.Union[str, torch.device] = "cp
             return torch.float32
         return norm_dtype if ".norm" in key else dtype
     state = place_state(checkpoint.lm_state, device, dtype_of, checkpoint.mapped)
->>>>>>> main
     lm.load_state_dict(state, strict=True, assign=True)
     return lm.eval().requires_grad_(False)
 

@@ -291,27 +291,13 @@ class MagnetLM(nn.Module):
         return self.linears[stage](self.hidden(codes, cond, stage, attend))
 
 
-_NORMS = ("norm1", "norm_cross", "norm2")
-
-
-def run_dtype(key: str, matmul: torch.dtype, residual: torch.dtype) -> torch.dtype:
-    """The dtype a MagnetLM parameter (by state-dict key) runs in: the transformer's matmul
-    weights in `matmul`, its norms in `residual` (fp32 in the mixed modes), the rest —
-    embeddings, output norm, heads — fp32, as under the reference's autocast (spec §2)."""
-    if not key.startswith("transformer."):
-        return torch.float32
-    return residual if key.split(".")[3] in _NORMS else matmul
-
-
-def cast_transformer_(lm: MagnetLM, matmul: torch.dtype, residual: tp.Optional[torch.dtype] = None) -> MagnetLM:
-    """Cast the transformer to its run dtypes (`run_dtype`; residual defaults to matmul) in
-    place: one copy of the weights, in the run precision. `Module.to` converts parameter by
-    parameter, so each full-precision tensor is freed as its copy is made. A no-op when the
-    layers already are so (`checkpoint.build_lm` loads them so). Returns `lm`."""
-    residual = matmul if residual is None else residual
-    for layer in lm.transformer.layers:
-        for name, part in layer.named_children():
-            part.to(residual if name in _NORMS else matmul)
+def cast_transformer_(lm: MagnetLM, dtype: torch.dtype) -> MagnetLM:
+    """Cast the transformer layers to `dtype` in place: one copy of the weights, in the run
+    precision. `Module.to` converts parameter by parameter, so each full-precision tensor is
+    freed as its copy is made. Embeddings, the output norm and the heads stay fp32, as under
+    the reference's autocast on CUDA (spec §2). A no-op when the layers already are `dtype`
+    (`checkpoint.build_lm` loads them so). Returns `lm`."""
+    lm.transformer.to(dtype)
     return lm
 
 
