@@ -200,3 +200,23 @@ def test_meta_built_lm_matches_a_plain_one():
     cond = torch.randn(2, 3, 32, generator=gen)
     with torch.no_grad():
         assert torch.equal(assigned.stage_logits(codes, cond, 1), copied.eval().stage_logits(codes, cond, 1))
+
+
+@linux_only
+def test_memory_benchmark_runs_a_case(tiny_dir, tmp_path):
+    """The benchmark's plumbing on the tiny model (its numbers are for the benchmark, not asserted)."""
+    import json
+
+    from magnet_engine.bench_memory import main
+
+    out = tmp_path / "memory.json"
+    assert main(["--model", str(tiny_dir), "--precision", "bf16", "--cache", "warm", "--label", "t",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    case = report["runs"][0]["cases"][0]
+    stored = _stored(tiny_dir)
+    lm_bytes = sum(v.numel() * (2 if k.startswith("transformer.") else 4)
+                   for k, v in stored.items() if not k.startswith("condition_provider."))
+    assert case["weights_bytes"]["lm"] == lm_bytes == case["memory_stats"]["weights_bytes"]["lm"]
+    assert case["load"]["peak_rss"] >= case["baseline_rss"] > 0
+    assert [row["label"] for row in report["summary"]] == ["t"]
