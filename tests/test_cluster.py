@@ -165,7 +165,7 @@ def test_rows_spread_over_replicas_same_audio_as_one_process(cluster, tiny_model
 
 def test_same_routes_and_progress_through_the_ingress(cluster, tiny_model):
     info = requests.get(f"{URL}/v1/model", timeout=10).json()
-    assert info["n_q"] == tiny_model.cfg.n_q and info["sample_rate"] == tiny_model.sample_rate
+    assert info["n_q"] == tiny_model.config.n_q and info["sample_rate"] == tiny_model.sample_rate
     assert info["limits"]["max_batch"] == SETTINGS.max_batch
     assert requests.get(f"{URL}/healthz", timeout=10).json() == {"status": "ok", "queue_depth": 0}
     assert 'id="generate"' in requests.get(f"{URL}/", timeout=10).text
@@ -186,7 +186,7 @@ def test_same_routes_and_progress_through_the_ingress(cluster, tiny_model):
     assert kinds[0] == "queued" and kinds[-1] == "done" and {"started", "step", "codec"} <= set(kinds)
     # a watched request's steps carry the token canvas, made on the replica
     canvas = [data["canvas"] for kind, data in events if kind == "step" and "canvas" in data]
-    assert canvas and canvas[-1]["codebooks"] == tiny_model.cfg.n_q
+    assert canvas and canvas[-1]["codebooks"] == tiny_model.config.n_q
     assert post(description="piano", request_id="p-7").status_code == 409
     metrics = requests.get(f"{URL}/metrics", timeout=10).text
     assert 'magnet_requests_total{status="200"}' in metrics and "magnet_batches_total" in metrics
