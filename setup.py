@@ -51,7 +51,8 @@ setup(
         "transformers>=4.38,<5",
         "sentencepiece",
         "omegaconf>=2.3",
-        "soundfile",
+        "soundfile>=0.13",  # MP3 writing with a bitrate (compression_level, bitrate_mode)
+        "pyloudnorm",       # audio_write(strategy='loudness'): ITU-R BS.1770-4 loudness
         "tqdm",
         "einops",  # used by the encodec package's modules
         "huggingface_hub",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing as tp
 
 from magnet_engine.errors import ConfigError, InvalidOptionError
@@ -248,6 +249,18 @@ def check_sampling_options(use_sampling, top_k, top_p, temperature, what: str = 
         raise InvalidOptionError(f"{what}temperature must be a finite number >= 0, found {temperature!r}")
 
 
+def as_integral(value: tp.Any) -> tp.Any:
+    """An int, numpy integer or integral float -> int, as audiocraft's `int(s)` (UIs such as
+    gradio's Number send 20.0); anything else is returned as is for validation to refuse."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return value
+
+
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
 
@@ -280,6 +293,13 @@ class DecodingParams:
     span_scoring: str = "max"
     anneal_temp: bool = True
 
+    def __post_init__(self):
+        # frozen: normalise through object.__setattr__; validate() judges what remains.
+        object.__setattr__(self, "top_k", as_integral(self.top_k))
+        steps = self.decoding_steps
+        if not isinstance(steps, (str, bytes)) and isinstance(steps, tp.Iterable):
+            object.__setattr__(self, "decoding_steps", tuple(as_integral(s) for s in steps))
+
     def validate(self, n_q: int, card: tp.Optional[int] = None,
                  max_steps: int = MAX_DECODING_STEPS) -> "DecodingParams":
         """Check every option (top_k against the codebook size `card` when given); returns
@@ -296,6 +316,8 @@ class DecodingParams:
                     or abs(value) > MAX_CFG_COEF:
                 bad(f"{name} must be a number in [-{MAX_CFG_COEF:g}, {MAX_CFG_COEF:g}], found {value!r}")
         steps = self.decoding_steps
+        if not isinstance(steps, tuple):
+            bad(f"decoding_steps must be a sequence of {n_q} ints, found {steps!r}")
         if len(steps) != n_q:
             bad(f"decoding_steps must have one entry per codebook ({n_q}), found {len(steps)}: {list(steps)[:8]}")
         if any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= max_steps for s in steps):
@@ -312,6 +334,4 @@ class DecodingParams:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise InvalidOptionError(f"unknown decoding option(s): {sorted(unknown)}")
-        if "decoding_steps" in changes and changes["decoding_steps"] is not None:
-            changes["decoding_steps"] = tuple(changes["decoding_steps"])
         return dataclasses.replace(self, **changes)

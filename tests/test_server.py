@@ -166,7 +166,7 @@ def test_several_descriptions_return_a_zip_in_order(tiny_model):
 def test_model_info(tiny_model):
     with serve(tiny_model, max_duration=2.0, max_text_chars=50) as client:
         info = client.get("/v1/model").json()
-    assert info["sample_rate"] == 32000 and info["n_q"] == tiny_model.cfg.n_q
+    assert info["sample_rate"] == 32000 and info["n_q"] == tiny_model.config.n_q
     assert info["max_duration"] == 2.0 and info["defaults"]["duration"] == 2.0
     assert info["defaults"]["decoding_steps"] == [20, 10, 10, 10] and info["defaults"]["top_p"] == 0.9
     assert info["choices"]["span_arrangement"] == ["nonoverlap", "stride1"]
@@ -649,7 +649,7 @@ def test_progress_stream_carries_the_token_canvas_step_by_step(tiny_model):
             assert post(client, description="warm piano", request_id="canvas", decoding_steps=[3, 2, 1, 1]).status_code == 200
             steps = [data for kind, data in sse_events(stream.result(timeout=60).text) if kind == "step"]
     assert [s["done"] for s in steps] == [1, 2, 3, 4, 5, 6, 7]
-    k, t = tiny_model.cfg.n_q, int(0.3 * tiny_model.frame_rate)
+    k, t = tiny_model.config.n_q, int(0.3 * tiny_model.frame_rate)
     grids = []
     for s in steps:
         assert (s["canvas"]["codebooks"], s["canvas"]["frames"]) == (k, t)

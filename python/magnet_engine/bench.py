@@ -3,6 +3,7 @@
     magnet-engine bench --arch small --duration 2 --batch 1 --precision fp32 bf16
     python benchmarks/latency.py --model /path/to/magnet-small-10secs --runs 5
     magnet-engine bench hybrid --prefixes 1 3   # hybrid vs plain, rescoring, time to first audio
+    magnet-engine bench --memory                # peak memory against the weights (bench_memory.py)
 
 Both loops run in one process on the same model, inputs, settings and machine; the ratio
 is the headline. Reports p50/p95 of tokens-only and end-to-end latency, time per stage,
@@ -174,7 +175,7 @@ def run_cases(contenders: tp.Sequence[tp.Tuple[str, tp.Any, str]], descriptions,
             if i >= warmup:
                 samples[name].append(result)
     model = contenders[0][1]
-    audio_s = model.frames // model.cfg.span_len * model.cfg.span_len / model.frame_rate
+    audio_s = model.frames // model.config.span_len * model.config.span_len / model.frame_rate
     return {name: _summary(engine, samples[name], audio_s) for name, _, engine in contenders}
 
 
@@ -195,6 +196,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if argv[:1] == ["hybrid"]:   # hybrid vs plain, rescoring cost, time to first audio
         from magnet_engine.bench_hybrid import main as hybrid_main
         return hybrid_main(argv[1:])
+    if "--memory" in argv:        # peak memory of load and generate against the weights' bytes
+        from magnet_engine.bench_memory import main as memory_main
+        return memory_main([a for a in argv if a != "--memory"])
     p = argparse.ArgumentParser(prog="magnet-engine bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: random weights of --arch)")
@@ -250,14 +254,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 case["speedup_end_to_end_p50"] = ref["end_to_end_ms"]["p50"] / fast["end_to_end_ms"]["p50"]
                 case["speedup_tokens_p50_by_variant"] = {
                     v: ref["tokens_ms"]["p50"] / timings[v]["tokens_ms"]["p50"] for v in args.variants}
-            cfg = model.cfg
+            cfg = model.config
             flops = 0.0
             from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
             kept, _, to_gen = spans_to_generate(model.frames, 0, cfg.span_len, True)
             for stage, n in enumerate(model.params.decoding_steps):
                 sched = stage_schedule(n, to_gen, model.params)
                 for m in sched.num_masked:
-                    flops += step_flops(cfg, batch, kept, model.lm.window(stage), m * cfg.span_len)
+                    flops += step_flops(cfg, batch, kept, model.lm.module.window(stage), m * cfg.span_len)
             dtype = PRECISIONS[precision][0]
             case["tokens_tflop"] = flops / 1e12
             case["achieved_tflops"] = flops / (fast["tokens_ms"]["p50"] / 1e3) / 1e12

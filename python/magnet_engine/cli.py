@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import time
 import typing as tp
@@ -29,7 +30,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (names and defaults of MAGNeT.set_generation_params)")
     g.add_argument("--duration", type=float, default=None, help="seconds (default: the model's trained length)")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="default: a random seed")
     g.add_argument("--no-sampling", dest="use_sampling", action="store_false", help="greedy decoding (argmax)")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=0.9)
@@ -111,6 +112,10 @@ def _checked_outputs(args, n: int) -> tp.List[Path]:
 def _generate(model, args, paths: tp.List[Path]) -> tp.Tuple[tp.List[Path], float]:
     from magnet_engine.audio import read_audio, write_wav
 
+    if args.seed is None:   # the API would draw from torch's default generator: the same in every process
+        args.seed = secrets.randbelow(2 ** 62)
+
+    model.set_generation_params(**_generation_params(args))
     texts = args.texts or [None]
     model.set_generation_params(**_generation_params(args))
     start = time.perf_counter()

@@ -227,7 +227,7 @@ class Batcher:
             for job in jobs:
                 first = next(i for i, r in enumerate(batch) if r.job is job)
                 watched = isinstance(event, events.StageStep) and event.canvas is not None and job.channel.subscribers
-                job.channel.publish("step", {**data, "canvas": canvas_snapshot(event, first, self.model.cfg.card)}
+                job.channel.publish("step", {**data, "canvas": canvas_snapshot(event, first, self.model.config.card)}
                                     if watched else data)
 
         def on_prefix(wav) -> None:   # hybrid checkpoints: the decoded AR prefix, before the tail exists

@@ -185,7 +185,7 @@ def parse_request(model, settings: Settings, body: GenerateRequest):
             raise InvalidInputError(f"description {i} is not valid Unicode ({exc.reason} at index "
                                     f"{exc.start})") from None
     options = {name: getattr(body, name) for name in OPTION_FIELDS if getattr(body, name) is not None}
-    params = DecodingParams().replace(**options).validate(model.cfg.n_q, card=model.cfg.card,
+    params = DecodingParams().replace(**options).validate(model.config.n_q, card=model.config.card,
                                                           max_steps=settings.max_decoding_steps)
     return texts, params, check_duration(model, settings, body.duration)
 
@@ -197,9 +197,9 @@ def model_info(model, settings: Settings, max_batch: int) -> dict:
         "device": str(model.device),
         "sample_rate": model.sample_rate,
         "frame_rate": model.frame_rate,
-        "channels": model.cfg.channels,
-        "n_q": model.cfg.n_q,
-        "hybrid": model.cfg.is_hybrid,   # AR prefix first: progress events with stage "prefix"
+        "channels": model.config.channels,
+        "n_q": model.config.n_q,
+        "hybrid": model.config.is_hybrid,   # AR prefix first: progress events with stage "prefix"
         "max_duration": check_duration(model, settings, None),
         "defaults": {**dataclasses.asdict(DecodingParams()), "duration": check_duration(model, settings, None)},
         "choices": {"span_arrangement": list(SPAN_ARRANGEMENTS), "span_scoring": list(SPAN_SCORINGS)},
