@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magnet_engine.engine.checkpoint import CODEC_FILE, check_state, place_state
-from magnet_engine.engine.config import cfg_get, parse_yaml_config
+from magnet_engine.engine.config import cfg_get, parse_yaml_config, without_resolvers
 from magnet_engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
                                   ModelNotFoundError, NumericalError)
 
@@ -108,6 +108,8 @@ class CodecConfig:
     @classmethod
     def from_xp_cfg(cls, cfg) -> "CodecConfig":
         """Parsed compression xp.cfg -> config; unsupported variants are a ConfigError."""
+        cfg = without_resolvers(cfg)
+
         def g(path, *default):
             return cfg_get(cfg, path, *default, what=CODEC_WHAT)
 

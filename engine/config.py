@@ -3,10 +3,10 @@
 `xp.cfg` is the full audiocraft training config as a YAML string, with `${...}`
 interpolations left unresolved (real exports keep them). We parse it with OmegaConf and
 read only the fields generation needs; each is resolved on access, so an interpolation
-we never read cannot fail the load. Only plain references (`${a.b}`) resolve: a value
-that calls a resolver (`${oc.env:USER}` in the dora section, `${oc.decode:...}`, anything
-registered) is replaced at parse time by a marker that is an error to read, so nothing
-in a checkpoint reaches the environment.
+we never read cannot fail the load. Only plain references (`${a.b}`) resolve: the typed
+configs read through `without_resolvers`, a copy in which every value that calls a resolver
+(`${oc.env:USER}` in the dora section, `${oc.decode:...}`, anything registered) is a marker
+that `cfg_get` refuses to read, so nothing in a checkpoint reaches the environment.
 """
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def parse_yaml_config(text: str, what: str = "xp.cfg"):
         raise ConfigError(f"{what}: not valid YAML ({exc})") from exc
     if not hasattr(cfg, "keys"):
         raise ConfigError(f"{what}: expected a mapping at top level")
+    return cfg
+
+
+def without_resolvers(cfg):
+    """A copy of a parsed config in which every string that calls a resolver is REFUSED;
+    read fields from it with `cfg_get` (which refuses the marker, also when reached through a
+    plain reference). Plain references still resolve."""
+    from omegaconf import OmegaConf
+
     return OmegaConf.create(_without_resolvers(OmegaConf.to_container(cfg, resolve=False)))
 
 
@@ -84,7 +93,8 @@ def _check_not_refused(value: tp.Any, path: str, what: str) -> None:
 
 
 def cfg_get(cfg, path: str, default: tp.Any = _MISSING, what: str = "xp.cfg") -> tp.Any:
-    """Read and resolve one dotted field; a missing field without default is a ConfigError."""
+    """Read and resolve one dotted field of a `without_resolvers` copy; a missing field
+    without default, or one that calls a resolver, is a ConfigError."""
     from omegaconf import OmegaConf
 
     try:
@@ -165,6 +175,7 @@ class ModelConfig:
     def from_xp_cfg(cls, cfg, frame_rate: tp.Optional[int] = None) -> "ModelConfig":
         """Build from a parsed xp.cfg. `frame_rate` comes from the codec (the loader's rule);
         without it, `transformer_lm.compression_model_framerate` must be present."""
+        cfg = without_resolvers(cfg)
         g = lambda path, default=_MISSING: cfg_get(cfg, path, default)  # noqa: E731
         lm_model = g("lm_model", "transformer_lm_magnet")
         if lm_model not in ("transformer_lm_magnet", "transformer_lm"):

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from magnet_engine.engine import checkpoint as ckpt
-from magnet_engine.engine.config import cfg_get, parse_yaml_config
+from magnet_engine.engine.config import cfg_get, parse_yaml_config, without_resolvers
 from magnet_engine.engine.random_weights import random_lm_package
 from magnet_engine.errors import CheckpointError, ConfigError
 
@@ -39,7 +39,7 @@ def test_no_registered_resolver_ever_runs(secret_env):
     calls = []
     OmegaConf.register_new_resolver("magnet_test_probe", lambda *a: calls.append(a) or "x", replace=True)
     try:
-        cfg = parse_yaml_config("a: ${magnet_test_probe:1}\nb: ['${magnet_test_probe:2}']\nc: {d: '${a}'}\ne: 3\nf: ${e}")
+        cfg = without_resolvers(parse_yaml_config("a: ${magnet_test_probe:1}\nb: ['${magnet_test_probe:2}']\nc: {d: '${a}'}\ne: 3\nf: ${e}"))
         for path in ("a", "b", "c", "c.d"):
             with pytest.raises(ConfigError, match="resolver"):
                 cfg_get(cfg, path)
