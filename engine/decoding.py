@@ -33,7 +33,7 @@ import torch
 from magnet_engine.engine import events as ev
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.model import MagnetLM
-from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
+from magnet_engine.engine.schedule import span_fixed, spans_to_generate, stage_schedule
 from magnet_engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import attention as attn_kernels
 from magnet_engine.kernels import backend, masking, sampling
@@ -442,15 +442,6 @@ def fixed_cells(n_q: int, mask_id: int, batch: int, frames: int, prompt: tp.Opti
     if canvas.dim() != 3 or canvas.shape[0] != batch or canvas.shape[1] != n_q or canvas.shape[2] < frames:
         raise InvalidOptionError(f"canvas must be [{batch}, {n_q}, >= {frames}] codes, found {tuple(canvas.shape)}")
     return canvas[..., :frames].long(), fixed.cpu()
-
-
-def span_fixed(fixed: torch.Tensor, span_len: int, layout: str) -> torch.Tensor:
-    """[K, T'] fixed cells -> [K, n] fixed spans: in 'chunk' layout a chunk is fixed iff all
-    its frames are (a partly fixed chunk is decoded, its fixed frames restored each step);
-    otherwise the frames themselves."""
-    if layout == "chunk":
-        return fixed.reshape(fixed.shape[0], -1, span_len).all(dim=-1)
-    return fixed
 
 
 def _masked_positions(span_mask: torch.Tensor, count: int, span_len: int) -> torch.Tensor:
