@@ -110,8 +110,9 @@ class Plan:
 
     @property
     def out_frames(self) -> int:
-        """Frames of the result: the last window's end (span-trimmed)."""
-        return self.phases[-1].end
+        """Frames of the result: the last window's end (span-trimmed); infill: the clip's frames
+        (the frames past T' that span trimming leaves out are the clip's own)."""
+        return self.frames if self.mode == "infill" else self.phases[-1].end
 
     @property
     def ar_steps(self) -> int:
@@ -356,6 +357,8 @@ def run(p: Plan, models: Models, cond: tp.Union[torch.Tensor, tp.Sequence[torch.
                 out = torch.full((p.batch, codes.shape[1], p.out_frames), mask_id, dtype=torch.long,
                                  device=codes.device)
             out[..., phase.start:phase.end] = codes
+        if p.mode == "infill" and p.frames > phase.kept:
+            out = codes = torch.cat([codes, canvas[..., phase.kept:p.frames].to(codes)], dim=-1)
         new = 0 if i == 0 else phase.prompt_lens[0]
         listen(ev.WindowReady(i, len(phases), codes[..., new:]))
         done += sum(phase.steps)

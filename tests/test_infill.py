@@ -250,14 +250,14 @@ def test_api_long_form_and_streaming(model):
         seen = []
         tokens = model.generate_tokens(["a", "b"], seed=2, on_event=seen.append, duration=2.5)
         windows = [e for e in seen if isinstance(e, events.WindowReady)]
-        assert len(windows) == 4 and tokens.shape == (2, 4, 117)   # 0-48, 30-78, 60-108, 90-117
+        assert len(windows) == 4 and tokens.shape == (2, 4, 123)   # 0-48, 30-78, 60-108, 90-123
         first = model.generate_tokens(["a", "b"], seed=2, duration=1)
         assert torch.equal(first, tokens[..., :48])
         chunks = list(model.generate_stream([["a", "b", "c", "d"], ["e", "f", "g", "h"]], seed=2))
         kinds = [k for k, _ in chunks]
         assert kinds == ["chunk"] * 5 + ["full"]
         joined = torch.cat([w for k, w in chunks if k == "chunk"], dim=-1)
-        assert joined.shape == chunks[-1][1].shape == (2, 1, 117 * 640)
+        assert joined.shape == chunks[-1][1].shape == (2, 1, 123 * 640)
         assert (joined - chunks[-1][1]).abs().max() <= 1e-4
         with pytest.raises(InvalidInputError, match="per row"):
             model.generate([["a", "b"]], seed=2)

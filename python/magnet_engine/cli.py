@@ -200,17 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(g)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("edit", help="regenerate regions of an audio clip in place (infill)")
-    e.add_argument("input", help="audio file to edit (at most the model's window long)")
-    e.add_argument("text", nargs="?", default=None, help="description of the result (none: unconditional)")
-    e.add_argument("--region", type=_region, action="append", required=True, metavar="START:END",
-                   help="seconds to regenerate; repeat for several (snapped outward to whole spans)")
-    e.add_argument("-o", "--output", default="magnet_edit.wav")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_model_args(e)
-    _add_decoding_args(e)
-    e.set_defaults(func=cmd_edit)
-
     d = sub.add_parser("demo", help="generate with an embedded random-weight model (no download)")
     d.add_argument("texts", nargs="*")
     d.add_argument("--preset", choices=("tiny", "small", "medium"), default="small",
@@ -226,10 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo, duration=2.0)
 
     # Listed for --help; main() hands their arguments to their own parsers.
+    sub.add_parser("edit", help="regenerate regions of an audio clip in place, infill (edit --help)", add_help=False)
     sub.add_parser("bench", help="latency benchmark, fast vs reference loop (bench --help)", add_help=False)
     sub.add_parser("serve", help="HTTP service with dynamic batching and the demo page (serve --help)",
                    add_help=False)
     return parser
+
+
+def build_edit_parser() -> argparse.ArgumentParser:
+    """`edit` has its own parser: its text may follow the options (IN.wav --region 4:6 "text"),
+    which needs intermixed parsing, and that does not work through subparsers."""
+    e = argparse.ArgumentParser(prog="magnet-engine edit", description="regenerate regions of an audio clip (infill)")
+    e.add_argument("input", help="audio file to edit (at most the model's window long)")
+    e.add_argument("text", nargs="?", default=None, help="description of the result (none: unconditional)")
+    e.add_argument("--region", type=_region, action="append", required=True, metavar="START:END",
+                   help="seconds to regenerate; repeat for several (snapped outward to whole spans)")
+    e.add_argument("-o", "--output", default="magnet_edit.wav")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_args(e)
+    _add_decoding_args(e)
+    e.set_defaults(func=cmd_edit)
+    return e
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -241,7 +247,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if argv[:1] and argv[0] in handoff:
         import importlib
         return importlib.import_module(handoff[argv[0]]).main(argv[1:])
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["edit"]:
+        args = build_edit_parser().parse_intermixed_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except MagnetEngineError as exc:
