@@ -58,8 +58,8 @@ setup(
     extras_require={
         "gpu": ["triton", "flash-attn"],
         "triton": ["triton"],
-        "serve": ["fastapi", "uvicorn", "httpx"],
-        "test": ["pytest", "triton", "fastapi", "uvicorn", "httpx", "selenium"],
+        "serve": ["fastapi", "uvicorn", "httpx", "python-multipart"],
+        "test": ["pytest", "triton", "fastapi", "uvicorn", "httpx", "python-multipart", "selenium"],
     },
     entry_points={"console_scripts": ["magnet-engine=magnet_engine.cli:main"]},
 )

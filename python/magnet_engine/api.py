@@ -297,7 +297,8 @@ class MAGNeT:
     def generate_infill(self, audio, sample_rate: tp.Optional[int], regions: tp.Sequence[tp.Tuple[float, float]],
                         descriptions: tp.Optional[tp.Sequence[tp.Optional[str]]] = None,
                         progress: tp.Union[bool, Progress] = False, return_tokens: bool = False,
-                        seed: tp.Union[int, tp.Sequence[int], None] = None):
+                        seed: tp.Union[int, tp.Sequence[int], None] = None, *,
+                        params: tp.Optional[DecodingParams] = None):
         """Regenerate `regions` of a clip, keeping everything else.
 
         audio: a float waveform [B, C, samples] or [C, samples] at `sample_rate` (resampled
@@ -310,10 +311,13 @@ class MAGNeT:
         encoded codes, bit for bit; returns audio [B, channels, frames · hop] decoded from
         them (and the codes [B, K, frames] with return_tokens). Errors: RegionError (empty,
         outside the clip, or covering all of it: that is `generate`), InvalidInputError
-        (unreadable audio, channels, a clip longer than the window)."""
-        codes, descriptions, the_plan, seeds = self._infill_request(audio, sample_rate, regions, descriptions, seed)
+        (unreadable audio, channels, a clip longer than the window). params: this call's
+        decoding options instead of the instance's (as `generate_tokens`)."""
+        codes, descriptions, the_plan, seeds = self._infill_request(audio, sample_rate, regions, descriptions, seed,
+                                                                    params)
         with self._lock:
-            tokens = self._tokens(descriptions, None, progress, seeds, infill=(the_plan, codes))
+            tokens = self._tokens(descriptions, None, progress, seeds, params=the_plan.params,
+                                  infill=(the_plan, codes))
             with torch.no_grad():
                 wav = self.codec.decode(tokens)
         return (wav, tokens) if return_tokens else wav
@@ -326,7 +330,7 @@ class MAGNeT:
         def work(put):
             codes, texts, the_plan, seeds = request
             with self._lock:
-                tokens = self._tokens(texts, None, progress, seeds, infill=(the_plan, codes))
+                tokens = self._tokens(texts, None, progress, seeds, params=the_plan.params, infill=(the_plan, codes))
                 with torch.no_grad():
                     return self.codec.decode(tokens)
         return _stream(work)
@@ -353,8 +357,12 @@ class MAGNeT:
                              rescored=self.rescorer is not None and self.rescore.weight != 1.0,
                              rescore_fill=self.rescore.fill)
 
-    def _infill_request(self, audio, sample_rate, regions, descriptions, seed):
+    def _infill_request(self, audio, sample_rate, regions, descriptions, seed, params=None):
         """Checks and encodes an infill request -> (codes [B, K, T], descriptions, plan, seeds)."""
+        if params is not None:
+            if not isinstance(params, DecodingParams):
+                raise InvalidOptionError(f"params must be a DecodingParams, found {type(params).__name__}")
+            params.validate(self.cfg.n_q)
         if isinstance(audio, (str, os.PathLike)):
             from magnet_engine.audio import read_audio
             audio, file_rate = read_audio(audio)
@@ -383,7 +391,7 @@ class MAGNeT:
             codes = self.codec.encode(wav)                                     # [B, K, T]
         frames = min(codes.shape[-1], int(self.max_duration * self.frame_rate))
         codes = codes[..., :frames]
-        the_plan = self.infill_plan(frames, regions, batch=audio.shape[0])
+        the_plan = self.infill_plan(frames, regions, batch=audio.shape[0], params=params)
         return codes, descriptions, the_plan, self._seeds(seed, audio.shape[0])
 
     def generate_unconditional(self, num_samples: int, progress: tp.Union[bool, Progress] = False,
