@@ -63,7 +63,7 @@ def methods(device: torch.device) -> dict:
     if device.type == "cuda":
         if backend.triton_available():
             out["banded_triton"] = lambda q, k, v, mask: attn.banded_attention(q, k, v, WINDOW, impl="triton")
-        if attn._flash_attn_func() is not None:
+        if backend.flash_attn_available():
             out["full_flash_attn"] = lambda q, k, v, mask: attn.full_attention(q, k, v)
     return out
 

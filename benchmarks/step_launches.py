@@ -30,7 +30,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 def _count(prof, names: tp.Iterable[str]) -> tp.Dict[str, int]:
     events = prof.events()
-    counts = {name: sum(1 for e in events if e.name == name) for name in names}
+    # a compiled region's event carries its frame id ("Torch-Compiled Region: 0/3"): match prefixes
+    counts = {name: sum(1 for e in events if e.name.startswith(name)) for name in names}
     counts["aten_ops"] = sum(1 for e in events if e.name.startswith("aten::"))
     counts["custom_ops"] = sum(1 for e in events if e.name.startswith("magnet_engine::"))
     return counts

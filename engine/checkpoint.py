@@ -6,20 +6,32 @@ A model directory (or Hub repo such as `facebook/magnet-small-10secs`) holds
                                 or {'pretrained': 'facebook/encodec_32khz'}
 Both are torch pickles, always read with `weights_only=True`. The writer produces the same
 layout (random weights for tests and the demo) so that the loader cannot tell them apart.
+
+Weights are held once. A zip-format file (torch.save's format since torch 1.6) is memory-
+mapped, copy-on-write: its tensors are views of the file's pages, read on first touch, and
+become the module's parameters as they are (`load_state_dict(assign=True)` into modules
+built on the meta device). A tensor that needs another dtype or device is copied one at a
+time, and the file pages it was read from are handed back at once (`release_pages`), so a
+load never holds the checkpoint and the model side by side. A mapped file must not be
+rewritten in place while a model loaded from it lives (`atomic_save` renames: that is safe).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import pickle
+import sys
 import tempfile
 import typing as tp
 import zipfile
+from mmap import PAGESIZE
 from pathlib import Path
 
 import torch
 
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
+from magnet_engine.engine.model import MagnetLM
 from magnet_engine.errors import CheckpointError, ModelNotFoundError
 
 LM_FILE = "state_dict.bin"
@@ -64,13 +76,24 @@ def resolve_model_dir(name_or_dir: tp.Union[str, os.PathLike]) -> Path:
     return Path(files[LM_FILE]).parent
 
 
+def mappable(path: Path) -> bool:
+    """True for a zip-format torch file (torch.load can memory-map it); False for a legacy
+    pickle, which is read whole. The same magic-bytes test torch.load makes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def load_package(path: Path) -> dict:
-    """torch.load(weights_only=True) with each failure mapped to a typed error."""
+    """torch.load(weights_only=True), memory-mapped when the file allows it (see the module
+    docstring), with each failure mapped to a typed error."""
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"checkpoint file not found: {path}")
     try:
-        pkg = torch.load(path, map_location="cpu", weights_only=True)
+        pkg = torch.load(path, map_location="cpu", weights_only=True, mmap=mappable(path))
     except pickle.UnpicklingError as exc:
         # weights_only refuses any global that is not a tensor / plain container.
         raise CheckpointError(f"{path.name}: refused to load, the pickle holds more than plain tensors "
@@ -87,12 +110,71 @@ def load_package(path: Path) -> dict:
     return pkg
 
 
+_MADV_DONTNEED = 4   # <sys/mman.h> on Linux
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Hand back the resident pages of a tensor memory-mapped from a checkpoint, once it has
+    been copied elsewhere. The file mapping lives as long as any tensor of the file does (the
+    embeddings kept as they are, say), so without this every page a cast read would stay in
+    the process. Only whole pages inside the tensor are dropped; the mapping is private and
+    never written, so a later read faults the same bytes back in from the file.
+    Call it only on tensors of a mapped file (on anonymous memory it would zero them)."""
+    if _LIBC is None or tensor.device.type != "cpu":
+        return
+    start = -(-tensor.data_ptr() // PAGESIZE) * PAGESIZE
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // PAGESIZE * PAGESIZE
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def place_state(state: tp.Mapping[str, torch.Tensor], device: tp.Union[str, torch.device],
+                dtype: tp.Callable[[str], torch.dtype], mapped: bool) -> tp.Dict[str, torch.Tensor]:
+    """Each tensor on `device` in dtype(key), one at a time: a tensor already there is kept
+    as it is (no copy); a copied one of a mapped file (`mapped`) has its pages released."""
+    placed = {}
+    for key, value in state.items():
+        placed[key] = value.to(torch.device(device), dtype(key))
+        if mapped and placed[key] is not value:
+            release_pages(value)
+    return placed
+
+
 @dataclasses.dataclass
 class LMCheckpoint:
     cfg: ModelConfig
     lm_state: tp.Dict[str, torch.Tensor]           # keys of MagnetLM
     output_proj: tp.Tuple[torch.Tensor, torch.Tensor]  # conditioner Linear(d_t5 -> D): weight, bias
     xp_cfg: tp.Any                                  # the parsed YAML, for fields beyond ModelConfig
+    mapped: bool = False                            # the tensors are views of a memory-mapped file
+
+
+def load_lm_checkpoint(path: Path, frame_rate: tp.Optional[int]) -> LMCheckpoint:
+    """state_dict.bin, validated (`read_lm_package`), its tensors mapped from the file when it is a zip."""
+    checkpoint = read_lm_package(load_package(path), frame_rate, what=Path(path).name)
+    checkpoint.mapped = mappable(path)
+    return checkpoint
+
+
+def build_lm(checkpoint: LMCheckpoint, device: tp.Union[str, torch.device] = "cpu",
+             dtype: torch.dtype = torch.float32, norm_dtype: tp.Optional[torch.dtype] = None) -> MagnetLM:
+    """The LM of a checkpoint on `device`, its transformer in `dtype` (its layer norms in
+    `norm_dtype`, default `dtype`: fp32 for the mixed precisions) and the rest (embeddings,
+    output norm, heads) in fp32, as the reference's autocast (spec §2). The modules are built
+    on the meta device and take the checkpoint's tensors as their parameters: nothing is
+    allocated twice, and fp32 weights on the CPU stay the mapped file pages."""
+    with torch.device("meta"):
+        lm = MagnetLM(checkpoint.cfg)
+    norm_dtype = dtype if norm_dtype is None else norm_dtype
+
+    def dtype_of(key: str) -> torch.dtype:
+        if not key.startswith("transformer."):
+            return torch.float32
+        return norm_dtype if ".norm" in key else dtype
+    state = place_state(checkpoint.lm_state, device, dtype_of, checkpoint.mapped)
+    lm.load_state_dict(state, strict=True, assign=True)
+    return lm.eval().requires_grad_(False)
 
 
 def expected_lm_shapes(cfg: ModelConfig) -> tp.Dict[str, tp.Tuple[int, ...]]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magnet_engine.engine.checkpoint import CODEC_FILE, check_state
+from magnet_engine.engine.checkpoint import CODEC_FILE, check_state, place_state
 from magnet_engine.engine.config import cfg_get, parse_yaml_config
 from magnet_engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
                                   ModelNotFoundError)
@@ -222,28 +222,32 @@ class Codec(nn.Module):
         self.cardinality = cfg.bins
 
     @classmethod
-    def from_package(cls, pkg: dict, device: tp.Union[str, torch.device] = "cpu") -> "Codec":
-        """The loaded content of compression_state_dict.bin -> a codec in eval mode on `device`."""
+    def from_package(cls, pkg: dict, device: tp.Union[str, torch.device] = "cpu", mapped: bool = False) -> "Codec":
+        """The loaded content of compression_state_dict.bin -> a codec in eval mode on `device`.
+
+        mapped: the package's tensors are views of a memory-mapped file (`checkpoint.mappable`):
+        they become the parameters in place, or their pages are released once copied."""
         if not isinstance(pkg, dict):
             raise CheckpointError(f"{CODEC_FILE}: expected a dict package, found {type(pkg).__name__}")
         if "pretrained" in pkg:
             codec = cls._from_transformers(pkg["pretrained"])
         elif "best_state" in pkg and "xp.cfg" in pkg:
-            codec = cls._from_audiocraft(pkg)
+            codec = cls._from_audiocraft(pkg, device, mapped)
         else:
             raise CheckpointError(f"{CODEC_FILE}: expected 'best_state' and 'xp.cfg', or 'pretrained'; "
                                   f"found {sorted(pkg)}")
         return codec.float().to(device).eval().requires_grad_(False)
 
     @classmethod
-    def _from_audiocraft(cls, pkg: dict) -> "Codec":
+    def _from_audiocraft(cls, pkg: dict, device: tp.Union[str, torch.device], mapped: bool) -> "Codec":
         state = pkg["best_state"]
         if not isinstance(state, dict):
             raise CheckpointError(f"{CODEC_FILE}: 'best_state' is a {type(state).__name__}, expected a dict of tensors")
         cfg = CodecConfig.from_xp_cfg(parse_yaml_config(pkg["xp.cfg"], CODEC_WHAT))
-        model = audiocraft_modules(cfg)
+        with torch.device("meta"):   # no random init: the checkpoint's tensors become the parameters
+            model = audiocraft_modules(cfg)
         check_state(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, CODEC_FILE)
-        model.load_state_dict(state)
+        model.load_state_dict(place_state(state, device, lambda key: torch.float32, mapped), assign=True)
         return cls(cfg, model["encoder"], model["decoder"], model["quantizer"].vq)
 
     @classmethod

@@ -70,8 +70,10 @@ class TextConditioner(nn.Module):
         # legacy=True is what T5Tokenizer did by default when audiocraft was written; saying
         # so also silences its warning about the default.
         tokenizer = _from_pretrained(transformers.T5Tokenizer, t5, local, legacy=True, model_max_length=_NO_MAX_LENGTH)
-        output_proj = nn.Linear(d_t5, dim)
-        output_proj.load_state_dict({"weight": output_proj_weight, "bias": output_proj_bias})
+        with torch.device("meta"):   # the checkpoint's tensors become the parameters, no copy
+            output_proj = nn.Linear(d_t5, dim)
+        output_proj.load_state_dict({"weight": output_proj_weight.float(), "bias": output_proj_bias.float()},
+                                    assign=True)
         return cls(tokenizer, model, output_proj, max_text_tokens).to(device)
 
     @property

@@ -32,7 +32,7 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine.config import DecodingParams
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.model import MagnetLM, cast_transformer_
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate, stage_schedule
 from magnet_engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import attention as attn_kernels
@@ -63,21 +63,17 @@ def check_precision(precision: str) -> str:
 
 
 def cast_for_precision(lm: MagnetLM, precision: str) -> MagnetLM:
-    """A copy of the LM in `precision` (the LM itself for fp32). Embeddings, the output norm
-    and the heads stay fp32, like the reference's autocast (spec §2, reference precision);
+    """Cast `lm` IN PLACE for `precision` and return it: one copy of the weights, in the run
+    precision (the runtime owns `lm`; pass a copy to keep an fp32 one). Embeddings, the output
+    norm and the heads stay fp32, like the reference's autocast (spec §2, reference precision);
     in the mixed modes the transformer's norms stay fp32 too (only matmul weights are cast)."""
     matmul, residual = PRECISIONS[check_precision(precision)]
-    if matmul == torch.float32:
-        return lm
-    import copy
-    low = copy.deepcopy(lm)
     if residual == matmul:
-        low.transformer.to(matmul)
-    else:
-        for layer in low.transformer.layers:
-            for part in (layer.self_attn, layer.cross_attention, layer.linear1, layer.linear2):
-                part.to(matmul)
-    return low
+        return cast_transformer_(lm, matmul)
+    for layer in lm.transformer.layers:
+        for part in (layer.self_attn, layer.cross_attention, layer.linear1, layer.linear2):
+            part.to(matmul)
+    return lm
 
 
 # (codes [B, K, T'], stage, cond_only) -> per-frame hidden [2B or B, T', D], pre out_norm

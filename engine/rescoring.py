@@ -66,10 +66,9 @@ class ExternalLM:
         conditioner). A checkpoint naming the same T5 (and shipping no t5/ folder) uses the
         same source, and when the sources agree the encoder and tokenizer are reused."""
         directory = ckpt.resolve_model_dir(name_or_dir)
-        loaded = ckpt.read_lm_package(ckpt.load_package(directory / ckpt.LM_FILE), frame_rate=frame_rate)
-        lm = MagnetLM(loaded.cfg)
-        lm.load_state_dict({k: v.float() for k, v in loaded.lm_state.items()}, strict=True)
-        lm.to(device).eval().requires_grad_(False)
+        loaded = ckpt.load_lm_checkpoint(directory / ckpt.LM_FILE, frame_rate=frame_rate)
+        matmul, residual = PRECISIONS.get(precision, (torch.float32, torch.float32))
+        lm = ckpt.build_lm(loaded, device, matmul, residual)
         if t5 is None:
             if (directory / "t5" / "config.json").is_file():
                 t5 = str(directory / "t5")

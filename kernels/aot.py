@@ -14,7 +14,9 @@ A launch's variant is fixed by its constexprs, its argument types and the specia
 Triton derives from the values (16-byte alignment of pointers, ints divisible by 16 or
 equal to 1). The scalar operands that change from step to step (0-d views such as
 `coefs[i]`, prompt lengths, top-k) are excluded from specialisation in the kernels, so the
-steps of one shape share one variant and a plan needs exactly the variants listed here.
+steps of one shape share one variant, and a masked-decoding plan needs the variants listed
+here. (The hybrid tail attends from a contiguous KV cache, other strides: warm it with one
+eager step, which compiles the variant every later step of that shape uses.)
 
 compile_ahead binds the arguments as Triton's launcher does (the same binder, for the
 target's backend), so the signature is the launch's, then compiles for the target with the
@@ -33,10 +35,9 @@ import sys
 import typing as tp
 
 import torch
+import triton  # this module is about Triton: no CPU-only fallback
 
 from magnet_engine.kernels import attention, masking, sampling
-
-import triton  # noqa: E402  (this module is about Triton: no CPU-only fallback)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -167,7 +167,8 @@ def _banded_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     out_dtype = torch.float32 if interpreted else q.dtype
     out = _out_buffer(q, out_dtype)
     grid, args, meta = _banded_launch(q, k, v, out, window, scale, interpreted)
-    wrap_triton(_banded_attention_kernel)[grid](*args, **meta)
+    launch = wrap_triton(_banded_attention_kernel) if torch.compiler.is_compiling() else _banded_attention_kernel
+    launch[grid](*args, **meta)
     if interpreted and q.dtype != torch.float32:
         return _out_buffer(q, q.dtype).copy_(out)
     return out
@@ -228,14 +229,16 @@ def _out_buffer(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _HOST_IMPLS = {"cpp": _banded_cpp, "torch": _banded_torch}
 
 
-@torch.library.custom_op("magnet_engine::banded_attention", mutates_args=())
-def _banded_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float, impl: str
-               ) -> torch.Tensor:
+def _banded_host(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float, impl: str
+                 ) -> torch.Tensor:
     """The C++ (impl='cpp', CPU) and torch (impl='torch') implementations."""
     out = _HOST_IMPLS[impl](q, k, v, window, scale)
     if out.stride() != _out_buffer(q[:0], q.dtype).stride():
         out = _out_buffer(q, q.dtype).copy_(out)
     return out
+
+
+_banded_op = torch.library.custom_op("magnet_engine::banded_attention", _banded_host, mutates_args=())
 
 
 def _banded_fake(q, k, v, window, scale, impl=None):
@@ -285,8 +288,8 @@ def banded_attention(
         return torch.empty_like(q)
     q, k, v = (_contiguous_last(x) for x in (q, k, v))
     if impls.banded_attention == "triton":
-        return _banded_triton_op(q, k, v, window, scale)
-    return _banded_op(q, k, v, window, scale, impls.banded_attention)
+        return backend.call(_banded_triton_op, _banded_triton, q, k, v, window, scale)
+    return backend.call(_banded_op, _banded_host, q, k, v, window, scale, impls.banded_attention)
 
 
 def full_attention(

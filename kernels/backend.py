@@ -12,14 +12,15 @@ explicit impl that cannot run raises. `resolve` does the imports and checks once
 (device type, impl) and reports the choice once through the `magnet_engine` logger. The
 result, a frozen `Impls`, is what the engine passes as `impl=` to every kernel: a kernel
 given an `Impls` reads one attribute, so a step traced by torch.compile holds no import, no
-environment read and no cache lookup (a str or None is resolved per call: fine eagerly,
-a graph break under torch.compile).
+environment read and no cache lookup. A str or None is resolved per call (a cached
+lookup eagerly; at trace time under torch.compile, see `resolve`).
 
 Every kernel is a torch custom op in the `magnet_engine` namespace (the op names are in
 each kernel module): the torch and C++ implementations behind one opaque op taking the
 impl name, the Triton kernel behind a `torch.library.triton_op` (inductor sees the launch).
 Opaque ops also keep compiled results bit-identical to eager ones: inductor never re-derives
-a softmax or a log that the tokens depend on.
+a softmax or a log that the tokens depend on. Eagerly the entry points call the function
+behind the op directly (`call`), as the dispatcher costs more than a small kernel.
 """
 from __future__ import annotations
 
@@ -132,8 +133,11 @@ def _resolve(device_type: str, impl: tp.Optional[str]) -> Impls:
     return impls
 
 
+@torch.compiler.assume_constant_result
 def resolve(device: tp.Union[torch.device, str], impl: tp.Optional[str] = None) -> Impls:
-    """The implementations for tensors on `device`; raises when an explicit impl cannot run."""
+    """The implementations for tensors on `device`; raises when an explicit impl cannot run.
+    Under torch.compile it runs at trace time and its result is a constant of the graph, so
+    even a kernel given a name traces without a break; the engine still resolves once."""
     return _resolve(torch.device(device).type, impl)
 
 
@@ -142,6 +146,15 @@ def pick(impl: tp.Union[Impls, str, None], device: torch.device) -> Impls:
     if isinstance(impl, Impls):
         return impl
     return resolve(device, impl)
+
+
+def call(op, fn: tp.Callable, *args):
+    """`op(*args)` while torch.compile or torch.export traces (they see the op), else
+    `fn(*args)`, the function the op runs: the same result, without the dispatcher's cost
+    in eager loops (~40 us a call against ~3 us direct, measured on the 2-core CI CPU)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return fn(*args)
 
 
 def register_triton_op(name: str, kernel, fn: tp.Callable, *, mutates_args: tp.Tuple[str, ...],

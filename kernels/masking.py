@@ -148,7 +148,8 @@ def _remask_triton(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.
     masked = torch.empty(batch, n, dtype=torch.bool, device=codes.device)
     if batch > 0 and n > 0:
         grid, args, meta = _remask_launch(codes, scores, num_masked, masked, layout, span_len, prompt_len, mask_id)
-        wrap_triton(_remask_kernel)[grid](*args, **meta)
+        launch = wrap_triton(_remask_kernel) if torch.compiler.is_compiling() else _remask_kernel
+        launch[grid](*args, **meta)
     return masked
 
 
@@ -239,12 +240,14 @@ def _remask_torch(codes, scores, num_masked, layout, span_len, prompt_len, mask_
 _HOST_IMPLS = {"cpp": _remask_cpp, "torch": _remask_torch}
 
 
-@torch.library.custom_op("magnet_engine::remask", mutates_args=("codes",))
-def _remask_op(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.Tensor, layout: int, span_len: int,
-               prompt_len: int, mask_id: int, impl: str) -> torch.Tensor:
+def _remask_host(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.Tensor, layout: int, span_len: int,
+                 prompt_len: int, mask_id: int, impl: str) -> torch.Tensor:
     """The C++ (impl='cpp', CPU) and torch (impl='torch') implementations; layout: CHUNK,
     STRIDE1 or TOKEN (csrc/masking.cpp's codes)."""
     return _HOST_IMPLS[impl](codes, scores, num_masked, layout, span_len, prompt_len, mask_id)
+
+
+_remask_op = torch.library.custom_op("magnet_engine::remask", _remask_host, mutates_args=("codes",))
 
 
 def _remask_fake(codes, scores, num_masked, layout, span_len, prompt_len, mask_id, impl=None):
@@ -258,10 +261,7 @@ if triton is not None:
         "magnet_engine::remask_triton", _remask_kernel, _remask_triton, mutates_args=("codes",), fake=_remask_fake)
 
 
-@torch.library.custom_op("magnet_engine::span_scores", mutates_args=())
-def _span_scores_op(prob: torch.Tensor, masked: torch.Tensor, layout: int, span_len: int, scoring: str
-                    ) -> torch.Tensor:
-    """Opaque so that compiled scores are eager scores bit for bit (they decide the spans)."""
+def _span_scores(prob: torch.Tensor, masked: torch.Tensor, layout: int, span_len: int, scoring: str) -> torch.Tensor:
     batch, frames = prob.shape
     if layout == CHUNK:
         n = frames // span_len
@@ -273,6 +273,10 @@ def _span_scores_op(prob: torch.Tensor, masked: torch.Tensor, layout: int, span_
     else:
         scores = -torch.log(prob)
     return scores.masked_fill(~masked, DONT_REMASK)
+
+
+# An op (opaque) so that compiled scores are eager scores bit for bit: they decide the spans.
+_span_scores_op = torch.library.custom_op("magnet_engine::span_scores", _span_scores, mutates_args=())
 
 
 @_span_scores_op.register_fake
@@ -313,8 +317,10 @@ def remask(
     scores = span_scores.contiguous()
     code = _MODE_CODE[layout]
     if chosen == "triton":
-        return _remask_triton_op(stage_codes, scores, num_masked, code, span_len, prompt_len, mask_id)
-    return _remask_op(stage_codes, scores, num_masked, code, span_len, prompt_len, mask_id, chosen)
+        return backend.call(_remask_triton_op, _remask_triton, stage_codes, scores, num_masked, code, span_len,
+                            prompt_len, mask_id)
+    return backend.call(_remask_op, _remask_host, stage_codes, scores, num_masked, code, span_len, prompt_len,
+                        mask_id, chosen)
 
 
 def span_scores(
@@ -333,7 +339,7 @@ def span_scores(
     if prob.dim() != 2 or masked.shape != (prob.shape[0], num_spans(prob.shape[1], span_len, arrangement)):
         raise ValueError(f"span_scores: prob must be [B, T] and masked [B, n] for {layout} mode, found "
                          f"{tuple(prob.shape)} and {tuple(masked.shape)}")
-    return _span_scores_op(prob, masked, _MODE_CODE[layout], span_len, scoring)
+    return backend.call(_span_scores_op, _span_scores, prob, masked, _MODE_CODE[layout], span_len, scoring)
 
 
 def initial_span_scores(

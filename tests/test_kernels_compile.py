@@ -77,6 +77,12 @@ def test_step_traces_without_graph_breaks_and_compiled_equals_eager(name):
         assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
+def test_an_impl_given_by_name_resolves_at_trace_time():
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(_step)(None, **_inputs())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_resolve_once():
     impls = backend.resolve("cpu", "torch")
     assert impls is backend.resolve(torch.device("cpu"), "torch")
@@ -92,14 +98,30 @@ def test_resolve_once():
         backend.resolve("cpu", "cuda")
 
 
-def test_fake_implementations_match_real_layouts():
+@pytest.mark.parametrize("name", ["torch", "cpp"])
+def test_fake_implementations_match_real_layouts(name):
     """Inductor plans with the fake tensors' shapes and strides: they must be the real ones."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    inputs = _inputs()
-    real = _step(backend.resolve("cpu", "torch"), **_inputs())
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
-        fake_inputs = {key: mode.from_tensor(value) for key, value in inputs.items()}
-        fake = _step(backend.resolve("cpu", "torch"), **fake_inputs)
-    for got, want in zip(fake, real):
-        assert (got.dtype, got.shape, got.stride()) == (want.dtype, want.shape, want.stride())
+    _impls(name)
+    x = _inputs()
+    ops = torch.ops.magnet_engine
+    n = FRAMES // SPAN
+    calls = [
+        (ops.sample_tokens, (x["cond"], x["uncond"], x["coefs"][1], x["temps"][1], x["seed"].repeat_interleave(FRAMES),
+                             x["offsets"][1], torch.arange(BATCH * FRAMES), sampling.TOP_P, 0, 0.9, name)),
+        (ops.remask, (x["canvas"][:, 0], torch.rand(BATCH, n), x["num_masked"][0], masking.CHUNK, SPAN, 2, 99, name)),
+        (ops.remask, (x["canvas"][:, 1], torch.rand(BATCH, FRAMES), x["num_masked"][0], masking.STRIDE1, SPAN, 2, 99,
+                      name)),
+        (ops.span_scores, (torch.rand(BATCH, FRAMES), torch.ones(BATCH, n, dtype=torch.bool), masking.CHUNK, SPAN,
+                           "max")),
+        (ops.banded_attention, (x["q"], x["k"], x["v"], 2, 0.25, name)),
+        (ops.banded_attention, (x["q"], x["k"], x["v"], FRAMES, 0.25, name)),  # the torch path's SDPA branch
+    ]
+    for op, args in calls:
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        real, fake = (out if isinstance(out, (tuple, list)) else [out] for out in (real, fake))
+        for got, want in zip(fake, real, strict=True):
+            assert (got.dtype, got.shape, got.stride()) == (want.dtype, want.shape, want.stride()), op

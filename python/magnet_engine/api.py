@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import threading
 import typing as tp
+from pathlib import Path
 
 import torch
 
@@ -24,7 +26,7 @@ from magnet_engine.engine.conditioning import TextConditioner, check_description
 from magnet_engine.engine.config import DecodingParams, ModelConfig
 from magnet_engine.engine.decoding import PRECISIONS, default_precision
 from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, ARParams, ARRuntime, HybridOptions
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.model import MagnetLM, weight_bytes
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
 from magnet_engine.errors import InvalidInputError, InvalidOptionError, RegionError
 
@@ -48,12 +50,7 @@ class MAGNeT:
     def __init__(self, name: str, lm: MagnetLM, conditioner: TextConditioner, codec: Codec,
                  device: torch.device, engine: str = "fast", precision: tp.Optional[str] = None,
                  compile: bool = False, cuda_graphs: bool = False):
-        if engine not in ENGINES:
-            raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
-        if precision is None:
-            precision = default_precision(device)
-        if precision not in PRECISIONS:
-            raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
+        precision = _check_engine(engine, precision, device)
         if cuda_graphs and device.type != "cuda":
             raise InvalidOptionError("cuda_graphs=True needs a CUDA device")
         self.precision = precision
@@ -78,6 +75,8 @@ class MAGNeT:
         self._lock = threading.Lock()
         self._runtime = None     # the fast runtime, built on first use
         self._ar_runtime = None  # a hybrid checkpoint's AR runtime, built on first use
+        self.source: tp.Optional[Path] = None    # the checkpoint directory, to reload fp32 weights from
+        self._reference_lm: tp.Optional[MagnetLM] = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -107,15 +106,16 @@ class MAGNeT:
         """
         directory = ckpt.resolve_model_dir(directory)
         device = _resolve_device(device)
-        codec = Codec.from_package(ckpt.load_package(directory / ckpt.CODEC_FILE), device=device)
-        lm_ckpt = ckpt.read_lm_package(ckpt.load_package(directory / ckpt.LM_FILE),
-                                       frame_rate=round(codec.frame_rate))
+        precision = _check_engine(engine, precision, device)
+        codec_file = directory / ckpt.CODEC_FILE
+        codec = Codec.from_package(ckpt.load_package(codec_file), device=device, mapped=ckpt.mappable(codec_file))
+        lm_ckpt = ckpt.load_lm_checkpoint(directory / ckpt.LM_FILE, frame_rate=round(codec.frame_rate))
         if lm_ckpt.cfg.sample_rate != codec.sample_rate:
             raise ckpt.CheckpointError(f"LM was trained at {lm_ckpt.cfg.sample_rate} Hz but the codec runs at "
                                        f"{codec.sample_rate} Hz")
-        lm = MagnetLM(lm_ckpt.cfg)
-        lm.load_state_dict({k: v.float() for k, v in lm_ckpt.lm_state.items()}, strict=True)
-        lm.to(device).eval().requires_grad_(False)
+        # Straight into the precision it runs in: the fast runtime's cast is then a no-op.
+        matmul, residual = PRECISIONS[precision] if engine == "fast" else (torch.float32, torch.float32)
+        lm = ckpt.build_lm(lm_ckpt, device, matmul, residual)
         weight, bias = lm_ckpt.output_proj
         if t5 is None:  # a T5 shipped inside the model directory wins over the hub name in xp.cfg
             t5 = str(directory / "t5") if (directory / "t5" / "config.json").is_file() else lm_ckpt.cfg.t5_name
@@ -123,6 +123,7 @@ class MAGNeT:
         model = cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision,
                     compile=compile, cuda_graphs=cuda_graphs)
         model.t5_source = t5
+        model.source = directory
         return model
 
     # ------------------------------------------------------------- properties
@@ -556,22 +557,92 @@ class MAGNeT:
             if bar is not None:
                 bar.close()
 
+    def reference_lm(self) -> MagnetLM:
+        """The fp32 LM the reference loop runs: this instance's own while its transformer is
+        fp32; once the fast runtime has cast it to a lower precision (in place), a second one
+        loaded from the checkpoint on first use — held only by those who ask for it."""
+        if next(self.lm.transformer.parameters()).dtype == torch.float32:
+            return self.lm
+        if self._reference_lm is None:
+            if self.source is None:
+                raise InvalidOptionError(f"the reference loop runs fp32 weights; this instance holds {self.precision} "
+                                         "ones and no checkpoint directory to reload from (use from_pretrained)")
+            loaded = ckpt.load_lm_checkpoint(self.source / ckpt.LM_FILE, frame_rate=round(self.frame_rate))
+            self._reference_lm = ckpt.build_lm(loaded, self.device)
+        return self._reference_lm
+
+    def memory_stats(self) -> tp.Dict[str, tp.Any]:
+        """Bytes of the weights per component, in the dtype each runs in (a tensor shared by
+        two components, such as a T5 used by an external LM too, counted once, at the first),
+        and the process's memory: resident set now and at its peak (Linux /proc; peak only
+        elsewhere), and on CUDA the allocator's current and peak allocated / reserved bytes.
+
+            {"weights_bytes": {"lm": ..., "conditioner": ..., "codec": ..., ...},
+             "weights_total_bytes": ..., "rss_bytes": ..., "peak_rss_bytes": ..., "device": "cpu"}
+        """
+        components: tp.Dict[str, torch.nn.Module] = {"lm": self.lm, "conditioner": self.conditioner,
+                                                     "codec": self.codec}
+        if self._reference_lm is not None:
+            components["reference_lm"] = self._reference_lm
+        for (name, _), external in self._external.items():
+            components[f"external_lm:{name}"] = external.lm
+            components[f"external_conditioner:{name}"] = external.conditioner
+        seen: tp.Set[int] = set()
+        weights = {key: weight_bytes(module, seen) for key, module in components.items()}
+        stats: tp.Dict[str, tp.Any] = {"weights_bytes": weights, "weights_total_bytes": sum(weights.values()),
+                                       "device": str(self.device), **_process_memory()}
+        if self.device.type == "cuda":
+            stats.update(cuda_allocated_bytes=torch.cuda.memory_allocated(self.device),
+                         cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device),
+                         cuda_reserved_bytes=torch.cuda.memory_reserved(self.device),
+                         cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device))
+        return stats
+
     def _models(self, the_plan: "generate.Plan") -> "generate.Models":
         """The runtimes a plan runs on, built on first use and kept."""
         if the_plan.engine == "reference":
-            return generate.Models(lm=self.lm)
+            return generate.Models(lm=self.reference_lm())
+        runtime = self._fast_runtime()
+        ar = None
+        if the_plan.mode == "hybrid":
+            if self._ar_runtime is None:
+                self._ar_runtime = ARRuntime(runtime.lm, runtime.dtype, cuda_graphs=self.cuda_graphs)
+            ar = self._ar_runtime
+        elif the_plan.mode == "two_model":
+            ar = self.prefix_model.runtime
+        return generate.Models(runtime=runtime, ar=ar)
+
+    def _fast_runtime(self):
+        """The fast runtime (built on first use; it casts `self.lm` in place to its precision)."""
         if self._runtime is None:
             from magnet_engine.engine.decoding import Runtime
             self._runtime = Runtime(self.lm, precision=self.precision, compile=self.compile,
                                     cuda_graphs=self.cuda_graphs)
-        ar = None
-        if the_plan.mode == "hybrid":
-            if self._ar_runtime is None:
-                self._ar_runtime = ARRuntime(self._runtime.lm, self._runtime.dtype, cuda_graphs=self.cuda_graphs)
-            ar = self._ar_runtime
-        elif the_plan.mode == "two_model":
-            ar = self.prefix_model.runtime
-        return generate.Models(runtime=self._runtime, lm=self.lm, ar=ar)
+        return self._runtime
+
+
+def _check_engine(engine: str, precision: tp.Optional[str], device: torch.device) -> str:
+    """Validate engine and precision; the precision, defaulted (`decoding.default_precision`)."""
+    if engine not in ENGINES:
+        raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
+    if precision is None:
+        precision = default_precision(device)
+    if precision not in PRECISIONS:
+        raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
+    return precision
+
+
+def _process_memory() -> tp.Dict[str, int]:
+    """rss_bytes and peak_rss_bytes of this process (VmRSS / VmHWM); peak only where there is no /proc."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith(("VmRSS", "VmHWM")))
+        return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024,
+                "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError, ValueError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+        return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}
 
 
 def _window_texts(descriptions) -> tp.Tuple[tp.List[tp.Optional[str]], tp.Optional[tp.List[tp.List[tp.Optional[str]]]]]:

@@ -3,6 +3,7 @@
     magnet-engine bench --arch small --duration 2 --batch 1 --precision fp32 bf16
     python benchmarks/latency.py --model /path/to/magnet-small-10secs --runs 5
     magnet-engine bench hybrid --prefixes 1 3   # hybrid vs plain, rescoring, time to first audio
+    magnet-engine bench --memory                # peak memory against the weights (bench_memory.py)
 
 Both loops run in one process on the same model, inputs, settings and machine; the ratio
 is the headline. Reports p50/p95 of tokens-only and end-to-end latency, time per stage,
@@ -195,6 +196,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if argv[:1] == ["hybrid"]:   # hybrid vs plain, rescoring cost, time to first audio
         from magnet_engine.bench_hybrid import main as hybrid_main
         return hybrid_main(argv[1:])
+    if "--memory" in argv:        # peak memory of load and generate against the weights' bytes
+        from magnet_engine.bench_memory import main as memory_main
+        return memory_main([a for a in argv if a != "--memory"])
     p = argparse.ArgumentParser(prog="magnet-engine bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: random weights of --arch)")
