@@ -37,8 +37,10 @@ setup(
         "magnet_engine": "python/magnet_engine",
         "magnet_engine.engine": "engine",
         "magnet_engine.kernels": "kernels",
+        "magnet_engine.server": "python/magnet_engine/server",
     },
-    packages=["magnet_engine", "magnet_engine.engine", "magnet_engine.kernels"],
+    packages=["magnet_engine", "magnet_engine.server", "magnet_engine.engine", "magnet_engine.engine.playdiffusion",
+              "magnet_engine.kernels"],
     package_data={"magnet_engine": ["static/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -50,16 +52,26 @@ setup(
         "transformers>=4.38,<5",
         "sentencepiece",
         "omegaconf>=2.3",
-        "soundfile",
+        "soundfile>=0.13",  # MP3 writing with a bitrate (compression_level, bitrate_mode)
+        "pyloudnorm",       # audio_write(strategy='loudness'): ITU-R BS.1770-4 loudness
         "tqdm",
         "einops",  # used by the encodec package's modules
         "huggingface_hub",
+        # PlayDiffusion (speech editing): text BPE, word diff, syllable count as upstream, configs.
+        "tokenizers",
+        "jiwer>=3.0",
+        "syllables==1.0.9",  # byte-identical in code to upstream's pinned playht/python-syllables
+        "unidecode",
+        "pydantic>=2",
+        "safetensors",
     ],
     extras_require={
         "gpu": ["triton", "flash-attn"],
         "triton": ["triton"],
-        "serve": ["fastapi", "uvicorn", "httpx", "python-multipart"],
-        "test": ["pytest", "triton", "fastapi", "uvicorn", "httpx", "python-multipart", "selenium"],
+        # uvicorn pinned below 1: serve.py subclasses its h11 protocol for the request-head timeout.
+        "serve": ["fastapi", "uvicorn<1", "h11", "httpx", "prometheus_client>=0.20", "python-multipart"],
+        "test": ["pytest", "triton", "fastapi", "uvicorn<1", "h11", "httpx", "prometheus_client>=0.20",
+                 "hypothesis>=6.100", "selenium", "python-multipart"],
     },
     entry_points={"console_scripts": ["magnet-engine=magnet_engine.cli:main"]},
 )

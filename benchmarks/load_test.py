@@ -1,20 +1,24 @@
 """Load test of `magnet-engine serve`: K concurrent clients for M seconds against a loopback server.
 
-    python benchmarks/load_test.py --clients 8 --seconds 30            # tiny demo model
+    python benchmarks/load_test.py                                   # 8 and 32 clients, 2 minutes each
+    python benchmarks/load_test.py --clients 8 --seconds 30          # one shorter run
     python benchmarks/load_test.py --model DIR --duration 5 --baseline  # also a max-batch 1 run
 
-Starts the server in a subprocess (the embedded random-weight 'tiny' demo model unless
---model), warms it up, then each client posts requests back to back until M seconds have
-passed and waits for its last answer. Prompts are drawn from a fixed list, so requests
-differ in text length as real traffic does (only equal lengths share a batch). Reports
-throughput, latency p50/p95/p99, the per-request split (queue, tokens, codec), errors and
-the batch-size histogram; prints the JSON and writes it to
-benchmarks/results/load_test_cpu.json (atomically). Exits 1 if any request failed.
+For each client count, starts the server in a subprocess (the embedded random-weight 'tiny'
+demo model unless --model), warms it up, then each client posts requests back to back
+until M seconds have passed and waits for its last answer. Prompts are drawn from a fixed
+list, so requests differ in text length as real traffic does (only equal lengths share a
+batch). Counts what was sent, answered, answered 200, and answered with a valid WAV of the
+requested length ("lost" = sent - answered: a request with no HTTP answer at all); reports
+latency p50/p95/p99, the per-request split (queue, tokens, codec), the batch-size histogram,
+and the server's RSS and open descriptors before and after. Prints the JSON and writes it to
+benchmarks/results/load_test_cpu.json (atomically). Exits 1 if any request failed or was lost.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import math
 import os
@@ -29,6 +33,8 @@ import time
 from pathlib import Path
 
 import httpx
+import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
 
 PROMPTS = [
     "warm lo-fi piano with soft vinyl crackle",
@@ -78,50 +84,74 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("server did not become healthy in 300 s")
 
 
-async def client_loop(client: httpx.AsyncClient, body: dict, stop_at: float, rng: random.Random, records: list):
+def process_usage(pid: int) -> dict:
+    """Resident memory (MiB) and open file descriptors of a process (Linux /proc)."""
+    rss_kib = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if line.startswith("VmRSS:"))
+    return {"rss_mib": round(rss_kib / 1024, 1), "open_fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def wav_samples(content: bytes) -> int:
+    """Sample count of a 16-bit PCM WAV; -1 if it is not one."""
+    try:
+        info = sf.info(io.BytesIO(content))
+        data, _ = sf.read(io.BytesIO(content), dtype="int16")
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not a valid WAV
+        return -1
+    return data.shape[0] if info.subtype == "PCM_16" else -1
+
+
+async def client_loop(client: httpx.AsyncClient, body: dict, stop_at: float, rng: random.Random, records: list,
+                      samples: int):
     while time.monotonic() < stop_at:
         request = {**body, "description": rng.choice(PROMPTS), "seed": rng.randrange(2 ** 31)}
         t0 = time.monotonic()
         try:
             r = await client.post("/v1/generate", json=request)
-            status, headers = r.status_code, r.headers
+            status, headers, answered = r.status_code, r.headers, True
         except httpx.HTTPError as exc:
-            status, headers = type(exc).__name__, {}
-        record = {"status": status, "latency_s": time.monotonic() - t0}
+            status, headers, answered = type(exc).__name__, {}, False
+        record = {"status": status, "answered": answered, "latency_s": time.monotonic() - t0}
         if status == 200:
             record.update(queue_ms=float(headers["x-queue-wait-ms"]), tokens_ms=float(headers["x-tokens-ms"]),
-                          codec_ms=float(headers["x-codec-ms"]), batch_size=int(headers["x-batch-size"]))
+                          codec_ms=float(headers["x-codec-ms"]), batch_size=int(headers["x-batch-size"]),
+                          valid_wav=wav_samples(r.content) == samples)
         records.append(record)
 
 
-async def drive(url: str, args) -> tuple[list, float]:
+async def drive(url: str, args, clients: int) -> tuple[list, float]:
     body = {"duration": args.duration, "decoding_steps": args.decoding_steps}
     timeout = httpx.Timeout(args.seconds + 600)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         warm = await client.post("/v1/generate", json={**body, "description": PROMPTS[0], "seed": 0})
         warm.raise_for_status()
+        samples = wav_samples(warm.content)   # every answer must have the warm-up's length (same duration)
+        assert samples > 0, "the warm-up answer is not a WAV"
         records: list = []
         start = time.monotonic()
-        await asyncio.gather(*(client_loop(client, body, start + args.seconds, random.Random(i), records)
-                               for i in range(args.clients)))
+        await asyncio.gather(*(client_loop(client, body, start + args.seconds, random.Random(i), records, samples)
+                               for i in range(clients)))
         return records, time.monotonic() - start
 
 
 def server_batch_histogram(url: str) -> dict:
     """Rows-per-batch counts from the server's /metrics (cumulative buckets -> per bucket)."""
     buckets, previous = {}, 0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("magnet_batch_size_bucket"):
-            le = line.split('le="')[1].split('"')[0]
-            count = int(float(line.split(" ")[1]))
-            if count > previous:
-                buckets[f"<={le}"] = count - previous
-            previous = count
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "magnet_batch_size_bucket":
+                count = int(sample.value)
+                if count > previous:
+                    buckets[f"<={sample.labels['le']}"] = count - previous
+                previous = count
     return buckets
 
 
-def summarise(records: list, wall_s: float, args, max_batch: int, server_hist: dict) -> dict:
+def summarise(records: list, wall_s: float, args, max_batch: int, clients: int, server_hist: dict,
+              usage: dict) -> dict:
     ok = [r for r in records if r["status"] == 200]
+    answered = sum(r["answered"] for r in records)
     errors: dict = {}
     for r in records:
         if r["status"] != 200:
@@ -136,9 +166,13 @@ def summarise(records: list, wall_s: float, args, max_batch: int, server_hist: d
         return round(statistics.median(r[key] for r in ok), 1) if ok else None
 
     return {
+        "clients": clients,
         "max_batch": max_batch,
-        "requests": len(records),
-        "ok": len(ok),
+        "sent": len(records),
+        "answered": answered,
+        "lost": len(records) - answered,
+        "status_200": len(ok),
+        "valid_wav": sum(r["valid_wav"] for r in ok),
         "errors": sum(errors.values()),
         "errors_by_status": errors,
         "wall_s": round(wall_s, 2),
@@ -150,14 +184,18 @@ def summarise(records: list, wall_s: float, args, max_batch: int, server_hist: d
         "median_split_ms": {"queue": med("queue_ms"), "tokens": med("tokens_ms"), "codec": med("codec_ms")},
         "requests_by_batch_size": dict(sorted(batch_hist.items(), key=lambda kv: int(kv[0]))),
         "server_batches_by_size": server_hist,
+        "server_process": usage,
     }
 
 
-def run(args, max_batch: int) -> dict:
+def run(args, max_batch: int, clients: int) -> dict:
     server, url = start_server(args, max_batch)
     try:
-        records, wall_s = asyncio.run(drive(url, args))
-        return summarise(records, wall_s, args, max_batch, server_batch_histogram(url))
+        before = process_usage(server.pid)          # after the warm-up request: the model is loaded
+        records, wall_s = asyncio.run(drive(url, args, clients))
+        after = process_usage(server.pid)
+        usage = {"before": before, "after": after}
+        return summarise(records, wall_s, args, max_batch, clients, server_batch_histogram(url), usage)
     finally:
         server.terminate()
         try:
@@ -178,8 +216,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, default=8, help="K concurrent clients")
-    p.add_argument("--seconds", type=float, default=30, help="M: how long clients keep sending")
+    p.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="K concurrent clients (one run each)")
+    p.add_argument("--seconds", type=float, default=120, help="M: how long clients keep sending")
     p.add_argument("--model", default=None, help="model directory (default: the embedded tiny demo model)")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast")
     p.add_argument("--duration", type=float, default=1.0, help="seconds of audio per request")
@@ -203,15 +241,16 @@ def main(argv=None) -> int:
         "config": {"clients": args.clients, "seconds": args.seconds, "duration_s": args.duration,
                    "decoding_steps": args.decoding_steps, "max_wait_ms": args.max_wait_ms,
                    "queue_size": args.queue_size, "prompts": len(PROMPTS)},
-        "batched": run(args, args.max_batch),
+        "runs": [],
     }
-    if args.baseline:
-        report["baseline_max_batch_1"] = run(args, 1)
+    for clients in args.clients:
+        report["runs"].append(run(args, args.max_batch, clients))
+        if args.baseline:
+            report["runs"].append(run(args, 1, clients))
     report["machine"]["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     write_json(args.output, report)
     print(json.dumps(report, indent=2))
-    failed = report["batched"]["errors"] + report.get("baseline_max_batch_1", {}).get("errors", 0)
-    return 1 if failed else 0
+    return 1 if any(r["errors"] or r["lost"] or r["valid_wav"] != r["sent"] for r in report["runs"]) else 0
 
 
 if __name__ == "__main__":

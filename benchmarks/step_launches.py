@@ -93,7 +93,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     report: dict = {"benchmark": "step_launches", "machine": machine_info(device), "frames": frames,
                     "precision": model.precision, "variants": {}}
     for variant in variants:
-        runtime = Runtime(model.lm, precision=model.precision, compile="compile" in variant,
+        runtime = Runtime(model.lm.module, precision=model.precision, compile="compile" in variant,
                           cuda_graphs=variant == "graphs")
         with torch.no_grad():
             report["variants"][variant] = measure(runtime, cond, frames, params, args.steps)

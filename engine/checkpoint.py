@@ -22,7 +22,6 @@ import dataclasses
 import os
 import pickle
 import sys
-import tempfile
 import typing as tp
 import zipfile
 from mmap import PAGESIZE
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
+from magnet_engine.engine.files import atomic_write
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.errors import CheckpointError, ModelNotFoundError
 
@@ -98,6 +98,8 @@ def load_package(path: Path) -> dict:
         # weights_only refuses any global that is not a tensor / plain container.
         raise CheckpointError(f"{path.name}: refused to load, the pickle holds more than plain tensors "
                               f"and containers ({str(exc).splitlines()[0][:300]})") from exc
+    except PermissionError as exc:
+        raise CheckpointError(f"{path}: not readable ({exc.strerror}); check the file's permissions") from exc
     except (EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path.name}: truncated or corrupt file ({exc})") from exc
     except MemoryError:
@@ -249,17 +251,9 @@ def read_lm_package(pkg: dict, frame_rate: tp.Optional[int], what: str = LM_FILE
 
 
 def atomic_save(obj: tp.Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temporary file in the same directory, then rename over `path`
+    (engine/files.py: the mode of an existing file kept, a non-regular file refused)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(directory: tp.Union[str, os.PathLike], lm_package: dict, codec_package: dict) -> Path:

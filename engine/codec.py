@@ -30,7 +30,7 @@ from torch import nn
 from magnet_engine.engine.checkpoint import CODEC_FILE, check_state, place_state
 from magnet_engine.engine.config import cfg_get, parse_yaml_config
 from magnet_engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
-                                  ModelNotFoundError)
+                                  ModelNotFoundError, NumericalError)
 
 CODEC_WHAT = f"{CODEC_FILE} xp.cfg"
 _DECODER_ONLY = ("trim_right_ratio", "final_activation", "final_activation_params")
@@ -210,9 +210,11 @@ class Codec(nn.Module):
     latent [B, D, T] to codes [K, B, T] with `.encode` and back with `.decode`.
     """
 
-    def __init__(self, cfg: CodecConfig, encoder: nn.Module, decoder: nn.Module, rvq: nn.Module):
+    def __init__(self, cfg: CodecConfig, encoder: nn.Module, decoder: nn.Module, rvq: nn.Module,
+                 source: str = "audiocraft"):
         super().__init__()
         self.cfg = cfg
+        self.source = source    # package format: 'audiocraft' (a) or 'transformers' (b)
         self.encoder, self.decoder, self.rvq = encoder, decoder, rvq
         self.sample_rate = cfg.sample_rate
         self.channels = cfg.channels
@@ -272,7 +274,8 @@ class Codec(nn.Module):
             # transformers would then encode/decode overlapping chunks; audiocraft's 32 kHz has none.
             raise ConfigError(f"{name}: chunked EnCodec (chunk_length_s={model.config.chunk_length_s}) "
                               "is not supported")
-        return cls(CodecConfig.from_transformers(model.config), model.encoder, model.decoder, model.quantizer)
+        return cls(CodecConfig.from_transformers(model.config), model.encoder, model.decoder, model.quantizer,
+                   source="transformers")
 
     def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, T] -> z [B, D, T] = Σ_k E_k[codes_k]."""
@@ -281,10 +284,17 @@ class Codec(nn.Module):
             return self.rvq.decode(codes.transpose(0, 1))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, K, T] -> wav [B, channels, T · hop], float32."""
+        """codes [B, K, T] -> wav [B, channels, T · hop], float32; NumericalError if any sample
+        is NaN or inf (broken weights): a 16-bit writer would clamp it into a full-scale click
+        and report success."""
         latent = self.decode_latent(codes)
         with _fp32(latent.device):
-            return self.decoder(latent)
+            wav = self.decoder(latent)
+        if not bool(torch.isfinite(wav).all()):
+            bad = int((~torch.isfinite(wav)).sum())
+            raise NumericalError(f"the codec decoded {bad} of {wav.numel()} samples as NaN or inf; the codec "
+                                 "weights are broken (nothing was written)")
+        return wav
 
     def encoder_latent(self, wav: torch.Tensor) -> torch.Tensor:
         """wav [B, channels, S] at the codec rate -> z [B, D, ceil(S / hop)], before quantization."""

@@ -3,12 +3,16 @@
 `xp.cfg` is the full audiocraft training config as a YAML string, with `${...}`
 interpolations left unresolved (real exports keep them). We parse it with OmegaConf and
 read only the fields generation needs; each is resolved on access, so an interpolation
-we never read (e.g. `${oc.env:USER}` in the dora section) cannot fail the load.
+we never read cannot fail the load. Only plain references (`${a.b}`) resolve: a value
+that calls a resolver (`${oc.env:USER}` in the dora section, `${oc.decode:...}`, anything
+registered) is replaced at parse time by a marker that is an error to read, so nothing
+in a checkpoint reaches the environment.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing as tp
 
 from magnet_engine.errors import ConfigError, InvalidOptionError
@@ -28,7 +32,55 @@ def parse_yaml_config(text: str, what: str = "xp.cfg"):
         raise ConfigError(f"{what}: not valid YAML ({exc})") from exc
     if not hasattr(cfg, "keys"):
         raise ConfigError(f"{what}: expected a mapping at top level")
-    return cfg
+    return OmegaConf.create(_without_resolvers(OmegaConf.to_container(cfg, resolve=False)))
+
+
+REFUSED = "<refused: an OmegaConf resolver interpolation>"
+
+
+def _uses_resolver(text: str) -> bool:
+    """Whether a string calls a resolver (`${name:...}`, at any depth), by OmegaConf's own grammar."""
+    from omegaconf import grammar_parser
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+
+    if "${" not in text:
+        return False
+    try:
+        tree = grammar_parser.parse(text)
+    except Exception:  # noqa: BLE001 - unparsable: OmegaConf could not resolve it either
+        return True
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+            return True
+        stack.extend(getattr(node, "children", None) or [])
+    return False
+
+
+def _without_resolvers(node: tp.Any) -> tp.Any:
+    """The raw config tree with every string that calls a resolver replaced by REFUSED."""
+    if isinstance(node, dict):
+        return {k: _without_resolvers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_without_resolvers(v) for v in node]
+    if isinstance(node, str) and _uses_resolver(node):
+        return REFUSED
+    return node
+
+
+def _holds_refused(value: tp.Any) -> bool:
+    if isinstance(value, str):
+        return REFUSED in value
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and any(_holds_refused(v) for v in value)
+
+
+def _check_not_refused(value: tp.Any, path: str, what: str) -> None:
+    if _holds_refused(value):
+        raise ConfigError(f"{what}: `{path}` uses an OmegaConf resolver (${{name:...}}); a checkpoint may only "
+                          "use plain ${...} references, so it is not read")
 
 
 def cfg_get(cfg, path: str, default: tp.Any = _MISSING, what: str = "xp.cfg") -> tp.Any:
@@ -44,7 +96,11 @@ def cfg_get(cfg, path: str, default: tp.Any = _MISSING, what: str = "xp.cfg") ->
             raise ConfigError(f"{what}: required field `{path}` is missing")
         return default
     if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value, resolve=True)
+        try:
+            value = OmegaConf.to_container(value, resolve=True)
+        except Exception as exc:
+            raise ConfigError(f"{what}: cannot resolve `{path}` ({exc})") from exc
+    _check_not_refused(value, path, what)
     return value
 
 
@@ -193,13 +249,38 @@ def check_sampling_options(use_sampling, top_k, top_p, temperature, what: str = 
         raise InvalidOptionError(f"{what}temperature must be a finite number >= 0, found {temperature!r}")
 
 
+def as_integral(value: tp.Any) -> tp.Any:
+    """An int, numpy integer or integral float -> int, as audiocraft's `int(s)` (UIs such as
+    gradio's Number send 20.0); anything else is returned as is for validation to refuse."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return value
+
+
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
 SPAN_SCORINGS = ("max", "prod")
 
 
+# Bounds on options whose size the caller controls. The published models decode with 20-10-10-10
+# steps; each step is one transformer pass and its schedule is a host-side table built before
+# the loop, so an unbounded count (1e6 or 1e8 steps) would hold the model for hours and the
+# host's memory. |CFG coefficient| beyond 1e4 makes (cond - uncond) * coef overflow low
+# precision logits into inf and NaN; the published schedule runs from 10 down to 1.
+MAX_DECODING_STEPS = 1000   # per codebook
+MAX_CFG_COEF = 1e4
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodingParams:
-    """Decoding options, with the names and defaults of `MAGNeT.set_generation_params`."""
+    """Decoding options, with the names and defaults of `MAGNeT.set_generation_params`.
+
+    `validate` bounds each codebook's step count by MAX_DECODING_STEPS (a server passes its
+    own, lower `max_steps`), top_k by the codebook size and the CFG coefficients by
+    MAX_CFG_COEF."""
 
     use_sampling: bool = True
     top_k: int = 0
@@ -212,21 +293,35 @@ class DecodingParams:
     span_scoring: str = "max"
     anneal_temp: bool = True
 
-    def validate(self, n_q: int) -> "DecodingParams":
-        """Check every option; returns self so calls chain."""
+    def __post_init__(self):
+        # frozen: normalise through object.__setattr__; validate() judges what remains.
+        object.__setattr__(self, "top_k", as_integral(self.top_k))
+        steps = self.decoding_steps
+        if not isinstance(steps, (str, bytes)) and isinstance(steps, tp.Iterable):
+            object.__setattr__(self, "decoding_steps", tuple(as_integral(s) for s in steps))
+
+    def validate(self, n_q: int, card: tp.Optional[int] = None,
+                 max_steps: int = MAX_DECODING_STEPS) -> "DecodingParams":
+        """Check every option (top_k against the codebook size `card` when given); returns
+        self so calls chain."""
         def bad(msg):
             raise InvalidOptionError(msg)
 
         check_sampling_options(self.use_sampling, self.top_k, self.top_p, self.temperature)
+        if card is not None and self.top_k > card:
+            bad(f"top_k must be at most the codebook size {card} (0: off), found {self.top_k}")
         for name in ("max_cfg_coef", "min_cfg_coef"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                bad(f"{name} must be a finite number, found {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or abs(value) > MAX_CFG_COEF:
+                bad(f"{name} must be a number in [-{MAX_CFG_COEF:g}, {MAX_CFG_COEF:g}], found {value!r}")
         steps = self.decoding_steps
+        if not isinstance(steps, tuple):
+            bad(f"decoding_steps must be a sequence of {n_q} ints, found {steps!r}")
         if len(steps) != n_q:
-            bad(f"decoding_steps must have one entry per codebook ({n_q}), found {len(steps)}: {list(steps)}")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
-            bad(f"decoding_steps must be ints >= 1, found {list(steps)}")
+            bad(f"decoding_steps must have one entry per codebook ({n_q}), found {len(steps)}: {list(steps)[:8]}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= max_steps for s in steps):
+            bad(f"decoding_steps must be ints in [1, {max_steps}], found {list(steps)}")
         if self.span_arrangement not in SPAN_ARRANGEMENTS:
             bad(f"span_arrangement must be one of {SPAN_ARRANGEMENTS}, found {self.span_arrangement!r}")
         if self.span_scoring not in SPAN_SCORINGS:
@@ -239,6 +334,4 @@ class DecodingParams:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise InvalidOptionError(f"unknown decoding option(s): {sorted(unknown)}")
-        if "decoding_steps" in changes and changes["decoding_steps"] is not None:
-            changes["decoding_steps"] = tuple(changes["decoding_steps"])
         return dataclasses.replace(self, **changes)

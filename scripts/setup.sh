@@ -13,10 +13,12 @@ python -m pip install -q --upgrade pip setuptools wheel
 # torch first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q pybind11 numpy
-# encodec's own requirements name torchaudio, which this torch cannot use and we never
-# import: install it without dependencies (its other needs, einops and numpy, come below).
-python -m pip install -q --no-deps "encodec==0.1.1"
 python -m pip install -q --no-build-isolation -e ".[test]"
+# encodec's own requirements name torchaudio, which this torch cannot use and we never
+# import: install it last and without dependencies (its other needs, einops and numpy, are
+# in by now). Installed any earlier, every later pip run's resolver would report the
+# missing torchaudio as an ERROR line; --no-deps skips that check for this one.
+python -m pip install -q --no-deps "encodec==0.1.1"
 
 # Headless Chromium for the browser test of the demo page (Debian packages).
 if [ "${MAGNET_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then

@@ -129,3 +129,83 @@ def test_demo_page_plays_the_hybrid_prefix_first(driver, hybrid_server_url):
     WebDriverWait(driver, 60).until(lambda d: d.execute_script(playable))
     assert driver.execute_script("return document.getElementById('audio').duration") == pytest.approx(1.98, abs=0.02)
     assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+class HeldModel:
+    """A model whose run stops, after the server has seen step `hold_at`, until `gate` opens."""
+
+    def __init__(self, model, hold_at: int):
+        import threading
+
+        self._model, self.hold_at = model, hold_at
+        self.held, self.gate = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate_tokens(self, descriptions, on_event=None, **kwargs):
+        from magnet_engine.engine.events import StageStep
+
+        def listen(event):
+            on_event(event)
+            if isinstance(event, StageStep) and event.done == self.hold_at:
+                self.held.set()
+                assert self.gate.wait(timeout=120), "test gate never opened"
+        return self._model.generate_tokens(descriptions, on_event=listen, **kwargs)
+
+
+@pytest.fixture
+def held_server(tmp_path):
+    model = HeldModel(MAGNeT.from_pretrained(build_random_model(tmp_path / "tiny", "tiny"), device="cpu",
+                                             name="demo-tiny (random weights)"), hold_at=9)
+    with BackgroundServer(create_app(model, Settings())) as url:
+        yield url, model
+    model.gate.set()
+
+
+def test_demo_page_draws_the_token_canvas_mid_generation(driver, held_server, tmp_path):
+    """Steps 8,4,4,4, held after step 9 (codebook 2's first step): the page's token canvas has
+    codebook 1 fully fixed, codebook 2 filled and shaded by confidence, codebooks 3-4 masked."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, model = held_server
+    driver.get(url)
+    WebDriverWait(driver, 30).until(lambda _: "engine" in driver.find_element(By.ID, "model-line").text)
+    for element_id, value in (("prompt", "warm piano"), ("duration", "2"), ("steps", "8,4,4,4"), ("seed", "3")):
+        element = driver.find_element(By.ID, element_id)
+        element.clear()
+        element.send_keys(value)
+    driver.find_element(By.ID, "generate").click()
+    tokens = driver.find_element(By.ID, "tokens")
+    try:
+        assert model.held.wait(120)
+        WebDriverWait(driver, 30).until(lambda _: tokens.get_attribute("data-done") == "9")
+        rows = driver.execute_script("""
+            const c = document.getElementById('tokens');
+            const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const rows = [];
+            for (let r = 0; r < 4; r++) {                      // mean blue level of each codebook's band
+              let sum = 0, n = 0;
+              for (let y = Math.floor((r + 0.25) * c.height / 4); y < (r + 0.75) * c.height / 4; y++)
+                for (let x = 0; x < c.width; x++) { sum += px[4 * (y * c.width + x) + 2]; n++; }
+              rows.push(sum / n);
+            }
+            return rows;""")
+        shot = tmp_path / "demo_token_canvas.png"
+        driver.save_screenshot(str(shot))
+        assert driver.find_element(By.ID, "status").text == "codebook 2/4, step 1/4"
+    finally:
+        model.gate.set()
+    frames = 99   # 2 s at 50 Hz, a multiple of the span length
+    assert int(tokens.get_attribute("data-fixed")) == 2 * frames
+    assert rows[0] > 250                       # codebook 1: every cell fixed, full shade
+    assert 28 + 10 < rows[1] < 250             # codebook 2: filled, shaded by confidence
+    assert rows[2] == rows[3] == 28            # codebooks 3-4: masked, dark
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("MAGNET_SAVE_SCREENSHOT") == "1":
+        shutil.copyfile(shot, RESULTS / "demo_token_canvas.png")
+    WebDriverWait(driver, 120).until(
+        lambda _: driver.find_element(By.ID, "status").get_attribute("data-last-event") == "done")
+    assert int(tokens.get_attribute("data-fixed")) == 4 * frames
+    assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]

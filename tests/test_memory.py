@@ -58,18 +58,18 @@ def test_fp32_load_keeps_the_file_pages_as_the_parameters(tiny_dir):
     model.set_generation_params(**FAST)
     model.generate_tokens(["x"], seed=0)
     runtime = model._fast_runtime()
-    assert runtime.lm is model.lm                                   # no cast copy at fp32
+    assert runtime.lm is model.lm.module    # no cast copy at fp32
     lm_file, codec_file = _file_ranges(tiny_dir / ckpt.LM_FILE), _file_ranges(tiny_dir / ckpt.CODEC_FILE)
     assert lm_file and codec_file
-    for tensors, ranges in ((_tensors(model.lm, model.conditioner.output_proj), lm_file),
+    for tensors, ranges in ((_tensors(model.lm.module, model.conditioner.output_proj), lm_file),
                             (_tensors(model.codec), codec_file)):
         for t in tensors:   # every weight lives in the mapped checkpoint, none in a second copy
             assert any(lo <= t.data_ptr() < hi for lo, hi in ranges), t.shape
-    ptrs = [t.data_ptr() for t in _tensors(model.lm, runtime.lm, model.conditioner, model.codec)]
-    distinct = {id(t) for t in _tensors(model.lm, runtime.lm, model.conditioner, model.codec)}
+    ptrs = [t.data_ptr() for t in _tensors(model.lm.module, runtime.lm, model.conditioner, model.codec)]
+    distinct = {id(t) for t in _tensors(model.lm.module, runtime.lm, model.conditioner, model.codec)}
     assert len(set(ptrs)) == len(distinct)                          # one tensor per address
     stored = _stored(tiny_dir)
-    for key, value in model.lm.state_dict().items():
+    for key, value in model.lm.module.state_dict().items():
         assert torch.equal(value, stored[key]), key
 
 
@@ -79,15 +79,15 @@ def test_low_precision_runtime_holds_no_fp32_transformer_weights(tiny_dir, preci
     model.set_generation_params(**FAST)
     model.generate_tokens(["x"], seed=0)
     runtime = model._fast_runtime()
-    assert runtime.lm is model.lm                                   # cast in place: no second LM
-    tensors = _tensors(model.lm, runtime.lm, model.conditioner, model.codec)
+    assert runtime.lm is model.lm.module    # cast in place: no second LM
+    tensors = _tensors(model.lm.module, runtime.lm, model.conditioner, model.codec)
     assert len({t.data_ptr() for t in tensors}) == len({id(t) for t in tensors})
-    for name, param in model.lm.named_parameters():
+    for name, param in model.lm.module.named_parameters():
         want = dtype if name.startswith("transformer.") else torch.float32   # embeddings, out_norm, heads fp32
         assert param.dtype == want, name
     assert model._reference_lm is None                              # no fp32 LM until the reference asks
     stored = _stored(tiny_dir)
-    for key, value in model.lm.state_dict().items():               # the stored values, rounded once
+    for key, value in model.lm.module.state_dict().items():               # the stored values, rounded once
         assert torch.equal(value, stored[key].to(value.dtype)), key
     stats = model.memory_stats()
     lm_bytes = sum(v.numel() * (dtype.itemsize if k.startswith("transformer.") else 4)
@@ -111,7 +111,7 @@ def test_runtime_casts_in_place():
 def test_reference_engine_gets_fp32_weights_only_when_asked(tiny_dir):
     low = MAGNeT.from_pretrained(tiny_dir, device="cpu", precision="bf16")
     ref = MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="reference")
-    assert ref.reference_lm() is ref.lm                             # fp32 already: nothing loaded twice
+    assert ref.reference_lm() is ref.lm.module                      # fp32 already: nothing loaded twice
     for m in (low, ref):
         m.set_generation_params(**FAST)
     low.generate_tokens(["x"], seed=0)                              # the fast runtime exists, in bf16
@@ -119,7 +119,7 @@ def test_reference_engine_gets_fp32_weights_only_when_asked(tiny_dir):
     low.engine = "reference"
     tokens = low.generate_tokens(["a reference run"], seed=3)
     reference_lm = low._reference_lm
-    assert reference_lm is not None and reference_lm is not low.lm
+    assert reference_lm is not None and reference_lm is not low.lm.module
     assert {p.dtype for p in reference_lm.parameters()} == {torch.float32}
     assert torch.equal(tokens, ref.generate_tokens(["a reference run"], seed=3))
     assert low.memory_stats()["weights_bytes"]["reference_lm"] == weight_bytes(reference_lm)
@@ -129,7 +129,7 @@ def test_reference_without_a_checkpoint_directory_is_a_typed_error(tiny_dir):
     from magnet_engine.errors import InvalidOptionError
 
     loaded = MAGNeT.from_pretrained(tiny_dir, device="cpu", precision="bf16")
-    bare = MAGNeT("bare", loaded.lm, loaded.conditioner, loaded.codec, loaded.device, engine="reference")
+    bare = MAGNeT("bare", loaded.lm.module, loaded.conditioner, loaded.codec, loaded.device, engine="reference")
     with pytest.raises(InvalidOptionError, match="fp32 weights"):
         bare.reference_lm()
 

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 
 from magnet_engine.api import MAGNeT
 from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.events import StageStep
 from magnet_engine.audio import wav_bytes
 from magnet_engine.demo import build_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app, text_token_count
@@ -101,10 +102,14 @@ def assert_same_audio(got: bytes, want: bytes) -> None:
     assert a.shape == b.shape and abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
-def metric(client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.split(" ")[1])
+def metric(client, name: str, **labels) -> float:
+    """One sample of the Prometheus exposition, parsed by prometheus_client; 0 when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == {k: str(v) for k, v in labels.items()}:
+                return sample.value
     return 0.0
 
 
@@ -161,11 +166,15 @@ def test_several_descriptions_return_a_zip_in_order(tiny_model):
 def test_model_info(tiny_model):
     with serve(tiny_model, max_duration=2.0, max_text_chars=50) as client:
         info = client.get("/v1/model").json()
-    assert info["sample_rate"] == 32000 and info["n_q"] == tiny_model.cfg.n_q
+    assert info["sample_rate"] == 32000 and info["n_q"] == tiny_model.config.n_q
     assert info["max_duration"] == 2.0 and info["defaults"]["duration"] == 2.0
     assert info["defaults"]["decoding_steps"] == [20, 10, 10, 10] and info["defaults"]["top_p"] == 0.9
     assert info["choices"]["span_arrangement"] == ["nonoverlap", "stride1"]
     assert info["limits"]["max_text_chars"] == 50
+    assert (info["precision"], info["compile"], info["cuda_graphs"]) == ("fp32", False, False)
+    weights = info["memory"]["weights_bytes"]
+    assert weights["lm"] == sum(p.numel() * p.element_size() for p in tiny_model.lm.module.parameters())
+    assert info["memory"]["weights_total_bytes"] == sum(weights.values()) and info["memory"]["peak_rss_bytes"] > 0
 
 
 def test_healthz_page_and_static_files(tiny_model):
@@ -182,15 +191,16 @@ def test_metrics_exposition(tiny_model):
     with serve(tiny_model) as client:
         post(client, description="warm piano", seed=1)
         post(client, description="warm piano", top_p=3.0)
-        text = client.get("/metrics").text
-        assert 'magnet_requests_total{status="200"} 1' in text
-        assert 'magnet_requests_total{status="422"} 1' in text
-        assert 'magnet_errors_total{type="InvalidOptionError"} 1' in text
-        assert "magnet_request_duration_seconds_count 1" in text
-        assert 'magnet_batch_size_bucket{le="1"} 1' in text
+        assert metric(client, "magnet_requests_total", status=200) == 1
+        assert metric(client, "magnet_requests_total", status=422) == 1
+        assert metric(client, "magnet_errors_total", type="InvalidOptionError") == 1
+        assert metric(client, "magnet_request_duration_seconds_count") == 1
+        assert metric(client, "magnet_batch_size_bucket", le="1.0") == 1
         assert metric(client, "magnet_queue_depth") == 0 and metric(client, "magnet_batches_total") == 1
-    for line in text.splitlines():  # every sample line is `name{labels} value`
-        assert line.startswith("#") or len(line.split(" ")) == 2
+        assert metric(client, "magnet_rows_total") == 1 and metric(client, "magnet_running_rows") == 0
+        assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+        assert metric(client, "magnet_weights_bytes") == tiny_model.memory_stats()["weights_total_bytes"] > 0
+        assert metric(client, "magnet_peak_memory_bytes") >= metric(client, "magnet_weights_bytes")
 
 
 def test_progress_stream_replays_a_finished_request(tiny_model):
@@ -283,7 +293,7 @@ def test_concurrent_compatible_requests_share_one_generation_loop(tiny_model, sa
         with cf.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda i: post(client, description=same_len[i], seed=10 + i), range(4)))
         assert metric(client, "magnet_batches_total") == 1
-        assert 'magnet_batch_size_bucket{le="3"} 0' in client.get("/metrics").text
+        assert metric(client, "magnet_batch_size_bucket", le="3.0") == 0
     assert [r.status_code for r in answers] == [200] * 4
     assert [r.headers["x-batch-size"] for r in answers] == ["4"] * 4
     for i, r in enumerate(answers):  # batched == alone, row for row
@@ -318,16 +328,50 @@ def test_reference_engine_is_served_one_row_per_batch(tiny_dir, same_len):
 def test_full_queue_answers_503_with_retry_after(gated):
     gated.gate.clear()
     with serve(gated, max_batch=1, queue_size=1, max_wait_ms=0) as client:
-        with cf.ThreadPoolExecutor(2) as pool:
-            running = pool.submit(post, client, description="warm piano")
-            assert gated.entered.wait(30)
-            queued = pool.submit(post, client, description="warm piano")
-            wait_until(lambda: metric(client, "magnet_queue_depth") == 1)
-            rejected = post(client, description="warm piano")
-            gated.gate.set()
+        with cf.ThreadPoolExecutor(3) as pool:
+            try:
+                running = pool.submit(post, client, description="warm piano")
+                assert gated.entered.wait(30)
+                queued = pool.submit(post, client, description="warm piano")
+                wait_until(lambda: metric(client, "magnet_queue_depth") == 1)
+                # answered at once while the worker is held; a request queued by mistake would wait
+                # for the gate instead, so the test looks for either outcome rather than blocking
+                third = pool.submit(post, client, description="warm piano")
+                wait_until(lambda: third.done() or metric(client, "magnet_queue_depth") != 1)
+                assert third.done(), f"queue depth {metric(client, 'magnet_queue_depth')}: the third request was queued"
+                rejected = third.result()
+            finally:
+                gated.gate.set()
             assert running.result().status_code == queued.result().status_code == 200
     assert rejected.status_code == 503 and int(rejected.headers["retry-after"]) >= 1
     assert "queue is full" in rejected.json()["error"]["message"]
+
+
+def test_queue_bound_holds_under_a_flood(gated):
+    """30 concurrent requests on a queue of 2 behind a busy worker: exactly 2 queued, 28 answered
+    503 + Retry-After, and the queue-depth gauge never below 0 (a rejected request once
+    decremented it, so each 503 made room for one more)."""
+    gated.gate.clear()
+    with serve(gated, max_batch=1, queue_size=2, max_wait_ms=0) as client:
+        depths = []
+        with cf.ThreadPoolExecutor(31) as pool:
+            try:
+                running = pool.submit(post, client, description="warm piano")
+                assert gated.entered.wait(30)
+                flood = [pool.submit(post, client, description="warm piano") for _ in range(30)]
+                # 30 rejections take well under a second; with the bound eroding, some never come
+                wait_until(lambda: sum(f.done() for f in flood) >= 28, timeout=15)
+                depths.append(metric(client, "magnet_queue_depth"))
+                depths.append(client.get("/healthz").json()["queue_depth"])
+                rejected = [f.result() for f in flood if f.done()]
+            finally:
+                gated.gate.set()
+            answers = [f.result() for f in flood]
+            assert running.result().status_code == 200
+        depths.append(metric(client, "magnet_queue_depth"))
+    assert depths == [2, 2, 0]
+    assert len(rejected) == 28 and all(r.status_code == 503 and int(r.headers["retry-after"]) >= 1 for r in rejected)
+    assert sorted(r.status_code for r in answers) == [200] * 2 + [503] * 28
 
 
 def test_timeout_answers_504_and_cancels(gated):
@@ -366,7 +410,7 @@ def test_client_disconnect_frees_its_queue_slot(gated):
             assert metric(client, "magnet_queue_depth") == 0
             gated.gate.set()
             assert running.result().status_code == 200
-            assert 'magnet_requests_total{status="499"} 1' in client.get("/metrics").text
+            assert metric(client, "magnet_requests_total", status=499) == 1
 
 
 def test_serve_command_reports_a_missing_model(tmp_path, capsys):
@@ -407,3 +451,219 @@ def test_hybrid_checkpoint_served_with_prefix_progress(tmp_path_factory, tiny_mo
     assert (model.params, model.duration) == before
     model.set_generation_params(duration=0.6, decoding_steps=[2, 1, 1, 1])
     assert r.content == wav_bytes(model.decode(model.generate_tokens(["warm piano"], seed=[3]))[0], model.sample_rate)
+
+
+# ---------------------------------------------------------------- hostile input (issue 13)
+def test_decoding_steps_are_bounded_and_the_bound_is_configurable(tiny_model):
+    """A million steps once held the only worker until the request timed out (and 1e8 ran the
+    host out of memory building the schedule): refused before anything is queued."""
+    with serve(tiny_model, max_decoding_steps=3, request_timeout_s=5) as client:
+        huge = post(client, description="warm piano", decoding_steps=[10 ** 6, 1, 1, 1])
+        over = post(client, description="warm piano", decoding_steps=[4, 1, 1, 1])
+        at_bound = post(client, description="warm piano", decoding_steps=[3, 3, 3, 3])
+        assert client.get("/v1/model").json()["limits"]["max_decoding_steps"] == 3
+        assert metric(client, "magnet_batches_total") == 1
+    for r in (huge, over):
+        assert r.status_code == 422 and "decoding_steps must be ints in [1, 3]" in r.json()["error"]["message"]
+    assert at_bound.status_code == 200
+    with pytest.raises(Exception, match="at most 1000|in \\[1, 1000\\]"):
+        Settings(max_decoding_steps=1001)
+
+
+class StepGatedModel(GatedModel):
+    """Holds the worker before the server's listener sees step 2 until the gate opens; records steps."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.steps = []
+
+    def generate_tokens(self, descriptions, on_event=None, **kwargs):
+        def hold(event):
+            if isinstance(event, StageStep):
+                self.steps.append(event.done)
+                if event.done == 2:
+                    self.entered.set()
+                    assert self.gate.wait(timeout=60), "test gate never opened"
+            on_event(event)
+        return self._model.generate_tokens(descriptions, on_event=hold, **kwargs)
+
+
+def test_a_timed_out_request_frees_the_worker_within_one_step(tiny_model):
+    model = StepGatedModel(tiny_model)
+    model.gate.clear()
+    try:
+        with serve(model, request_timeout_s=0.5, max_wait_ms=0) as client:
+            r = post(client, description="warm piano", decoding_steps=[50, 50, 50, 50])
+            assert r.status_code == 504 and model.entered.is_set()
+            model.gate.set()
+            wait_until(lambda: metric(client, "magnet_running_rows") == 0)
+            assert model.steps == [1, 2]   # the callback of step 2 raised: not one more step ran
+            assert metric(client, "magnet_batches_total") == 0
+            assert post(client, description="warm piano").status_code == 200
+    finally:
+        model.gate.set()
+
+
+def test_a_duplicate_request_id_gets_409_and_touches_nothing(gated):
+    """A second POST with a live id, valid or not, is refused before it can publish anything on
+    the first request's progress stream (it used to end that stream with its own error)."""
+    gated.gate.clear()
+    with serve(gated, max_wait_ms=0) as client:
+        with cf.ThreadPoolExecutor(1) as pool:
+            try:
+                first = pool.submit(post, client, description="warm piano", request_id="mine")
+                assert gated.entered.wait(30)
+                invalid = post(client, description="warm piano", request_id="mine", top_p=3.0)
+                valid = post(client, description="warm piano", request_id="mine")
+            finally:
+                gated.gate.set()
+            assert first.result().status_code == 200
+        events = sse_events(client.get("/v1/progress/mine").text)
+    assert invalid.status_code == valid.status_code == 409
+    assert invalid.json()["error"] == {"status": 409, "type": "Conflict",
+                                       "message": "request_id 'mine' is already in use"}
+    assert [kind for kind, _ in events] == ["queued", "started", "step", "codec", "done"]
+
+
+def test_nan_audio_is_an_error_not_a_wav(tmp_path):
+    """NaN codec weights: the finite-waveform check answers 500 NumericalError (the model is
+    broken, not the request) instead of 200 with a WAV of -32768 samples."""
+    import torch
+    from magnet_engine.engine import checkpoint as ckpt
+
+    directory = build_random_model(tmp_path / "nan", "tiny")
+    codec = torch.load(directory / ckpt.CODEC_FILE, weights_only=True)
+    name = next(k for k in codec["best_state"] if k.startswith("decoder.") and k.endswith("bias"))
+    codec["best_state"][name] = torch.full_like(codec["best_state"][name], float("nan"))
+    ckpt.atomic_save(codec, directory / ckpt.CODEC_FILE)
+    model = MAGNeT.from_pretrained(directory, device="cpu")
+    with serve(model) as client:
+        r = post(client, description="warm piano", request_id="nan")
+        assert client.get("/healthz").status_code == 200
+    assert r.status_code == 500 and r.json()["error"]["type"] == "NumericalError"
+    assert "NaN or inf" in r.json()["error"]["message"]
+
+
+def raw_http(url: str, data: bytes, read: bool = True, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on a fresh connection; the answer (until the server closes), or b"" if not read."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        if not read:
+            return b""
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def test_an_aborted_upload_counts_as_499_not_500(tiny_model):
+    with BackgroundServer(create_app(tiny_model, Settings())) as url:
+        import httpx
+
+        raw_http(url, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"description\": ", read=False)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            wait_until(lambda: metric(client, "magnet_requests_total", status=499) == 1)
+            assert metric(client, "magnet_requests_total", status=500) == 0
+
+
+@pytest.fixture(scope="module")
+def limited_server(tiny_model):
+    """A real uvicorn with tight HTTP limits."""
+    import httpx
+
+    settings = Settings(max_body_bytes=4096, max_headers=30, max_header_bytes=4096, header_timeout_s=0.5,
+                        body_timeout_s=0.5, keepalive_timeout_s=0.5)
+    with BackgroundServer(create_app(tiny_model, settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield url, client
+
+
+def test_a_huge_body_is_refused_without_reading_it(limited_server):
+    url, client = limited_server
+    declared = raw_http(url, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 200000000\r\n\r\n" + b"[" * 65536)
+    chunked = client.post("/v1/generate", content=iter([b"[" * 1024] * 64), headers={"content-type": "application/json"})
+    assert declared.startswith(b"HTTP/1.1 413") and b'"type":"PayloadTooLarge"' in declared
+    assert chunked.status_code == 413 and "limit of 4096 bytes" in chunked.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_too_many_or_too_large_headers_are_refused(limited_server):
+    url, client = limited_server
+    many = client.get("/healthz", headers={f"x-h{i}": "v" for i in range(100)})
+    assert many.status_code == 431 and many.json()["error"]["type"] == "RequestHeaderFieldsTooLarge"
+    big = raw_http(url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    # h11 refuses a head that arrives in pieces past the limit (400); one that arrives whole
+    # reaches the app, which refuses it (431): either way in the service's error shape
+    status = int(big.split(b" ")[1])
+    assert status in (400, 431) and json.loads(big.split(b"\r\n\r\n", 1)[1])["error"]["status"] == status
+    trickled = raw_http(url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192)
+    assert trickled.startswith(b"HTTP/1.1 400") and b"a head over 4096 bytes" in trickled
+    assert client.get("/healthz").status_code == 200
+
+
+def test_slow_and_idle_clients_are_disconnected(limited_server):
+    url, client = limited_server
+    host, port = url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as silent, \
+            socket.create_connection((host, int(port)), timeout=10) as trickle:
+        trickle.sendall(b"GET /healthz HTTP/1.1\r\n")      # a head that never ends
+        assert silent.recv(100) == b"" and trickle.recv(100) == b""   # closed by the server
+    assert time.monotonic() - started < 5
+    slow_body = raw_http(url, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: 100\r\n\r\n{")
+    assert slow_body.startswith(b"HTTP/1.1 408") and b'"type":"RequestTimeout"' in slow_body
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_generate_requires_a_json_content_type(tiny_model, content_type):
+    """A cross-site HTML form can POST text/plain without a preflight: such bodies are refused."""
+    body = json.dumps({**FAST, "description": "warm piano"})
+    with serve(tiny_model) as client:
+        headers = {} if content_type is None else {"content-type": content_type}
+        r = client.post("/v1/generate", content=body, headers=headers)
+        assert metric(client, "magnet_batches_total") == 0
+    assert r.status_code == 415 and r.json()["error"]["type"] == "UnsupportedMediaType"
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/nope", 404), ("GET", "/static/nope.js", 404), ("GET", "/v1/generate", 405),
+    ("DELETE", "/healthz", 405), ("GET", "/v1/prefix/x?index=abc", 422), ("GET", "/v1/progress/..%2Fetc", 404),
+])
+def test_every_error_has_the_service_shape(tiny_model, method, path, status):
+    with serve(tiny_model) as client:
+        r = client.request(method, path)
+    assert r.status_code == status
+    assert set(r.json()) == {"error"} and r.json()["error"]["status"] == status
+    assert isinstance(r.json()["error"]["type"], str) and isinstance(r.json()["error"]["message"], str)
+
+
+def test_progress_stream_carries_the_token_canvas_step_by_step(tiny_model):
+    """A watcher gets, with each step, one byte per cell of the canvas: 0 masked, 1..255 fixed."""
+    import base64
+
+    import numpy as np
+
+    with serve(tiny_model) as client:
+        with cf.ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(client.get, "/v1/progress/canvas")
+            wait_until(lambda: client.app.state.hub.get("canvas") is not None)
+            assert post(client, description="warm piano", request_id="canvas", decoding_steps=[3, 2, 1, 1]).status_code == 200
+            steps = [data for kind, data in sse_events(stream.result(timeout=60).text) if kind == "step"]
+    assert [s["done"] for s in steps] == [1, 2, 3, 4, 5, 6, 7]
+    k, t = tiny_model.config.n_q, int(0.3 * tiny_model.frame_rate)
+    grids = []
+    for s in steps:
+        assert (s["canvas"]["codebooks"], s["canvas"]["frames"]) == (k, t)
+        grids.append(np.frombuffer(base64.b64decode(s["canvas"]["cells"]), dtype=np.uint8).reshape(k, t))
+    # A step re-masks the least confident spans, then samples every masked cell: after it the
+    # stage's codebook is filled, each cell shaded by its confidence; later codebooks are masked.
+    first, stage_1, last = grids[0], grids[3], grids[-1]
+    assert first[0].all() and not first[1:].any()
+    assert len(set(first[0].tolist())) > 1                           # shaded by confidence, not uniform
+    assert (stage_1[0] == 255).all() and stage_1[1].all() and not stage_1[2:].any()
+    assert last.all() and (last[:-1] == 255).all()

@@ -12,4 +12,7 @@ def __getattr__(name):
     if name == "MAGNeT":
         from magnet_engine.api import MAGNeT
         return MAGNeT
+    if name in ("PlayDiffusion", "InpaintInput", "TTSInput", "RVCInput"):
+        from magnet_engine import playdiffusion
+        return getattr(playdiffusion, name)
     raise AttributeError(name)

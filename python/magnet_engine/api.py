@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import sys
 import threading
+import types
 import typing as tp
 from pathlib import Path
 
 import torch
 
+from magnet_engine.compat import CompressionModelView, LMView, training_config
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine import events, generate
 from magnet_engine.engine.codec import Codec, StreamDecoder
 from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
-from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.config import DecodingParams, ModelConfig, cfg_get
 from magnet_engine.engine.decoding import PRECISIONS, default_precision
 from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, ARParams, ARRuntime, HybridOptions
 from magnet_engine.engine.model import MagnetLM, weight_bytes
@@ -49,7 +52,7 @@ class MAGNeT:
 
     def __init__(self, name: str, lm: MagnetLM, conditioner: TextConditioner, codec: Codec,
                  device: torch.device, engine: str = "fast", precision: tp.Optional[str] = None,
-                 compile: bool = False, cuda_graphs: bool = False):
+                 compile: bool = False, cuda_graphs: bool = False, xp_cfg=None):
         precision = _check_engine(engine, precision, device)
         if cuda_graphs and device.type != "cuda":
             raise InvalidOptionError("cuda_graphs=True needs a CUDA device")
@@ -57,16 +60,25 @@ class MAGNeT:
         self.compile = compile
         self.cuda_graphs = cuda_graphs
         self.name = name
-        self.lm = lm
+        self._lm = lm                    # the engine's MagnetLM; `lm` is audiocraft's view of it
         self.conditioner = conditioner
         self.codec = codec
         self.device = device
         self.engine = engine
-        self.cfg: ModelConfig = lm.cfg
+        self.config: ModelConfig = lm.cfg   # what the engine reads; `cfg` is audiocraft's full config
+        # audiocraft's surface: cfg = lm.cfg, the checkpoint's training config (xp.cfg), read-only
+        self.compression_model = CompressionModelView(codec)
+        self.cfg = None if xp_cfg is None else training_config(xp_cfg, device, int(self.compression_model.frame_rate))
+        self.lm = LMView(lm, self.cfg, conditioner)
+        trained = cfg_get(self.cfg, "dataset.segment_duration", None) if self.cfg is not None else None
+        if isinstance(trained, bool) or not isinstance(trained, (int, float)):
+            trained = self.config.segment_duration
+        self._max_duration = trained     # audiocraft's type: as written in xp.cfg (10, not 10.0)
+        self._duration = trained
+        self._extend_stride: tp.Optional[float] = None
+        self._progress_callback: tp.Optional[Progress] = None
         self.params = DecodingParams()
-        self.duration = self.max_duration
-        self.extend_stride: tp.Optional[float] = None    # long-form stride (s); None: DEFAULT_STRIDE_FRACTION
-        self.hybrid = HybridOptions(ar=ARParams(cfg_coef=self.cfg.cfg_coef))
+        self.hybrid = HybridOptions(ar=ARParams(cfg_coef=self.config.cfg_coef))
         self.prefix_model: tp.Optional[ExternalLM] = None   # two-model hybrid: MusicGen makes the prefix
         self.rescorer: tp.Optional[ExternalLM] = None
         self.rescore = RescoreOptions()
@@ -121,23 +133,96 @@ class MAGNeT:
             t5 = str(directory / "t5") if (directory / "t5" / "config.json").is_file() else lm_ckpt.cfg.t5_name
         conditioner = TextConditioner.load(t5, weight.float(), bias.float(), device=device)
         model = cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision,
-                    compile=compile, cuda_graphs=cuda_graphs)
+                    compile=compile, cuda_graphs=cuda_graphs, xp_cfg=lm_ckpt.xp_cfg)
         model.t5_source = t5
         model.source = directory
         return model
 
     # ------------------------------------------------------------- properties
+    # audiocraft's BaseGenModel surface; each setter validates, so a refused value changes nothing.
     @property
     def sample_rate(self) -> int:
-        return self.codec.sample_rate
+        return self.compression_model.sample_rate
 
     @property
-    def frame_rate(self) -> float:
-        return self.codec.frame_rate
+    def frame_rate(self) -> tp.Union[int, float]:
+        """Codec frames per second; int or float as audiocraft gives it for this codec format."""
+        return self.compression_model.frame_rate
 
     @property
-    def max_duration(self) -> float:
-        return float(self.cfg.segment_duration)
+    def audio_channels(self) -> int:
+        return self.compression_model.channels
+
+    @property
+    def max_duration(self) -> tp.Union[int, float]:
+        """The longest clip one decoding window makes (s): the trained segment length by default,
+        settable down to one span."""
+        return self._max_duration
+
+    @max_duration.setter
+    def max_duration(self, value: tp.Union[int, float]) -> None:
+        trained = self.config.segment_duration
+        if not _is_real(value) or not 0 < value <= trained + 1e-9:
+            raise InvalidOptionError(f"max_duration must be a number of seconds in (0, {trained:g}] (the model's "
+                                     f"trained length), found {value!r}")
+        if int(value * self.frame_rate) < max(self.config.span_len, 1):
+            raise InvalidOptionError(f"max_duration {value} s is shorter than one span of {self.config.span_len} frames")
+        self._max_duration = _plain_number(value)
+
+    @property
+    def duration(self) -> tp.Union[int, float]:
+        """Seconds to generate; past `max_duration` a plain MAGNeT decodes window by window (long-form)."""
+        return self._duration
+
+    @duration.setter
+    def duration(self, value: tp.Union[int, float]) -> None:
+        self.check_duration(value)
+        self._duration = _plain_number(value)
+
+    @property
+    def extend_stride(self) -> tp.Optional[float]:
+        """audiocraft's stride (s) between long-form windows, in (0, max_duration); None: the default,
+        DEFAULT_STRIDE_FRACTION of max_duration (6 s of a 10 s window, 18 s of a 30 s one)."""
+        return self._extend_stride
+
+    @extend_stride.setter
+    def extend_stride(self, value: tp.Optional[float]) -> None:
+        if value is not None and (not _is_real(value) or not 0 < value < self.max_duration):
+            raise InvalidOptionError(f"extend_stride must be None or a number of seconds in (0, max_duration="
+                                     f"{self.max_duration}), found {value!r}")
+        self._extend_stride = None if value is None else _plain_number(value)
+
+    @property
+    def generation_params(self) -> tp.Mapping[str, tp.Any]:
+        """audiocraft's MAGNeT.generation_params: the decoding options under the keyword names
+        of its `lm.generate`. A read-only view, so that a change cannot skip validation: assign a
+        whole mapping (which may also name `anneal_temp` and `span_scoring`), or call
+        `set_generation_params`."""
+        p = self.params
+        return types.MappingProxyType({
+            "use_sampling": p.use_sampling, "temp": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+            "max_cfg_coef": p.max_cfg_coef, "min_cfg_coef": p.min_cfg_coef,
+            "decoding_steps": list(p.decoding_steps), "span_arrangement": p.span_arrangement})
+
+    @generation_params.setter
+    def generation_params(self, value: tp.Mapping[str, tp.Any]) -> None:
+        if not isinstance(value, tp.Mapping):
+            raise InvalidOptionError(f"generation_params must be a mapping, found {type(value).__name__}")
+        fields = {"temp": "temperature"}
+        known = {f.name for f in dataclasses.fields(DecodingParams)} - {"temperature"} | set(fields)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise InvalidOptionError(f"unknown generation_params key(s) {unknown}; known: {sorted(known)}")
+        changes = {fields.get(k, k): v for k, v in value.items()}
+        self.params = DecodingParams(**changes).validate(self.config.n_q)
+
+    def set_custom_progress_callback(self, progress_callback: tp.Optional[Progress] = None) -> None:
+        """Called as progress_callback(generated_steps, total_steps) in place of the progress
+        bar when a generate call has progress=True (audiocraft's contract)."""
+        if progress_callback is not None and not callable(progress_callback):
+            raise InvalidOptionError(f"progress_callback must be callable or None, found "
+                                     f"{type(progress_callback).__name__}")
+        self._progress_callback = progress_callback
 
     # ------------------------------------------------------------- parameters
     def set_generation_params(self, use_sampling: bool = True, top_k: int = 0, top_p: float = 0.9,
@@ -153,9 +238,10 @@ class MAGNeT:
                               rescore_fill: str = "special", rescore_cfg_coef: tp.Optional[float] = None) -> None:
         """Set decoding options; names and defaults as audiocraft's MAGNeT (spec §4).
 
-        `duration` (seconds) defaults to the model's trained segment length and may not
-        exceed it. `span_scoring` and `anneal_temp` are exposed here although the
-        original API fixes them ('max', True).
+        `duration` (seconds): None keeps the current one (audiocraft's MAGNeT takes no duration
+        here: it sets `model.duration`); at most `max_duration`. `span_scoring` and
+        `anneal_temp` are exposed here although the original API fixes them ('max', True).
+        Integral floats and numpy integers are taken for `decoding_steps` and `top_k`.
 
         Hybrid decoding (spec A; `engine/hybrid.py`): `hybrid_prefix_seconds` of audio are
         generated autoregressively first, then fixed while masked decoding fills the rest.
@@ -175,23 +261,26 @@ class MAGNeT:
         """
         params = DecodingParams(use_sampling=use_sampling, top_k=top_k, top_p=top_p, temperature=temperature,
                                 max_cfg_coef=max_cfg_coef, min_cfg_coef=min_cfg_coef,
-                                decoding_steps=tuple(decoding_steps), span_arrangement=span_arrangement,
-                                span_scoring=span_scoring, anneal_temp=anneal_temp).validate(self.cfg.n_q)
-        new_duration = self.max_duration if duration is None else self.check_duration(duration)
+                                decoding_steps=decoding_steps, span_arrangement=span_arrangement,
+                                span_scoring=span_scoring, anneal_temp=anneal_temp).validate(
+                                    self.config.n_q, card=self.config.card)
+        new_duration = self.duration if duration is None else self.check_duration(duration)
         rescore = RescoreOptions(rescore_weight, rescore_temperature, rescore_fill, rescore_cfg_coef).validate()
         prefix = self._external_lm(prefix_model) if prefix_model is not None else None
         if ar_cfg_coef is None:   # the AR model's own inference_coef: MusicGen's for the two-model hybrid
-            ar_cfg_coef = (prefix or self).cfg.cfg_coef
+            ar_cfg_coef = (prefix.cfg if prefix is not None else self.config).cfg_coef
         ar = ARParams(use_sampling=ar_use_sampling, top_k=ar_top_k, top_p=ar_top_p, temperature=ar_temperature,
                       cfg_coef=ar_cfg_coef)
         hybrid = HybridOptions(hybrid_prefix_seconds, hybrid_handoff, hybrid_prefix_attention, ar).validate()
-        if prefix is not None and self.cfg.is_hybrid:
+        if prefix is not None and self.config.is_hybrid:
             raise InvalidOptionError("prefix_model is for a plain MAGNeT (two-model hybrid); this hybrid-MAGNeT "
                                      "checkpoint makes its own prefix")
         scorer = self._external_lm(rescorer) if rescorer is not None else None
         self._check_hybrid(hybrid, prefix, new_duration)
-        self.params, self.duration, self.hybrid, self.rescore = params, new_duration, hybrid, rescore
+        self.params, self.hybrid, self.rescore = params, hybrid, rescore
         self.prefix_model, self.rescorer = prefix, scorer
+        if duration is not None:
+            self._duration = _plain_number(duration)
 
     def _external_lm(self, model) -> ExternalLM:
         """A MusicGen / AudioGen LM by directory / Hub id (loaded once per instance) or as given."""
@@ -200,13 +289,13 @@ class MAGNeT:
                 raise InvalidOptionError(f"expected a model directory, Hub id or ExternalLM, found {type(model).__name__}")
             key = (os.fspath(model), self.precision)
             if key not in self._external:
-                shared = (self.cfg.t5_name, self.t5_source, self.conditioner) if self.t5_source else None
+                shared = (self.config.t5_name, self.t5_source, self.conditioner) if self.t5_source else None
                 self._external[key] = ExternalLM.from_pretrained(
                     model, frame_rate=round(self.frame_rate), device=self.device,
                     precision=self.precision if self.device.type == "cuda" or "fp16" not in self.precision else "fp32",
                     shared_t5=shared)
             model = self._external[key]
-        model.check_compatible(self.cfg)
+        model.check_compatible(self.config)
         return model
 
     def prefix_frames(self, duration: tp.Optional[float] = None, options: tp.Optional[HybridOptions] = None) -> int:
@@ -215,35 +304,36 @@ class MAGNeT:
         seconds = options.prefix_seconds
         if seconds is None:   # hybrid checkpoint: 3 s, or half of a shorter clip
             clip = self.duration if duration is None else duration
-            seconds = min(DEFAULT_PREFIX_SECONDS, clip / 2) if self.cfg.is_hybrid else 0.0
+            seconds = min(DEFAULT_PREFIX_SECONDS, clip / 2) if self.config.is_hybrid else 0.0
         return int(round(seconds * self.frame_rate))
 
     def _check_hybrid(self, options: HybridOptions, prefix: tp.Optional[ExternalLM], duration: float) -> None:
         frames = self.prefix_frames(duration, options)
         total = int(duration * self.frame_rate)
-        if self.cfg.is_hybrid and frames < 1:
+        if self.config.is_hybrid and frames < 1:
             raise InvalidOptionError("a hybrid-MAGNeT checkpoint decodes with an AR prefix: hybrid_prefix_seconds "
                                      f"must be at least one frame (1/{self.frame_rate:g} s), found {options.prefix_seconds}")
-        if frames and not self.cfg.is_hybrid and prefix is None:
+        if frames and not self.config.is_hybrid and prefix is None:
             raise InvalidOptionError("hybrid_prefix_seconds on a plain MAGNeT needs prefix_model=<MusicGen / "
                                      "AudioGen checkpoint> (the two-model hybrid)")
-        if frames and frames + self.cfg.span_len > total:
+        if frames and frames + self.config.span_len > total:
             raise InvalidOptionError(f"the AR prefix ({frames} frames) must leave at least one span of the "
                                      f"{total}-frame clip to masked decoding")
 
     def check_duration(self, duration: float, limit: tp.Optional[float] = None) -> float:
-        """Validate a duration in seconds against the model's trained length (and `limit`,
-        e.g. a server's cap); returns it as a float. Changes nothing. A plain MAGNeT
-        generates past its window (long-form, up to MAX_LONGFORM_SECONDS); a hybrid one does not."""
-        longest = self.max_duration if self.cfg.is_hybrid else MAX_LONGFORM_SECONDS
+        """Validate a duration in seconds against the longest this model generates (and `limit`,
+        e.g. a server's cap); returns it as a float. Changes nothing. A plain MAGNeT generates
+        past `max_duration` window by window (long-form, up to MAX_LONGFORM_SECONDS); a hybrid
+        one stays within it."""
+        longest = self.max_duration if self.config.is_hybrid else MAX_LONGFORM_SECONDS
         limit = longest if limit is None else min(limit, longest)
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration):
+        if not _is_real(duration):
             raise InvalidOptionError(f"duration must be a number of seconds, found {duration!r}")
         if duration <= 0 or duration > limit + 1e-9:
             raise InvalidOptionError(f"duration must be in (0, {limit:g}] s (the longest this model generates, "
                                      f"or the configured limit), found {duration}")
-        if int(duration * self.frame_rate) < max(self.cfg.span_len, 1):
-            raise InvalidOptionError(f"duration {duration} s is shorter than one span of {self.cfg.span_len} frames")
+        if int(duration * self.frame_rate) < max(self.config.span_len, 1):
+            raise InvalidOptionError(f"duration {duration} s is shorter than one span of {self.config.span_len} frames")
         return float(duration)
 
     @property
@@ -353,8 +443,8 @@ class MAGNeT:
                 raise RegionError(f"region ({start}, {end}) s must satisfy 0 <= start < end <= {clip:g} s "
                                   "(the clip's length)")
             spans.append((int(math.floor(start * self.frame_rate)), min(int(math.ceil(end * self.frame_rate)), frames)))
-        _, fixed = generate.snap_regions(self.cfg, params, frames, spans)
-        return generate.plan(self.cfg, params, batch=batch, frames=frames, fixed=fixed, engine=self.engine,
+        _, fixed = generate.snap_regions(self.config, params, frames, spans)
+        return generate.plan(self.config, params, batch=batch, frames=frames, fixed=fixed, engine=self.engine,
                              rescored=self.rescorer is not None and self.rescore.weight != 1.0,
                              rescore_fill=self.rescore.fill)
 
@@ -363,7 +453,7 @@ class MAGNeT:
         if params is not None:
             if not isinstance(params, DecodingParams):
                 raise InvalidOptionError(f"params must be a DecodingParams, found {type(params).__name__}")
-            params.validate(self.cfg.n_q)
+            params.validate(self.config.n_q, card=self.config.card)
         if isinstance(audio, (str, os.PathLike)):
             from magnet_engine.audio import read_audio
             audio, file_rate = read_audio(audio)
@@ -441,23 +531,31 @@ class MAGNeT:
         if params is not None:
             if not isinstance(params, DecodingParams):
                 raise InvalidOptionError(f"params must be a DecodingParams, found {type(params).__name__}")
-            params.validate(self.cfg.n_q)
+            params.validate(self.config.n_q, card=self.config.card)
         if duration is not None:
             duration = self.check_duration(duration)
         if prompt_codes is not None:
             prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions), duration)
+        progress = self._progress_for(progress)
         with self._lock:
             return self._tokens(descriptions, prompt_codes, progress, seed, params=params, duration=duration,
                                 on_prefix=on_prefix, on_event=on_event)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Codes [B, K, T] -> waveform [B, channels, T · hop]."""
+        if not isinstance(tokens, torch.Tensor):
+            raise InvalidInputError(f"tokens must be an integer tensor [B, K, T], found {type(tokens).__name__}")
         with torch.no_grad():
             return self.codec.decode(tokens.to(self.device))
 
+    def generate_audio(self, gen_tokens: torch.Tensor) -> torch.Tensor:
+        """audiocraft's name for `decode`: codes [B, K, T] -> waveform [B, channels, T · hop]."""
+        return self.decode(gen_tokens)
+
+
     # --------------------------------------------------------------- internals
     def _check_prompt_codes(self, codes: torch.Tensor, batch: int, duration: tp.Optional[float] = None) -> torch.Tensor:
-        k = self.cfg.n_q
+        k = self.config.n_q
         duration = self.duration if duration is None else duration
         frames = int(duration * self.frame_rate)
         if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[:2] != (batch, k) \
@@ -467,12 +565,19 @@ class MAGNeT:
         if codes.shape[-1] >= frames:
             raise InvalidInputError(f"prompt has {codes.shape[-1]} frames; it must be shorter than the "
                                     f"{frames} frames of a {duration} s generation")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.card):
-            raise InvalidInputError(f"prompt codes must lie in [0, {self.cfg.card - 1}], found "
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.card):
+            raise InvalidInputError(f"prompt codes must lie in [0, {self.config.card - 1}], found "
                                     f"[{int(codes.min())}, {int(codes.max())}]")
         return codes.to(self.device, torch.long)
 
+    def _progress_for(self, progress: tp.Union[bool, Progress]) -> tp.Union[bool, Progress]:
+        """progress=True reports to the custom callback when one is set (audiocraft), else to a bar."""
+        if progress and not callable(progress) and self._progress_callback is not None:
+            return self._progress_callback
+        return progress
+
     def _generate(self, descriptions, prompt_codes, progress, return_tokens, seed, **hybrid):
+        progress = self._progress_for(progress)
         if prompt_codes is not None:
             prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions))
         with self._lock:
@@ -483,9 +588,11 @@ class MAGNeT:
 
     def _seeds(self, seed, batch: int) -> tp.List[int]:
         """One seed per row: an int seeds row b with seed + b; a list gives each row its own.
-        A row's draws depend only on its seed, so batching never changes a row's sample."""
+        A row's draws depend only on its seed, so batching never changes a row's sample.
+        None draws the rows' seeds from torch's default generator, so that, as with audiocraft,
+        torch.manual_seed(n) before a call reproduces it."""
         if seed is None:
-            seed = int.from_bytes(os.urandom(6), "little")
+            seed = torch.randint(0, 2 ** 62, (batch,), dtype=torch.int64).tolist()
         if isinstance(seed, (list, tuple)):
             seeds = list(seed)
         else:
@@ -511,7 +618,7 @@ class MAGNeT:
         rescorer = None
         if self.rescorer is not None and self.rescore.weight != 1.0:
             rescorer = BoundRescorer(self.rescorer, self.rescore, descriptions)
-        two_model = self.prefix_model is not None and not self.cfg.is_hybrid
+        two_model = self.prefix_model is not None and not self.config.is_hybrid
         if infill is not None:
             the_plan, canvas = infill
         else:
@@ -519,7 +626,7 @@ class MAGNeT:
             window = int(self.max_duration * self.frame_rate)
             stride = self.extend_stride if self.extend_stride is not None else DEFAULT_STRIDE_FRACTION * self.max_duration
             the_plan = generate.plan(
-                self.cfg, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
+                self.config, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
                 prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1],
                 prefix_frames=self.prefix_frames(min(duration, self.max_duration), options), hybrid=options,
                 prefix_cfg=self.prefix_model.cfg if two_model else None, rescored=rescorer is not None,
@@ -561,8 +668,8 @@ class MAGNeT:
         """The fp32 LM the reference loop runs: this instance's own while its transformer is
         fp32; once the fast runtime has cast it to a lower precision (in place), a second one
         loaded from the checkpoint on first use — held only by those who ask for it."""
-        if next(self.lm.transformer.parameters()).dtype == torch.float32:
-            return self.lm
+        if next(self._lm.transformer.parameters()).dtype == torch.float32:
+            return self._lm
         if self._reference_lm is None:
             if self.source is None:
                 raise InvalidOptionError(f"the reference loop runs fp32 weights; this instance holds {self.precision} "
@@ -580,7 +687,7 @@ class MAGNeT:
             {"weights_bytes": {"lm": ..., "conditioner": ..., "codec": ..., ...},
              "weights_total_bytes": ..., "rss_bytes": ..., "peak_rss_bytes": ..., "device": "cpu"}
         """
-        components: tp.Dict[str, torch.nn.Module] = {"lm": self.lm, "conditioner": self.conditioner,
+        components: tp.Dict[str, torch.nn.Module] = {"lm": self._lm, "conditioner": self.conditioner,
                                                      "codec": self.codec}
         if self._reference_lm is not None:
             components["reference_lm"] = self._reference_lm
@@ -613,10 +720,10 @@ class MAGNeT:
         return generate.Models(runtime=runtime, ar=ar)
 
     def _fast_runtime(self):
-        """The fast runtime (built on first use; it casts `self.lm` in place to its precision)."""
+        """The fast runtime (built on first use; it casts the engine LM in place to its precision)."""
         if self._runtime is None:
             from magnet_engine.engine.decoding import Runtime
-            self._runtime = Runtime(self.lm, precision=self.precision, compile=self.compile,
+            self._runtime = Runtime(self._lm, precision=self.precision, compile=self.compile,
                                     cuda_graphs=self.cuda_graphs)
         return self._runtime
 
@@ -682,6 +789,16 @@ def _stream(work: tp.Callable[[tp.Callable], torch.Tensor]) -> tp.Iterator[tp.Tu
         if kind == "full":
             thread.join()
             return
+
+
+def _is_real(value) -> bool:
+    """A finite real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _plain_number(value: tp.Union[int, float]) -> tp.Union[int, float]:
+    """Python int / float kept as given (audiocraft keeps 10 as 10); numpy scalars -> float."""
+    return value if type(value) in (int, float) else float(value)
 
 
 def _fan_out(listeners: tp.List[events.Listener]) -> tp.Optional[events.Listener]:

@@ -175,7 +175,7 @@ def run_cases(contenders: tp.Sequence[tp.Tuple[str, tp.Any, str]], descriptions,
             if i >= warmup:
                 samples[name].append(result)
     model = contenders[0][1]
-    audio_s = model.frames // model.cfg.span_len * model.cfg.span_len / model.frame_rate
+    audio_s = model.frames // model.config.span_len * model.config.span_len / model.frame_rate
     return {name: _summary(engine, samples[name], audio_s) for name, _, engine in contenders}
 
 
@@ -254,14 +254,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 case["speedup_end_to_end_p50"] = ref["end_to_end_ms"]["p50"] / fast["end_to_end_ms"]["p50"]
                 case["speedup_tokens_p50_by_variant"] = {
                     v: ref["tokens_ms"]["p50"] / timings[v]["tokens_ms"]["p50"] for v in args.variants}
-            cfg = model.cfg
+            cfg = model.config
             flops = 0.0
             from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
             kept, _, to_gen = spans_to_generate(model.frames, 0, cfg.span_len, True)
             for stage, n in enumerate(model.params.decoding_steps):
                 sched = stage_schedule(n, to_gen, model.params)
                 for m in sched.num_masked:
-                    flops += step_flops(cfg, batch, kept, model.lm.window(stage), m * cfg.span_len)
+                    flops += step_flops(cfg, batch, kept, model.lm.module.window(stage), m * cfg.span_len)
             dtype = PRECISIONS[precision][0]
             case["tokens_tflop"] = flops / 1e12
             case["achieved_tflops"] = flops / (fast["tokens_ms"]["p50"] / 1e3) / 1e12

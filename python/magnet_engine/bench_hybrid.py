@@ -170,8 +170,8 @@ def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tu
     marks: tp.Dict[str, float] = {}
     info: tp.Dict[str, tp.Any] = {"loadavg_1m": _loadavg()}
     prefix_frames = model.prefix_frames(options=model.hybrid)
-    if model.cfg.is_hybrid:   # rows each masked step recomputes: query_start..seq_len
-        plan = plan_hybrid(model.cfg, model.frames, prefix_frames, model.params, model.hybrid.handoff,
+    if model.config.is_hybrid:   # rows each masked step recomputes: query_start..seq_len
+        plan = plan_hybrid(model.config, model.frames, prefix_frames, model.params, model.hybrid.handoff,
                            model.hybrid.prefix_attention)
         info.update(recomputed_rows=plan.seq_len - plan.query_start, sequence_rows=plan.seq_len)
 
@@ -247,7 +247,7 @@ def summarise(case: Case, samples: tp.List[dict], model, args) -> dict:
     for key in ("prefix_frames", "prefix_audio_s", "rescore_calls", "recomputed_rows", "sequence_rows"):
         if key in samples[0]:
             out[key] = samples[0][key]
-    audio_s = model.frames // model.cfg.span_len * model.cfg.span_len / model.frame_rate
+    audio_s = model.frames // model.config.span_len * model.config.span_len / model.frame_rate
     out["audio_seconds"] = audio_s
     out["real_time_factor"] = audio_s / (out["end_to_end_ms"]["p50"] / 1e3)
     return out
@@ -385,7 +385,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     cases = make_cases(args, root / "musicgen")
     for case in cases:       # validates every setting (and loads the MusicGen LM) before any timing
         configure(models[case.model], case, args)
-    cfg = models["magnet"].cfg
+    cfg = models["magnet"].config
     print(f"{args.arch}: dim {cfg.dim}, {cfg.num_heads} heads, {cfg.num_layers} layers; {args.duration:g} s = "
           f"{models['magnet'].frames} frames, {args.precision}, {device}, {torch.get_num_threads()} threads; "
           f"models in {root} ({build_s:.0f} s to build/find)", flush=True)

@@ -88,7 +88,7 @@ def run_weight_bytes(model, precision: str) -> tp.Dict[str, int]:
         return total
 
     low = _DTYPE_BYTES[precision]
-    return {"lm": count(model.lm, lambda name: low if name.startswith("transformer.") else 4),
+    return {"lm": count(model.lm.module, lambda name: low if name.startswith("transformer.") else 4),
             "conditioner": count(model.conditioner, lambda name: 4),
             "codec": count(model.codec, lambda name: 4)}
 

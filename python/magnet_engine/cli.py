@@ -8,13 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import time
 import typing as tp
 from pathlib import Path
-
-DEFAULT_CACHE = Path("~/.cache/magnet_engine")
-
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="facebook/magnet-small-10secs",
@@ -37,7 +35,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="seconds (default: the model's trained length; longer: decoded window by window)")
     g.add_argument("--extend-stride", type=float, default=None,
                    help="long-form: seconds each window advances (default: 0.6 x the window, e.g. 6 s of 10 s)")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="default: a random seed")
     g.add_argument("--no-sampling", dest="use_sampling", action="store_false", help="greedy decoding (argmax)")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=0.9)
@@ -89,18 +87,41 @@ def _load(args, model: tp.Optional[str] = None):
                                  precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
 
 
+def _cuda_requested(device: tp.Optional[str]) -> bool:
+    if device is not None:
+        return device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _output_paths(output: Path, n: int) -> tp.List[Path]:
     if n == 1:
         return [output]
     return [output.with_name(f"{output.stem}_{i}{output.suffix or '.wav'}") for i in range(n)]
 
 
-def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
+def _checked_outputs(args, n: int) -> tp.List[Path]:
+    """The output paths, checked before any generation: a bad -o fails in a second, not
+    after minutes of decoding."""
+    from magnet_engine.engine.files import check_output_path
+
+    paths = _output_paths(Path(args.output), n)
+    if getattr(args, "prefix_output", None):
+        paths += _output_paths(Path(args.prefix_output), n)
+    for path in paths:
+        check_output_path(path)
+    return paths[:n]
+
+
+def _generate(model, args, paths: tp.List[Path]) -> tp.Tuple[tp.List[Path], float]:
     from magnet_engine.audio import read_audio, write_wav
 
+    if args.seed is None:   # the API would draw from torch's default generator: the same in every process
+        args.seed = secrets.randbelow(2 ** 62)
+    texts = args.texts or [None]
     model.set_generation_params(**_generation_params(args))
     model.extend_stride = getattr(args, "extend_stride", None)
-    texts = args.texts or [None]
     start = time.perf_counter()
     if getattr(args, "prompt", None):
         wav_in, sr = read_audio(args.prompt)
@@ -122,15 +143,15 @@ def _generate(model, args) -> tp.Tuple[tp.List[Path], float]:
         if "s" in first:
             print(f"time to first audio: {first['s']:.2f} s")
     elapsed = time.perf_counter() - start
-    paths = _output_paths(Path(args.output), wav.shape[0])
     for path, one in zip(paths, wav):
         write_wav(path, one, model.sample_rate)
     return paths, elapsed
 
 
 def cmd_generate(args) -> int:
+    paths = _checked_outputs(args, max(1, len(args.texts)))   # before loading: a model may take minutes to fetch
     model = _load(args)
-    paths, elapsed = _generate(model, args)
+    paths, elapsed = _generate(model, args, paths)
     seconds = model.frames / model.frame_rate
     for p in paths:
         print(f"wrote {p}")
@@ -149,12 +170,16 @@ def _region(text: str) -> tp.Tuple[float, float]:
 
 def cmd_edit(args) -> int:
     from magnet_engine.audio import write_wav
+    from magnet_engine.engine.files import check_output_path
 
+    check_output_path(Path(args.output))      # before loading, as generate does
     model = _load(args)
     params = _generation_params(args)
     params["duration"] = None
     model.set_generation_params(**params)
     start = time.perf_counter()
+    if args.seed is None:
+        args.seed = secrets.randbelow(2 ** 62)
     wav = model.generate_infill(args.input, None, args.region, [args.text], progress=not args.quiet, seed=args.seed)
     elapsed = time.perf_counter() - start
     write_wav(args.output, wav[0], model.sample_rate)
@@ -166,6 +191,8 @@ def cmd_edit(args) -> int:
 def cmd_demo(args) -> int:
     from magnet_engine.demo import cached_demo_model
 
+    args.texts = args.texts or ["warm lo-fi piano with soft vinyl crackle"]
+    paths = _checked_outputs(args, len(args.texts))
     kind = "hybrid-MAGNeT " if args.kind == "hybrid" else ""
     print(f"magnet-engine demo: a random-weight '{args.preset}' {kind}model of the published architecture.\n"
           "Untrained weights make noise, not music. For music, run e.g.\n"
@@ -173,19 +200,24 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     directory = cached_demo_model(args.cache_dir, args.preset, kind=args.kind)
     t1 = time.perf_counter()
+    if args.precision is None and args.engine == "fast" and not _cuda_requested(args.device):
+        # Random weights make noise at any precision, and bf16 matmuls are the fast ones on current CPUs.
+        args.precision = "bf16"
+        print("precision: bf16 (the demo's default on CPU; --precision fp32 for full precision)")
     model = _load(args, model=str(directory))
     t2 = time.perf_counter()
-    args.texts = args.texts or ["warm lo-fi piano with soft vinyl crackle"]
-    paths, elapsed = _generate(model, args)
+    paths, elapsed = _generate(model, args, paths)
     print(f"model dir: {directory} (build/cache {t1 - t0:.1f} s, load {t2 - t1:.1f} s)")
     for p in paths:
         print(f"wrote {p}")
     print(f"generated {model.frames / model.frame_rate:.2f} s of audio in {elapsed:.2f} s "
-          f"(engine {args.engine}, device {model.device})")
+          f"(engine {args.engine}, device {model.device}, precision {model.precision})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from magnet_engine.demo import DEFAULT_CACHE
+
     parser = argparse.ArgumentParser(prog="magnet-engine", description="Fast MAGNeT inference")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -219,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="latency benchmark, fast vs reference loop (bench --help)", add_help=False)
     sub.add_parser("serve", help="HTTP service with dynamic batching and the demo page (serve --help)",
                    add_help=False)
+    sub.add_parser("speech", help="PlayDiffusion speech editing / TTS / voice conversion (speech --help)",
+                   add_help=False)
     return parser
 
 
@@ -243,7 +277,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # serve and bench own their flags: hand them over before argparse reads any of them.
-    handoff = {"serve": "magnet_engine.server", "bench": "magnet_engine.bench"}
+    handoff = {"serve": "magnet_engine.server", "bench": "magnet_engine.bench", "speech": "magnet_engine.speech_cli"}
     if argv[:1] and argv[0] in handoff:
         import importlib
         return importlib.import_module(handoff[argv[0]]).main(argv[1:])
@@ -253,9 +287,16 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MagnetEngineError as exc:
-        print(f"magnet-engine: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except MagnetEngineError as exc:   # bad input, model or option: one line, no traceback
+        print(f"magnet-engine: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:             # the file system failed under us (disk full, permissions changed)
+        print(f"magnet-engine: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

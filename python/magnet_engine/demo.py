@@ -18,6 +18,7 @@ from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine.random_weights import build_random_t5, random_compression_package, random_lm_package
 
 T5_DIR = "t5"
+DEFAULT_CACHE = Path("~/.cache/magnet_engine")   # where the demo models are built, once
 
 # name -> (LM architecture, codec n_filters, T5 (d_model, layers, heads, d_ff))
 PRESETS: tp.Dict[str, dict] = {

@@ -1,6 +1,7 @@
 "use strict";
 // The demo page: POST /v1/generate, follow /v1/progress/{id} (server-sent events) meanwhile,
-// then play the wav and draw its waveform from the 16-bit PCM samples of the response.
+// drawing the token canvas as each decoding step fills it in, then play the wav and draw its
+// waveform from the 16-bit PCM samples of the response.
 
 const $ = (id) => document.getElementById(id);
 let modelInfo = null;
@@ -54,10 +55,13 @@ function followProgress(requestId, request) {
   });
   on("queued", (d) => setStatus(`queued (position ${d.position})`, 0));
   on("started", (d) => setStatus(`generating in a batch of ${d.batch_size}`));
-  on("step", (d) => setStatus(d.stage === "prefix"
-                               ? `autoregressive prefix, step ${d.step}/${d.stage_steps}`
-                               : `codebook ${d.stage + 1}/${modelInfo.n_q}, step ${d.step}/${d.stage_steps}`,
-                               0.95 * d.done / d.total));
+  on("step", (d) => {
+    setStatus(d.stage === "prefix"
+              ? `autoregressive prefix, step ${d.step}/${d.stage_steps}`
+              : `codebook ${d.stage + 1}/${modelInfo.n_q}, step ${d.step}/${d.stage_steps}`,
+              0.95 * d.done / d.total);
+    if (d.canvas) drawTokens($("tokens"), d.canvas, d.done);
+  });
   on("prefix", (d) => {   // hybrid checkpoints: the AR prefix plays while the tail is decoded
     $("status").dataset.prefixSeconds = d.seconds;
     if (!d.rows.includes(0) || request.done) return;   // a late event never replaces the full clip
@@ -116,6 +120,33 @@ function showResult(wav, headers, totalMs) {
   $("t-batch").textContent = headers.get("X-Batch-Size");
   $("t-seed").textContent = headers.get("X-Seed");
   setStatus("done", 1);
+}
+
+// The token canvas after a step (server: batcher.canvas_snapshot): codebooks x frames bytes,
+// 0 = masked (dark), 1..255 = fixed, brightness rising with the decoder's confidence.
+function drawTokens(canvas, snapshot, done) {
+  const {codebooks, frames} = snapshot;
+  const cells = Uint8Array.from(atob(snapshot.cells), (c) => c.charCodeAt(0));
+  if (cells.length !== codebooks * frames) return;
+  canvas.hidden = false;
+  $("tokens-legend").hidden = false;
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(frames, codebooks);
+  for (let i = 0; i < cells.length; i++) {
+    const v = cells[i];
+    const a = v === 0 ? 0 : 0.3 + 0.7 * (v - 1) / 254;    // a fixed cell is never as dark as a masked one
+    image.data.set(v === 0 ? [16, 20, 28, 255] : [89 * a, 195 * a, 255 * a, 255], 4 * i);
+  }
+  // One pixel per cell, then scaled to the element: rows are codebooks, columns frames.
+  const scratch = document.createElement("canvas");
+  scratch.width = frames;
+  scratch.height = codebooks;
+  scratch.getContext("2d").putImageData(image, 0, 0);
+  ctx.imageSmoothingEnabled = false;
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(scratch, 0, 0, canvas.width, canvas.height);
+  canvas.dataset.done = done;                                   // read by tests/test_browser.py
+  canvas.dataset.fixed = cells.reduce((n, v) => n + (v > 0), 0);
 }
 
 // First channel of a 16-bit PCM WAV as floats in [-1, 1].

@@ -1,0 +1,5 @@
+import sys
+
+from magnet_engine.server.serve import main
+
+sys.exit(main())

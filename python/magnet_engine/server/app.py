@@ -1,0 +1,283 @@
+"""The HTTP routes around a loaded model, and the limits every request passes first.
+
+Endpoints:
+  POST /v1/generate          JSON -> audio/wav (one description) | application/zip of wavs (several)
+  GET  /v1/progress/{id}     server-sent events: queued, started, step, codec, done | error
+  GET  /v1/prefix/{id}       hybrid checkpoints: the AR prefix audio, before the clip is done
+  GET  /v1/model             model facts, option defaults and server limits
+  GET  /healthz              liveness of the worker
+  GET  /metrics              Prometheus text exposition
+  GET  /                     the demo page (static/)
+
+Every error, from a route or from the framework (404, 405, 422, 413 ...), is answered as
+{"error": {"status", "type", "message"}} (schema.ApiError).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import re
+import secrets
+import time
+import typing as tp
+import zipfile
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from magnet_engine.audio import wav_bytes
+from magnet_engine.server.batcher import Batcher, BatchKey, Job, QueueFull
+from magnet_engine.server.progress import TERMINAL_EVENTS, ProgressChannel, ProgressHub, sse
+from magnet_engine.server.schema import (
+    ApiError, GenerateRequest, Settings, api_error_from, describe_validation_error, model_info, parse_body,
+    parse_request, text_token_count,
+)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+REQUEST_ID = re.compile(GenerateRequest.model_fields["request_id"].metadata[0].pattern)
+HTTP_ERROR_TYPES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 408: "RequestTimeout",
+                    413: "PayloadTooLarge", 415: "UnsupportedMediaType", 431: "RequestHeaderFieldsTooLarge"}
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was answered (499)."""
+
+
+class HeaderLimits:
+    """ASGI middleware: at most `max_headers` header fields and `max_header_bytes` in all (431).
+    uvicorn's h11 parser bounds the raw head too; this also holds under any server."""
+
+    def __init__(self, app, max_headers: int, max_header_bytes: int):
+        self.app, self.max_headers, self.max_header_bytes = app, max_headers, max_header_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            size = sum(len(k) + len(v) + 4 for k, v in headers)
+            if len(headers) > self.max_headers or size > self.max_header_bytes:
+                err = ApiError(431, "RequestHeaderFieldsTooLarge",
+                               f"{len(headers)} header fields, {size} bytes; the limits are {self.max_headers} "
+                               f"fields and {self.max_header_bytes} bytes", headers={"Connection": "close"})
+                return await err.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+async def read_body(request: Request, settings: Settings) -> bytes:
+    """The request body, read chunk by chunk up to `max_body_bytes` (413 beyond), within
+    `body_timeout_s` (408); a JSON content type is required (415: a cross-site HTML form
+    can only send text/plain, urlencoded or multipart)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, "UnsupportedMediaType",
+                       f"Content-Type must be application/json, found {media_type or 'none'!r}")
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ApiError(413, "PayloadTooLarge", f"body of {declared[:20]} bytes; the limit is {limit}",
+                       headers={"Connection": "close"})
+
+    async def gather() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "PayloadTooLarge", f"body larger than the limit of {limit} bytes",
+                               headers={"Connection": "close"})
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(gather(), settings.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "RequestTimeout", f"body not received within {settings.body_timeout_s:g} s",
+                       headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+
+
+def zip_of_wavs(blobs: tp.List[bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:  # PCM barely compresses
+        for i, blob in enumerate(blobs):
+            zf.writestr(f"sample_{i}.wav", blob)
+    return buf.getvalue()
+
+
+async def wait_for_job(request: Request, job: Job, timeout_s: float) -> tp.List[tp.Any]:
+    """The job's wavs; raises ClientGone when the client goes away, ApiError 504 on timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise ApiError(504, "Timeout", f"request not finished within {timeout_s:g} s")
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), min(0.2, remaining))
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ClientGone() from None
+
+
+def create_app(model, settings: tp.Optional[Settings] = None) -> FastAPI:
+    """The service around a loaded MAGNeT (anything with its interface); starts the worker on startup."""
+    settings = settings or Settings()
+    batcher = Batcher(model, settings)
+    metrics = batcher.metrics
+    hub = ProgressHub(settings.progress_ttl_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="magnet-engine", lifespan=lifespan)
+    app.state.batcher, app.state.metrics, app.state.settings, app.state.hub = batcher, metrics, settings, hub
+    app.add_middleware(HeaderLimits, max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = HTTP_ERROR_TYPES.get(exc.status_code, "HTTPError")
+        return ApiError(exc.status_code, kind, str(exc.detail), headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return ApiError(422, "ValidationError", describe_validation_error(exc.errors())).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        return ApiError(500, type(exc).__name__, "internal error").response()
+
+    @app.post("/v1/generate", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": GenerateRequest.model_json_schema()}}}})
+    async def generate(request: Request):
+        arrived = time.monotonic()
+        loop = asyncio.get_running_loop()
+        channel = job = None
+        try:
+            body = parse_body(await read_body(request, settings))
+            if body.request_id is None:  # nobody can watch an id they do not know: keep it out of the hub
+                request_id, channel = secrets.token_hex(8), ProgressChannel(loop)
+            else:  # the first POST owns an id; a second one is refused before it can touch the channel
+                request_id, channel = body.request_id, hub.claim(body.request_id, loop)
+            texts, params, duration = parse_request(model, settings, body)
+            keys = [BatchKey(params, duration, text_token_count(model, t)) for t in texts]
+            seed = body.seed if body.seed is not None else secrets.randbelow(2 ** 31)
+            queued = Job(request_id, texts, keys, seed, loop, channel)
+            try:
+                batcher.submit(queued)
+            except QueueFull:
+                raise ApiError(503, "QueueFull", f"the queue is full ({settings.queue_size} requests waiting); "
+                               "retry later", headers={"Retry-After": str(batcher.retry_after_s())}) from None
+            job = queued
+            wavs = await wait_for_job(request, job, settings.request_timeout_s)
+            blobs = await asyncio.to_thread(lambda: [wav_bytes(w, model.sample_rate) for w in wavs])
+        except asyncio.CancelledError:
+            if job is not None:
+                batcher.cancel(job)
+            raise
+        except ClientGone:   # free its place; nobody reads the answer, the status is for logs and metrics
+            if job is not None:
+                batcher.cancel(job)
+            if channel is not None:
+                channel.publish("error", {"status": 499, "type": "ClientDisconnected", "message": "client left"})
+            metrics.request_done(499, error="ClientDisconnected")
+            return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001 - every failure is answered as JSON
+            if job is not None:
+                batcher.cancel(job)  # on timeout; a no-op for a job the worker already closed
+            err = api_error_from(exc)
+            if channel is not None:
+                channel.publish("error", err.body())
+            metrics.request_done(err.status, error=err.kind)
+            return err.response()
+
+        timing = {"queue_ms": round(job.queue_ms, 1), "tokens_ms": round(job.tokens_ms, 1),
+                  "codec_ms": round(job.codec_ms, 1), "batch_size": max(job.batch_sizes),
+                  "batches": len(job.batch_sizes), "seed": seed}
+        headers = {"X-Request-Id": request_id, "X-Seed": str(seed), "X-Queue-Wait-Ms": str(timing["queue_ms"]),
+                   "X-Tokens-Ms": str(timing["tokens_ms"]), "X-Codec-Ms": str(timing["codec_ms"]),
+                   "X-Batch-Size": str(timing["batch_size"]), "X-Batches": str(timing["batches"])}
+        channel.publish("done", timing)
+        metrics.request_done(200, seconds=time.monotonic() - arrived)
+        if len(blobs) == 1:
+            return Response(blobs[0], media_type="audio/wav", headers=headers)
+        headers["Content-Disposition"] = 'attachment; filename="magnet.zip"'
+        return Response(zip_of_wavs(blobs), media_type="application/zip", headers=headers)
+
+    def known_id(request_id: str) -> None:
+        if not REQUEST_ID.match(request_id):
+            raise ApiError(404, "NotFound", "no such request (ids match [A-Za-z0-9_.:-]{1,64})")
+
+    @app.get("/v1/progress/{request_id}")
+    async def progress(request_id: str):
+        try:
+            known_id(request_id)
+        except ApiError as err:
+            return err.response()
+        channel = hub.watch(request_id, asyncio.get_running_loop())
+        keepalive = min(15.0, settings.progress_ttl_s)
+
+        async def stream():
+            queue, history = channel.subscribe()
+            try:
+                for kind, data in history:
+                    yield sse(kind, data)
+                    if kind in TERMINAL_EVENTS:
+                        return
+                while True:
+                    try:
+                        kind, data = await asyncio.wait_for(queue.get(), keepalive)
+                    except asyncio.TimeoutError:
+                        if not channel.claimed and time.monotonic() - channel.created > settings.progress_ttl_s:
+                            yield sse("error", {"status": 404, "message": f"no request {request_id!r} arrived"})
+                            return
+                        yield ": keep-alive\n\n"
+                        continue
+                    yield sse(kind, data)
+                    if kind in TERMINAL_EVENTS:
+                        return
+            finally:
+                channel.unsubscribe(queue)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/prefix/{request_id}")
+    async def prefix(request_id: str, index: int = 0):
+        """Hybrid checkpoints: row `index`'s AR prefix as a wav, as soon as the SSE stream
+        announced it (event "prefix"), while the rest of the clip is still being decoded."""
+        channel = hub.get(request_id)
+        blob = None if channel is None else channel.prefix.get(index)
+        if blob is None:
+            return ApiError(404, "NotFound", f"no prefix audio for request {request_id[:64]!r} row {index} (only "
+                            "hybrid checkpoints make one, and only requests that gave a request_id)").response()
+        return Response(blob, media_type="audio/wav")
+
+    @app.get("/v1/model")
+    async def get_model():
+        return model_info(model, settings, batcher.max_batch)
+
+    @app.get("/healthz")
+    async def healthz():
+        alive = batcher.thread.is_alive()
+        body = {"status": "ok" if alive else "worker stopped", "queue_depth": batcher.queue_depth()}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

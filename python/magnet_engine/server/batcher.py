@@ -1,0 +1,280 @@
+"""Dynamic batching: the bounded queue of rows and the one worker thread that owns the model.
+
+A request is split into rows, one per description, which wait in a bounded queue. The
+worker takes the oldest row, waits up to `max_wait_ms` (counted from that row's arrival)
+for rows it can decode together, up to `max_batch`, and runs them as one `generate_tokens`
++ one `decode`. Rows are compatible when they share decoding params, duration and text
+token count: the reference does not mask T5 padding in cross-attention, so a row is
+batch-invariant only among texts of its own length. A row's random draws depend only on
+its seed, so a request gets the same tokens alone or batched (and the same audio up to one
+PCM step: the codec's batched convolutions round a few samples differently).
+
+The worker checks between decoding steps whether anyone still wants the batch: when every
+request in it was cancelled (timeout, disconnect), its event listener raises and the model
+stops after the current step.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import math
+import threading
+import time
+import typing as tp
+
+import torch
+
+from magnet_engine.audio import wav_bytes
+from magnet_engine.engine import events
+from magnet_engine.engine.config import DecodingParams
+from magnet_engine.server.metrics import Metrics
+from magnet_engine.server.progress import ProgressChannel
+from magnet_engine.server.schema import Settings
+
+
+def canvas_snapshot(event: events.StageStep, row: int, mask_id: int) -> dict:
+    """One row's token canvas after a step, one byte per cell, for the demo page's canvas view:
+    0 = still masked; 1..255 = fixed, the current codebook's cells shaded by their confidence
+    p̂ (1 + 254·p̂), cells fixed before this stage (earlier codebooks, prompt) 255. A 10 s
+    clip of 4 codebooks is 2,000 bytes, 2.7 kB as base64."""
+    codes = event.canvas[row].cpu()                                   # [K, T]
+    cells = torch.full(codes.shape, 255, dtype=torch.uint8)
+    p_hat = event.confidence[row].float().cpu().nan_to_num(0.0, posinf=1.0).clamp(0, 1)   # [T]
+    cells[event.stage] = (1 + 254 * p_hat).round().to(torch.uint8)
+    cells[codes == mask_id] = 0
+    return {"codebooks": codes.shape[0], "frames": codes.shape[1],
+            "cells": base64.b64encode(cells.numpy().tobytes()).decode("ascii")}
+
+
+class QueueFull(Exception):
+    pass
+
+
+class _BatchAbandoned(Exception):
+    """Every request of the running batch was cancelled: stop generating."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchKey:
+    params: DecodingParams
+    duration: float
+    text_tokens: tp.Optional[int]   # None: unconditional row
+
+
+class Job:
+    """One generate request: its rows, their results, and the future the endpoint awaits."""
+
+    def __init__(self, request_id: str, texts: tp.List[tp.Optional[str]], keys: tp.List[BatchKey],
+                 seed: int, loop: asyncio.AbstractEventLoop, channel: ProgressChannel):
+        self.request_id = request_id
+        self.rows = [Row(self, i, text, seed + i, key) for i, (text, key) in enumerate(zip(texts, keys))]
+        self.seed = seed
+        self.loop = loop
+        self.channel = channel
+        self.future: asyncio.Future = loop.create_future()
+        self.enqueued = time.monotonic()
+        self.waiting = 0                # rows in the queue, not yet taken by the worker (0 until submitted)
+        self.left = len(self.rows)      # rows without a result
+        self.wavs: tp.List[tp.Any] = [None] * len(self.rows)
+        self.closed = False             # cancelled, failed or done: its remaining rows are dropped
+        self.queue_ms: tp.Optional[float] = None
+        self.tokens_ms = 0.0
+        self.codec_ms = 0.0
+        self.batch_sizes: tp.List[int] = []
+
+    def resolve(self, result: tp.Any = None, error: tp.Optional[BaseException] = None) -> None:
+        def settle():
+            if not self.future.done():
+                if error is not None:
+                    self.future.set_exception(error)
+                else:
+                    self.future.set_result(result)
+        with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+            self.loop.call_soon_threadsafe(settle)
+
+
+@dataclasses.dataclass(eq=False)
+class Row:
+    job: Job
+    index: int
+    text: tp.Optional[str]
+    seed: int
+    key: BatchKey
+
+
+class Batcher:
+    """The bounded queue and the one worker thread that owns the model."""
+
+    def __init__(self, model, settings: Settings):
+        self.model = model
+        self.settings = settings
+        self.metrics = Metrics(self.queue_depth, lambda: self.running, getattr(model, "memory_stats", None))
+        # The reference loop draws every row from one generator seeded with the first row's
+        # seed, so its rows are not batch-invariant: it generates one row at a time.
+        self.max_batch = 1 if getattr(model, "engine", None) == "reference" else settings.max_batch
+        self.cond = threading.Condition()
+        self.pending: tp.List[Row] = []     # FIFO of rows not yet taken
+        self.waiting_jobs = 0               # jobs with at least one row in `pending`
+        self.running = 0                    # rows in the batch being generated
+        self.stopping = False
+        self.batch_seconds = 1.0            # moving average, for Retry-After
+        self.thread = threading.Thread(target=self._loop, name="magnet-generation-worker", daemon=True)
+
+    # --------------------------------------------------------- event-loop side
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job's rows, or raise QueueFull (and leave the queue as it was)."""
+        with self.cond:
+            if self.waiting_jobs >= self.settings.queue_size:
+                raise QueueFull()
+            self.pending.extend(job.rows)
+            job.waiting = len(job.rows)
+            self.waiting_jobs += 1
+            # under the lock, so `queued` precedes the worker's `started`
+            job.channel.publish("queued", {"request_id": job.request_id, "position": self.waiting_jobs,
+                                           "rows": len(job.rows)})
+            self.cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job's queued rows; a running batch whose jobs are all cancelled stops at its next step."""
+        with self.cond:
+            if job.closed:
+                return
+            self._close(job)
+        self.metrics.cancelled.inc()
+
+    def queue_depth(self) -> int:
+        with self.cond:
+            return self.waiting_jobs
+
+    def retry_after_s(self) -> int:
+        with self.cond:
+            batches_ahead = self.waiting_jobs / self.max_batch + 1
+            return int(min(60, max(1, math.ceil(batches_ahead * self.batch_seconds))))
+
+    def _close(self, job: Job) -> None:
+        """Caller holds `cond`. Only a job that still has queued rows counts in `waiting_jobs`."""
+        job.closed = True
+        if job.waiting:
+            self.pending = [r for r in self.pending if r.job is not job]
+            job.waiting = 0
+            self.waiting_jobs -= 1
+            self.cond.notify_all()
+
+    # --------------------------------------------------------- worker side
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> tp.Optional[tp.List[Row]]:
+        """Oldest row plus compatible ones, once max_batch are there or the oldest has waited max_wait."""
+        max_batch, max_wait = self.max_batch, self.settings.max_wait_ms / 1000
+        with self.cond:
+            while True:
+                while not self.pending and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return None
+                first = self.pending[0]
+                batch = [r for r in self.pending if r.key == first.key][:max_batch]
+                remaining = first.job.enqueued + max_wait - time.monotonic()
+                if len(batch) >= max_batch or remaining <= 0:
+                    break
+                self.cond.wait(remaining)  # woken by a submit or a cancel: look again
+            taken = set(map(id, batch))
+            self.pending = [r for r in self.pending if id(r) not in taken]
+            for row in batch:
+                row.job.waiting -= 1
+                if row.job.waiting == 0:
+                    self.waiting_jobs -= 1
+            self.running = len(batch)
+            return batch
+
+    def _run(self, batch: tp.List[Row]) -> None:
+        key = batch[0].key
+        jobs = list({id(r.job): r.job for r in batch}.values())
+        started = time.monotonic()
+        for job in jobs:
+            if job.queue_ms is None:
+                job.queue_ms = (started - job.enqueued) * 1000
+            job.batch_sizes.append(len(batch))
+            job.channel.publish("started", {"batch_size": len(batch), "rows": sum(r.job is job for r in batch)})
+        def on_event(event: events.Event) -> None:
+            """Between decoding steps, on this thread: stop when nobody wants the batch any more,
+            else tell each request where the run is (and, to those watching, the token canvas)."""
+            if all(job.closed for job in jobs):
+                raise _BatchAbandoned()
+            if isinstance(event, events.ARStep):          # a hybrid checkpoint's AR prefix comes first
+                data = {"stage": "prefix", "step": event.step + 1, "stage_steps": event.steps}
+            elif isinstance(event, events.StageStep):
+                data = {"stage": event.stage, "step": event.step + 1, "stage_steps": event.steps}
+            else:
+                return
+            data.update(done=event.done, total=event.total)
+            for job in jobs:
+                first = next(i for i, r in enumerate(batch) if r.job is job)
+                watched = isinstance(event, events.StageStep) and event.canvas is not None and job.channel.subscribers
+                job.channel.publish("step", {**data, "canvas": canvas_snapshot(event, first, self.model.config.card)}
+                                    if watched else data)
+
+        def on_prefix(wav) -> None:   # hybrid checkpoints: the decoded AR prefix, before the tail exists
+            wav = wav.cpu()
+            for i, row in enumerate(batch):
+                row.job.channel.prefix[row.index] = wav_bytes(wav[i], self.model.sample_rate)
+            for job in jobs:
+                job.channel.publish("prefix", {"seconds": round(wav.shape[-1] / self.model.sample_rate, 3),
+                                               "rows": sorted(r.index for r in batch if r.job is job),
+                                               "url": f"/v1/prefix/{job.request_id}"})
+
+        try:
+            # per-call options: the shared model instance is never reconfigured by a request
+            tokens = self.model.generate_tokens([r.text for r in batch], on_event=on_event,
+                                                seed=[r.seed for r in batch], params=key.params,
+                                                duration=key.duration, on_prefix=on_prefix)  # [B, K, T]
+            tokens_done = time.monotonic()
+            for job in jobs:
+                job.channel.publish("codec", {})
+            wav = self.model.decode(tokens).cpu()                                  # [B, C, samples]
+        except _BatchAbandoned:
+            self._finish_batch(started)
+            return
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
+            with self.cond:
+                for job in jobs:
+                    if not job.closed:
+                        self._close(job)
+                        job.resolve(error=exc)
+            self._finish_batch(started)
+            return
+        finished = time.monotonic()
+        self.metrics.batch_done(len(batch))
+        with self.cond:
+            for job in jobs:
+                job.tokens_ms += (tokens_done - started) * 1000
+                job.codec_ms += (finished - tokens_done) * 1000
+            for i, row in enumerate(batch):
+                job = row.job
+                job.wavs[row.index] = wav[i]
+                job.left -= 1
+                if job.left == 0 and not job.closed:
+                    job.closed = True
+                    job.resolve(result=job.wavs)
+        self._finish_batch(started)
+
+    def _finish_batch(self, started: float) -> None:
+        with self.cond:
+            self.running = 0
+            self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.monotonic() - started)

@@ -1,0 +1,221 @@
+"""What a client may send and what it gets back on error: the server's limits (`Settings`),
+the POST /v1/generate body, its validation, and the one error shape of every endpoint:
+
+    {"error": {"status": 422, "type": "InvalidOptionError", "message": "top_p must be ..."}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing as tp
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from magnet_engine.engine.config import MAX_DECODING_STEPS, SPAN_ARRANGEMENTS, SPAN_SCORINGS, DecodingParams
+from magnet_engine.errors import InvalidInputError, InvalidOptionError
+
+MAX_SEED = 2 ** 62  # the API needs seed + row < 2**63; a request has far fewer rows than this margin
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Server limits. `max_duration` None: the model's trained length.
+
+    The HTTP limits hold against hostile clients: a body is read up to `max_body_bytes`
+    (a generate request is a few hundred bytes), a request head may have at most
+    `max_headers` fields and `max_header_bytes` in all, a client must send its whole head
+    within `header_timeout_s` and its body within `body_timeout_s`, an idle keep-alive
+    connection is closed after `keepalive_timeout_s`, and at most `max_connections` are
+    open at once (more get 503 from uvicorn)."""
+
+    max_batch: int = 8               # rows per generation batch, and descriptions per request
+    max_wait_ms: float = 20.0        # how long the oldest row waits for batch companions
+    queue_size: int = 64             # requests waiting (not yet started) before 503
+    max_text_chars: int = 500
+    max_duration: tp.Optional[float] = None
+    max_decoding_steps: int = 100    # per codebook; the engine's own bound is MAX_DECODING_STEPS
+    request_timeout_s: float = 300.0  # queue + generation, then 504
+    progress_ttl_s: float = 60.0      # how long finished progress streams stay replayable
+    max_body_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_header_bytes: int = 16 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
+    max_connections: int = 1024
+    note: str = ""                    # shown by the demo page (e.g. "random weights: noise")
+
+    def __post_init__(self):
+        for name in ("max_batch", "queue_size", "max_text_chars", "max_body_bytes", "max_headers",
+                     "max_header_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise InvalidOptionError(f"{name} must be >= 1, found {getattr(self, name)}")
+        if not 1 <= self.max_decoding_steps <= MAX_DECODING_STEPS:
+            raise InvalidOptionError(f"max_decoding_steps must be in [1, {MAX_DECODING_STEPS}] (the engine's "
+                                     f"bound), found {self.max_decoding_steps}")
+
+
+# ------------------------------------------------------------------------------ request body
+class GenerateRequest(BaseModel):
+    """POST /v1/generate body. Omitted options take MAGNeT.set_generation_params defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    description: tp.Optional[str] = None
+    descriptions: tp.Optional[tp.List[tp.Optional[str]]] = None
+    duration: tp.Optional[float] = None
+    seed: tp.Optional[int] = Field(None, ge=0, lt=MAX_SEED)
+    use_sampling: tp.Optional[bool] = None
+    top_k: tp.Optional[int] = None
+    top_p: tp.Optional[float] = None
+    temperature: tp.Optional[float] = None
+    max_cfg_coef: tp.Optional[float] = None
+    min_cfg_coef: tp.Optional[float] = None
+    decoding_steps: tp.Optional[tp.List[int]] = None
+    span_arrangement: tp.Optional[str] = None
+    span_scoring: tp.Optional[str] = None
+    anneal_temp: tp.Optional[bool] = None
+    request_id: tp.Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+OPTION_FIELDS = ("use_sampling", "top_k", "top_p", "temperature", "max_cfg_coef", "min_cfg_coef",
+                 "decoding_steps", "span_arrangement", "span_scoring", "anneal_temp")
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a message that quotes client input (a
+    field name with a lone surrogate, say) still encodes."""
+
+    def render(self, content: tp.Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+class ApiError(Exception):
+    """An HTTP error answered as JSON {"error": {"status", "type", "message"}}."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: tp.Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+
+    def body(self) -> dict:
+        return {"status": self.status, "type": self.kind, "message": self.message}
+
+    def response(self) -> ErrorResponse:
+        return ErrorResponse({"error": self.body()}, status_code=self.status, headers=self.headers)
+
+
+def api_error_from(exc: BaseException) -> ApiError:
+    """Map an exception to its HTTP answer: bad input 400, bad option 422, anything else 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidInputError):
+        return ApiError(400, type(exc).__name__, str(exc))
+    if isinstance(exc, InvalidOptionError):
+        return ApiError(422, type(exc).__name__, str(exc))
+    return ApiError(500, type(exc).__name__, f"generation failed: {exc}")
+
+
+def describe_validation_error(errors: tp.Sequence[dict]) -> str:
+    """Pydantic / FastAPI errors -> one line naming each offending field."""
+    parts = []
+    for err in errors:
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{field}' (allowed: {', '.join(GenerateRequest.model_fields)})")
+        else:
+            parts.append(f"'{field}': {err['msg']}")
+    return "; ".join(parts)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} does not fit a 64-bit float")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(raw: bytes) -> GenerateRequest:
+    """Request bytes -> GenerateRequest; ApiError 400 (not JSON) / 422 (not the schema)."""
+    try:
+        data = json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:   # RecursionError: arrays nested thousands deep
+        raise ApiError(400, "InvalidJSON", f"body is not valid JSON: {str(exc)[:200]}") from None
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "ValidationError", describe_validation_error(exc.errors())) from None
+
+
+def text_token_count(model, text: tp.Optional[str]) -> tp.Optional[int]:
+    """Length of a description's T5 token sequence (EOS included); None for no text."""
+    if text is None:
+        return None
+    return int(model.conditioner.tokenize([text])[0].shape[-1])
+
+
+def check_duration(model, settings: Settings, duration: tp.Optional[float]) -> float:
+    """The request's duration (default: the longest allowed), validated by the model."""
+    limit = min(model.max_duration, settings.max_duration or model.max_duration)
+    return limit if duration is None else model.check_duration(duration, limit=limit)
+
+
+def parse_request(model, settings: Settings, body: GenerateRequest):
+    """Validated (texts, params, duration); raises InvalidInputError / InvalidOptionError."""
+    if (body.description is None) == (body.descriptions is None):
+        raise InvalidInputError("give exactly one of 'description' (a string) or 'descriptions' (a list)")
+    texts = [body.description] if body.descriptions is None else body.descriptions
+    if not texts:
+        raise InvalidInputError("'descriptions' must not be empty")
+    if len(texts) > settings.max_batch:
+        raise InvalidInputError(f"at most {settings.max_batch} descriptions per request, found {len(texts)}")
+    for i, text in enumerate(texts):
+        if text is None:
+            continue
+        if len(text) > settings.max_text_chars:
+            raise InvalidInputError(f"description {i} has {len(text)} characters; the limit is "
+                                    f"{settings.max_text_chars}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:   # JSON's "\ud800": a lone surrogate is no character
+            raise InvalidInputError(f"description {i} is not valid Unicode ({exc.reason} at index "
+                                    f"{exc.start})") from None
+    options = {name: getattr(body, name) for name in OPTION_FIELDS if getattr(body, name) is not None}
+    params = DecodingParams().replace(**options).validate(model.config.n_q, card=model.config.card,
+                                                          max_steps=settings.max_decoding_steps)
+    return texts, params, check_duration(model, settings, body.duration)
+
+
+def _memory(model) -> tp.Optional[dict]:
+    """Weight bytes per component (in their run precision) and the process's memory."""
+    stats = getattr(model, "memory_stats", None)
+    return None if stats is None else stats()
+
+
+def model_info(model, settings: Settings, max_batch: int) -> dict:
+    return {
+        "name": model.name,
+        "engine": model.engine,
+        "device": str(model.device),
+        "precision": getattr(model, "precision", None),
+        "compile": getattr(model, "compile", False),
+        "cuda_graphs": getattr(model, "cuda_graphs", False),
+        "memory": _memory(model),
+        "sample_rate": model.sample_rate,
+        "frame_rate": model.frame_rate,
+        "channels": model.config.channels,
+        "n_q": model.config.n_q,
+        "hybrid": model.config.is_hybrid,   # AR prefix first: progress events with stage "prefix"
+        "max_duration": check_duration(model, settings, None),
+        "defaults": {**dataclasses.asdict(DecodingParams()), "duration": check_duration(model, settings, None)},
+        "choices": {"span_arrangement": list(SPAN_ARRANGEMENTS), "span_scoring": list(SPAN_SCORINGS)},
+        "limits": {"max_descriptions": settings.max_batch, "max_text_chars": settings.max_text_chars,
+                   "max_batch": max_batch, "queue_size": settings.queue_size,
+                   "max_decoding_steps": settings.max_decoding_steps, "max_body_bytes": settings.max_body_bytes,
+                   "request_timeout_s": settings.request_timeout_s},
+        "note": settings.note,
+    }
