@@ -158,7 +158,7 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
     if fixed is not None and (prompt_frames or prefix_frames):
         raise InvalidOptionError("infill fixes its own cells: no prompt or AR prefix with it")
     if window_frames is not None and frames > window_frames:
-        if prefix_frames or fixed is not None:
+        if prefix_frames or fixed is not None or cfg.pattern != "parallel":
             raise InvalidOptionError("long-form decoding (frames past the window) does not combine with hybrid "
                                      "decoding or infill")
         windows = plan_windows(cfg, params, frames, window_frames, stride_frames, prompt_frames)
