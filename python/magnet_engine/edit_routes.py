@@ -87,7 +87,7 @@ def edit_router(model, limits: EditLimits = EditLimits()):
                 raise InvalidOptionError(f"seed must be in [0, 2^62), found {seed}")
             steps = _json_field("decoding_steps", decoding_steps)
             params = model.params if steps is None else model.params.replace(
-                decoding_steps=tuple(steps) if isinstance(steps, list) else steps).validate(model.cfg.n_q)
+                decoding_steps=tuple(steps) if isinstance(steps, list) else steps).validate(model.config.n_q, card=model.config.card)
             wav = await run_in_threadpool(lambda: model.generate_infill(
                 clip, rate, [tuple(r) for r in spans], [description], seed=seed, params=params))
         except InvalidInputError as exc:

@@ -110,7 +110,7 @@ def stream_router(model, limits: StreamLimits = StreamLimits()) -> APIRouter:
             duration = model.check_duration(body.duration, limit=limits.max_duration)
             params = model.params
             if body.decoding_steps is not None:
-                params = params.replace(decoding_steps=tuple(body.decoding_steps)).validate(model.cfg.n_q)
+                params = params.replace(decoding_steps=tuple(body.decoding_steps)).validate(model.config.n_q, card=model.config.card)
         except InvalidInputError as exc:
             return _error(400, type(exc).__name__, str(exc))
         except InvalidOptionError as exc:
