@@ -389,8 +389,6 @@ class TestMAGNeTModel:
             ['youpi', 'lapin dort'])
         assert list(wav.shape) == [2, 1, 99 * HOP]
 
-    @pytest.mark.xfail(strict=True, raises=InvalidOptionError,
-                       reason="long-form decoding (windows advanced by extend_stride) is issue 11")
     def test_generate_long(self):
         mg = self.get_magnet()
         mg.max_duration = 3.
