@@ -33,7 +33,7 @@ import torch
 from magnet_engine.engine import events as ev
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.model import MagnetLM, cast_transformer_
-from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
+from magnet_engine.engine.schedule import span_fixed, spans_to_generate, stage_schedule
 from magnet_engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import attention as attn_kernels
 from magnet_engine.kernels import backend, masking, sampling
@@ -113,7 +113,7 @@ class StepShape:
     stage: int
     count: int          # frames gathered for the head: m_i·L ('nonoverlap'), or T'
     with_cfg: bool      # False when the step's CFG coefficient is exactly 1
-    prompt_len: int     # frames of this stage fixed from the start (prompt / hybrid prefix)
+    fixed: bool         # this stage has fixed cells (prompt, hybrid prefix, infill context): restored after re-masking
     hooked: bool        # the confidence hook runs in this step
 
 
@@ -122,6 +122,8 @@ class DecodeState:
     """Every buffer a step reads or writes, allocated before the loop; reused across calls of
     the same (batch, frames, text length, layout) so captured graphs stay valid."""
     codes: torch.Tensor        # [B, K, T'] the canvas (mask id = card)
+    fixed: torch.Tensor        # [K, T'] bool: cells never decoded (same for every row)
+    fixed_codes: torch.Tensor  # [B, K, T'] the initial canvas: the fixed cells' codes, mask id elsewhere
     prob: torch.Tensor         # [B, T'] p̂ of the current stage
     scores: torch.Tensor       # [B, n] span scores (higher: re-masked first)
     seeds: torch.Tensor        # [B, 1] int64, one RNG seed per row
@@ -184,6 +186,8 @@ class Runtime:
                   for _ in range(cfg.num_layers)]
             st = DecodeState(
                 codes=torch.full((batch, cfg.n_q, frames), cfg.mask_id, dtype=torch.long, device=dev),
+                fixed=torch.zeros(cfg.n_q, frames, dtype=torch.bool, device=dev),
+                fixed_codes=torch.full((batch, cfg.n_q, frames), cfg.mask_id, dtype=torch.long, device=dev),
                 prob=torch.zeros(batch, frames, dtype=torch.float32, device=dev),
                 scores=torch.zeros(batch, n, dtype=torch.float32, device=dev),
                 seeds=torch.zeros(batch, 1, dtype=torch.long, device=dev),
@@ -239,8 +243,12 @@ class Runtime:
         temp = st.temps.index_select(0, at).view(())
         num_masked = st.num_masked.index_select(0, at).view(())
         span_mask = masking.remask(row, st.scores, num_masked, span_len=span_len,
-                                   arrangement=params.span_arrangement, prompt_len=shape.prompt_len,
+                                   arrangement=params.span_arrangement, prompt_len=0,
                                    mask_id=cfg.mask_id, impl=self.impl)
+        if shape.fixed:   # the reference's "mask, then restore the fixed cells"
+            row.copy_(torch.where(st.fixed[stage], st.fixed_codes[:, stage], row))
+            if st.layout != "chunk":   # the frame-level masked set, recomputed after the restore
+                span_mask = row == cfg.mask_id
         if forward is None:
             hidden = self._forward_hidden(codes, st.cross_kv, stage, not shape.with_cfg)  # [2B or B, T', D]
         else:
@@ -310,19 +318,22 @@ class Runtime:
                  prompt: tp.Optional[torch.Tensor] = None, seeds: tp.Optional[tp.Sequence[int]] = None,
                  listener: tp.Optional[ev.Listener] = None, *,
                  prompt_lens: tp.Optional[tp.Sequence[int]] = None,
+                 canvas: tp.Optional[torch.Tensor] = None, fixed: tp.Optional[torch.Tensor] = None,
                  forward: tp.Optional[FrameForward] = None, hook: tp.Optional[ConfidenceHook] = None,
                  done_before: int = 0, total: tp.Optional[int] = None) -> torch.Tensor:
         """cond [2B, S, D] (conditional rows, then null rows) -> codes [B, K, T'].
 
-        seeds: one int per row (default 0 for every row); prompt: [B, K, P] fixed codes.
-        prompt_lens: frames of the prompt fixed in each codebook (default P for all; the
-        hybrid staircase gives codebook k fewer), cells past a codebook's length hold the
-        mask id. forward: a FrameForward replacing this runtime's transformer (the hybrid
-        tail). hook: a ConfidenceHook (rescoring). listener: gets a StageStep event after
-        every step; done_before/total: step counts of the whole run (a hybrid's AR steps).
+        Fixed cells: `fixed` [K, T'] bool (shared by the rows) marks cells that are never
+        decoded, and `canvas` [B, K, >= T'] holds their codes (infill, long-form windows).
+        `prompt` [B, K, P] with `prompt_lens` is the prefix special case: codebook k's first
+        prompt_lens[k] frames are fixed (default P for all; the hybrid staircase gives
+        codebook k fewer). seeds: one int per row (default 0 for every row). forward: a
+        FrameForward replacing this runtime's transformer (the hybrid tail). hook: a
+        ConfidenceHook (rescoring). listener: gets a StageStep event after every step;
+        done_before/total: step counts of the whole run (a hybrid's AR steps, earlier windows).
         """
-        st, shapes = self.prepare(cond, frames, params, prompt, seeds, prompt_lens=prompt_lens,
-                                  forward=forward, hook=hook)
+        st, shapes = self.prepare(cond, frames, params, prompt, seeds, prompt_lens=prompt_lens, canvas=canvas,
+                                  fixed=fixed, forward=forward, hook=hook)
         total = done_before + sum(len(s) for s in shapes) if total is None else total
         done = done_before
         for stage, stage_shapes in enumerate(shapes):
@@ -342,17 +353,14 @@ class Runtime:
     @torch.no_grad()
     def prepare(self, cond: torch.Tensor, frames: int, params: DecodingParams,
                 prompt: tp.Optional[torch.Tensor] = None, seeds: tp.Optional[tp.Sequence[int]] = None, *,
-                prompt_lens: tp.Optional[tp.Sequence[int]] = None, forward: tp.Optional[FrameForward] = None,
+                prompt_lens: tp.Optional[tp.Sequence[int]] = None, canvas: tp.Optional[torch.Tensor] = None,
+                fixed: tp.Optional[torch.Tensor] = None, forward: tp.Optional[FrameForward] = None,
                 hook: tp.Optional[ConfidenceHook] = None) -> tp.Tuple[DecodeState, tp.List[tp.List[StepShape]]]:
         """Everything before the loop: the schedule and every step's shape on the host, then
         the call's inputs copied into the static buffers. Returns the state and, per stage,
         the shapes of its steps (arguments as `generate`)."""
         cfg, dev = self.cfg, self.device
         batch = cond.shape[0] // 2
-        p_len = 0 if prompt is None else prompt.shape[-1]
-        lens = tuple(prompt_lens) if prompt_lens is not None else (p_len,) * cfg.n_q
-        if len(lens) != cfg.n_q or any(not 0 <= n <= p_len for n in lens):
-            raise InvalidOptionError(f"prompt_lens must be {cfg.n_q} frame counts in [0, {p_len}], found {lens}")
         if forward is None and cfg.pattern != "parallel":   # its rows are not frames: only the hybrid tail fits
             raise InvalidOptionError(f"a {cfg.pattern}-layout checkpoint decodes through a hybrid plan "
                                      "(engine.generate: an AR prefix, then the masked tail), not plain masked decoding")
@@ -362,32 +370,34 @@ class Runtime:
         layout = masking.mode(cfg.span_len, params.span_arrangement)
         kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
         span_len = cfg.span_len if layout != "token" else 1
+        canvas, fixed = fixed_cells(cfg.n_q, cfg.mask_id, batch, kept, prompt, prompt_lens, canvas, fixed)
+        fixed_spans = span_fixed(fixed, cfg.span_len, layout)          # [K, n] bool, on the host
+        to_generate = (fixed_spans.shape[1] - fixed_spans.sum(dim=1)).tolist()
 
         # ---- host: the whole schedule and every step's shape, before any device work
         shapes, coefs, temps, masked = [], [], [], []
         for stage, n_steps in enumerate(params.decoding_steps):
-            to_gen = spans_to_generate(frames, lens[stage], cfg.span_len, layout == "chunk")[2]
-            sched = stage_schedule(n_steps, to_gen, params)
+            if to_generate[stage] < 1:
+                raise InvalidOptionError(f"codebook {stage} has every cell fixed: nothing to decode")
+            sched = stage_schedule(n_steps, to_generate[stage], params)
             coefs += sched.cfg_coef
             temps += sched.temperature
             masked += sched.num_masked
-            shapes.append([StepShape(stage, kept if layout == "stride1" else m * span_len, c != 1.0, lens[stage],
+            has_fixed = bool(fixed[stage].any())
+            shapes.append([StepShape(stage, kept if layout == "stride1" else m * span_len, c != 1.0, has_fixed,
                                      hook is not None and hook.active(i, n_steps))
                            for i, (m, c) in enumerate(zip(sched.num_masked, sched.cfg_coef))])
 
         # ---- device: copy the call's inputs into the static buffers
         st = self.state(batch, kept, cond.shape[1], params.span_arrangement, len(coefs))
-        st.codes.fill_(cfg.mask_id)
-        if prompt is not None:
-            st.codes[..., :p_len] = prompt
+        st.fixed.copy_(fixed)
+        st.fixed_codes.copy_(torch.where(st.fixed, canvas.to(dev), cfg.mask_id))
+        st.codes.copy_(st.fixed_codes)
         st.seeds.copy_(torch.tensor(seeds, dtype=torch.long)[:, None])
         st.coefs.copy_(torch.tensor(coefs, dtype=torch.float32))
         st.temps.copy_(torch.tensor(temps, dtype=torch.float32))
         st.num_masked.copy_(torch.tensor(masked, dtype=torch.long))
-        for stage in range(cfg.n_q):
-            st.init_scores[stage].copy_(masking.initial_span_scores(
-                batch, kept, span_len=cfg.span_len, arrangement=params.span_arrangement, prompt_len=lens[stage],
-                device=dev))
+        st.init_scores.copy_(torch.where(fixed_spans, masking.DONT_REMASK, 0.0)[:, None].expand_as(st.init_scores))
         st.scores.copy_(st.init_scores[0])
         st.cursor.zero_()
         st.nonfinite.zero_()
@@ -397,6 +407,37 @@ class Runtime:
                 k.copy_(k_new)
                 v.copy_(v_new)
         return st, shapes
+
+
+def fixed_cells(n_q: int, mask_id: int, batch: int, frames: int, prompt: tp.Optional[torch.Tensor] = None,
+                prompt_lens: tp.Optional[tp.Sequence[int]] = None, canvas: tp.Optional[torch.Tensor] = None,
+                fixed: tp.Optional[torch.Tensor] = None) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """The fixed cells of a call -> (canvas [B, K, T'] long, fixed [K, T'] bool, host).
+
+    Either `canvas` [B, K, >= T'] with `fixed` [K, T'] (any cells), or the prefix special
+    case: `prompt` [B, K, P] with codebook k's first prompt_lens[k] frames fixed (default P)."""
+    if prompt is not None or prompt_lens is not None:
+        if canvas is not None or fixed is not None:
+            raise InvalidOptionError("give either prompt (and prompt_lens) or canvas and fixed, not both")
+        p_len = 0 if prompt is None else prompt.shape[-1]
+        lens = tuple(prompt_lens) if prompt_lens is not None else (p_len,) * n_q
+        if len(lens) != n_q or any(not 0 <= n <= min(p_len, frames) for n in lens):
+            raise InvalidOptionError(f"prompt_lens must be {n_q} frame counts in [0, {min(p_len, frames)}], found {lens}")
+        fixed = torch.arange(frames)[None] < torch.tensor(lens)[:, None]
+        canvas = torch.full((batch, n_q, frames), mask_id, dtype=torch.long, device=None if prompt is None else prompt.device)
+        if prompt is not None:
+            canvas[..., :min(p_len, frames)] = prompt[..., :frames]
+        return canvas, fixed
+    if (canvas is None) != (fixed is None):
+        raise InvalidOptionError("canvas and fixed go together: the fixed cells' codes and where they are")
+    if fixed is None:
+        return torch.full((batch, n_q, frames), mask_id, dtype=torch.long), torch.zeros(n_q, frames, dtype=torch.bool)
+    if fixed.dtype != torch.bool or tuple(fixed.shape) != (n_q, frames):
+        raise InvalidOptionError(f"fixed must be a bool [{n_q}, {frames}] cell mask, found {fixed.dtype} "
+                                 f"{tuple(fixed.shape)}")
+    if canvas.dim() != 3 or canvas.shape[0] != batch or canvas.shape[1] != n_q or canvas.shape[2] < frames:
+        raise InvalidOptionError(f"canvas must be [{batch}, {n_q}, >= {frames}] codes, found {tuple(canvas.shape)}")
+    return canvas[..., :frames].long(), fixed.cpu()
 
 
 def _masked_positions(span_mask: torch.Tensor, count: int, span_len: int) -> torch.Tensor:

@@ -107,27 +107,39 @@ def generate_tokens(lm: MagnetLM, cond: torch.Tensor, frames: int, params: Decod
                     prompt: tp.Optional[torch.Tensor] = None, sampler: tp.Optional[Sampler] = None,
                     generator: tp.Optional[torch.Generator] = None,
                     callback: tp.Optional[tp.Callable[[int, int], None]] = None,
-                    trace: tp.Optional[tp.List[StepTrace]] = None, rescorer=None) -> torch.Tensor:
+                    trace: tp.Optional[tp.List[StepTrace]] = None, rescorer=None, *,
+                    canvas: tp.Optional[torch.Tensor] = None, fixed: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
     """Masked decoding of all stages.
 
     cond: [2B, S, D] condition rows, conditional first then null (CFG); frames: T;
-    prompt: [B, K, P] codes kept fixed (P < T). Returns codes [B, K, T'] with T' = L·⌊T/L⌋
-    in 'nonoverlap' mode (L > 1), T otherwise. rescorer: a bound external-model rescorer
-    (`rescoring.BoundRescorer`): its confidence is mixed into p̂ before span scoring.
+    prompt: [B, K, P] codes kept fixed (P < T) — the prefix case of `fixed` [K, T] bool
+    (cells never decoded, same for every row) with their codes in `canvas` [B, K, >= T].
+    Returns codes [B, K, T'] with T' = L·⌊T/L⌋ in 'nonoverlap' mode (L > 1), T otherwise.
+    rescorer: a bound external-model rescorer (`rescoring.BoundRescorer`): its confidence
+    is mixed into p̂ before span scoring.
     """
     cfg = lm.cfg
     if cfg.pattern != "parallel":
         raise InvalidOptionError(f"the reference loop decodes the parallel layout; this checkpoint's is {cfg.pattern!r}")
     batch = cond.shape[0] // 2
-    p_len = 0 if prompt is None else prompt.shape[-1]
-    codes = torch.full((batch, cfg.n_q, frames), cfg.mask_id, dtype=torch.long, device=cond.device)
     if prompt is not None:
-        codes[..., :p_len] = prompt
+        if canvas is not None or fixed is not None:
+            raise InvalidOptionError("give either a prompt or canvas and fixed, not both")
+        fixed = torch.arange(frames, device=cond.device)[None].expand(cfg.n_q, -1) < prompt.shape[-1]
+        canvas = prompt
+    if (canvas is None) != (fixed is None):
+        raise InvalidOptionError("canvas and fixed go together: the fixed cells' codes and where they are")
+    codes = torch.full((batch, cfg.n_q, frames), cfg.mask_id, dtype=torch.long, device=cond.device)
+    if fixed is not None:
+        fixed = fixed.to(cond.device)
+        width = min(canvas.shape[-1], frames)
+        codes[..., :width] = torch.where(fixed[:, :width], canvas[..., :width].to(cond.device), cfg.mask_id)
+        fixed = fixed[:, :frames]
     sampler = sampler or multinomial_sampler(params.top_k, params.top_p, generator)
     total = sum(params.decoding_steps)
     done = 0
     for stage, n_steps in enumerate(params.decoding_steps):
-        codes = _generate_stage(lm, codes, cond, stage, n_steps, params, prompt, sampler, trace, rescorer)
+        codes = _generate_stage(lm, codes, cond, stage, n_steps, params, fixed, sampler, trace, rescorer)
         for _ in range(n_steps):
             done += 1
             if callback is not None:
@@ -136,13 +148,15 @@ def generate_tokens(lm: MagnetLM, cond: torch.Tensor, frames: int, params: Decod
 
 
 def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage: int, n_steps: int,
-                    params: DecodingParams, prompt: tp.Optional[torch.Tensor], sampler: Sampler,
+                    params: DecodingParams, fixed: tp.Optional[torch.Tensor], sampler: Sampler,
                     trace: tp.Optional[tp.List[StepTrace]], rescorer=None) -> torch.Tensor:
+    """One stage. fixed: [K, T] bool cells never decoded; `codes` holds their values."""
     cfg = lm.cfg
     mask_id, span_len = cfg.mask_id, cfg.span_len
     batch, _, t = codes.shape
-    p_len = 0 if prompt is None else prompt.shape[-1]
     device = codes.device
+    keep = torch.zeros(t, dtype=torch.bool, device=device) if fixed is None else fixed[stage]   # [T]
+    kept_codes = codes[:, stage].clone()
     chunked = span_len > 1 and params.span_arrangement == "nonoverlap"
     stride1 = span_len > 1 and params.span_arrangement == "stride1"
 
@@ -150,14 +164,12 @@ def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage
     if chunked:
         n_chunks = t // span_len
         t = span_len * n_chunks                 # the tail frames are dropped for good
-        codes, y = codes[..., :t], y[..., :t]
-        scores = torch.zeros(batch, n_chunks, device=device)
-        scores[:, :p_len // span_len] = DONT_REMASK
-        to_generate = n_chunks - p_len // span_len
+        codes, y, keep, kept_codes = codes[..., :t], y[..., :t], keep[:t], kept_codes[..., :t]
+        fixed_spans = keep.reshape(n_chunks, span_len).all(dim=-1)    # a chunk is fixed iff all its frames are
     else:
-        scores = torch.zeros(batch, t, device=device)
-        scores[:, :p_len] = DONT_REMASK
-        to_generate = t - p_len
+        fixed_spans = keep
+    scores = torch.zeros(batch, fixed_spans.shape[0], device=device).masked_fill(fixed_spans, DONT_REMASK)
+    to_generate = int((~fixed_spans).sum())
 
     for step, (tau, steps_left) in enumerate(zip(torch.linspace(0, 1, n_steps, device=device),
                                                  reversed(range(n_steps)))):
@@ -171,8 +183,7 @@ def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage
             chosen = scores.topk(num_masked, dim=-1).indices
             span_mask = torch.zeros_like(scores, dtype=torch.bool).scatter(1, chosen, True)
             y[torch.repeat_interleave(span_mask, span_len, dim=-1) if chunked else span_mask] = mask_id
-        if prompt is not None:
-            y[:, :p_len] = prompt[:, stage]
+        y = torch.where(keep, kept_codes, y)     # the fixed cells are restored
         codes[:, stage] = y
 
         rescore = rescorer is not None and rescorer.active(step, n_steps)

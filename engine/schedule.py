@@ -53,3 +53,12 @@ def spans_to_generate(frames: int, prompt_frames: int, span_len: int, chunked: b
         n = frames // span_len
         return span_len * n, n, n - prompt_frames // span_len
     return frames, frames, frames - prompt_frames
+
+
+def span_fixed(fixed: torch.Tensor, span_len: int, layout: str) -> torch.Tensor:
+    """[K, T'] fixed cells -> [K, n] fixed spans. In 'chunk' layout a chunk is fixed iff all
+    its frames are (a partly fixed chunk is decoded, its fixed frames restored after each
+    re-masking, as the reference restores a prompt); otherwise spans are the frames."""
+    if layout == "chunk":
+        return fixed.reshape(fixed.shape[0], -1, span_len).all(dim=-1)
+    return fixed

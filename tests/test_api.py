@@ -74,7 +74,7 @@ def test_bad_inputs(model, tmp_path):
     with pytest.raises(InvalidInputError):
         model.generate("not a list")
     with pytest.raises(InvalidOptionError, match="duration"):
-        model.set_generation_params(duration=11)
+        model.set_generation_params(duration=601)   # past MAX_LONGFORM_SECONDS (long-form allows 11)
     with pytest.raises(InvalidOptionError, match="duration"):
         model.set_generation_params(duration=0)
     with pytest.raises(InvalidOptionError, match="top_p"):

@@ -389,8 +389,6 @@ class TestMAGNeTModel:
             ['youpi', 'lapin dort'])
         assert list(wav.shape) == [2, 1, 99 * HOP]
 
-    @pytest.mark.xfail(strict=True, raises=InvalidOptionError,
-                       reason="long-form decoding (windows advanced by extend_stride) is issue 11")
     def test_generate_long(self):
         mg = self.get_magnet()
         mg.max_duration = 3.
@@ -470,9 +468,11 @@ def test_compression_model_view(model, tmp_path):
 def test_durations_and_types(model_dirs):
     m = MAGNeT.get_pretrained(str(model_dirs["music10"]), device="cpu")
     assert type(m.max_duration) is int and m.max_duration == 10 and m.duration == 10 and m.extend_stride is None
-    with pytest.raises(InvalidOptionError, match="past max_duration"):
-        m.duration = 20                       # audiocraft would need an extend_stride; we have no long-form
-    assert m.duration == 10
+    m.duration = 20                           # long-form: decoded window by window
+    assert m.duration == 20
+    with pytest.raises(InvalidOptionError, match="duration"):
+        m.duration = 601                      # past MAX_LONGFORM_SECONDS
+    assert m.duration == 20
     for bad in (0, -1, float("nan"), "5", True):
         with pytest.raises(InvalidOptionError):
             m.duration = bad
@@ -486,8 +486,7 @@ def test_durations_and_types(model_dirs):
             m.max_duration = bad
     m.max_duration = 1.5
     assert m.max_duration == 1.5 and m.duration == 2
-    with pytest.raises(InvalidOptionError, match="past max_duration"):
-        m.generate(["x"])                    # 2 s would take two windows
+    assert m.generate(["x"]).shape == (1, 1, 99 * HOP)   # 2 s in two windows: 0-75, 45-99 (stride 0.6 x 1.5 s)
     m.duration = 1.5
     assert m.generate(["x"]).shape == (1, 1, 75 * HOP)
 

@@ -30,14 +30,14 @@ def breaks(fn, *args) -> int:
     return out.graph_break_count
 
 
-def masked_step_breaks(runtime, cond, frames, params, *, prompt=None, forward=None, hook=None, pick=None):
-    st, shapes = runtime.prepare(cond, frames, params, prompt, forward=forward, hook=hook)
+def masked_step_breaks(runtime, cond, frames, params, *, prompt=None, forward=None, hook=None, pick=None, **fixed):
+    st, shapes = runtime.prepare(cond, frames, params, prompt, forward=forward, hook=hook, **fixed)
     shape = pick(shapes) if pick else shapes[1][0]
     st.scores.copy_(st.init_scores[shape.stage])
     return breaks(runtime._step, st, shape, params, forward, hook)
 
 
-@pytest.mark.parametrize("mode", ["plain", "prompt", "stride1", "cfg1", "token"])
+@pytest.mark.parametrize("mode", ["plain", "prompt", "stride1", "cfg1", "token", "infill", "infill_stride1"])
 def test_masked_step_traces_whole(mode):
     lm = tiny_lm(seed=3)
     runtime = Runtime(lm, impl=IMPL)
@@ -52,7 +52,14 @@ def test_masked_step_traces_whole(mode):
         params = params.replace(max_cfg_coef=1.0, min_cfg_coef=1.0)
     elif mode == "token":
         params = params.replace(span_arrangement="token")
-    assert masked_step_breaks(runtime, cond, 30, params, prompt=prompt) == 0
+    fixed = {}
+    if mode.startswith("infill"):      # fixed cells on both sides of a region, a chunk partly fixed
+        mask = torch.ones(4, 30, dtype=torch.bool)
+        mask[:, 7:20] = False
+        fixed = dict(canvas=torch.randint(0, lm.cfg.card, (2, 4, 30)), fixed=mask)
+        if mode == "infill_stride1":
+            params = params.replace(span_arrangement="stride1")
+    assert masked_step_breaks(runtime, cond, 30, params, prompt=prompt, **fixed) == 0
 
 
 def test_rescored_step_traces_whole():

@@ -24,17 +24,21 @@ import torch
 from magnet_engine.compat import CompressionModelView, LMView, training_config
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine import events, generate
-from magnet_engine.engine.codec import Codec
+from magnet_engine.engine.codec import Codec, StreamDecoder
 from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
 from magnet_engine.engine.config import DecodingParams, ModelConfig, cfg_get
 from magnet_engine.engine.decoding import PRECISIONS, default_precision
 from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, ARParams, ARRuntime, HybridOptions
 from magnet_engine.engine.model import MagnetLM, weight_bytes
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
-from magnet_engine.errors import InvalidInputError, InvalidOptionError
+from magnet_engine.errors import InvalidInputError, InvalidOptionError, RegionError
 
 Progress = tp.Callable[[int, int], None]
 ENGINES = ("fast", "reference")
+# Long-form: the default stride is this fraction of the window (18 s of a 30 s window, as
+# audiocraft's MusicGen; 6 s of a 10 s window, each window then sees 4 s of the last).
+DEFAULT_STRIDE_FRACTION = 0.6
+MAX_LONGFORM_SECONDS = 600.0    # bounds the canvas a typo could ask for; a server caps lower
 
 
 def _resolve_device(device: tp.Union[str, torch.device, None]) -> torch.device:
@@ -167,7 +171,7 @@ class MAGNeT:
 
     @property
     def duration(self) -> tp.Union[int, float]:
-        """Seconds to generate; at most `max_duration` (long-form decoding is not available yet)."""
+        """Seconds to generate; past `max_duration` a plain MAGNeT decodes window by window (long-form)."""
         return self._duration
 
     @duration.setter
@@ -177,8 +181,8 @@ class MAGNeT:
 
     @property
     def extend_stride(self) -> tp.Optional[float]:
-        """audiocraft's stride (s) between long-form windows; None (its default) or in (0, max_duration).
-        Stored for code that sets it; generation past `max_duration` is refused in this version."""
+        """audiocraft's stride (s) between long-form windows, in (0, max_duration); None: the default,
+        DEFAULT_STRIDE_FRACTION of max_duration (6 s of a 10 s window, 18 s of a 30 s one)."""
         return self._extend_stride
 
     @extend_stride.setter
@@ -317,16 +321,17 @@ class MAGNeT:
                                      f"{total}-frame clip to masked decoding")
 
     def check_duration(self, duration: float, limit: tp.Optional[float] = None) -> float:
-        """Validate a duration in seconds against `max_duration` (and `limit`, e.g. a server's
-        cap); returns it as a float. Changes nothing."""
-        limit = self.max_duration if limit is None else min(limit, self.max_duration)
+        """Validate a duration in seconds against the longest this model generates (and `limit`,
+        e.g. a server's cap); returns it as a float. Changes nothing. A plain MAGNeT generates
+        past `max_duration` window by window (long-form, up to MAX_LONGFORM_SECONDS); a hybrid
+        one stays within it."""
+        longest = self.max_duration if self.config.is_hybrid else MAX_LONGFORM_SECONDS
+        limit = longest if limit is None else min(limit, longest)
         if not _is_real(duration):
             raise InvalidOptionError(f"duration must be a number of seconds, found {duration!r}")
-        if duration > self.max_duration + 1e-9:
-            raise InvalidOptionError(f"duration {duration} s is past max_duration {self.max_duration} s: {_NO_LONG_FORM}")
         if duration <= 0 or duration > limit + 1e-9:
-            raise InvalidOptionError(f"duration must be in (0, {limit:g}] s (the model's trained length or the "
-                                     f"configured limit), found {duration}")
+            raise InvalidOptionError(f"duration must be in (0, {limit:g}] s (the longest this model generates, "
+                                     f"or the configured limit), found {duration}")
         if int(duration * self.frame_rate) < max(self.config.span_len, 1):
             raise InvalidOptionError(f"duration {duration} s is shorter than one span of {self.config.span_len} frames")
         return float(duration)
@@ -345,39 +350,140 @@ class MAGNeT:
 
         hybrid_prefix_seconds overrides the one set by `set_generation_params` for this call.
         on_prefix(wav [B, channels, samples]): with hybrid decoding, called with the decoded
-        AR prefix as soon as it exists, before the tail is decoded (time to first audio)."""
-        descriptions = check_descriptions(descriptions)
+        AR prefix as soon as it exists, before the tail is decoded (time to first audio).
+
+        Long-form: a `duration` past `max_duration` is decoded window by window (each window
+        advances `extend_stride` seconds; the rest of it is the previous window's tail, kept
+        fixed). A row's description may then be a list with one text per window."""
+        descriptions, per_window = _window_texts(descriptions)
         return self._generate(descriptions, None, progress, return_tokens, seed,
-                              hybrid_prefix_seconds=hybrid_prefix_seconds, on_prefix=on_prefix)
+                              hybrid_prefix_seconds=hybrid_prefix_seconds, on_prefix=on_prefix,
+                              window_texts=per_window)
 
     def generate_stream(self, descriptions: tp.Sequence[tp.Optional[str]], seed=None, *,
                         hybrid_prefix_seconds: tp.Optional[float] = None,
                         progress: tp.Union[bool, Progress] = False) -> tp.Iterator[tp.Tuple[str, torch.Tensor]]:
-        """Iterate ('prefix', wav) as soon as the AR prefix is decoded (hybrid only), then
-        ('full', wav) when the clip is done. Generation runs on a worker thread; an error
-        there is raised here."""
-        import queue
-        results: "queue.Queue" = queue.Queue()
+        """Iterate ('prefix', wav) as soon as the AR prefix is decoded (hybrid only),
+        ('chunk', wav) as each long-form window is decoded (the chunks joined are the whole
+        clip, within 1e-4 of decoding it at once: `StreamDecoder`), then ('full', wav) when
+        the clip is done. Generation runs on a worker thread; an error there is raised here."""
+        descriptions, per_window = _window_texts(descriptions)
+        return _stream(lambda put: self._generate(
+            descriptions, None, progress, False, seed, hybrid_prefix_seconds=hybrid_prefix_seconds,
+            on_prefix=lambda w: put(("prefix", w)), window_texts=per_window, on_event=self._chunker(put)))
 
-        def work():
-            try:
-                wav = self.generate(descriptions, progress=progress, seed=seed,
-                                    hybrid_prefix_seconds=hybrid_prefix_seconds,
-                                    on_prefix=lambda w: results.put(("prefix", w)))
-                results.put(("full", wav))
-            except BaseException as exc:  # handed to the consumer
-                results.put(("error", exc))
+    def _chunker(self, put) -> events.Listener:
+        """A listener that decodes each long-form window's new frames as it is final."""
+        stream = StreamDecoder(self.codec)
 
-        thread = threading.Thread(target=work, name="magnet-generate", daemon=True)
-        thread.start()
-        while True:
-            kind, value = results.get()
-            if kind == "error":
-                raise value
-            yield kind, value
-            if kind == "full":
-                thread.join()
-                return
+        def listen(event: events.Event) -> None:
+            if isinstance(event, events.WindowReady) and event.count > 1:
+                with torch.no_grad():
+                    put(("chunk", stream.push(event.codes)))
+                    if event.index == event.count - 1:
+                        put(("chunk", stream.flush()))
+        return listen
+
+    # ------------------------------------------------------------------ infill
+    def generate_infill(self, audio, sample_rate: tp.Optional[int], regions: tp.Sequence[tp.Tuple[float, float]],
+                        descriptions: tp.Optional[tp.Sequence[tp.Optional[str]]] = None,
+                        progress: tp.Union[bool, Progress] = False, return_tokens: bool = False,
+                        seed: tp.Union[int, tp.Sequence[int], None] = None, *,
+                        params: tp.Optional[DecodingParams] = None):
+        """Regenerate `regions` of a clip, keeping everything else.
+
+        audio: a float waveform [B, C, samples] or [C, samples] at `sample_rate` (resampled
+        and down/up-mixed to the codec's as a continuation prompt is), or an audio file path
+        (sample_rate None: the file's). regions: (start, end) pairs in seconds, shared by every
+        clip of the batch (clips needing different regions: call once per clip). Bounds are
+        snapped outward to codec frames and, in 'nonoverlap' decoding, to whole spans
+        (span_len frames, 60 ms); overlapping or touching regions are merged. The clip must
+        fit one window (max_duration). Every codec frame outside the regions keeps the clip's
+        encoded codes, bit for bit; returns audio [B, channels, frames · hop] decoded from
+        them (and the codes [B, K, frames] with return_tokens). Errors: RegionError (empty,
+        outside the clip, or covering all of it: that is `generate`), InvalidInputError
+        (unreadable audio, channels, a clip longer than the window). params: this call's
+        decoding options instead of the instance's (as `generate_tokens`)."""
+        codes, descriptions, the_plan, seeds = self._infill_request(audio, sample_rate, regions, descriptions, seed,
+                                                                    params)
+        with self._lock:
+            tokens = self._tokens(descriptions, None, progress, seeds, params=the_plan.params,
+                                  infill=(the_plan, codes))
+            with torch.no_grad():
+                wav = self.codec.decode(tokens)
+        return (wav, tokens) if return_tokens else wav
+
+    def generate_infill_stream(self, audio, sample_rate: tp.Optional[int], regions, descriptions=None, seed=None,
+                               progress: tp.Union[bool, Progress] = False):
+        """As `generate_infill`, on a worker thread: yields ('full', wav) when done (an error is raised here)."""
+        request = self._infill_request(audio, sample_rate, regions, descriptions, seed)   # bad input: raised now
+
+        def work(put):
+            codes, texts, the_plan, seeds = request
+            with self._lock:
+                tokens = self._tokens(texts, None, progress, seeds, params=the_plan.params, infill=(the_plan, codes))
+                with torch.no_grad():
+                    return self.codec.decode(tokens)
+        return _stream(work)
+
+    def infill_plan(self, frames: int, regions: tp.Sequence[tp.Tuple[float, float]], batch: int = 1,
+                    params: tp.Optional[DecodingParams] = None) -> "generate.Plan":
+        """The plan of infilling `regions` (seconds) of a `frames`-frame clip (see generate_infill)."""
+        params = self.params if params is None else params
+        if isinstance(regions, (str, bytes)) or not isinstance(regions, tp.Sequence) or not regions:
+            raise RegionError(f"regions must be a non-empty list of (start, end) seconds, found {regions!r}")
+        clip = frames / self.frame_rate
+        spans = []
+        for region in regions:
+            if not isinstance(region, tp.Sequence) or len(region) != 2 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in region):
+                raise RegionError(f"a region is a (start, end) pair of seconds, found {region!r}")
+            start, end = region
+            if not 0 <= start < end or end > clip + 1e-9:
+                raise RegionError(f"region ({start}, {end}) s must satisfy 0 <= start < end <= {clip:g} s "
+                                  "(the clip's length)")
+            spans.append((int(math.floor(start * self.frame_rate)), min(int(math.ceil(end * self.frame_rate)), frames)))
+        _, fixed = generate.snap_regions(self.config, params, frames, spans)
+        return generate.plan(self.config, params, batch=batch, frames=frames, fixed=fixed, engine=self.engine,
+                             rescored=self.rescorer is not None and self.rescore.weight != 1.0,
+                             rescore_fill=self.rescore.fill)
+
+    def _infill_request(self, audio, sample_rate, regions, descriptions, seed, params=None):
+        """Checks and encodes an infill request -> (codes [B, K, T], descriptions, plan, seeds)."""
+        if params is not None:
+            if not isinstance(params, DecodingParams):
+                raise InvalidOptionError(f"params must be a DecodingParams, found {type(params).__name__}")
+            params.validate(self.config.n_q, card=self.config.card)
+        if isinstance(audio, (str, os.PathLike)):
+            from magnet_engine.audio import read_audio
+            audio, file_rate = read_audio(audio)
+            sample_rate = file_rate if sample_rate is None else sample_rate
+        if not isinstance(audio, torch.Tensor) or audio.dim() not in (2, 3) or not audio.is_floating_point() \
+                or audio.shape[-1] == 0:
+            raise InvalidInputError("audio must be a float waveform [B, C, samples] or [C, samples], or a file path; "
+                                    f"found {type(audio).__name__} {tuple(getattr(audio, 'shape', ()))}")
+        if audio.dim() == 2:
+            audio = audio[None]
+        if not torch.isfinite(audio).all():
+            raise InvalidInputError("audio holds NaN or inf samples")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise InvalidInputError(f"sample_rate must be a positive int, found {sample_rate!r}")
+        if audio.shape[-1] / sample_rate > self.max_duration + 1e-9:
+            raise InvalidInputError(f"the clip is {audio.shape[-1] / sample_rate:g} s, longer than the model's "
+                                    f"{self.max_duration:g} s window: cut it to the part to edit (infill does not "
+                                    "window a clip)")
+        if descriptions is None:
+            descriptions = [None] * audio.shape[0]
+        descriptions = check_descriptions(descriptions)
+        if len(descriptions) != audio.shape[0]:
+            raise InvalidInputError(f"{len(descriptions)} descriptions for a batch of {audio.shape[0]} clips")
+        wav = self.codec.preprocess_prompt(audio.to(self.device), sample_rate)
+        with torch.no_grad():
+            codes = self.codec.encode(wav)                                     # [B, K, T]
+        frames = min(codes.shape[-1], int(self.max_duration * self.frame_rate))
+        codes = codes[..., :frames]
+        the_plan = self.infill_plan(frames, regions, batch=audio.shape[0], params=params)
+        return codes, descriptions, the_plan, self._seeds(seed, audio.shape[0])
 
     def generate_unconditional(self, num_samples: int, progress: tp.Union[bool, Progress] = False,
                                return_tokens: bool = False, seed: tp.Union[int, tp.Sequence[int], None] = None):
@@ -428,8 +534,6 @@ class MAGNeT:
             params.validate(self.config.n_q, card=self.config.card)
         if duration is not None:
             duration = self.check_duration(duration)
-        else:
-            self._check_window()
         if prompt_codes is not None:
             prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions), duration)
         progress = self._progress_for(progress)
@@ -466,13 +570,6 @@ class MAGNeT:
                                     f"[{int(codes.min())}, {int(codes.max())}]")
         return codes.to(self.device, torch.long)
 
-    def _check_window(self) -> None:
-        """`duration` past `max_duration` (possible once max_duration is lowered) is refused here,
-        where audiocraft would decode window by window."""
-        if self.duration > self.max_duration + 1e-9:
-            raise InvalidOptionError(f"duration {self.duration} s is past max_duration {self.max_duration} s: "
-                                     f"{_NO_LONG_FORM}")
-
     def _progress_for(self, progress: tp.Union[bool, Progress]) -> tp.Union[bool, Progress]:
         """progress=True reports to the custom callback when one is set (audiocraft), else to a bar."""
         if progress and not callable(progress) and self._progress_callback is not None:
@@ -480,7 +577,6 @@ class MAGNeT:
         return progress
 
     def _generate(self, descriptions, prompt_codes, progress, return_tokens, seed, **hybrid):
-        self._check_window()
         progress = self._progress_for(progress)
         if prompt_codes is not None:
             prompt_codes = self._check_prompt_codes(prompt_codes, len(descriptions))
@@ -508,7 +604,9 @@ class MAGNeT:
 
     def _tokens(self, descriptions, prompt_codes, progress, seed, hybrid_prefix_seconds=None,
                 on_prefix=None, params: tp.Optional[DecodingParams] = None,
-                duration: tp.Optional[float] = None, on_event: tp.Optional[events.Listener] = None) -> torch.Tensor:
+                duration: tp.Optional[float] = None, on_event: tp.Optional[events.Listener] = None,
+                window_texts=None, infill: tp.Optional[tp.Tuple["generate.Plan", torch.Tensor]] = None) -> torch.Tensor:
+        """window_texts: [B][windows] texts (long-form, one per window); infill: (its plan, the clip's codes)."""
         seeds = self._seeds(seed, len(descriptions))
         params = self.params if params is None else params
         duration = self.duration if duration is None else duration
@@ -521,12 +619,21 @@ class MAGNeT:
         if self.rescorer is not None and self.rescore.weight != 1.0:
             rescorer = BoundRescorer(self.rescorer, self.rescore, descriptions)
         two_model = self.prefix_model is not None and not self.config.is_hybrid
-        the_plan = generate.plan(
-            self.config, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
-            prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1],
-            prefix_frames=self.prefix_frames(duration, options), hybrid=options,
-            prefix_cfg=self.prefix_model.cfg if two_model else None, rescored=rescorer is not None,
-            rescore_fill=self.rescore.fill, engine=self.engine)
+        if infill is not None:
+            the_plan, canvas = infill
+        else:
+            canvas = None
+            window = int(self.max_duration * self.frame_rate)
+            stride = self.extend_stride if self.extend_stride is not None else DEFAULT_STRIDE_FRACTION * self.max_duration
+            the_plan = generate.plan(
+                self.config, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
+                prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1],
+                prefix_frames=self.prefix_frames(min(duration, self.max_duration), options), hybrid=options,
+                prefix_cfg=self.prefix_model.cfg if two_model else None, rescored=rescorer is not None,
+                rescore_fill=self.rescore.fill, engine=self.engine, window_frames=window,
+                stride_frames=int(round(stride * self.frame_rate)))
+        if window_texts is not None and len(window_texts[0]) != len(the_plan.phases):
+            raise InvalidInputError(f"{len(window_texts[0])} texts per row for {len(the_plan.phases)} windows")
         listeners = [on_event] if on_event is not None else []
         bar = None
         if callable(progress):
@@ -540,6 +647,9 @@ class MAGNeT:
         try:
             with torch.no_grad():
                 cond = self.conditioner.encode(descriptions).embeds.to(self.device)
+                if window_texts is not None:
+                    cond = [self.conditioner.encode([row[i] for row in window_texts]).embeds.to(self.device)
+                            for i in range(len(the_plan.phases))]
                 ar_cond = None
                 if two_model:
                     ar_cond = self.prefix_model.conditioner.encode(descriptions).embeds.to(self.device)
@@ -548,7 +658,7 @@ class MAGNeT:
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(seeds[0])
                 return generate.run(the_plan, self._models(the_plan), cond, seeds=seeds, prompt=prompt_codes,
-                                    ar_cond=ar_cond, hook=rescorer, listener=_fan_out(listeners),
+                                    canvas=canvas, ar_cond=ar_cond, hook=rescorer, listener=_fan_out(listeners),
                                     generator=generator)
         finally:
             if bar is not None:
@@ -642,8 +752,43 @@ def _process_memory() -> tp.Dict[str, int]:
         return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}
 
 
-_NO_LONG_FORM = ("generating past one window (audiocraft's extend_stride) is not implemented in this version; "
-                 "lower duration or raise max_duration (up to the model's trained length)")
+def _window_texts(descriptions) -> tp.Tuple[tp.List[tp.Optional[str]], tp.Optional[tp.List[tp.List[tp.Optional[str]]]]]:
+    """Descriptions whose rows may be lists of one text per long-form window ->
+    (the first window's texts, every row's per-window texts or None when none is a list)."""
+    if isinstance(descriptions, (str, bytes)) or not isinstance(descriptions, tp.Sequence) or not any(
+            isinstance(d, (list, tuple)) for d in descriptions):
+        return check_descriptions(descriptions), None
+    rows = [list(d) if isinstance(d, (list, tuple)) else None for d in descriptions]
+    counts = {len(r) for r in rows if r is not None}
+    if None in rows or len(counts) != 1 or 0 in counts:
+        raise InvalidInputError("per-window descriptions: every row must be a non-empty list, all of one length "
+                                "(one text per window)")
+    per_window = [check_descriptions(r) for r in rows]
+    return [r[0] for r in per_window], per_window
+
+
+def _stream(work: tp.Callable[[tp.Callable], torch.Tensor]) -> tp.Iterator[tp.Tuple[str, torch.Tensor]]:
+    """Run work(put) on a worker thread; yield what it puts, then ('full', its result). An
+    error in the worker is raised in the consumer."""
+    import queue
+    results: "queue.Queue" = queue.Queue()
+
+    def run():
+        try:
+            results.put(("full", work(results.put)))
+        except BaseException as exc:  # handed to the consumer
+            results.put(("error", exc))
+
+    thread = threading.Thread(target=run, name="magnet-generate", daemon=True)
+    thread.start()
+    while True:
+        kind, value = results.get()
+        if kind == "error":
+            raise value
+        yield kind, value
+        if kind == "full":
+            thread.join()
+            return
 
 
 def _is_real(value) -> bool:

@@ -1,6 +1,8 @@
-"""`magnet-engine` console command: generate, demo, bench, serve.
+"""`magnet-engine` console command: generate, edit, demo, bench, serve.
 
     magnet-engine generate "lo-fi piano" --model facebook/magnet-small-10secs -o out.wav
+    magnet-engine generate "lo-fi piano" --duration 60 --extend-stride 7.5 -o long.wav
+    magnet-engine edit in.wav --region 4:6 --region 12:13.5 "drum fill" -o out.wav
     magnet-engine demo                       # embedded random-weight model, no download
 """
 from __future__ import annotations
@@ -29,7 +31,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (names and defaults of MAGNeT.set_generation_params)")
-    g.add_argument("--duration", type=float, default=None, help="seconds (default: the model's trained length)")
+    g.add_argument("--duration", type=float, default=None,
+                   help="seconds (default: the model's trained length; longer: decoded window by window)")
+    g.add_argument("--extend-stride", type=float, default=None,
+                   help="long-form: seconds each window advances (default: 0.6 x the window, e.g. 6 s of 10 s)")
     g.add_argument("--seed", type=int, default=None, help="default: a random seed")
     g.add_argument("--no-sampling", dest="use_sampling", action="store_false", help="greedy decoding (argmax)")
     g.add_argument("--top-k", type=int, default=0)
@@ -116,6 +121,7 @@ def _generate(model, args, paths: tp.List[Path]) -> tp.Tuple[tp.List[Path], floa
         args.seed = secrets.randbelow(2 ** 62)
     texts = args.texts or [None]
     model.set_generation_params(**_generation_params(args))
+    model.extend_stride = getattr(args, "extend_stride", None)
     start = time.perf_counter()
     if getattr(args, "prompt", None):
         wav_in, sr = read_audio(args.prompt)
@@ -151,6 +157,34 @@ def cmd_generate(args) -> int:
         print(f"wrote {p}")
     print(f"{len(paths)} x {seconds:.2f} s of audio at {model.sample_rate} Hz in {elapsed:.2f} s "
           f"(real-time factor {seconds / elapsed:.2f})")
+    return 0
+
+
+def _region(text: str) -> tp.Tuple[float, float]:
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a region is START:END in seconds (e.g. 4:6.5), found {text!r}") from None
+    return start, end
+
+
+def cmd_edit(args) -> int:
+    from magnet_engine.audio import write_wav
+    from magnet_engine.engine.files import check_output_path
+
+    check_output_path(Path(args.output))      # before loading, as generate does
+    model = _load(args)
+    params = _generation_params(args)
+    params["duration"] = None
+    model.set_generation_params(**params)
+    start = time.perf_counter()
+    if args.seed is None:
+        args.seed = secrets.randbelow(2 ** 62)
+    wav = model.generate_infill(args.input, None, args.region, [args.text], progress=not args.quiet, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    write_wav(args.output, wav[0], model.sample_rate)
+    print(f"wrote {args.output} ({wav.shape[-1] / model.sample_rate:.2f} s, regions "
+          f"{', '.join(f'{a:g}-{b:g} s' for a, b in args.region)} regenerated in {elapsed:.2f} s)")
     return 0
 
 
@@ -214,12 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo, duration=2.0)
 
     # Listed for --help; main() hands their arguments to their own parsers.
+    sub.add_parser("edit", help="regenerate regions of an audio clip in place, infill (edit --help)", add_help=False)
     sub.add_parser("bench", help="latency benchmark, fast vs reference loop (bench --help)", add_help=False)
     sub.add_parser("serve", help="HTTP service with dynamic batching and the demo page (serve --help)",
                    add_help=False)
     sub.add_parser("speech", help="PlayDiffusion speech editing / TTS / voice conversion (speech --help)",
                    add_help=False)
     return parser
+
+
+def build_edit_parser() -> argparse.ArgumentParser:
+    """`edit` has its own parser: its text may follow the options (IN.wav --region 4:6 "text"),
+    which needs intermixed parsing, and that does not work through subparsers."""
+    e = argparse.ArgumentParser(prog="magnet-engine edit", description="regenerate regions of an audio clip (infill)")
+    e.add_argument("input", help="audio file to edit (at most the model's window long)")
+    e.add_argument("text", nargs="?", default=None, help="description of the result (none: unconditional)")
+    e.add_argument("--region", type=_region, action="append", required=True, metavar="START:END",
+                   help="seconds to regenerate; repeat for several (snapped outward to whole spans)")
+    e.add_argument("-o", "--output", default="magnet_edit.wav")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_args(e)
+    _add_decoding_args(e)
+    e.set_defaults(func=cmd_edit)
+    return e
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
@@ -231,7 +282,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if argv[:1] and argv[0] in handoff:
         import importlib
         return importlib.import_module(handoff[argv[0]]).main(argv[1:])
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["edit"]:
+        args = build_edit_parser().parse_intermixed_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except MagnetEngineError as exc:   # bad input, model or option: one line, no traceback

@@ -31,3 +31,7 @@ class NumericalError(MagnetEngineError, RuntimeError):
 
 class DependencyError(MagnetEngineError, ImportError):
     """An optional dependency needed for the requested path is not installed."""
+
+
+class RegionError(InvalidInputError):
+    """Infill regions that are empty, outside the clip, or cover all of it."""

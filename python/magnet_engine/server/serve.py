@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--queue-size", type=int, default=d.queue_size, help="waiting requests before 503")
     g.add_argument("--max-text-chars", type=int, default=d.max_text_chars)
     g.add_argument("--max-duration", type=float, default=None, help="seconds (default: the model's trained length)")
+    g.add_argument("--max-stream-duration", type=float, default=120.0,
+                   help="seconds a long-form run streamed by POST /v1/stream may ask for")
+    g.add_argument("--max-edit-upload-bytes", type=int, default=20 << 20, help="POST /v1/edit upload limit")
     g.add_argument("--max-decoding-steps", type=int, default=d.max_decoding_steps, help="per codebook")
     g.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
@@ -192,6 +195,12 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"magnet-engine serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     app = create_app(model, dataclasses.replace(settings, note=note))
+    # infill and long-form streaming: routers of their own (their bodies are multipart / long runs)
+    from magnet_engine.edit_routes import EditLimits, edit_router
+    from magnet_engine.stream_routes import StreamLimits, stream_router
+
+    app.include_router(edit_router(model, EditLimits(max_upload_bytes=args.max_edit_upload_bytes)))
+    app.include_router(stream_router(model, StreamLimits(max_duration=args.max_stream_duration)))
     if args.speech is not None:
         from magnet_engine.playdiffusion import PlayDiffusion
         from magnet_engine.speech_routes import make_speech_router

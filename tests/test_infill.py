@@ -1,0 +1,266 @@
+"""Infill (fixed cells anywhere), long-form windows and streamed decoding, on tiny random models."""
+import pytest
+import soundfile as sf
+import torch
+
+from magnet_engine import MAGNeT
+from magnet_engine.cli import main as cli_main
+from magnet_engine.demo import build_random_model
+from magnet_engine.engine import events, generate, reference
+from magnet_engine.engine.codec import Codec, StreamDecoder
+from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.decoding import Runtime
+from magnet_engine.engine.random_weights import random_compression_package
+from magnet_engine.errors import InvalidInputError, InvalidOptionError, RegionError
+
+from test_decoding import keyed_sampler
+from test_model import tiny_lm
+from test_reference import _cond
+
+FAST = dict(decoding_steps=[3, 2, 2, 2])
+
+
+def _fixed(n_q, frames, intervals):
+    mask = torch.zeros(n_q, frames, dtype=torch.bool)
+    for s, e in intervals:
+        mask[:, s:e] = True
+    return mask
+
+
+# ------------------------------------------------------------------ engine: fixed cells
+@pytest.mark.parametrize("arrangement", ["nonoverlap", "stride1"])
+@pytest.mark.parametrize("cfg_on", [True, False], ids=["cfg", "cfg1"])
+def test_infill_fast_equals_reference_with_the_same_draws(arrangement, cfg_on):
+    lm = tiny_lm(seed=21, layers=2)
+    cond = _cond(lm, 2, seed=4)
+    seeds = [5, 6]
+    params = DecodingParams(decoding_steps=(4, 2, 2, 2), span_arrangement=arrangement)
+    if not cfg_on:
+        params = params.replace(max_cfg_coef=1.0, min_cfg_coef=1.0)
+    canvas = torch.randint(0, lm.cfg.card, (2, 4, 30), generator=torch.Generator().manual_seed(1))
+    # two regions, [7, 13) and [20, 25): not chunk-aligned, so 'nonoverlap' has partly fixed chunks
+    fixed = _fixed(4, 30, [(0, 7), (13, 20), (25, 30)])
+    fast = Runtime(lm).generate(cond, 30, params, seeds=seeds, canvas=canvas, fixed=fixed)
+    ref = reference.generate_tokens(lm, cond, 30, params, sampler=keyed_sampler(params, seeds, 30),
+                                    canvas=canvas, fixed=fixed)
+    assert torch.equal(fast, ref)
+    assert torch.equal(fast[:, fixed], canvas[:, fixed])           # fixed cells bit for bit
+    assert (fast != lm.cfg.mask_id).all()
+    assert not torch.equal(fast[:, ~fixed], canvas[:, ~fixed])     # the regions were decoded
+
+
+def test_a_prefix_fixed_mask_is_the_prompt_path():
+    """A prompt is the prefix case of the fixed mask: same tokens either way, both engines."""
+    lm = tiny_lm(seed=22)
+    cond = _cond(lm, 1, seed=2)
+    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
+    prompt = torch.randint(0, lm.cfg.card, (1, 4, 8), generator=torch.Generator().manual_seed(3))
+    canvas = torch.cat([prompt, torch.zeros(1, 4, 19, dtype=torch.long)], dim=-1)
+    fixed = _fixed(4, 27, [(0, 8)])
+    rt = Runtime(lm)
+    assert torch.equal(rt.generate(cond, 27, params, prompt=prompt, seeds=[4]),
+                       rt.generate(cond, 27, params, canvas=canvas, fixed=fixed, seeds=[4]))
+    gen = lambda: torch.Generator().manual_seed(9)   # noqa: E731
+    assert torch.equal(reference.generate_tokens(lm, cond, 27, params, prompt=prompt, generator=gen()),
+                       reference.generate_tokens(lm, cond, 27, params, canvas=canvas, fixed=fixed, generator=gen()))
+
+
+def test_snap_regions_merges_and_widens_to_chunks():
+    cfg = tiny_lm().cfg                                            # span_len 3
+    params = DecodingParams()
+    regions, fixed = generate.snap_regions(cfg, params, 31, [(4, 7), (7, 8), (20, 22)])
+    assert regions == ((3, 9), (18, 24)) and fixed == ((0, 3), (9, 18), (24, 30))
+    regions, fixed = generate.snap_regions(cfg, params.replace(span_arrangement="stride1"), 31, [(4, 7), (6, 8)])
+    assert regions == ((4, 8),) and fixed == ((0, 4), (8, 31))
+    with pytest.raises(RegionError, match="whole clip"):
+        generate.snap_regions(cfg, params, 31, [(1, 29)])
+    with pytest.raises(RegionError, match="outside"):
+        generate.snap_regions(cfg, params, 31, [(20, 40)])
+    with pytest.raises(RegionError, match="drops"):
+        generate.snap_regions(cfg, params, 31, [(30, 31)])
+
+
+# ------------------------------------------------------------------ engine: long-form
+def test_long_form_windows_tile_the_clip():
+    lm = tiny_lm(seed=23)
+    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
+    p = generate.plan(lm.cfg, params, batch=2, frames=70, window_frames=30, stride_frames=18)
+    assert [(w.start, w.kept, w.prompt_lens[0]) for w in p.phases] == [(0, 30, 0), (18, 30, 12), (36, 30, 12),
+                                                                         (54, 15, 12)]
+    assert p.out_frames == 69 and p.total_steps == 4 * 9
+    within = generate.plan(lm.cfg, params, batch=2, frames=30, window_frames=30, stride_frames=18)
+    assert within.windows == () and within == generate.plan(lm.cfg, params, batch=2, frames=30)
+    with pytest.raises(InvalidOptionError, match="stride"):
+        generate.plan(lm.cfg, params, batch=1, frames=70, window_frames=30, stride_frames=30)
+    with pytest.raises(InvalidOptionError, match="hybrid|infill"):
+        generate.plan(lm.cfg, params, batch=1, frames=70, window_frames=30, stride_frames=18, fixed=[(0, 3)])
+
+
+def test_long_form_run_fixes_each_windows_prefix_to_the_last_tail():
+    lm = tiny_lm(seed=24)
+    runtime = Runtime(lm)
+    cond = _cond(lm, 2, seed=5)
+    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
+    p = generate.plan(lm.cfg, params, batch=2, frames=70, window_frames=30, stride_frames=18)
+    seen = []
+    out = generate.run(p, generate.Models(runtime=runtime), cond, seeds=[1, 2], listener=seen.append)
+    assert out.shape == (2, 4, 69) and (out != lm.cfg.mask_id).all()
+    ready = [e for e in seen if isinstance(e, events.WindowReady)]
+    assert [(e.index, e.count, e.codes.shape[-1]) for e in ready] == [(0, 4, 30), (1, 4, 18), (2, 4, 18), (3, 4, 3)]
+    assert torch.equal(torch.cat([e.codes for e in ready], dim=-1), out)
+    steps = [e for e in seen if isinstance(e, events.StageStep)]
+    assert [e.done for e in steps] == list(range(1, 37)) and {e.total for e in steps} == {36}
+    assert [e.window for e in steps[::9]] == [0, 1, 2, 3]
+    # each window's fixed prefix is the previous window's tail: re-decode window 2 alone
+    w = p.phases[2]
+    again = runtime.generate(cond, w.kept, params, seeds=generate.window_seeds([1, 2], 2),
+                             canvas=out[..., w.start:w.end], fixed=_fixed(4, w.kept, [(0, w.prompt_lens[0])]))
+    assert torch.equal(again, out[..., w.start:w.end])
+    # the first window is a plain generation with the same seeds
+    assert torch.equal(runtime.generate(cond, 30, params, seeds=[1, 2]), out[..., :30])
+
+
+def test_long_form_reference_engine_and_text_per_window():
+    lm = tiny_lm(seed=25)
+    params = DecodingParams(use_sampling=False, decoding_steps=(3, 2, 2, 2))
+    p = generate.plan(lm.cfg, params, batch=1, frames=50, window_frames=30, stride_frames=18)
+    p_ref = generate.plan(lm.cfg, params, batch=1, frames=50, window_frames=30, stride_frames=18, engine="reference")
+    conds = [_cond(lm, 1, seed=s) for s in range(len(p.phases))]
+    fast = generate.run(p, generate.Models(runtime=Runtime(lm)), conds, seeds=[0])
+    ref = generate.run(p_ref, generate.Models(lm=lm), conds, seeds=[0])
+    assert torch.equal(fast, ref)                                   # greedy: the engines agree window by window
+    same_text = generate.run(p, generate.Models(runtime=Runtime(lm)), conds[0], seeds=[0])
+    assert torch.equal(same_text[..., :30], fast[..., :30]) and not torch.equal(same_text, fast)
+    with pytest.raises(InvalidOptionError, match="one condition per window"):
+        generate.run(p, generate.Models(runtime=Runtime(lm)), conds[:1], seeds=[0])
+
+
+# ------------------------------------------------------------------ streaming decode
+@pytest.fixture(scope="module")
+def codec():
+    return Codec.from_package(random_compression_package(n_filters=4, dimension=16, bins=64, seed=1))
+
+
+def test_stream_decoder_joins_to_the_whole_decode(codec):
+    codes = torch.randint(0, 64, (2, 4, 260), generator=torch.Generator().manual_seed(0))
+    whole = codec.decode(codes)
+    stream = StreamDecoder(codec)
+    parts, at = [], 0
+    for n in (100, 3, 57, 60, 40):                                  # windows of any size
+        parts.append(stream.push(codes[..., at:at + n]))
+        at += n
+    parts.append(stream.flush())
+    joined = torch.cat(parts, dim=-1)
+    assert joined.shape == whole.shape
+    assert (joined - whole).abs().max() <= 1e-4
+    assert parts[0].shape[-1] == (100 - stream.lookahead) * codec.hop_length   # held back: the look-ahead
+
+
+@pytest.mark.parametrize("left, ahead", [(2, 8), (50, 1)])
+def test_stream_decoder_needs_its_context(codec, left, ahead):
+    """Too little left context (the LSTM's state) or look-ahead (the convolutions') breaks
+    the 1e-4 bound: the defaults are not slack."""
+    codes = torch.randint(0, 64, (1, 4, 200), generator=torch.Generator().manual_seed(1))
+    stream = StreamDecoder(codec, left_context=left, lookahead=ahead)
+    joined = torch.cat([stream.push(codes[..., :100]), stream.push(codes[..., 100:]), stream.flush()], dim=-1)
+    assert (joined - codec.decode(codes)).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------ API and CLI
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_random_model(tmp_path_factory.mktemp("tiny-infill"), "tiny", seed=0, duration=1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    m = MAGNeT.from_pretrained(tiny_dir, device="cpu")
+    m.set_generation_params(**FAST)
+    return m
+
+
+def _clip(seconds=0.8, channels=1):
+    t = torch.arange(int(32000 * seconds)) / 32000
+    return (0.3 * torch.sin(2 * torch.pi * 220 * t)).expand(channels, -1)[None].contiguous()
+
+
+def test_api_infill_keeps_every_cell_outside_the_regions(model):
+    clip = _clip()
+    codes = model.codec.encode(clip)                                 # [1, 4, 40]
+    wav, tokens = model.generate_infill(clip, 32000, [(0.1, 0.2), (0.5, 0.55)], ["drum fill"],
+                                        return_tokens=True, seed=3)
+    assert tokens.shape == codes.shape == (1, 4, 40) and wav.shape == (1, 1, 40 * 640)
+    inside = torch.zeros(40, dtype=torch.bool)
+    inside[3:12] = inside[24:30] = True                              # 5..10 and 25..28 widened to chunks
+    assert torch.equal(tokens[..., ~inside], codes[..., ~inside])
+    assert not torch.equal(tokens[..., inside], codes[..., inside]) and (tokens < 2048).all()
+    stereo = model.generate_infill(clip.expand(2, 2, -1), 32000, [(0.1, 0.2)], return_tokens=True, seed=[3, 4])[1]
+    assert stereo.shape == (2, 4, 40)                                # a batch, downmixed like a prompt
+
+
+@pytest.mark.parametrize("arrangement, prompt_frames", [("nonoverlap", 9), ("stride1", 10)])
+def test_a_region_from_the_prompt_end_is_a_continuation(tiny_dir, arrangement, prompt_frames):
+    m = MAGNeT.from_pretrained(tiny_dir, device="cpu")
+    m.set_generation_params(duration=0.8, span_arrangement=arrangement, **FAST)
+    clip = _clip(0.8)
+    codes = m.codec.encode(clip)
+    infilled = m.generate_infill(clip, 32000, [(prompt_frames / 50, 0.8)], ["x"], return_tokens=True, seed=7)[1]
+    # generate_continuation = encode the prompt audio, then generate_tokens with its codes fixed
+    continued = m.generate_tokens(["x"], prompt_codes=codes[..., :prompt_frames], seed=7)
+    assert torch.equal(infilled[..., :continued.shape[-1]], continued)
+
+
+def test_api_infill_bad_input(model, tmp_path):
+    clip = _clip()
+    with pytest.raises(RegionError, match="0 <= start < end"):
+        model.generate_infill(clip, 32000, [(0.5, 0.9)])
+    with pytest.raises(RegionError, match="0 <= start < end"):
+        model.generate_infill(clip, 32000, [(0.3, 0.3)])
+    with pytest.raises(RegionError, match="whole clip"):
+        model.generate_infill(clip, 32000, [(0.0, 0.8)])
+    with pytest.raises(RegionError, match="non-empty"):
+        model.generate_infill(clip, 32000, [])
+    with pytest.raises(InvalidInputError, match="window"):
+        model.generate_infill(_clip(1.5), 32000, [(0.1, 0.2)])
+    with pytest.raises(InvalidInputError, match="waveform"):
+        model.generate_infill(clip[0, 0], 32000, [(0.1, 0.2)])
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really")
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        model.generate_infill(bad, None, [(0.1, 0.2)])
+    out = tmp_path / "never.wav"
+    assert cli_main(["edit", str(bad), "--region", "0.1:0.2", "--model", model.name, "-q", "-o", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_cli_edit_writes_the_edited_clip(model, tmp_path):
+    src = tmp_path / "in.wav"
+    sf.write(src, _clip()[0, 0].numpy(), 32000)
+    out = tmp_path / "out.wav"
+    assert cli_main(["edit", str(src), "--region", "0.1:0.2", "--region", "0.5:0.6", "a fill", "--model",
+                     model.name, "-q", "--seed", "1", "--decoding-steps", "3", "2", "2", "2", "-o", str(out)]) == 0
+    data, sr = sf.read(out)
+    assert sr == 32000 and data.shape == (40 * 640,)
+
+
+def test_api_long_form_and_streaming(model):
+    model.set_generation_params(duration=2.5, **FAST)
+    model.extend_stride = 0.6
+    try:
+        seen = []
+        tokens = model.generate_tokens(["a", "b"], seed=2, on_event=seen.append, duration=2.5)
+        windows = [e for e in seen if isinstance(e, events.WindowReady)]
+        assert len(windows) == 4 and tokens.shape == (2, 4, 123)   # 0-48, 30-78, 60-108, 90-123
+        first = model.generate_tokens(["a", "b"], seed=2, duration=1)
+        assert torch.equal(first, tokens[..., :48])
+        chunks = list(model.generate_stream([["a", "b", "c", "d"], ["e", "f", "g", "h"]], seed=2))
+        kinds = [k for k, _ in chunks]
+        assert kinds == ["chunk"] * 5 + ["full"]
+        joined = torch.cat([w for k, w in chunks if k == "chunk"], dim=-1)
+        assert joined.shape == chunks[-1][1].shape == (2, 1, 123 * 640)
+        assert (joined - chunks[-1][1]).abs().max() <= 1e-4
+        with pytest.raises(InvalidInputError, match="per row"):
+            model.generate([["a", "b"]], seed=2)
+    finally:
+        model.extend_stride = None
+        model.set_generation_params(**FAST)
