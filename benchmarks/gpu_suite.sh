@@ -7,6 +7,7 @@
 #   3. launches per masked step: eager, compiled, CUDA graphs (profiler)
 #   4. latency JSON, magnet-small 10 s, batch 1 and 8: the reference loop, eager, compiled and
 #      CUDA graphs side by side in one run
+#   5. PlayDiffusion latency (one edit, 10 s TTS) at its default sizes
 # Results land in $OUT (the device tool brings that folder back) or benchmarks/results/.
 #
 #   bash benchmarks/gpu_suite.sh --dry-run      # CPU: the same steps on a tiny model (CI runs it)
@@ -68,5 +69,11 @@ stamp "latency: reference loop, eager, compiled, CUDA graphs"
 # shellcheck disable=SC2086
 $PY -m magnet_engine.bench --arch "$ARCH" --duration "$DURATION" --device "$DEVICE" --batch $BATCHES \
     --variants $VARIANTS --runs "$RUNS" --warmup "$WARMUP" --out "$RESULTS/latency_${MODE}_suite.json"
+
+if [ "$MODE" = gpu ]; then
+  stamp "PlayDiffusion: one edit and 10 s TTS (default sizes, fp32 and bf16)"
+  $PY benchmarks/playdiffusion.py --preset default --device cuda --precision fp32 bf16 \
+      --out "$RESULTS/playdiffusion_gpu.json" || echo "PlayDiffusion benchmark failed (see above)"
+fi
 
 stamp "done"
