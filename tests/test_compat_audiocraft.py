@@ -424,7 +424,7 @@ def test_lm_view(model):
 
 def test_training_config_runs_no_resolver(monkeypatch):
     """`${oc.env:USER}` (in every real export's dora section) and any other resolver call are
-    refused at parse time (engine/config.py); model.cfg keeps that and runs none."""
+    replaced by the refusal marker (engine/config.py without_resolvers); model.cfg runs none."""
     from omegaconf import OmegaConf
     from magnet_engine.compat import training_config
     from magnet_engine.engine.config import REFUSED

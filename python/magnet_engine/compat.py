@@ -13,18 +13,20 @@ import torch
 
 from magnet_engine.engine.codec import Codec
 from magnet_engine.engine.conditioning import TextConditioner
+from magnet_engine.engine.config import without_resolvers
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.errors import InvalidInputError
 
 def training_config(xp_cfg, device: torch.device, frame_rate: int) -> tp.Any:
-    """The checkpoint's full training config (xp.cfg, as `parse_yaml_config` returns it: any
-    resolver call already replaced by its refusal marker) as audiocraft's MAGNeT loader leaves
-    it in `lm.cfg`: device and dtype of this run, transformer_lm's compression_model_framerate,
-    segment_duration and span_len filled in, two training-only conditioner args dropped; then
-    read-only and in struct mode (a missing key raises)."""
+    """The checkpoint's full training config (xp.cfg as `parse_yaml_config` returns it) as
+    audiocraft's MAGNeT loader leaves it in `lm.cfg`: device and dtype of this run,
+    transformer_lm's compression_model_framerate, segment_duration and span_len filled in, two
+    training-only conditioner args dropped; then read-only and in struct mode (a missing key
+    raises). Every resolver call (`${oc.env:USER}` is in every real export's dora section) is
+    replaced by the refusal marker first: reading a field never runs a resolver."""
     from omegaconf import OmegaConf
 
-    tree = OmegaConf.to_container(xp_cfg, resolve=False)
+    tree = OmegaConf.to_container(without_resolvers(xp_cfg), resolve=False)
     conditioners = tree.get("conditioners")
     args = conditioners.get("args") if isinstance(conditioners, dict) else None
     if isinstance(args, dict):
