@@ -432,12 +432,14 @@ def fixed_cells(n_q: int, mask_id: int, batch: int, frames: int, prompt: tp.Opti
         raise InvalidOptionError("canvas and fixed go together: the fixed cells' codes and where they are")
     if fixed is None:
         return torch.full((batch, n_q, frames), mask_id, dtype=torch.long), torch.zeros(n_q, frames, dtype=torch.bool)
-    if fixed.dtype != torch.bool or tuple(fixed.shape) != (n_q, frames):
-        raise InvalidOptionError(f"fixed must be a bool [{n_q}, {frames}] cell mask, found {fixed.dtype} "
-                                 f"{tuple(fixed.shape)}")
+    if fixed.dtype != torch.bool or tuple(fixed.shape) != (n_q, frames) or fixed.device.type != "cpu":
+        # host data, as prompt_lens: the step shapes and the schedule are read from it before
+        # the loop, so a device mask would have to be copied back (a sync) to plan the run
+        raise InvalidOptionError(f"fixed must be a bool [{n_q}, {frames}] cell mask on the CPU, found "
+                                 f"{fixed.dtype} {tuple(fixed.shape)} on {fixed.device}")
     if canvas.dim() != 3 or canvas.shape[0] != batch or canvas.shape[1] != n_q or canvas.shape[2] < frames:
         raise InvalidOptionError(f"canvas must be [{batch}, {n_q}, >= {frames}] codes, found {tuple(canvas.shape)}")
-    return canvas[..., :frames].long(), fixed.cpu()
+    return canvas[..., :frames].long(), fixed
 
 
 def _masked_positions(span_mask: torch.Tensor, count: int, span_len: int) -> torch.Tensor:

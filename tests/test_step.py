@@ -169,3 +169,19 @@ def test_buffers_are_static_across_steps_and_calls():
 def test_cuda_graphs_need_cuda():
     with pytest.raises(InvalidOptionError, match="CUDA"):
         Runtime(tiny_lm(), cuda_graphs=True)
+
+
+def test_fixed_cells_are_host_data():
+    """The fixed-cell mask plans the run (step shapes, schedule) before the loop: a mask that
+    is not on the host is refused rather than read back with a sync."""
+    lm = tiny_lm(seed=9)
+    runtime = Runtime(lm)
+    params = DecodingParams(decoding_steps=(2, 1, 1, 1))
+    canvas = torch.full((1, 4, 24), lm.cfg.mask_id)
+    fixed = torch.zeros(4, 24, dtype=torch.bool)
+    fixed[:, :6] = True
+    runtime.prepare(_cond(lm, 1), 24, params, canvas=canvas, fixed=fixed)
+    with pytest.raises(InvalidOptionError, match="on the CPU"):
+        runtime.prepare(_cond(lm, 1), 24, params, canvas=canvas, fixed=fixed.to("meta"))
+    with pytest.raises(InvalidOptionError, match="cell mask"):
+        runtime.prepare(_cond(lm, 1), 24, params, canvas=canvas, fixed=fixed.int())
