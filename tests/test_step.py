@@ -3,13 +3,12 @@
 `torch._dynamo.explain` traces a step as `torch.compile(fullgraph=True)` would and counts
 the graph breaks; a step with none is one graph, which is what a CUDA graph captures.
 """
-import dataclasses
 
 import pytest
 import torch
 import torch._dynamo
 
-from magnet_engine.engine import decoding, events, generate, hybrid
+from magnet_engine.engine import events, generate, hybrid
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
 from magnet_engine.engine.rescoring import RescoreOptions
