@@ -31,7 +31,7 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import reference
-from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.config import DecodingParams, ModelConfig, check_same_codes
 from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, delayed_length,
                                          frames_with_prefix, plan_hybrid, revert_delayed, tail_forward)
 from magnet_engine.engine.model import MagnetLM
@@ -194,10 +194,7 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         ar = ARPhase("self", tail.ar_steps, tail.seq_len, prefix_frames, hybrid.ar)
         return Plan("hybrid", engine, batch, frames, params, ar,
                     MaskedPhase(tail.frames, steps, _prefixes(tail.prompt_lens), tail), rescored)
-    if (prefix_cfg.n_q, prefix_cfg.card, prefix_cfg.frame_rate) != (cfg.n_q, cfg.card, cfg.frame_rate):
-        raise InvalidOptionError(f"prefix model codes (n_q {prefix_cfg.n_q}, card {prefix_cfg.card}, "
-                                 f"{prefix_cfg.frame_rate} Hz) do not match MAGNeT's (n_q {cfg.n_q}, "
-                                 f"card {cfg.card}, {cfg.frame_rate} Hz)")
+    check_same_codes(prefix_cfg, cfg, "prefix model")
     frames_with_prefix(cfg, frames, prefix_frames, params)
     # the staircase completed into a rectangle: max(d) extra steps fix F frames of every codebook
     ar = ARPhase("prefix", prefix_frames + prefix_cfg.max_delay, delayed_length(prefix_frames, prefix_cfg.delays),
