@@ -392,3 +392,89 @@ def test_demo_page_regenerates_a_dragged_region(driver, full_server, tmp_path):
     keep_screenshot(driver, tmp_path, "demo_region_edit.png", "edit-box")
     assert not console_errors(driver, expected="/v1/edit - Failed to load resource: the server responded with a "
                                                "status of 400")
+
+
+def test_demo_page_streams_long_form_gaplessly(driver, full_server, tmp_path):
+    """5 s from a 2 s window: a duration over the route's limit is refused inline; then the
+    chunks arrive over SSE, each scheduled where the previous one ends, play in order, and the
+    first is heard before the last window is decoded."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = full_server
+    open_page(driver, url)
+    assert driver.find_element(By.ID, "stream-duration").get_attribute("value") == "6"   # 3 windows
+    error = driver.find_element(By.ID, "stream-error")
+    fill(driver, prompt="slow strings", steps="4,2,2,2", seed="1", stream_duration="7")
+    driver.find_element(By.ID, "stream-run").click()
+    WebDriverWait(driver, 30).until(lambda _: error.get_attribute("hidden") is None)
+    assert error.text.startswith("422 InvalidOptionError: duration must be in (0, 6] s")
+
+    fill(driver, stream_duration="5")
+    driver.find_element(By.ID, "stream-run").click()
+    finished = "const s = window.streamState; return s.finished && s.ended.length === s.chunks.length;"
+    WebDriverWait(driver, 90).until(lambda d: d.execute_script(finished))
+    assert error.get_attribute("hidden") is not None
+    state = driver.execute_script("const s = window.streamState; return {chunks: s.chunks, ended: s.ended, "
+                                  "first: s.firstAudioMs, total: s.totalMs, gaps: s.gaps, done: s.done};")
+    chunks = state["chunks"]
+    assert len(chunks) == state["done"]["chunks"] > 2                      # several windows, each its own chunk
+    assert [c["index"] for c in chunks] == state["ended"] == list(range(len(chunks)))
+    assert sum(c["seconds"] for c in chunks) == pytest.approx(state["done"]["seconds"])
+    assert state["done"]["seconds"] == pytest.approx(5, abs=0.03)
+    late = 0
+    for before, after in zip(chunks, chunks[1:]):
+        end = before["when"] + before["seconds"]
+        assert after["when"] >= end - 1e-9                                  # never overlapping
+        late += after["when"] > end + 1e-6
+    assert late == state["gaps"]       # back to back, but where decoding fell behind playback (counted on the page)
+    assert 0 < state["first"] < state["total"]
+    assert driver.find_element(By.ID, "s-first").text == f"{round(state['first'])} ms"
+    assert driver.find_element(By.ID, "s-total").text == f"{round(state['total'])} ms"
+    assert driver.find_element(By.ID, "stream-status").text.startswith(f"done: {len(chunks)} chunks")
+    keep_screenshot(driver, tmp_path, "demo_stream.png", "stream-box")
+    assert not console_errors(driver, expected="/v1/stream - Failed to load resource: the server responded with "
+                                               "a status of 422")
+
+
+def test_demo_page_speech_tab_edits_a_recording(driver, full_server, tmp_path):
+    """`--speech` mounted: the tab is on with the route's defaults; texts that do not differ get
+    the route's 400 inline; a real edit plays, with its phase timings and a download link."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = full_server
+    open_page(driver, url)
+    tab = driver.find_element(By.ID, "tab-speech")
+    WebDriverWait(driver, 30).until(lambda _: tab.get_attribute("data-ready") == "true")
+    assert driver.find_element(By.ID, "speech-panel").get_attribute("hidden") is not None
+    tab.click()
+    assert driver.find_element(By.ID, "music-panel").get_attribute("hidden") is not None
+    assert driver.find_element(By.ID, "speech-steps").get_attribute("value") == "30"      # upstream's default
+    assert json.loads(driver.find_element(By.ID, "speech-times").get_attribute("value")) == WORDS  # the example
+    driver.find_element(By.ID, "speech-audio").send_keys(noise_wav(tmp_path / "speech.wav", 2, 16000))
+    fill(driver, speech_from="hello there world", speech_to="hello there world", speech_steps="3", speech_seed="4")
+    error = driver.find_element(By.ID, "speech-error")
+    driver.find_element(By.ID, "speech-run").click()
+    WebDriverWait(driver, 60).until(lambda _: error.get_attribute("hidden") is None)
+    assert error.text.startswith("400 BadRequest: ") and "do not differ" in error.text
+
+    fill(driver, speech_to="hello big world")
+    driver.find_element(By.ID, "speech-run").click()
+    playing = "const a = document.getElementById('speech-player'); return a.readyState >= 2 && a.currentTime > 0.1;"
+    WebDriverWait(driver, 120).until(lambda d: d.execute_script(playing))
+    assert error.get_attribute("hidden") is not None
+    assert driver.find_element(By.ID, "speech-status").text == "done"
+    assert int(driver.find_element(By.ID, "p-units").text) > 0
+    for phase in ("tokenize", "plan", "unmask", "vocode", "total"):
+        assert driver.find_element(By.ID, f"p-{phase}").text.endswith(" ms")
+    link = driver.find_element(By.ID, "speech-download")
+    assert link.get_attribute("href").startswith("blob:") and link.get_attribute("download") == "speech_edit.wav"
+    wav = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0]).then((r) => r.arrayBuffer()).then((b) => done(Array.from(new Uint8Array(b, 0, 44))));""",
+        link.get_attribute("href"))
+    assert bytes(wav[:4]) == b"RIFF" and int.from_bytes(bytes(wav[24:28]), "little") == 24000   # the vocoder's rate
+    keep_screenshot(driver, tmp_path, "demo_speech.png", "speech-panel")
+    assert not console_errors(driver, expected="/v1/speech/edit - Failed to load resource: the server responded "
+                                               "with a status of 400")

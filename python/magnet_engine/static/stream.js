@@ -24,7 +24,7 @@ async function startStream() {
   if (streamContext) streamContext.close();
   const context = streamContext = new AudioContext({sampleRate: modelInfo.sample_rate, latencyHint: "playback"});
   const state = window.streamState = {duration, chunks: [], ended: [], firstAudioMs: null, totalMs: null,
-                                      gaps: 0, nextStart: 0, samples: [], finished: false};
+                                      gaps: 0, nextStart: 0, samples: [], done: null, finished: false};
   $("stream-run").disabled = true;
   streamStatus("starting", 0);
   try {
@@ -62,7 +62,11 @@ function followStream(url, context, state, clicked) {
       queue = queue.then(async () => schedule(context, state, chunk, await context.decodeAudioData(await wav), clicked));
       queue.catch((err) => fail(`chunk ${chunk.index}: ${err.message}`));
     });
-    events.addEventListener("done", () => { events.close(); queue.then(resolve); });
+    events.addEventListener("done", (e) => {
+      events.close();
+      state.done = JSON.parse(e.data);
+      queue.then(resolve);
+    });
     events.addEventListener("error", (e) => {
       // A named `error` event carries the server's reason; a bare one is the connection failing.
       // No reconnecting: the server would replay the run's events from the first chunk.
