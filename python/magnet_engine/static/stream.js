@@ -59,13 +59,14 @@ function followStream(url, context, state, clicked) {
     events.addEventListener("chunk", (e) => {
       const chunk = JSON.parse(e.data);
       const wav = fetch(chunk.url).then((r) => r.ok ? r.arrayBuffer() : errorText(r).then((t) => { throw new Error(t); }));
+      wav.catch(() => {});              // reported through the queue, once an earlier chunk has not failed
       queue = queue.then(async () => schedule(context, state, chunk, await context.decodeAudioData(await wav), clicked));
       queue.catch((err) => fail(`chunk ${chunk.index}: ${err.message}`));
     });
     events.addEventListener("done", (e) => {
       events.close();
       state.done = JSON.parse(e.data);
-      queue.then(resolve);
+      queue.then(resolve, () => {});    // a failed chunk has already rejected
     });
     events.addEventListener("error", (e) => {
       // A named `error` event carries the server's reason; a bare one is the connection failing.
