@@ -1,10 +1,13 @@
-"""The demo page in headless Chromium: type a prompt, Generate, get a playable wav.
+"""The demo page in headless Chromium: type a prompt, Generate, get a playable wav; drag a
+region on the waveform and regenerate it; stream a long-form clip window by window; edit
+speech in the speech tab.
 
-Needs Debian's `chromium` and `chromium-driver` and the `selenium` package. The screenshot
-lands in the test's tmp dir; with MAGNET_SAVE_SCREENSHOT=1 also in
-benchmarks/results/demo_page.png (a plain test run never writes into the source tree).
+Needs Debian's `chromium` and `chromium-driver` and the `selenium` package. Screenshots land
+in the test's tmp dir; with MAGNET_SAVE_SCREENSHOT=1 also in benchmarks/results/demo_*.png
+(a plain test run never writes into the source tree).
 """
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -429,8 +432,9 @@ def test_demo_page_streams_long_form_gaplessly(driver, full_server, tmp_path):
         late += after["when"] > end + 1e-6
     assert late == state["gaps"]       # back to back, but where decoding fell behind playback (counted on the page)
     assert 0 < state["first"] < state["total"]
-    assert driver.find_element(By.ID, "s-first").text == f"{round(state['first'])} ms"
-    assert driver.find_element(By.ID, "s-total").text == f"{round(state['total'])} ms"
+    js_round = lambda ms: math.floor(ms + 0.5)   # Math.round: halves up
+    assert driver.find_element(By.ID, "s-first").text == f"{js_round(state['first'])} ms"
+    assert driver.find_element(By.ID, "s-total").text == f"{js_round(state['total'])} ms"
     assert driver.find_element(By.ID, "stream-status").text.startswith(f"done: {len(chunks)} chunks")
     keep_screenshot(driver, tmp_path, "demo_stream.png", "stream-box")
     assert not console_errors(driver, expected="/v1/stream - Failed to load resource: the server responded with "
