@@ -150,3 +150,4 @@ modelReady.then((m) => {
   }
 });
 $("stream-run").addEventListener("click", startStream);
+drawWaveform($("stream-waveform"), new Float32Array(0));
