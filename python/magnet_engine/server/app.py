@@ -266,8 +266,9 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
         return Response(blob, media_type="audio/wav")
 
     @app.get("/v1/model")
-    async def get_model():
-        return model_info(model, settings, batcher.max_batch)
+    async def get_model():   # "endpoints": what is mounted, the optional edit/stream/speech routers included
+        return {**model_info(model, settings, batcher.max_batch),
+                "endpoints": sorted(path for path in app.openapi()["paths"] if path.startswith("/v1/"))}
 
     @app.get("/healthz")
     async def healthz():
