@@ -70,8 +70,6 @@ class HeldModel:
         return self._model.generate_tokens(descriptions, on_event=self._hold(on_event), **kwargs)
 
     def generate_infill(self, *args, on_event=None, **kwargs):
-        if on_event is None:    # a caller that does not watch the run cannot be held either
-            return self._model.generate_infill(*args, **kwargs)
         return self._model.generate_infill(*args, on_event=self._hold(on_event), **kwargs)
 
 

@@ -34,7 +34,7 @@ from fastapi.responses import Response
 
 from magnet_engine.audio import wav_bytes
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
-from magnet_engine.server.batcher import Jobs, Task
+from magnet_engine.server.batcher import Jobs, Task, jobs_finder
 from magnet_engine.server.schema import ApiError
 
 
@@ -73,27 +73,11 @@ def _json_field(name: str, text: tp.Optional[str]):
         raise InvalidInputError(f"'{name}' must be JSON ({exc.msg})") from None
 
 
-def service_of(jobs: tp.Optional[Jobs]) -> tp.Callable[[Request], Jobs]:
-    """The worker a router's requests go to: the one given, else the app's (create_app sets
-    app.state.jobs), else (a router on an app of its own) one of the router's, made on first use."""
-    own: tp.List[Jobs] = []
-
-    def find(request: Request) -> Jobs:
-        if jobs is not None:
-            return jobs
-        found = getattr(request.app.state, "jobs", None)
-        if found is not None:
-            return found
-        if not own:
-            own.append(Jobs.standalone())
-        return own[0]
-    return find
-
-
 def edit_router(model, limits: EditLimits = EditLimits(), jobs: tp.Optional[Jobs] = None):
-    """A router with POST /v1/edit on `model` (a loaded `MAGNeT`); jobs: the service's worker (see service_of)."""
+    """A router with POST /v1/edit on `model` (a loaded `MAGNeT`); jobs: the service's worker (see
+    server.batcher.jobs_finder)."""
     router = APIRouter()
-    service_for = service_of(jobs)
+    service_for = jobs_finder(jobs)
 
     @router.post("/v1/edit")
     async def edit(request: Request, audio: UploadFile = File(...), regions: str = Form(...),

@@ -28,9 +28,8 @@ import threading
 import time
 import typing as tp
 
-from magnet_engine.edit_routes import service_of
 from magnet_engine.errors import InvalidInputError, InvalidOptionError, MagnetEngineError
-from magnet_engine.server.batcher import Jobs, Task
+from magnet_engine.server.batcher import Jobs, Task, jobs_finder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +42,7 @@ class SpeechLimits:
 
 def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), jobs: tp.Optional[Jobs] = None):
     """model: a magnet_engine.PlayDiffusion (or anything with its `inpaint_audio`); jobs: the
-    service's worker (see edit_routes.service_of)."""
+    service's worker (see server.batcher.jobs_finder)."""
     from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
     from fastapi.responses import Response
 
@@ -51,7 +50,7 @@ def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), job
 
     router = APIRouter()
     pending = threading.BoundedSemaphore(limits.max_pending)
-    service_for = service_of(jobs)
+    service_for = jobs_finder(jobs)
 
     def _decode(data: bytes):
         import soundfile as sf

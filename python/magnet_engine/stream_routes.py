@@ -39,11 +39,10 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from magnet_engine.audio import wav_bytes
-from magnet_engine.edit_routes import service_of
 from magnet_engine.engine import events
 from magnet_engine.engine.codec import StreamDecoder
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
-from magnet_engine.server.batcher import Jobs, Task
+from magnet_engine.server.batcher import Jobs, Task, jobs_finder
 from magnet_engine.server.schema import ApiError
 
 STREAM_GRACE_S = 5.0   # a run whose event consumers all left is stopped this long after (a reload reconnects)
@@ -100,11 +99,11 @@ class _Run:
 
 def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optional[Jobs] = None) -> APIRouter:
     """A router streaming long-form generations of `model` (a loaded `MAGNeT`); jobs: the
-    service's worker (see edit_routes.service_of)."""
+    service's worker (see server.batcher.jobs_finder)."""
     router = APIRouter()
     runs: tp.Dict[str, _Run] = {}
     lock = threading.Lock()
-    service_for = service_of(jobs)
+    service_for = jobs_finder(jobs)
 
     def work(service: Jobs, run: _Run, channel, text, duration, seed, params, on_event: events.Listener) -> dict:
         """On the worker: the run, its chunks published as each window is final; it ends the

@@ -475,3 +475,21 @@ class Jobs:
     def succeeded(self, route: str, arrived: float, channel: ProgressChannel, data: dict) -> None:
         channel.publish("done", data)
         self.metrics.request_done(200, seconds=time.monotonic() - arrived, route=route)
+
+
+def jobs_finder(jobs: tp.Optional[Jobs]) -> tp.Callable[[tp.Any], Jobs]:
+    """request -> the worker a router's requests go to: the one given, else the app's
+    (create_app sets app.state.jobs), else (a router on an app of its own) one of the
+    router's, made on first use."""
+    own: tp.List[Jobs] = []
+
+    def find(request) -> Jobs:
+        if jobs is not None:
+            return jobs
+        found = getattr(request.app.state, "jobs", None)
+        if found is not None:
+            return found
+        if not own:
+            own.append(Jobs.standalone())
+        return own[0]
+    return find
