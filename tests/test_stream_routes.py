@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from fastapi.testclient import TestClient
 
 from magnet_engine import MAGNeT, stream_routes

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from magnet_engine.audio import wav_bytes
 from magnet_engine.engine import events
 from magnet_engine.engine.codec import StreamDecoder
-from magnet_engine.errors import InvalidInputError, InvalidOptionError
+from magnet_engine.errors import InvalidInputError
 from magnet_engine.server.batcher import Jobs, Task, jobs_finder
 from magnet_engine.server.schema import ApiError
 
