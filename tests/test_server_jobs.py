@@ -217,6 +217,30 @@ def test_an_edit_owns_its_request_id_and_streams_progress(held):
     assert kinds[:2] == ["queued", "started"] and "step" in kinds and kinds[-1] == "done"
 
 
+def test_a_watched_edit_streams_its_token_canvas(tiny):
+    """Those watching an edit's progress get its canvas with each step, as a generate request's:
+    outside the region every cell is fixed (255) from the first step (the stage being decoded is
+    shaded by the engine's confidence instead), inside it the codebooks fill in stage by stage."""
+    import base64
+
+    with TestClient(app_for(tiny)) as client:
+        with cf.ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(client.get, "/v1/progress/watched")
+            wait_until(lambda: client.app.state.hub.get("watched") is not None)
+            assert edit(client, request_id="watched").status_code == 200
+            steps = [data for kind, data in sse_events(stream.result(timeout=60).text.splitlines()) if kind == "step"]
+    assert [s["done"] for s in steps] == list(range(1, 10))           # steps 3, 2, 2, 2
+    shape = steps[0]["canvas"]["codebooks"], steps[0]["canvas"]["frames"]
+    grids = [np.frombuffer(base64.b64decode(s["canvas"]["cells"]), dtype=np.uint8).reshape(shape) for s in steps]
+    region = (grids[0][1:] == 0).all(0)          # after step 1 only codebook 0 of the region is decoded
+    assert region[5:15].all() and not region[:3].any() and not region[18:].any()   # 0.1-0.3 s, span-snapped
+    for s, g in zip(steps, grids):
+        others = [k for k in range(shape[0]) if k != s["stage"]]
+        assert (g[others][:, ~region] == 255).all()
+        assert not g[s["stage"] + 1:, region].any() and g[:s["stage"] + 1, region].all()
+    assert grids[-1].all()
+
+
 def test_stream_runs_wait_in_the_same_queue(held):
     """A streamed run is a job of the one worker: behind a busy worker it waits in the queue
     (counted in queue_depth), the queue bound answers 503 + Retry-After, and once it runs its

@@ -106,7 +106,7 @@ def edit_router(model, limits: EditLimits = EditLimits(), jobs: tp.Optional[Jobs
                     model.config.n_q, card=model.config.card, max_steps=service.settings.max_decoding_steps)
             task = Task(request_id, "edit", lambda listen: model.generate_infill(
                 clip, rate, [tuple(r) for r in spans], [description], seed=seed, params=params, on_event=listen),
-                asyncio.get_running_loop(), channel)
+                asyncio.get_running_loop(), channel, mask_id=model.config.card)
             wav = await service.run(request, task)                                  # [1, C, samples]
             blob = await asyncio.to_thread(wav_bytes, wav[0], model.sample_rate)
         except asyncio.CancelledError:

@@ -171,7 +171,7 @@ def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optiona
                 run = _Run(arrived=arrived, timeout_s=service.settings.request_timeout_s)
                 task = Task(run_id, "stream", lambda listen: work(service, run, channel, body.description, duration,
                                                                    body.seed, params, listen),
-                            asyncio.get_running_loop(), channel, wanted=run.wanted)
+                            asyncio.get_running_loop(), channel, wanted=run.wanted, mask_id=model.config.card)
                 # nobody awaits a run's future: mark its outcome seen (the event stream reports it)
                 task.future.add_done_callback(lambda f: f.cancelled() or f.exception())
                 service.submit(task)            # 503 + Retry-After when the queue is full

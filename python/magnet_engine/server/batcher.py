@@ -140,15 +140,17 @@ class Task(_Queued):
     it publishes `step` progress and raises once the task is cancelled, which stops the run
     after its current step. `kind` names the route in metrics and progress ("edit", "stream",
     "speech_edit"). `wanted()`, when given, is asked between steps too: False cancels (a
-    streamed run whose consumers all left)."""
+    streamed run whose consumers all left). mask_id: the run's mask id, when its steps' token
+    canvas should go to those watching its progress (as a generate request's)."""
 
     def __init__(self, request_id: str, kind: str, work: tp.Callable[[events.Listener], tp.Any],
                  loop: asyncio.AbstractEventLoop, channel: ProgressChannel,
-                 wanted: tp.Optional[tp.Callable[[], bool]] = None):
+                 wanted: tp.Optional[tp.Callable[[], bool]] = None, mask_id: tp.Optional[int] = None):
         super().__init__(request_id, loop, channel)
         self.kind = kind
         self.work = work
         self.wanted = wanted
+        self.mask_id = mask_id
         self.rows = [self]              # its one queue entry is itself
         self.job = self
         self.run_ms = 0.0
@@ -351,8 +353,11 @@ class Batcher:
             if task.closed or (task.wanted is not None and not task.wanted()):
                 raise _BatchAbandoned()
             data = step_data(event)
-            if data is not None:
-                task.channel.publish("step", data)
+            if data is None:
+                return
+            watched = (task.mask_id is not None and isinstance(event, events.StageStep)
+                       and event.canvas is not None and task.channel.subscribers)
+            task.channel.publish("step", {**data, "canvas": canvas_snapshot(event, 0, task.mask_id)} if watched else data)
 
         try:
             if task.closed:     # cancelled between being taken and starting
