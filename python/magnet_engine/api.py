@@ -389,7 +389,8 @@ class MAGNeT:
                         descriptions: tp.Optional[tp.Sequence[tp.Optional[str]]] = None,
                         progress: tp.Union[bool, Progress] = False, return_tokens: bool = False,
                         seed: tp.Union[int, tp.Sequence[int], None] = None, *,
-                        params: tp.Optional[DecodingParams] = None):
+                        params: tp.Optional[DecodingParams] = None,
+                        on_event: tp.Optional[events.Listener] = None):
         """Regenerate `regions` of a clip, keeping everything else.
 
         audio: a float waveform [B, C, samples] or [C, samples] at `sample_rate` (resampled
@@ -403,12 +404,13 @@ class MAGNeT:
         them (and the codes [B, K, frames] with return_tokens). Errors: RegionError (empty,
         outside the clip, or covering all of it: that is `generate`), InvalidInputError
         (unreadable audio, channels, a clip longer than the window). params: this call's
-        decoding options instead of the instance's (as `generate_tokens`)."""
+        decoding options instead of the instance's (as `generate_tokens`). on_event: a listener
+        of the run's typed events, as `generate_tokens`'s (raising from it cancels the run)."""
         codes, descriptions, the_plan, seeds = self._infill_request(audio, sample_rate, regions, descriptions, seed,
                                                                     params)
         with self._lock:
             tokens = self._tokens(descriptions, None, progress, seeds, params=the_plan.params,
-                                  infill=(the_plan, codes))
+                                  infill=(the_plan, codes), on_event=on_event)
             with torch.no_grad():
                 wav = self.codec.decode(tokens)
         return (wav, tokens) if return_tokens else wav
