@@ -312,7 +312,7 @@ def run(p: Plan, models: Models, cond: tp.Union[torch.Tensor, tp.Sequence[torch.
     (long-form text that changes per window); ar_cond: the prefix model's own rows
     (two-model hybrid); prompt: [B, K, P] fixed codes (mode 'prompt'); canvas: [B, K, >= T']
     the clip's codes, read at the fixed cells (mode 'infill'); hook: a confidence hook
-    (rescoring); listener: gets every event; generator: the reference engine's draws."""
+    (rescoring), or one per window (long-form text that changes per window); listener: gets every event; generator: the reference engine's draws."""
     listen = listener or (lambda event: None)
     if len(seeds) != p.batch:
         raise InvalidOptionError(f"expected {p.batch} seeds (one per row), found {len(seeds)}")
@@ -324,6 +324,10 @@ def run(p: Plan, models: Models, cond: tp.Union[torch.Tensor, tp.Sequence[torch.
     conds = [cond] * len(phases) if isinstance(cond, torch.Tensor) else list(cond)
     if len(conds) != len(phases):
         raise InvalidOptionError(f"expected one condition per window ({len(phases)}), found {len(conds)}")
+    hooks = list(hook) if isinstance(hook, (list, tuple)) else [hook] * len(phases)
+    if len(hooks) != len(phases):
+        raise InvalidOptionError(f"expected one confidence hook per window ({len(phases)}), found {len(hooks)}")
+    hook = hooks[0]
     listen(ev.Started(p.total_steps))
     total = p.total_steps
     if p.ar is not None:
@@ -346,7 +350,7 @@ def run(p: Plan, models: Models, cond: tp.Union[torch.Tensor, tp.Sequence[torch.
             width = min(known.shape[-1], phase.kept)
             win_canvas[..., :width] = known[..., :width]
         codes = _run_masked(p, phase, models, conds[i], win_canvas, fixed if win_canvas is not None else None,
-                            window_seeds(seeds, i), hook, _in_window(listen, i), generator, done, total)
+                            window_seeds(seeds, i), hooks[i], _in_window(listen, i), generator, done, total)
         if len(phases) == 1:
             out = codes
         else:

@@ -171,3 +171,31 @@ def test_long_form_rescores_every_window(tmp_path, monkeypatch):
     assert [[s for s, _ in calls_i] for calls_i in per_window] == [[0, 0, 1, 2, 3]] * 4   # steps - 1 per stage
     assert all(frames <= 50 for _, _, frames in calls)            # a window's canvas, never the whole clip
     assert not torch.equal(rescored, plain)
+
+
+def test_long_form_rescores_each_window_against_its_own_text(tmp_path, monkeypatch):
+    """Per-window descriptions: window i is rescored by a rescorer bound to window i's texts."""
+    from magnet_engine import MAGNeT
+    from magnet_engine.demo import build_random_model
+
+    magnet = MAGNeT.from_pretrained(build_random_model(tmp_path / "m", "tiny", duration=1), device="cpu")
+    magnet.set_generation_params(decoding_steps=[2, 2, 2, 2], duration=2.5, rescore_weight=0.5,
+                                 rescorer=str(build_random_model(tmp_path / "mg", "tiny", duration=1, seed=1,
+                                                                 kind="musicgen")))
+    magnet.extend_stride = 0.6
+    bind, order = BoundRescorer.__init__, []
+
+    def init(self, model, options, descriptions):
+        bind(self, model, options, descriptions)
+        self.texts = tuple(descriptions)
+    original = BoundRescorer.probabilities
+
+    def probabilities(self, codes, stage, t):
+        if not order or order[-1] != self.texts:
+            order.append(self.texts)
+        return original(self, codes, stage, t)
+    monkeypatch.setattr(BoundRescorer, "__init__", init)
+    monkeypatch.setattr(BoundRescorer, "probabilities", probabilities)
+    wav = magnet.generate([["w0 a", "w1 a", "w2 a", "w3 a"], ["w0 b", "w1 b", "w2 b", "w3 b"]], seed=1)
+    assert wav.shape[0] == 2
+    assert order == [(f"w{i} a", f"w{i} b") for i in range(4)]     # 4 windows, in order, each its own texts

@@ -650,8 +650,10 @@ class MAGNeT:
             with torch.no_grad():
                 cond = self.conditioner.encode(descriptions).embeds.to(self.device)
                 if window_texts is not None:
-                    cond = [self.conditioner.encode([row[i] for row in window_texts]).embeds.to(self.device)
-                            for i in range(len(the_plan.phases))]
+                    texts = [[row[i] for row in window_texts] for i in range(len(the_plan.phases))]
+                    cond = [self.conditioner.encode(t).embeds.to(self.device) for t in texts]
+                    if rescorer is not None:   # each window scored against its own text
+                        rescorer = [BoundRescorer(self.rescorer, self.rescore, t) for t in texts]
                 ar_cond = None
                 if two_model:
                     ar_cond = self.prefix_model.conditioner.encode(descriptions).embeds.to(self.device)
