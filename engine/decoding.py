@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import typing as tp
 
 import torch
@@ -342,7 +343,9 @@ class Runtime:
                 self._run_step(st, shape, params, forward, hook)
                 done += 1
                 if listener is not None:
-                    listener(ev.StageStep(stage, i, len(stage_shapes), done, total, st.codes, st.prob))
+                    # p̂ of a fixed cell is never drawn: the event reports it as certain
+                    confidence = torch.where(st.fixed[stage], math.inf, st.prob) if shape.fixed else st.prob
+                    listener(ev.StageStep(stage, i, len(stage_shapes), done, total, st.codes, confidence))
         # A NaN p̂ is re-masked (NaN scores rank first) and later overwritten, so it is
         # remembered on the device and reported once, here.
         if bool(st.nonfinite):
