@@ -336,6 +336,18 @@ class MAGNeT:
             raise InvalidOptionError(f"duration {duration} s is shorter than one span of {self.config.span_len} frames")
         return float(duration)
 
+    def window_count(self, duration: float) -> int:
+        """How many windows a plain generation of `duration` seconds decodes (1 within
+        max_duration; long-form advances extend_stride per window)."""
+        frames, window = int(duration * self.frame_rate), int(self.max_duration * self.frame_rate)
+        if frames <= window:
+            return 1
+        return len(generate.plan_windows(self.config, self.params, frames, window, self._stride_frames()))
+
+    def _stride_frames(self) -> int:
+        stride = self.extend_stride if self.extend_stride is not None else DEFAULT_STRIDE_FRACTION * self.max_duration
+        return int(round(stride * self.frame_rate))
+
     @property
     def frames(self) -> int:
         """T = ⌊duration · frame_rate⌋, as the original's max_gen_len."""
@@ -626,14 +638,13 @@ class MAGNeT:
         else:
             canvas = None
             window = int(self.max_duration * self.frame_rate)
-            stride = self.extend_stride if self.extend_stride is not None else DEFAULT_STRIDE_FRACTION * self.max_duration
             the_plan = generate.plan(
                 self.config, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
                 prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1],
                 prefix_frames=self.prefix_frames(min(duration, self.max_duration), options), hybrid=options,
                 prefix_cfg=self.prefix_model.cfg if two_model else None, rescored=rescorer is not None,
                 rescore_fill=self.rescore.fill, engine=self.engine, window_frames=window,
-                stride_frames=int(round(stride * self.frame_rate)))
+                stride_frames=self._stride_frames())
         if window_texts is not None and len(window_texts[0]) != len(the_plan.phases):
             raise InvalidInputError(f"{len(window_texts[0])} texts per row for {len(the_plan.phases)} windows")
         listeners = [on_event] if on_event is not None else []

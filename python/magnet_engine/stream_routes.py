@@ -16,7 +16,7 @@ most `max_jobs` runs are kept; finished ones are dropped after `ttl_s`.
 
 A run is a job of the service's one worker (server.batcher.Task), run alone: it waits in
 the same bounded queue as every other request (503 + Retry-After when full), and stops
-after the current decoding step when it outlives the service's request timeout (its events
+after the current decoding step when it outlives the service's request timeout times its window count (its events
 end with `error` {type: "Timeout"}) or when every consumer of its events has left for
 `STREAM_GRACE_S` (`error` {type: "TaskCancelled"}). Its chunks reach the event stream as
 each window is final, while it runs. A `request_id` names the run (its id, and its progress
@@ -75,7 +75,7 @@ class _Run:
     ended_at: float = 0.0
     changed: threading.Condition = dataclasses.field(default_factory=threading.Condition)
     arrived: float = 0.0                    # when its POST arrived
-    timeout_s: float = math.inf             # the service's request timeout, counted from `arrived`
+    timeout_s: float = math.inf             # the service's request timeout x windows, counted from `arrived`
     watchers: int = 0                       # event streams open now
     left_at: tp.Optional[float] = None      # when the last one closed (None: one is open, or none came yet)
     stopped: tp.Optional[tp.Tuple[str, str]] = None   # why the worker was told to stop: (type, message)
@@ -168,7 +168,8 @@ def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optiona
                     if not old:
                         raise ApiError(503, "Busy", f"{limits.max_jobs} streamed runs are still going; retry later")
                     del runs[min(old, key=lambda k: runs[k].ended_at)]
-                run = _Run(arrived=arrived, timeout_s=service.settings.request_timeout_s)
+                # the request timeout bounds one generation of the window's length: a run gets it per window
+                run = _Run(arrived=arrived, timeout_s=service.settings.request_timeout_s * model.window_count(duration))
                 task = Task(run_id, "stream", lambda listen: work(service, run, channel, body.description, duration,
                                                                    body.seed, params, listen),
                             asyncio.get_running_loop(), channel, wanted=run.wanted, mask_id=model.config.card)
