@@ -74,6 +74,10 @@ if [ "$MODE" = gpu ]; then
   stamp "PlayDiffusion: one edit and 10 s TTS (default sizes, fp32 and bf16)"
   $PY benchmarks/playdiffusion.py --preset default --device cuda --precision fp32 bf16 \
       --out "$RESULTS/playdiffusion_gpu.json" || echo "PlayDiffusion benchmark failed (see above)"
+  stamp "PlayDiffusion: the unmask step eager vs CUDA graphs, interleaved"
+  $PY benchmarks/playdiffusion.py --preset default --device cuda --precision bf16 --modes edit \
+      --variants eager graphs --repeats 3 --out "$RESULTS/playdiffusion_gpu_step_variants.json" \
+      || echo "PlayDiffusion step variants failed (see above)"
 fi
 
 stamp "done"
