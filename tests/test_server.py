@@ -667,3 +667,16 @@ def test_progress_stream_carries_the_token_canvas_step_by_step(tiny_model):
     assert len(set(first[0].tolist())) > 1                           # shaded by confidence, not uniform
     assert (stage_1[0] == 255).all() and stage_1[1].all() and not stage_1[2:].any()
     assert last.all() and (last[:-1] == 255).all()
+
+
+def test_generate_past_the_window_up_to_the_configured_limit(tiny_model):
+    """/v1/generate stays within the model's window by default; a server configured for longer
+    decodes long-form, window by window, the same audio as the API."""
+    with serve(tiny_model) as client:
+        assert post(client, description="a", duration=12.0).status_code == 422
+    with serve(tiny_model, max_duration=12.0) as client:
+        assert client.get("/v1/model").json()["max_duration"] == 12.0
+        r = post(client, description="a", duration=12.0, seed=3)
+        assert r.status_code == 200, r.text
+    assert sf.info(io.BytesIO(r.content)).frames == 12 * tiny_model.sample_rate
+    assert_same_audio(r.content, solo_wav(tiny_model, "a", 3, duration=12.0))

@@ -115,14 +115,20 @@ class ModelCard:
     config: tp.Any               # the checkpoint's ModelConfig
     conditioner: TextTokens
     _max_duration: tp.Union[int, float]
+    params: tp.Any               # DecodingParams: the span arrangement fixes the long-form windows
+    _extend_stride: tp.Optional[float]
 
-    check_duration = MAGNeT.check_duration   # the model's own rule, not a copy
+    check_duration = MAGNeT.check_duration   # the model's own rules, not copies
     max_duration = MAGNeT.max_duration
+    extend_stride = MAGNeT.extend_stride
+    window_count = MAGNeT.window_count
+    _stride_frames = MAGNeT._stride_frames
 
     @classmethod
     def of(cls, model: MAGNeT) -> "ModelCard":
         return cls(model.name, model.engine, str(model.device), model.sample_rate, model.frame_rate, model.config,
-                   TextTokens(model.conditioner.tokenizer, model.conditioner.max_text_tokens), model.max_duration)
+                   TextTokens(model.conditioner.tokenizer, model.conditioner.max_text_tokens), model.max_duration,
+                   model.params, model.extend_stride)
 
 
 @dataclasses.dataclass(eq=False)

@@ -163,7 +163,7 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
             keys = [BatchKey(params, duration, text_token_count(model, t)) for t in texts]
             seed = body.seed if body.seed is not None else secrets.randbelow(2 ** 31)
             job = Job(request_id, texts, keys, seed, loop, channel)
-            wavs = await jobs.run(request, job)
+            wavs = await jobs.run(request, job, windows=model.window_count(duration))
             blobs = await asyncio.to_thread(lambda: [wav_bytes(w, model.sample_rate) for w in wavs])
         except asyncio.CancelledError:
             raise

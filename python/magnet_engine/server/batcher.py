@@ -449,11 +449,12 @@ class Jobs:
             raise ApiError(503, "QueueFull", f"the queue is full ({self.settings.queue_size} requests waiting); "
                            "retry later", headers={"Retry-After": str(self.batcher.retry_after_s())}) from None
 
-    async def run(self, request, job: _Queued) -> tp.Any:
-        """Queue the job and await its result; on any failure (timeout, disconnect, cancellation) it is cancelled."""
+    async def run(self, request, job: _Queued, windows: int = 1) -> tp.Any:
+        """Queue the job and await its result; on any failure (timeout, disconnect, cancellation) it is cancelled.
+        windows: a long-form job's window count; the request timeout bounds one window's generation."""
         self.submit(job)
         try:
-            return await wait_for_job(request, job, self.settings.request_timeout_s)
+            return await wait_for_job(request, job, self.settings.request_timeout_s * windows)
         except BaseException:
             self.batcher.cancel(job)    # a no-op for a job the worker already closed
             raise

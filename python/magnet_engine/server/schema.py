@@ -20,7 +20,9 @@ MAX_SEED = 2 ** 62  # the API needs seed + row < 2**63; a request has far fewer 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Server limits. `max_duration` None: the model's trained length.
+    """Server limits. `max_duration` None: the model's window (its trained length); a longer
+    limit lets /v1/generate decode long-form, window by window (the request timeout then
+    counts once per window).
 
     The HTTP limits hold against hostile clients: a body is read up to `max_body_bytes`
     (a generate request is a few hundred bytes), a request head may have at most
@@ -160,7 +162,7 @@ def text_token_count(model, text: tp.Optional[str]) -> tp.Optional[int]:
 
 def check_duration(model, settings: Settings, duration: tp.Optional[float]) -> float:
     """The request's duration (default: the longest allowed), validated by the model."""
-    limit = min(model.max_duration, settings.max_duration or model.max_duration)
+    limit = settings.max_duration or model.max_duration   # past the window: long-form, window by window
     return limit if duration is None else model.check_duration(duration, limit=limit)
 
 

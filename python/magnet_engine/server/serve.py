@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a batch waits for companions")
     g.add_argument("--queue-size", type=int, default=d.queue_size, help="waiting requests before 503")
     g.add_argument("--max-text-chars", type=int, default=d.max_text_chars)
-    g.add_argument("--max-duration", type=float, default=None, help="seconds (default: the model's trained length)")
+    g.add_argument("--max-duration", type=float, default=None,
+                   help="seconds per /v1/generate request (default: the model's window; longer: long-form, "
+                        "window by window)")
     g.add_argument("--max-stream-duration", type=float, default=120.0,
                    help="seconds a long-form run streamed by POST /v1/stream may ask for")
     g.add_argument("--max-edit-upload-bytes", type=int, default=20 << 20, help="POST /v1/edit upload limit")
