@@ -337,3 +337,17 @@ def test_gumbel_topk_triton_matches_torch(card, top_k):
         x_tok, x_sc = gumbel_topk_sample(logits, su, score_u, temperature, diversity, top_k=top_k, impl="triton")
         assert torch.equal(t_tok, x_tok)
         torch.testing.assert_close(x_sc, t_sc, atol=1e-5, rtol=1e-5)
+
+
+def test_step_options_reach_the_speech_runtime(tiny_dir):
+    """compile / cuda_graphs from the API and the CLI to the unmasking runtime; cuda_graphs off
+    CUDA is refused before anything loads."""
+    from magnet_engine import PlayDiffusion
+    from magnet_engine.speech_cli import build_parser
+
+    with pytest.raises(InvalidOptionError, match="CUDA"):
+        PlayDiffusion(str(tiny_dir), device="cpu", cuda_graphs=True)
+    runtime = PlayDiffusion(str(tiny_dir), device="cpu", compile=True).pipeline.runtime
+    assert runtime._step_fn is not runtime._step and not runtime.cuda_graphs
+    args = build_parser().parse_args(["tts", "hi", "--voice", "v.wav", "-o", "o.wav", "--compile", "--cuda-graphs"])
+    assert args.compile and args.cuda_graphs
