@@ -28,8 +28,10 @@ PlayDiffusion's unmasking (speech inpainting, TTS) is the plan variant 'speech':
     units = run(p, Models(speech=SpeechRuntime(inpainter)), [(text, left, right), ...], draws=draws)
 
 one `SpeechPhase` per loop (an edit region, a TTS piece) with its host schedule; `run` reports
-`Started`, a `StageStep` per step (stage 0, `window` = the loop), a `WindowReady` per loop
-and `Done`, and a raising listener cancels it after the current step, as for MAGNeT.
+`Started`, a `StageStep` per step (stage 0, `window` = the loop, canvas: the loop's units
+[1, 1, P + L + Q], MASK as the codebook size), a `WindowReady` per loop (its L new units) and
+`Done` (every loop's new units, [1, 1, ΣL]); a raising listener cancels it after the current
+step, as for MAGNeT.
 """
 from __future__ import annotations
 

@@ -86,19 +86,27 @@ def check_audio(wave: torch.Tensor, sample_rate: int, what: str) -> torch.Tensor
     return wave
 
 
+def unmask(runtime: SpeechRuntime, options: UnmaskOptions, loops: tp.Sequence[tuple], draws: Draws,
+           listener: Listener | None = None) -> tp.Tuple[torch.Tensor, ...]:
+    """(text [Lt'] ids, left [P] units, L, right [Q] units) per loop -> units [P + L + Q] per
+    loop: one speech plan, run on the engine's single dispatch (engine.generate.run)."""
+    p = generate.plan_speech(runtime.cfg, options, [(text.numel(), left.numel(), length, right.numel())
+                                                    for text, left, length, right in loops])
+    return generate.run(p, generate.Models(speech=runtime), [(text, left, right) for text, left, _, right in loops],
+                        draws=draws, listener=listener)
+
+
 def generate_units(runtime: SpeechRuntime, text: torch.Tensor, options: UnmaskOptions, draws: Draws, *,
                    target_len: int | None = None, code: torch.Tensor | None = None, start_frame: int | None = None,
                    end_frame: int | None = None, listener: Listener | None = None) -> torch.Tensor:
-    """Upstream `MaskGCT.generate`, one loop through plan/run: TTS (target_len, no code) or
-    inpainting (code [T] units with the target at [start_frame, end_frame]). text: [Lt'] ids
-    -> units [T']."""
+    """Upstream `MaskGCT.generate` as one loop: TTS (target_len, no code) or inpainting (code
+    [T] units with the target at [start_frame, end_frame]). text: [Lt'] ids -> units [T']."""
     if code is None:
         left = right = text.new_zeros(0)
         length = int(target_len)
     else:
         left, length, right = split_code(code, int(start_frame), int(end_frame))
-    p = generate.plan_speech(runtime.cfg, options, [(text.numel(), left.numel(), length, right.numel())])
-    return generate.run(p, generate.Models(speech=runtime), [(text, left, right)], draws=draws, listener=listener)[0]
+    return unmask(runtime, options, [(text, left, length, right)], draws, listener)[0]
 
 
 class PlayDiffusionPipeline:
@@ -190,7 +198,7 @@ class PlayDiffusionPipeline:
         calls = [self._region_call(units, r, planner) for r in plan.regions]
         t2 = time.perf_counter()
         timings["plan"] = t2 - t1
-        outs = self._unmask(options, [call[:4] for call in calls], draws, listener)
+        outs = unmask(self.runtime, options, [call[:4] for call in calls], draws or GeneratorDraws(), listener)
         pieces, last_end = [], -1
         for region, (text, left, length, right, keep_end), out in zip(plan.regions, calls, outs):
             if region.start_frame is not None and region.start_frame > last_end + 1:
@@ -206,16 +214,6 @@ class PlayDiffusionPipeline:
         pcm = self.vocode(new_units, speaker)
         timings["vocode"] = time.perf_counter() - t3
         return SpeechResult(self.sample_rate, pcm, new_units, timings, plan)
-
-    def _unmask(self, options: UnmaskOptions, loops: tp.Sequence[tuple], draws: Draws | None,
-                listener: Listener | None) -> tp.Tuple[torch.Tensor, ...]:
-        """(text ids, left units, L, right units) per loop -> units [P + L + Q] per loop: one
-        speech plan, run on the engine's single dispatch."""
-        p = generate.plan_speech(self.inpainter.cfg, options,
-                                 [(text.numel(), left.numel(), length, right.numel()) for text, left, length, right in loops])
-        return generate.run(p, generate.Models(speech=self.runtime),
-                            [(text, left, right) for text, left, _, right in loops],
-                            draws=draws or GeneratorDraws(), listener=listener)
 
     def _region_call(self, units: torch.Tensor, region, planner: PlannerOptions):
         """(text ids, left, L, right, last replaced frame) of one region, as upstream's
@@ -267,8 +265,8 @@ class PlayDiffusionPipeline:
         t2 = time.perf_counter()
         timings["plan"] = t2 - t1
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        units = torch.cat(self._unmask(options, [(ids, empty, length, empty) for ids, length in jobs], draws,
-                                       listener))
+        units = torch.cat(unmask(self.runtime, options, [(ids, empty, length, empty) for ids, length in jobs],
+                                 draws or GeneratorDraws(), listener))
         t3 = time.perf_counter()
         timings["unmask"] = t3 - t2
         pcm = self.vocode(units, speaker)
