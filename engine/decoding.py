@@ -32,7 +32,7 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine.config import DecodingParams
-from magnet_engine.engine.graphs import capture_step
+from magnet_engine.engine.graphs import capture_step, compile_step
 from magnet_engine.engine.model import MagnetLM, cast_transformer_
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate, stage_schedule
 from magnet_engine.errors import InvalidOptionError, NumericalError
@@ -166,11 +166,9 @@ class Runtime:
         self._graph_count = 0
         self._step_fn = self._step
         if compile:
-            import torch._dynamo
             # a step shape whose gathered count alone changes recompiles once, then the count
             # is symbolic (automatic dynamic shapes): a few graphs per stage, not one per step
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            self._step_fn = torch.compile(self._step, fullgraph=True)
+            self._step_fn = compile_step(self._step)
 
     # ------------------------------------------------------------------ state
     def state(self, batch: int, frames: int, text_len: int, arrangement: str, total_steps: int) -> DecodeState:

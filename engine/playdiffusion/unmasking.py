@@ -39,7 +39,7 @@ import typing as tp
 import torch
 
 from magnet_engine.engine import events as ev
-from magnet_engine.engine.graphs import capture_step
+from magnet_engine.engine.graphs import capture_step, compile_step
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter
 from magnet_engine.errors import InvalidOptionError
 from magnet_engine.kernels import backend, rng
@@ -265,7 +265,7 @@ class SpeechRuntime:
         self._states: "collections.OrderedDict[tuple, SpeechState]" = collections.OrderedDict()
         self._step_fn = self._step
         if compile:
-            self._step_fn = torch.compile(self._step, fullgraph=True)
+            self._step_fn = compile_step(self._step)
 
     def state(self, rows: int, text_len: int, left: int, target: int, right: int, steps: int) -> SpeechState:
         """The buffers of one loop geometry; the MAX_STATES most recently used are kept."""
