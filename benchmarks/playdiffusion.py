@@ -9,8 +9,9 @@ inpainter, with the real-time factor (seconds of output audio per second of wall
 
 --variants runs the requests through each way of running the unmasking step (eager; compile:
 the whole step through torch.compile(fullgraph=True); graphs: CUDA graphs; compile+graphs),
-interleaved request by request after one warm-up each (compiles, captures), and reports each
-variant's unmask phase side by side, with whether its units equal the eager variant's.
+interleaved request by request after one warm-up each (compiles, captures), in place of the
+single runs, and reports per variant the unmask phase side by side and the RTF, with whether
+its units equal the first variant's.
 
 --preset default writes the spec's default sizes (several GB); on a small CPU use --preset
 small (sizes printed and saved) and --inpainter-forward-only, which times one forward of the
@@ -113,28 +114,36 @@ def region0_loops(pipe: PlayDiffusionPipeline, options: UnmaskOptions) -> dict:
 def compare_variants(pipe: PlayDiffusionPipeline, options: UnmaskOptions, variants: list[str], modes: list[str],
                      repeats: int) -> list[dict]:
     """Each request through each step variant, interleaved (variant by variant within a
-    repeat, so load drift hits all alike) after one warm-up each; unmask phase per variant."""
+    repeat, so load drift hits all alike) after one warm-up each (compiles, captures): per
+    variant, the unmask phase and the whole request (RTF of the median wall time)."""
     runtimes = {v: SpeechRuntime(pipe.inpainter, **VARIANTS[v]) for v in variants}
-    warmup, unmask, units = {}, {}, {}
+    warmup, runs, units = {}, {}, {}
     for r in range(repeats + 1):
         for mode in modes:
             for v in variants:
                 pipe.runtime = runtimes[v]
-                result, _ = request(pipe, mode, options, 0)
+                result, wall = request(pipe, mode, options, 0)
                 if r == 0:
                     warmup[mode, v] = round(result.timings["unmask"], 3)
                     units[mode, v] = result.units
                 else:
-                    unmask.setdefault((mode, v), []).append(round(result.timings["unmask"], 3))
+                    runs.setdefault((mode, v), []).append((result, wall))
     rows = []
     for mode in modes:
         for v in variants:
-            times = sorted(unmask[mode, v])
-            rows.append(dict(mode=f"{mode}_unmask_variant", variant=v, unmask_s=times,
-                             median_s=round(statistics.median(times), 3), min_s=times[0], warmup_s=warmup[mode, v],
-                             same_units_as_eager=bool(torch.equal(units[mode, v], units[mode, variants[0]]))))
-            print(f"{mode:5s} unmask  {v:15s} median {rows[-1]['median_s']:7.2f} s  min {times[0]:7.2f} s  runs {times}  "
-                  f"warm-up {warmup[mode, v]:.2f} s  same units: {rows[-1]['same_units_as_eager']}")
+            unmask = sorted(round(res.timings["unmask"], 3) for res, _ in runs[mode, v])
+            walls = sorted(round(wall, 3) for _, wall in runs[mode, v])
+            res = runs[mode, v][0][0]
+            audio = len(res.pcm) / res.sample_rate
+            rows.append(dict(mode=f"{mode}_variant", variant=v, unmask_s=unmask,
+                             unmask_median_s=round(statistics.median(unmask), 3), unmask_min_s=unmask[0],
+                             wall_s=walls, audio_s=round(audio, 3), rtf=round(audio / statistics.median(walls), 4),
+                             warmup_unmask_s=warmup[mode, v],
+                             same_units_as_first=bool(torch.equal(units[mode, v], units[mode, variants[0]]))))
+            row = rows[-1]
+            print(f"{mode:5s} {v:15s} unmask median {row['unmask_median_s']:7.2f} s  min {unmask[0]:7.2f} s  "
+                  f"runs {unmask}  RTF {row['rtf']:.4f}  warm-up {warmup[mode, v]:.2f} s  "
+                  f"same units: {row['same_units_as_first']}")
     return rows
 
 
@@ -185,7 +194,7 @@ def main(argv=None) -> int:
     results = []
     for name in args.precision:
         pipe = PlayDiffusionPipeline.load(root, args.device, Precision(inpainter=DTYPES[name]))
-        if args.variants:
+        if args.variants:  # in place of the single runs: the first variant is the plain pipeline
             results += [dict(precision=name, **row)
                         for row in compare_variants(pipe, options, args.variants, args.modes, args.repeats)]
             pipe.runtime = SpeechRuntime(pipe.inpainter)
