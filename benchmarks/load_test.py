@@ -4,6 +4,7 @@
     python benchmarks/load_test.py --clients 8 --seconds 30          # one shorter run
     python benchmarks/load_test.py --model DIR --duration 5 --baseline  # also a max-batch 1 run
     python benchmarks/load_test.py --ray --clients 8 --seconds 30      # 1 vs 2 Ray Serve replicas
+    python benchmarks/load_test.py --clients 8 --seconds 30 --edit-fraction 0.25   # a quarter are /v1/edit
 
 For each client count, starts the server in a subprocess (the embedded random-weight 'tiny'
 demo model unless --model), warms it up, then each client posts requests back to back
@@ -14,6 +15,11 @@ requested length ("lost" = sent - answered: a request with no HTTP answer at all
 latency p50/p95/p99, the per-request split (queue, tokens, codec), the batch-size histogram,
 and the server's RSS and open descriptors before and after. Prints the JSON and writes it to
 benchmarks/results/load_test_cpu.json (atomically). Exits 1 if any request failed or was lost.
+
+--edit-fraction F: each request is, with probability F, a POST /v1/edit of the warm-up clip
+(a region from 20% to 50% of it regenerated, the same decoding steps) instead of a generate;
+edits run alone on the same worker, in the same queue. The JSON then has the same counts and
+latencies per kind ("by_kind") and goes to load_test_edit_mix_cpu.json.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing as tp
 from pathlib import Path
 
 import httpx
@@ -50,6 +57,7 @@ PROMPTS = [
     "techno kick and hi hat",
 ]
 RESULTS = Path(__file__).resolve().parent / "results" / "load_test_cpu.json"
+EDIT_MIX_RESULTS = Path(__file__).resolve().parent / "results" / "load_test_edit_mix_cpu.json"
 
 
 def free_port() -> int:
@@ -104,21 +112,33 @@ def wav_samples(content: bytes) -> int:
     return data.shape[0] if info.subtype == "PCM_16" else -1
 
 
+def edit_form(body: dict, clip: bytes, seconds: float, text: str, seed: int) -> dict:
+    """POST /v1/edit arguments: regenerate 20%-50% of the clip."""
+    data = {"regions": json.dumps([[round(0.2 * seconds, 3), round(0.5 * seconds, 3)]]), "description": text,
+            "seed": str(seed), "decoding_steps": json.dumps(body["decoding_steps"])}
+    return {"data": data, "files": {"audio": ("clip.wav", clip, "audio/wav")}}
+
+
 async def client_loop(client: httpx.AsyncClient, body: dict, stop_at: float, rng: random.Random, records: list,
-                      samples: int):
+                      samples: dict, edit_fraction: float, clip: tp.Optional[bytes], seconds: float):
     while time.monotonic() < stop_at:
-        request = {**body, "description": rng.choice(PROMPTS), "seed": rng.randrange(2 ** 31)}
+        kind = "edit" if edit_fraction and rng.random() < edit_fraction else "generate"
+        text, seed = rng.choice(PROMPTS), rng.randrange(2 ** 31)
         t0 = time.monotonic()
         try:
-            r = await client.post("/v1/generate", json=request)
+            if kind == "edit":
+                r = await client.post("/v1/edit", **edit_form(body, clip, seconds, text, seed))
+            else:
+                r = await client.post("/v1/generate", json={**body, "description": text, "seed": seed})
             status, headers, answered = r.status_code, r.headers, True
         except httpx.HTTPError as exc:
             status, headers, answered = type(exc).__name__, {}, False
-        record = {"status": status, "answered": answered, "latency_s": time.monotonic() - t0}
+        record = {"kind": kind, "status": status, "answered": answered, "latency_s": time.monotonic() - t0}
         if status == 200:
-            record.update(queue_ms=float(headers["x-queue-wait-ms"]), tokens_ms=float(headers["x-tokens-ms"]),
-                          codec_ms=float(headers["x-codec-ms"]), batch_size=int(headers["x-batch-size"]),
-                          valid_wav=wav_samples(r.content) == samples)
+            record.update(queue_ms=float(headers["x-queue-wait-ms"]), valid_wav=wav_samples(r.content) == samples[kind])
+            if kind == "generate":
+                record.update(tokens_ms=float(headers["x-tokens-ms"]), codec_ms=float(headers["x-codec-ms"]),
+                              batch_size=int(headers["x-batch-size"]))
         records.append(record)
 
 
@@ -129,11 +149,18 @@ async def drive(url: str, args, clients: int) -> tuple[list, float]:
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         warm = await client.post("/v1/generate", json={**body, "description": PROMPTS[0], "seed": 0})
         warm.raise_for_status()
-        samples = wav_samples(warm.content)   # every answer must have the warm-up's length (same duration)
-        assert samples > 0, "the warm-up answer is not a WAV"
+        # every answer must have its warm-up's length (same duration; an edit keeps its clip's)
+        samples = {"generate": wav_samples(warm.content)}
+        assert samples["generate"] > 0, "the warm-up answer is not a WAV"
+        clip = warm.content if args.edit_fraction else None
+        if clip is not None:
+            edited = await client.post("/v1/edit", **edit_form(body, clip, args.duration, PROMPTS[1], 0))
+            edited.raise_for_status()
+            samples["edit"] = wav_samples(edited.content)
         records: list = []
         start = time.monotonic()
-        await asyncio.gather(*(client_loop(client, body, start + args.seconds, random.Random(i), records, samples)
+        await asyncio.gather(*(client_loop(client, body, start + args.seconds, random.Random(i), records, samples,
+                                           args.edit_fraction, clip, args.duration)
                                for i in range(clients)))
         return records, time.monotonic() - start
 
@@ -151,6 +178,17 @@ def server_batch_histogram(url: str) -> dict:
     return buckets
 
 
+def counts(records: list) -> dict:
+    """sent / answered / lost / 200 / valid WAV and latency percentiles (ms) of some records."""
+    ok = [r for r in records if r["status"] == 200]
+    latency = [r["latency_s"] * 1000 for r in ok]
+    answered = sum(r["answered"] for r in records)
+    return {"sent": len(records), "answered": answered, "lost": len(records) - answered, "status_200": len(ok),
+            "valid_wav": sum(r["valid_wav"] for r in ok),
+            "latency_ms": {"p50": round(percentile(latency, 50), 1), "p95": round(percentile(latency, 95), 1),
+                           "p99": round(percentile(latency, 99), 1)} if ok else None}
+
+
 def summarise(records: list, wall_s: float, args, max_batch: int, clients: int, server_hist: dict,
               usage: dict) -> dict:
     ok = [r for r in records if r["status"] == 200]
@@ -161,12 +199,13 @@ def summarise(records: list, wall_s: float, args, max_batch: int, clients: int, 
             errors[str(r["status"])] = errors.get(str(r["status"]), 0) + 1
     latency = [r["latency_s"] * 1000 for r in ok]
     batch_hist: dict = {}
-    for r in ok:
+    generated = [r for r in ok if r["kind"] == "generate"]
+    for r in generated:
         batch_hist[str(r["batch_size"])] = batch_hist.get(str(r["batch_size"]), 0) + 1
     audio_s = len(ok) * int(args.duration * 50) / 50  # frames at 50 Hz, as the model counts them
 
-    def med(key):
-        return round(statistics.median(r[key] for r in ok), 1) if ok else None
+    def med(key, rows=generated):
+        return round(statistics.median(r[key] for r in rows), 1) if rows else None
 
     return {
         "clients": clients,
@@ -185,6 +224,8 @@ def summarise(records: list, wall_s: float, args, max_batch: int, clients: int, 
                        "p99": round(percentile(latency, 99), 1), "mean": round(statistics.mean(latency), 1),
                        "max": round(max(latency), 1)} if ok else None,
         "median_split_ms": {"queue": med("queue_ms"), "tokens": med("tokens_ms"), "codec": med("codec_ms")},
+        "by_kind": {kind: {**counts(rows), "median_queue_ms": med("queue_ms", [r for r in rows if r["status"] == 200])}
+                    for kind in ("generate", "edit") if (rows := [r for r in records if r["kind"] == kind])},
         "requests_by_batch_size": dict(sorted(batch_hist.items(), key=lambda kv: int(kv[0]))),
         "server_batches_by_size": server_hist,
         "server_process": usage,
@@ -269,7 +310,7 @@ def main_ray(args) -> int:
                                "throughput_2_over_1_replica": round(two["throughput_rps"] / one["throughput_rps"], 3)
                                if one["throughput_rps"] else None})
     report["machine"]["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
-    write_json(RAY_RESULTS if args.output == RESULTS else args.output, report)
+    write_json(args.output, report)
     print(json.dumps(report, indent=2))
     runs = [run[kind] for run in report["runs"] for kind in ("single_process", "ray_1_replica", "ray_2_replicas")]
     return 1 if any(r["errors"] or r["lost"] or r["valid_wav"] != r["sent"] for r in runs) else 0
@@ -297,12 +338,21 @@ def main(argv=None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=20)
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--baseline", action="store_true", help="also run with --max-batch 1 for comparison")
-    p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--edit-fraction", type=float, default=0.0,
+                   help="share of requests that are POST /v1/edit of a clip instead of generate (0 to 1)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="default: results/load_test_cpu.json (load_test_edit_mix_cpu.json with --edit-fraction)")
     p.add_argument("--ray", action="store_true",
                    help="1 vs 2 Ray Serve replicas and the single-process server under the same load (main_ray)")
     args = p.parse_args(argv)
+    if not 0 <= args.edit_fraction <= 1:
+        p.error("--edit-fraction must be in [0, 1]")
     if args.ray:
+        if args.edit_fraction:
+            p.error("--edit-fraction: the Ray deployment serves /v1/generate only")
+        args.output = args.output or RAY_RESULTS
         return main_ray(args)
+    args.output = args.output or (EDIT_MIX_RESULTS if args.edit_fraction else RESULTS)
 
     import torch
 
@@ -315,7 +365,7 @@ def main(argv=None) -> int:
                     "loadavg_1m_before": round(os.getloadavg()[0], 2)},  # other work on the box skews numbers
         "config": {"clients": args.clients, "seconds": args.seconds, "duration_s": args.duration,
                    "decoding_steps": args.decoding_steps, "max_wait_ms": args.max_wait_ms,
-                   "queue_size": args.queue_size, "prompts": len(PROMPTS)},
+                   "queue_size": args.queue_size, "prompts": len(PROMPTS), "edit_fraction": args.edit_fraction},
         "runs": [],
     }
     for clients in args.clients:

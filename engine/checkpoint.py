@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from magnet_engine.engine import hub
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
 from magnet_engine.engine.files import atomic_write
 from magnet_engine.engine.model import MagnetLM
@@ -66,10 +67,13 @@ def resolve_model_dir(name_or_dir: tp.Union[str, os.PathLike]) -> Path:
     files = {}
     for filename in (LM_FILE, CODEC_FILE):
         try:
-            try:
-                files[filename] = hf_hub_download(name, filename, local_files_only=True)
-            except Exception:
-                files[filename] = hf_hub_download(name, filename)
+            files[filename] = hf_hub_download(name, filename, local_files_only=True)
+            continue
+        except Exception:
+            pass
+        timeout = hub.check_reachable(name)
+        try:
+            files[filename] = hf_hub_download(name, filename, etag_timeout=timeout)
         except Exception as exc:
             raise ModelNotFoundError(f"cannot fetch {filename} of {name!r} from the Hugging Face Hub or its "
                                      f"cache ({type(exc).__name__}: {exc}); pass a local directory instead") from exc

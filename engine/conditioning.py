@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from magnet_engine.engine import hub
 from magnet_engine.errors import (CheckpointError, DependencyError, InvalidInputError, InvalidOptionError,
                                   ModelNotFoundError)
 
@@ -141,11 +142,13 @@ def _from_pretrained(kind, t5: str, local: bool, **kwargs):
         except (OSError, ValueError, TypeError) as exc:
             raise ModelNotFoundError(f"{t5} is not a loadable T5 directory (expected {_LOCAL_FILES}): "
                                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    try:  # the cache first: without network the Hub client retries for minutes before giving up
+        return kind.from_pretrained(t5, local_files_only=True, **kwargs)
+    except (OSError, ValueError):  # T5Tokenizer misses the cache with a ValueError (no vocab file)
+        pass
+    hub.check_reachable(t5)
     try:
-        try:  # the cache first: without network the Hub client retries for minutes before giving up
-            return kind.from_pretrained(t5, local_files_only=True, **kwargs)
-        except OSError:
-            return kind.from_pretrained(t5, **kwargs)
+        return kind.from_pretrained(t5, **kwargs)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load T5 {t5!r} from the Hugging Face cache or Hub "
                                  f"({str(exc).splitlines()[0]}); without network, pass a local directory with "

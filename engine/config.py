@@ -247,6 +247,16 @@ class ModelConfig:
         )
 
 
+def check_same_codes(other: "ModelConfig", cfg: "ModelConfig", what: str) -> None:
+    """Another LM (a prefix model, a rescorer) must read and write MAGNeT's codes: the same
+    codebooks, cardinality, frame rate and sample rate."""
+    theirs = (other.n_q, other.card, other.frame_rate, other.sample_rate)
+    mine = (cfg.n_q, cfg.card, cfg.frame_rate, cfg.sample_rate)
+    if theirs != mine:
+        raise InvalidOptionError(f"{what}: its codes (n_q, card, frame rate, sample rate) = {theirs} do not "
+                                 f"match the MAGNeT model's {mine}")
+
+
 def check_sampling_options(use_sampling, top_k, top_p, temperature, what: str = "") -> None:
     """The sampling options shared by masked and AR decoding; `what` prefixes the messages."""
     if not isinstance(use_sampling, bool):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import typing as tp
 
 import torch
@@ -132,7 +133,7 @@ class DecodeState:
     coefs: torch.Tensor        # [S] fp32 per-step CFG coefficient
     temps: torch.Tensor        # [S] fp32 per-step temperature
     num_masked: torch.Tensor   # [S] int64 per-step spans to mask
-    init_scores: torch.Tensor  # [K, B, n] scores at each stage's start
+    init_scores: torch.Tensor  # [K, n] scores at each stage's start (the fixed cells are the same in every row)
     nonfinite: torch.Tensor    # 0-d bool: a NaN/inf p̂ was seen (reported after the loop)
     cross_kv: tp.List[tp.Tuple[torch.Tensor, torch.Tensor]]
     layout: str
@@ -194,7 +195,7 @@ class Runtime:
                 coefs=torch.zeros(total_steps, dtype=torch.float32, device=dev),
                 temps=torch.zeros(total_steps, dtype=torch.float32, device=dev),
                 num_masked=torch.zeros(total_steps, dtype=torch.long, device=dev),
-                init_scores=torch.zeros(cfg.n_q, batch, n, dtype=torch.float32, device=dev),
+                init_scores=torch.zeros(cfg.n_q, n, dtype=torch.float32, device=dev),
                 nonfinite=torch.zeros((), dtype=torch.bool, device=dev),
                 cross_kv=kv, layout=masking.mode(cfg.span_len, arrangement))
         self._states[key] = st                          # most recently used last
@@ -331,7 +332,9 @@ class Runtime:
                 self._run_step(st, shape, params, forward, hook)
                 done += 1
                 if listener is not None:
-                    listener(ev.StageStep(stage, i, len(stage_shapes), done, total, st.codes, st.prob))
+                    # p̂ of a fixed cell is never drawn: the event reports it as certain
+                    confidence = torch.where(st.fixed[stage], math.inf, st.prob) if shape.fixed else st.prob
+                    listener(ev.StageStep(stage, i, len(stage_shapes), done, total, st.codes, confidence))
         # A NaN p̂ is re-masked (NaN scores rank first) and later overwritten, so it is
         # remembered on the device and reported once, here.
         if bool(st.nonfinite):
@@ -386,7 +389,7 @@ class Runtime:
         st.coefs.copy_(torch.tensor(coefs, dtype=torch.float32))
         st.temps.copy_(torch.tensor(temps, dtype=torch.float32))
         st.num_masked.copy_(torch.tensor(masked, dtype=torch.long))
-        st.init_scores.copy_(torch.where(fixed_spans, masking.DONT_REMASK, 0.0)[:, None].expand_as(st.init_scores))
+        st.init_scores.copy_(torch.where(fixed_spans, masking.DONT_REMASK, 0.0))
         st.scores.copy_(st.init_scores[0])
         st.cursor.zero_()
         st.nonfinite.zero_()

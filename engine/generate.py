@@ -42,7 +42,7 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import reference
-from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.config import DecodingParams, ModelConfig, check_same_codes
 from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, delayed_length,
                                          frames_with_prefix, plan_hybrid, revert_delayed, tail_forward)
 from magnet_engine.engine.model import MagnetLM
@@ -207,10 +207,7 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         ar = ARPhase("self", tail.ar_steps, tail.seq_len, prefix_frames, hybrid.ar)
         return Plan("hybrid", engine, batch, frames, params, ar,
                     MaskedPhase(tail.frames, steps, _prefixes(tail.prompt_lens), tail), rescored)
-    if (prefix_cfg.n_q, prefix_cfg.card, prefix_cfg.frame_rate) != (cfg.n_q, cfg.card, cfg.frame_rate):
-        raise InvalidOptionError(f"prefix model codes (n_q {prefix_cfg.n_q}, card {prefix_cfg.card}, "
-                                 f"{prefix_cfg.frame_rate} Hz) do not match MAGNeT's (n_q {cfg.n_q}, "
-                                 f"card {cfg.card}, {cfg.frame_rate} Hz)")
+    check_same_codes(prefix_cfg, cfg, "prefix model")
     frames_with_prefix(cfg, frames, prefix_frames, params)
     # the staircase completed into a rectangle: max(d) extra steps fix F frames of every codebook
     ar = ARPhase("prefix", prefix_frames + prefix_cfg.max_delay, delayed_length(prefix_frames, prefix_cfg.delays),
@@ -380,9 +377,9 @@ def run(p: tp.Union[Plan, SpeechPlan], models: Models, cond: tp.Union[torch.Tens
     right [Q] units) per loop. ar_cond: the prefix model's own rows
     (two-model hybrid); prompt: [B, K, P] fixed codes (mode 'prompt'); canvas: [B, K, >= T']
     the clip's codes, read at the fixed cells (mode 'infill'); hook: a confidence hook
-    (rescoring); listener: gets every event; generator: the reference engine's draws;
-    draws: a speech plan's uniforms (`playdiffusion.unmasking`: GeneratorDraws, KeyedDraws,
-    RecordedDraws)."""
+    (rescoring), or one per window (long-form text that changes per window); listener: gets
+    every event; generator: the reference engine's draws; draws: a speech plan's uniforms
+    (`playdiffusion.unmasking`: GeneratorDraws, KeyedDraws, RecordedDraws)."""
     listen = listener or (lambda event: None)
     if isinstance(p, SpeechPlan):
         if seeds or draws is None:
@@ -400,6 +397,10 @@ def run(p: tp.Union[Plan, SpeechPlan], models: Models, cond: tp.Union[torch.Tens
     conds = [cond] * len(phases) if isinstance(cond, torch.Tensor) else list(cond)
     if len(conds) != len(phases):
         raise InvalidOptionError(f"expected one condition per window ({len(phases)}), found {len(conds)}")
+    hooks = list(hook) if isinstance(hook, (list, tuple)) else [hook] * len(phases)
+    if len(hooks) != len(phases):
+        raise InvalidOptionError(f"expected one confidence hook per window ({len(phases)}), found {len(hooks)}")
+    hook = hooks[0]
     listen(ev.Started(p.total_steps))
     total = p.total_steps
     if p.ar is not None:
@@ -422,7 +423,7 @@ def run(p: tp.Union[Plan, SpeechPlan], models: Models, cond: tp.Union[torch.Tens
             width = min(known.shape[-1], phase.kept)
             win_canvas[..., :width] = known[..., :width]
         codes = _run_masked(p, phase, models, conds[i], win_canvas, fixed if win_canvas is not None else None,
-                            window_seeds(seeds, i), hook, _in_window(listen, i), generator, done, total)
+                            window_seeds(seeds, i), hooks[i], _in_window(listen, i), generator, done, total)
         if len(phases) == 1:
             out = codes
         else:

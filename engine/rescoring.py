@@ -31,6 +31,7 @@ import typing as tp
 import torch
 
 from magnet_engine.engine import checkpoint as ckpt
+from magnet_engine.engine.config import check_same_codes
 from magnet_engine.engine.conditioning import TextConditioner
 from magnet_engine.engine.decoding import PRECISIONS, StepContext, cast_for_precision, check_precision
 from magnet_engine.engine.hybrid import ARRuntime, build_delayed
@@ -88,12 +89,7 @@ class ExternalLM:
         return cls(str(name_or_dir), lm, conditioner, precision)
 
     def check_compatible(self, cfg) -> None:
-        """Its codes must be MAGNeT's: same codebooks, cardinality, frame rate, sample rate."""
-        mine = (self.cfg.n_q, self.cfg.card, self.cfg.frame_rate, self.cfg.sample_rate)
-        theirs = (cfg.n_q, cfg.card, cfg.frame_rate, cfg.sample_rate)
-        if mine != theirs:
-            raise InvalidOptionError(f"{self.name}: its codes (n_q, card, frame rate, sample rate) = {mine} do not "
-                                     f"match the MAGNeT model's {theirs}")
+        check_same_codes(self.cfg, cfg, self.name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,7 +189,7 @@ def test_same_routes_and_progress_through_the_ingress(cluster, tiny_model):
     assert canvas and canvas[-1]["codebooks"] == tiny_model.config.n_q
     assert post(description="piano", request_id="p-7").status_code == 409
     metrics = requests.get(f"{URL}/metrics", timeout=10).text
-    assert 'magnet_requests_total{status="200"}' in metrics and "magnet_batches_total" in metrics
+    assert 'magnet_requests_total{route="generate",status="200"}' in metrics and "magnet_batches_total" in metrics
 
 
 def busy_replica(names, rows: int = 2):

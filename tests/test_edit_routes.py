@@ -1,4 +1,5 @@
-"""POST /v1/edit (edit_routes.edit_router) on its own app, with a tiny random model."""
+"""POST /v1/edit (edit_routes.edit_router) as the service mounts it, with a tiny random model.
+(Its queue, timeout, cancellation and metrics: tests/test_server_jobs.py.)"""
 import io
 import json
 
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from magnet_engine import MAGNeT
 from magnet_engine.demo import build_random_model
 from magnet_engine.edit_routes import EditLimits, edit_router
+from magnet_engine.server import Settings, create_app
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +21,10 @@ def client(tmp_path_factory):
     model = MAGNeT.from_pretrained(build_random_model(tmp_path_factory.mktemp("edit"), "tiny", duration=1),
                                    device="cpu")
     model.set_generation_params(decoding_steps=[3, 2, 2, 2])
-    app = FastAPI()
-    app.include_router(edit_router(model, EditLimits(max_upload_bytes=200_000)))
-    return TestClient(app), model
+    app = create_app(model, Settings(max_text_chars=50, max_decoding_steps=20),
+                     edit_limits=EditLimits(max_upload_bytes=200_000))
+    with TestClient(app) as http:
+        yield http, model
 
 
 def _wav(seconds=0.8, rate=32000, channels=1) -> bytes:
@@ -56,6 +59,9 @@ def test_edit_returns_the_clip_with_the_region_regenerated(client):
     (None, {"regions": "not json"}, 400, "JSON"),
     (None, {"regions": "[]"}, 400, "non-empty"),
     (None, {"decoding_steps": "[3, 2]"}, 422, "decoding_steps"),
+    (None, {"decoding_steps": "[21, 2, 2, 2]"}, 422, "20"),           # the service's max_decoding_steps
+    (None, {"description": "x" * 51}, 400, "limit is 50"),            # the service's max_text_chars
+    (None, {"request_id": "bad id!"}, 422, "request_id"),
     ("long", {}, 400, "must be in"),
     ("rate", {}, 400, "sample rate"),
     ("big", {}, 413, "over"),
@@ -73,3 +79,12 @@ def test_edit_bad_input_is_a_4xx(client, data, fields, status, words):
     answer = _post(http, data, **fields)
     assert answer.status_code == status, answer.text
     assert words in answer.json()["error"]["message"]
+
+
+def test_a_router_on_an_app_of_its_own_runs_on_a_worker_of_its_own(client):
+    """edit_router mounted without create_app still queues its edits on a worker (its own)."""
+    _, model = client
+    app = FastAPI()
+    app.include_router(edit_router(model))
+    answer = _post(TestClient(app), _wav(), seed="3")
+    assert answer.status_code == 200 and answer.headers["x-request-id"]

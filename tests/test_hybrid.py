@@ -131,6 +131,9 @@ def test_ar_errors():
         hybrid.ARParams(top_k=-1).validate()
     with pytest.raises(InvalidOptionError, match="prefix model"):
         generate.plan(ar_lm("magnet").cfg, DecodingParams(), batch=1, frames=30, prefix_frames=5)
+    with pytest.raises(InvalidOptionError, match="prefix model: its codes"):  # card 48 vs 40
+        generate.plan(ar_lm("magnet").cfg, DecodingParams(), batch=1, frames=30, prefix_frames=5,
+                      prefix_cfg=ar_lm("musicgen", card=48).cfg)
 
 
 @pytest.mark.parametrize("handoff,steps,lens", [("staircase", 10, (10, 9, 8, 7)), ("rectangle", 13, (10,) * 4)])

@@ -251,6 +251,7 @@ def test_api_long_form_and_streaming(model):
         tokens = model.generate_tokens(["a", "b"], seed=2, on_event=seen.append, duration=2.5)
         windows = [e for e in seen if isinstance(e, events.WindowReady)]
         assert len(windows) == 4 and tokens.shape == (2, 4, 123)   # 0-48, 30-78, 60-108, 90-123
+        assert model.window_count(2.5) == 4 and model.window_count(1) == model.window_count(0.5) == 1
         first = model.generate_tokens(["a", "b"], seed=2, duration=1)
         assert torch.equal(first, tokens[..., :48])
         chunks = list(model.generate_stream([["a", "b", "c", "d"], ["e", "f", "g", "h"]], seed=2))

@@ -140,3 +140,62 @@ def test_options_and_model_checks():
     ext = ExternalLM("mg", ar_lm("musicgen", card=40), FakeConditioner(None))
     with pytest.raises(InvalidOptionError, match="match"):
         ext.check_compatible(ar_lm("magnet", card=48).cfg)
+
+
+def test_long_form_rescores_every_window(tmp_path, monkeypatch):
+    """duration past the window with a rescorer: the external LM rescores each window's canvas
+    (the previous window's tail included, fixed, as causal context) at every step but each
+    stage's last, in every window; the clip has the plain long-form's frame count."""
+    from magnet_engine import MAGNeT
+    from magnet_engine.demo import build_random_model
+    from magnet_engine.engine import events
+
+    magnet = MAGNeT.from_pretrained(build_random_model(tmp_path / "m", "tiny", duration=1), device="cpu")
+    magnet.set_generation_params(decoding_steps=[3, 2, 2, 2])
+    magnet.extend_stride = 0.6
+    plain = magnet.generate_tokens(["a"], seed=4, duration=2.5)
+    magnet.set_generation_params(decoding_steps=[3, 2, 2, 2], rescore_weight=0.5,
+                                 rescorer=str(build_random_model(tmp_path / "mg", "tiny", duration=1, seed=1,
+                                                                 kind="musicgen")))
+    window, calls = [0], []
+    original = BoundRescorer.probabilities
+    monkeypatch.setattr(BoundRescorer, "probabilities", lambda self, codes, stage, t: calls.append(
+        (window[0], stage, codes.shape[-1])) or original(self, codes, stage, t))
+
+    def watch(event):      # the hook runs inside a step, before its event: count windows as they end
+        if isinstance(event, events.WindowReady):
+            window[0] = event.index + 1
+    rescored = magnet.generate_tokens(["a"], seed=4, duration=2.5, on_event=watch)
+    assert rescored.shape == plain.shape == (1, 4, 123)          # 4 windows of 50 frames, 30 new each
+    per_window = [[(stage, frames) for w, stage, frames in calls if w == i] for i in range(4)]
+    assert [[s for s, _ in calls_i] for calls_i in per_window] == [[0, 0, 1, 2, 3]] * 4   # steps - 1 per stage
+    assert all(frames <= 50 for _, _, frames in calls)            # a window's canvas, never the whole clip
+    assert not torch.equal(rescored, plain)
+
+
+def test_long_form_rescores_each_window_against_its_own_text(tmp_path, monkeypatch):
+    """Per-window descriptions: window i is rescored by a rescorer bound to window i's texts."""
+    from magnet_engine import MAGNeT
+    from magnet_engine.demo import build_random_model
+
+    magnet = MAGNeT.from_pretrained(build_random_model(tmp_path / "m", "tiny", duration=1), device="cpu")
+    magnet.set_generation_params(decoding_steps=[2, 2, 2, 2], duration=2.5, rescore_weight=0.5,
+                                 rescorer=str(build_random_model(tmp_path / "mg", "tiny", duration=1, seed=1,
+                                                                 kind="musicgen")))
+    magnet.extend_stride = 0.6
+    bind, order = BoundRescorer.__init__, []
+
+    def init(self, model, options, descriptions):
+        bind(self, model, options, descriptions)
+        self.texts = tuple(descriptions)
+    original = BoundRescorer.probabilities
+
+    def probabilities(self, codes, stage, t):
+        if not order or order[-1] != self.texts:
+            order.append(self.texts)
+        return original(self, codes, stage, t)
+    monkeypatch.setattr(BoundRescorer, "__init__", init)
+    monkeypatch.setattr(BoundRescorer, "probabilities", probabilities)
+    wav = magnet.generate([["w0 a", "w1 a", "w2 a", "w3 a"], ["w0 b", "w1 b", "w2 b", "w3 b"]], seed=1)
+    assert wav.shape[0] == 2
+    assert order == [(f"w{i} a", f"w{i} b") for i in range(4)]     # 4 windows, in order, each its own texts

@@ -191,10 +191,10 @@ def test_metrics_exposition(tiny_model):
     with serve(tiny_model) as client:
         post(client, description="warm piano", seed=1)
         post(client, description="warm piano", top_p=3.0)
-        assert metric(client, "magnet_requests_total", status=200) == 1
-        assert metric(client, "magnet_requests_total", status=422) == 1
-        assert metric(client, "magnet_errors_total", type="InvalidOptionError") == 1
-        assert metric(client, "magnet_request_duration_seconds_count") == 1
+        assert metric(client, "magnet_requests_total", route="generate", status=200) == 1
+        assert metric(client, "magnet_requests_total", route="generate", status=422) == 1
+        assert metric(client, "magnet_errors_total", route="generate", type="InvalidOptionError") == 1
+        assert metric(client, "magnet_request_duration_seconds_count", route="generate") == 1
         assert metric(client, "magnet_batch_size_bucket", le="1.0") == 1
         assert metric(client, "magnet_queue_depth") == 0 and metric(client, "magnet_batches_total") == 1
         assert metric(client, "magnet_rows_total") == 1 and metric(client, "magnet_running_rows") == 0
@@ -410,7 +410,7 @@ def test_client_disconnect_frees_its_queue_slot(gated):
             assert metric(client, "magnet_queue_depth") == 0
             gated.gate.set()
             assert running.result().status_code == 200
-            assert metric(client, "magnet_requests_total", status=499) == 1
+            assert metric(client, "magnet_requests_total", route="generate", status=499) == 1
 
 
 def test_serve_command_reports_a_missing_model(tmp_path, capsys):
@@ -566,8 +566,8 @@ def test_an_aborted_upload_counts_as_499_not_500(tiny_model):
         raw_http(url, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 1000\r\n\r\n{\"description\": ", read=False)
         with httpx.Client(base_url=url, timeout=30) as client:
-            wait_until(lambda: metric(client, "magnet_requests_total", status=499) == 1)
-            assert metric(client, "magnet_requests_total", status=500) == 0
+            wait_until(lambda: metric(client, "magnet_requests_total", route="generate", status=499) == 1)
+            assert metric(client, "magnet_requests_total", route="generate", status=500) == 0
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,17 @@
-"""Long-form streaming routes (stream_routes.stream_router) on their own app, tiny random model."""
+"""Long-form streaming routes (stream_routes.stream_router) as the service mounts them, tiny random model.
+(Their queue bound: tests/test_server_jobs.py.)"""
 import io
 import json
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from magnet_engine import MAGNeT
+from magnet_engine import MAGNeT, stream_routes
 from magnet_engine.demo import build_random_model
-from magnet_engine.stream_routes import StreamLimits, stream_router
+from magnet_engine.server import Settings, create_app
+from magnet_engine.stream_routes import StreamLimits
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,8 @@ def client(tmp_path_factory):
                                    device="cpu")
     model.set_generation_params(decoding_steps=[3, 2, 2, 2])
     model.extend_stride = 0.6
-    app = FastAPI()
-    app.include_router(stream_router(model, StreamLimits(max_duration=3)))
-    return TestClient(app), model
+    with TestClient(create_app(model, Settings(), stream_limits=StreamLimits(max_duration=3))) as http:
+        yield http, model
 
 
 def _events(http, run_id):
@@ -74,3 +73,55 @@ def test_unknown_run_and_chunk_are_404(client):
     http, _ = client
     assert http.get("/v1/stream/nope/events").status_code == 404
     assert http.get("/v1/stream/nope/chunk/0").status_code == 404
+
+
+def metric(http, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == {k: str(v) for k, v in labels.items()}:
+                return sample.value
+    return 0.0
+
+
+def test_a_run_reports_progress_under_its_request_id_and_owns_it(client):
+    http, _ = client
+    answer = http.post("/v1/stream", json={"duration": 2.5, "seed": 1, "request_id": "long-1"})
+    assert answer.status_code == 202 and answer.json()["id"] == "long-1"
+    assert http.post("/v1/stream", json={"duration": 1, "request_id": "long-1"}).status_code == 409
+    assert [k for k, _ in _events(http, "long-1")][-1] == "done"
+    progress = http.get("/v1/progress/long-1").text
+    assert "event: queued" in progress and "event: step" in progress and "event: done" in progress
+    assert metric(http, "magnet_requests_total", route="stream", status=202) >= 1
+
+
+def test_a_run_whose_consumers_left_stops_within_a_step(client, monkeypatch):
+    """Every consumer of the events closed: after the grace period the worker stops the run at
+    its next step (it used to decode every window for nobody)."""
+    http, model = client
+    monkeypatch.setattr(stream_routes, "STREAM_GRACE_S", 0.0)
+    steps = []
+    original = model.generate_tokens
+
+    def counting(*args, on_event=None, **kwargs):
+        def count(event):
+            steps.append(event)
+            on_event(event)
+        return original(*args, on_event=count, **kwargs)
+    monkeypatch.setattr(model, "generate_tokens", counting)
+    body = {"duration": 3, "seed": 2, "decoding_steps": [20, 20, 20, 20], "request_id": "left"}
+    assert http.post("/v1/stream", json=body).status_code == 202
+    with http.stream("GET", "/v1/stream/left/events") as answer:
+        for line in answer.iter_lines():
+            if line.startswith("event: chunk"):
+                break                                   # leaves after the first chunk
+    progress = http.get("/v1/progress/left").text          # ends when the run does
+    end = progress.strip().split("\n\n")[-1]
+    assert end.startswith("event: error") and '"type":"TaskCancelled"' in end
+    stage_steps = [e for e in steps if type(e).__name__ == "StageStep"]
+    assert len(stage_steps) < stage_steps[0].total         # stopped long before the last window
+    assert http.get("/v1/stream/left/chunk/0").status_code == 200
+    ended = _events(http, "left")                          # a late consumer replays the end
+    assert ended[-1][0] == "error" and ended[-1][1]["type"] == "TaskCancelled"
+    assert metric(http, "magnet_errors_total", route="stream", type="TaskCancelled") == 1

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from magnet_engine.engine import hub
 from magnet_engine.errors import CheckpointError, ModelNotFoundError
 
 HUB_REPO = "PlayHT/inpainter"
@@ -78,8 +79,9 @@ def resolve_dir(name_or_dir: tp.Union[str, os.PathLike]) -> Path:
         return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
+    timeout = hub.check_reachable(name)
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
+        return Path(snapshot_download(name, allow_patterns=patterns, etag_timeout=timeout))
     except Exception as e:
         raise ModelNotFoundError(f"PlayDiffusion model {name!r}: not a local directory and not fetched from the "
                                  f"Hub ({type(e).__name__}: {e})") from None

@@ -336,6 +336,18 @@ class MAGNeT:
             raise InvalidOptionError(f"duration {duration} s is shorter than one span of {self.config.span_len} frames")
         return float(duration)
 
+    def window_count(self, duration: float) -> int:
+        """How many windows a plain generation of `duration` seconds decodes (1 within
+        max_duration; long-form advances extend_stride per window)."""
+        frames, window = int(duration * self.frame_rate), int(self.max_duration * self.frame_rate)
+        if frames <= window:
+            return 1
+        return len(generate.plan_windows(self.config, self.params, frames, window, self._stride_frames()))
+
+    def _stride_frames(self) -> int:
+        stride = self.extend_stride if self.extend_stride is not None else DEFAULT_STRIDE_FRACTION * self.max_duration
+        return int(round(stride * self.frame_rate))
+
     @property
     def frames(self) -> int:
         """T = ⌊duration · frame_rate⌋, as the original's max_gen_len."""
@@ -389,7 +401,8 @@ class MAGNeT:
                         descriptions: tp.Optional[tp.Sequence[tp.Optional[str]]] = None,
                         progress: tp.Union[bool, Progress] = False, return_tokens: bool = False,
                         seed: tp.Union[int, tp.Sequence[int], None] = None, *,
-                        params: tp.Optional[DecodingParams] = None):
+                        params: tp.Optional[DecodingParams] = None,
+                        on_event: tp.Optional[events.Listener] = None):
         """Regenerate `regions` of a clip, keeping everything else.
 
         audio: a float waveform [B, C, samples] or [C, samples] at `sample_rate` (resampled
@@ -403,12 +416,13 @@ class MAGNeT:
         them (and the codes [B, K, frames] with return_tokens). Errors: RegionError (empty,
         outside the clip, or covering all of it: that is `generate`), InvalidInputError
         (unreadable audio, channels, a clip longer than the window). params: this call's
-        decoding options instead of the instance's (as `generate_tokens`)."""
+        decoding options instead of the instance's (as `generate_tokens`). on_event: a listener
+        of the run's typed events, as `generate_tokens`'s (raising from it cancels the run)."""
         codes, descriptions, the_plan, seeds = self._infill_request(audio, sample_rate, regions, descriptions, seed,
                                                                     params)
         with self._lock:
             tokens = self._tokens(descriptions, None, progress, seeds, params=the_plan.params,
-                                  infill=(the_plan, codes))
+                                  infill=(the_plan, codes), on_event=on_event)
             with torch.no_grad():
                 wav = self.codec.decode(tokens)
         return (wav, tokens) if return_tokens else wav
@@ -624,14 +638,13 @@ class MAGNeT:
         else:
             canvas = None
             window = int(self.max_duration * self.frame_rate)
-            stride = self.extend_stride if self.extend_stride is not None else DEFAULT_STRIDE_FRACTION * self.max_duration
             the_plan = generate.plan(
                 self.config, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
                 prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1],
                 prefix_frames=self.prefix_frames(min(duration, self.max_duration), options), hybrid=options,
                 prefix_cfg=self.prefix_model.cfg if two_model else None, rescored=rescorer is not None,
                 rescore_fill=self.rescore.fill, engine=self.engine, window_frames=window,
-                stride_frames=int(round(stride * self.frame_rate)))
+                stride_frames=self._stride_frames())
         if window_texts is not None and len(window_texts[0]) != len(the_plan.phases):
             raise InvalidInputError(f"{len(window_texts[0])} texts per row for {len(the_plan.phases)} windows")
         listeners = [on_event] if on_event is not None else []
@@ -648,8 +661,10 @@ class MAGNeT:
             with torch.no_grad():
                 cond = self.conditioner.encode(descriptions).embeds.to(self.device)
                 if window_texts is not None:
-                    cond = [self.conditioner.encode([row[i] for row in window_texts]).embeds.to(self.device)
-                            for i in range(len(the_plan.phases))]
+                    texts = [[row[i] for row in window_texts] for i in range(len(the_plan.phases))]
+                    cond = [self.conditioner.encode(t).embeds.to(self.device) for t in texts]
+                    if rescorer is not None:   # each window scored against its own text
+                        rescorer = [BoundRescorer(self.rescorer, self.rescore, t) for t in texts]
                 ar_cond = None
                 if two_model:
                     ar_cond = self.prefix_model.conditioner.encode(descriptions).embeds.to(self.device)

@@ -1,8 +1,9 @@
 """Long-form generation streamed window by window, as a FastAPI router.
 
-    app.include_router(stream_router(model, StreamLimits(max_duration=120)))
+    create_app(model, settings, stream_limits=StreamLimits(max_duration=120))   # mounts it
 
-    POST /v1/stream                     JSON {description, duration, seed?, decoding_steps?} -> 202 {id, events}
+    POST /v1/stream                     JSON {description, duration, seed?, decoding_steps?, request_id?}
+                                        -> 202 {id, events}
     GET  /v1/stream/{id}/events         server-sent events: `chunk` {index, url, seconds} per decoded
                                         window, then `done` {chunks, seconds} | `error` {type, message}
     GET  /v1/stream/{id}/chunk/{index}  that chunk as audio/wav (the chunks joined are the clip)
@@ -11,8 +12,15 @@ A run decodes window by window (`MAGNeT.generate_tokens` with the model's `exten
 as each window is final its new frames go through `StreamDecoder`, so the first chunk is
 playable after the first window, not the whole clip. Durations up to the router's
 `max_duration` (a server-configured limit; the model's own cap is MAX_LONGFORM_SECONDS). At
-most `max_jobs` runs are kept; finished ones are dropped after `ttl_s`. The model's lock
-serialises runs with the service's worker. Bad input: 400 / 422 JSON errors, 404 for an
+most `max_jobs` runs are kept; finished ones are dropped after `ttl_s`.
+
+A run is a job of the service's one worker (server.batcher.Task), run alone: it waits in
+the same bounded queue as every other request (503 + Retry-After when full), and stops
+after the current decoding step when it outlives the service's request timeout times its window count (its events
+end with `error` {type: "Timeout"}) or when every consumer of its events has left for
+`STREAM_GRACE_S` (`error` {type: "TaskCancelled"}). Its chunks reach the event stream as
+each window is final, while it runs. A `request_id` names the run (its id, and its progress
+on GET /v1/progress/{id}); 409 when in use. Bad input: 400 / 422 JSON errors, 404 for an
 unknown run or chunk, 503 when `max_jobs` runs are still going.
 """
 from __future__ import annotations
@@ -20,20 +28,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import secrets
+import math
 import threading
 import time
 import typing as tp
 
 import torch
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from magnet_engine.audio import wav_bytes
 from magnet_engine.engine import events
 from magnet_engine.engine.codec import StreamDecoder
-from magnet_engine.errors import InvalidInputError, InvalidOptionError
+from magnet_engine.errors import InvalidInputError
+from magnet_engine.server.batcher import Jobs, Task, jobs_finder
+from magnet_engine.server.schema import ApiError
+
+STREAM_GRACE_S = 5.0   # a run whose event consumers all left is stopped this long after (a reload reconnects)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +63,7 @@ class StreamRequest(BaseModel):
     duration: float
     seed: tp.Optional[int] = Field(None, ge=0, lt=2 ** 62)
     decoding_steps: tp.Optional[tp.List[int]] = None
+    request_id: tp.Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 @dataclasses.dataclass
@@ -61,19 +74,40 @@ class _Run:
     kind: str = ""
     ended_at: float = 0.0
     changed: threading.Condition = dataclasses.field(default_factory=threading.Condition)
+    arrived: float = 0.0                    # when its POST arrived
+    timeout_s: float = math.inf             # the service's request timeout x windows, counted from `arrived`
+    watchers: int = 0                       # event streams open now
+    left_at: tp.Optional[float] = None      # when the last one closed (None: one is open, or none came yet)
+    stopped: tp.Optional[tp.Tuple[str, str]] = None   # why the worker was told to stop: (type, message)
+
+    def wanted(self) -> bool:
+        """Asked by the worker between steps: False past the timeout, or once every consumer of
+        the events left more than STREAM_GRACE_S ago."""
+        now = time.monotonic()
+        if now - self.arrived > self.timeout_s:
+            self.stopped = ("Timeout", f"run not finished within {self.timeout_s:g} s")
+        elif self.left_at is not None and now - self.left_at >= STREAM_GRACE_S:
+            self.stopped = ("TaskCancelled", "every consumer of the run's events left")
+        return self.stopped is None
+
+    def end(self, kind: str, payload: dict) -> None:
+        with self.changed:
+            if self.finished is None:
+                self.kind, self.finished, self.ended_at = kind, payload, time.monotonic()
+                self.changed.notify_all()
 
 
-def _error(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "type": kind, "message": message}}, status_code=status)
-
-
-def stream_router(model, limits: StreamLimits = StreamLimits()) -> APIRouter:
-    """A router streaming long-form generations of `model` (a loaded `MAGNeT`)."""
+def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optional[Jobs] = None) -> APIRouter:
+    """A router streaming long-form generations of `model` (a loaded `MAGNeT`); jobs: the
+    service's worker (see server.batcher.jobs_finder)."""
     router = APIRouter()
     runs: tp.Dict[str, _Run] = {}
     lock = threading.Lock()
+    service_for = jobs_finder(jobs)
 
-    def work(run: _Run, text, duration, seed, params) -> None:
+    def work(service: Jobs, run: _Run, channel, text, duration, seed, params, on_event: events.Listener) -> dict:
+        """On the worker: the run, its chunks published as each window is final; it ends the
+        event stream itself (nobody awaits a run: its POST was answered 202)."""
         rate = model.sample_rate
         decoder = StreamDecoder(model.codec)
 
@@ -85,6 +119,7 @@ def stream_router(model, limits: StreamLimits = StreamLimits()) -> APIRouter:
                     run.changed.notify_all()
 
         def listen(event: events.Event) -> None:
+            on_event(event)     # the worker's: progress, and a cancelled or unwanted run stops here
             if isinstance(event, events.WindowReady) and event.count > 1:
                 with torch.no_grad():
                     add(decoder.push(event.codes))
@@ -94,47 +129,64 @@ def stream_router(model, limits: StreamLimits = StreamLimits()) -> APIRouter:
             tokens = model.generate_tokens([text], seed=seed, params=params, duration=duration, on_event=listen)
             if not run.chunks:                      # one window: the whole clip is the one chunk
                 add(model.decode(tokens))
-            kind, payload = "done", {"chunks": len(run.chunks), "seconds": sum(run.seconds)}
-        except Exception as exc:   # reported on the event stream
-            kind, payload = "error", {"type": type(exc).__name__, "message": str(exc)}
-        with run.changed:
-            run.kind, run.finished, run.ended_at = kind, payload, time.monotonic()
-            run.changed.notify_all()
+        except Exception as exc:   # reported on the event stream, and raised to the worker
+            kind, message = run.stopped or (type(exc).__name__, str(exc))
+            run.end("error", {"type": kind, "message": message})
+            channel.publish("error", {"status": 504 if kind == "Timeout" else 500, "type": kind, "message": message})
+            service.metrics.outcome("stream", error=kind)
+            raise
+        payload = {"chunks": len(run.chunks), "seconds": sum(run.seconds)}
+        run.end("done", payload)
+        channel.publish("done", payload)
+        service.metrics.outcome("stream", seconds=time.monotonic() - run.arrived)
+        return payload
 
     @router.post("/v1/stream", status_code=202)
-    def start(body: StreamRequest):
+    async def start(request: Request, body: StreamRequest):
+        arrived = time.monotonic()
+        service = service_for(request)
+        channel = None
         try:
+            with lock:   # an id names a run: not one of the table's, and owned in the progress hub
+                if body.request_id is not None and body.request_id in runs:
+                    raise ApiError(409, "Conflict", f"request_id {body.request_id!r} is already in use")
+                run_id, channel = service.channel(body.request_id)
             if body.description is not None and len(body.description) > limits.max_text_chars:
                 raise InvalidInputError(f"the description has {len(body.description)} characters; the limit is "
                                         f"{limits.max_text_chars}")
             duration = model.check_duration(body.duration, limit=limits.max_duration)
             params = model.params
             if body.decoding_steps is not None:
-                params = params.replace(decoding_steps=tuple(body.decoding_steps)).validate(model.config.n_q, card=model.config.card)
-        except InvalidInputError as exc:
-            return _error(400, type(exc).__name__, str(exc))
-        except InvalidOptionError as exc:
-            return _error(422, type(exc).__name__, str(exc))
-        with lock:
-            now = time.monotonic()
-            for key in [k for k, r in runs.items() if r.finished is not None and now - r.ended_at > limits.ttl_s]:
-                del runs[key]
-            if len(runs) >= limits.max_jobs:
-                old = [k for k, r in runs.items() if r.finished is not None]
-                if not old:
-                    return _error(503, "Busy", f"{limits.max_jobs} streamed runs are still going; retry later")
-                del runs[min(old, key=lambda k: runs[k].ended_at)]
-            run_id = secrets.token_urlsafe(12)
-            runs[run_id] = run = _Run()
-        threading.Thread(target=work, args=(run, body.description, duration, body.seed, params),
-                         name=f"magnet-stream-{run_id}", daemon=True).start()
+                params = params.replace(decoding_steps=tuple(body.decoding_steps)).validate(
+                    model.config.n_q, card=model.config.card, max_steps=service.settings.max_decoding_steps)
+            with lock:
+                now = time.monotonic()
+                for key in [k for k, r in runs.items() if r.finished is not None and now - r.ended_at > limits.ttl_s]:
+                    del runs[key]
+                if len(runs) >= limits.max_jobs:
+                    old = [k for k, r in runs.items() if r.finished is not None]
+                    if not old:
+                        raise ApiError(503, "Busy", f"{limits.max_jobs} streamed runs are still going; retry later")
+                    del runs[min(old, key=lambda k: runs[k].ended_at)]
+                # the request timeout bounds one generation of the window's length: a run gets it per window
+                run = _Run(arrived=arrived, timeout_s=service.settings.request_timeout_s * model.window_count(duration))
+                task = Task(run_id, "stream", lambda listen: work(service, run, channel, body.description, duration,
+                                                                   body.seed, params, listen),
+                            asyncio.get_running_loop(), channel, wanted=run.wanted, mask_id=model.config.card)
+                # nobody awaits a run's future: mark its outcome seen (the event stream reports it)
+                task.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+                service.submit(task)            # 503 + Retry-After when the queue is full
+                runs[run_id] = run
+        except Exception as exc:  # noqa: BLE001 - every failure is answered as JSON
+            return service.failed("stream", exc, channel)
+        service.metrics.request_done(202, route="stream")   # the run's own outcome: latency / errors at its end
         return {"id": run_id, "events": f"/v1/stream/{run_id}/events"}
 
     @router.get("/v1/stream/{run_id}/events")
     async def stream_events(run_id: str):
         run = runs.get(run_id)
         if run is None:
-            return _error(404, "NotFound", f"no streamed run {run_id!r}")
+            return ApiError(404, "NotFound", f"no streamed run {run_id!r}").response()
 
         def wait(sent: int) -> tp.Tuple[int, tp.Optional[str]]:
             with run.changed:
@@ -143,24 +195,33 @@ def stream_router(model, limits: StreamLimits = StreamLimits()) -> APIRouter:
 
         async def feed():
             sent = 0
-            while True:
-                count, kind = await asyncio.to_thread(wait, sent)
-                if count == sent and kind is None:
-                    yield ": keep-alive\n\n"           # a long window: keep proxies from closing the stream
-                for i in range(sent, count):
-                    payload = {"index": i, "url": f"/v1/stream/{run_id}/chunk/{i}", "seconds": run.seconds[i]}
-                    yield f"event: chunk\ndata: {json.dumps(payload)}\n\n"
-                sent = count
-                if kind is not None:
-                    yield f"event: {kind}\ndata: {json.dumps(run.finished)}\n\n"
-                    return
+            with run.changed:
+                run.watchers += 1
+                run.left_at = None
+            try:
+                while True:
+                    count, kind = await asyncio.to_thread(wait, sent)
+                    if count == sent and kind is None:
+                        yield ": keep-alive\n\n"           # a long window: keep proxies from closing the stream
+                    for i in range(sent, count):
+                        payload = {"index": i, "url": f"/v1/stream/{run_id}/chunk/{i}", "seconds": run.seconds[i]}
+                        yield f"event: chunk\ndata: {json.dumps(payload)}\n\n"
+                    sent = count
+                    if kind is not None:
+                        yield f"event: {kind}\ndata: {json.dumps(run.finished)}\n\n"
+                        return
+            finally:
+                with run.changed:
+                    run.watchers -= 1
+                    if run.watchers == 0:
+                        run.left_at = time.monotonic()
         return StreamingResponse(feed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @router.get("/v1/stream/{run_id}/chunk/{index}")
     def chunk(run_id: str, index: int):
         run = runs.get(run_id)
         if run is None or not 0 <= index < len(run.chunks):
-            return _error(404, "NotFound", f"no chunk {index} of streamed run {run_id!r}")
+            return ApiError(404, "NotFound", f"no chunk {index} of streamed run {run_id!r}").response()
         return Response(run.chunks[index], media_type="audio/wav")
 
     return router

@@ -6,7 +6,7 @@
     schema.py    limits (Settings), request body, validation, the one error shape
     metrics.py   Prometheus metrics (prometheus_client)
     progress.py  per-request progress streams (server-sent events)
-    batcher.py   the bounded queue and the generation worker
+    batcher.py   the bounded queue and the one worker every route's jobs run on (Jobs: the routes' side)
     app.py       the routes (create_app)
     serve.py     uvicorn with the HTTP limits, `magnet-engine serve`, BackgroundServer
 """

@@ -2,6 +2,9 @@
 
 Endpoints:
   POST /v1/generate          JSON -> audio/wav (one description) | application/zip of wavs (several)
+  POST /v1/edit              multipart clip + regions -> audio/wav (edit_routes)
+  POST /v1/stream            long-form, streamed window by window (stream_routes)
+  POST /v1/speech/edit       PlayDiffusion speech editing, when a speech model is given (speech_routes)
   GET  /v1/progress/{id}     server-sent events: queued, started, step, codec, done | error
   GET  /v1/prefix/{id}       hybrid checkpoints: the AR prefix audio, before the clip is done
   GET  /v1/model             model facts, option defaults and server limits
@@ -9,15 +12,17 @@ Endpoints:
   GET  /metrics              Prometheus text exposition
   GET  /                     the demo page (static/)
 
-Every error, from a route or from the framework (404, 405, 422, 413 ...), is answered as
-{"error": {"status", "type", "message"}} (schema.ApiError).
+Every POST is a job of the one worker (batcher.Batcher): one queue bound (503 + Retry-After),
+one timeout (504), cancellation between decoding steps when the client leaves or times out,
+request ids owned by their first POST (409), metrics by route. Every error, from a route or
+from the framework (404, 405, 422, 413 ...), is answered as {"error": {"status", "type",
+"message"}} (schema.ApiError).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import io
-import re
 import secrets
 import time
 import typing as tp
@@ -33,21 +38,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from magnet_engine.audio import wav_bytes
-from magnet_engine.server.batcher import Batcher, BatchKey, Job, QueueFull
-from magnet_engine.server.progress import TERMINAL_EVENTS, ProgressChannel, ProgressHub, sse
+from magnet_engine.server.batcher import (
+    HTTP_ERROR_TYPES, REQUEST_ID, Batcher, BatchKey, ClientGone, Job, Jobs,
+)
+from magnet_engine.server.progress import TERMINAL_EVENTS, ProgressHub, sse
 from magnet_engine.server.schema import (
-    ApiError, GenerateRequest, Settings, api_error_from, describe_validation_error, model_info, parse_body,
-    parse_request, text_token_count,
+    ApiError, GenerateRequest, Settings, describe_validation_error, model_info, parse_body, parse_request,
+    text_token_count,
 )
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-REQUEST_ID = re.compile(GenerateRequest.model_fields["request_id"].metadata[0].pattern)
-HTTP_ERROR_TYPES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 408: "RequestTimeout",
-                    413: "PayloadTooLarge", 415: "UnsupportedMediaType", 431: "RequestHeaderFieldsTooLarge"}
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its request was answered (499)."""
 
 
 class HeaderLimits:
@@ -110,31 +110,20 @@ def zip_of_wavs(blobs: tp.List[bytes]) -> bytes:
     return buf.getvalue()
 
 
-async def wait_for_job(request: Request, job: Job, timeout_s: float) -> tp.List[tp.Any]:
-    """The job's wavs; raises ClientGone when the client goes away, ApiError 504 on timeout."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise ApiError(504, "Timeout", f"request not finished within {timeout_s:g} s")
-        try:
-            return await asyncio.wait_for(asyncio.shield(job.future), min(0.2, remaining))
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise ClientGone() from None
-
-
-def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=None) -> FastAPI:
+def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=None, *, speech=None,
+               edit_limits=None, stream_limits=None, speech_limits=None) -> FastAPI:
     """The service around a loaded MAGNeT (anything with its interface); starts the worker on startup.
 
     batcher_factory(model, settings): what runs the jobs, with Batcher's interface (default:
     Batcher, one worker thread on this process's model; magnet_engine.cluster passes one that
-    sends rows to Ray Serve replicas)."""
+    sends rows to Ray Serve replicas, which serves /v1/generate only). speech: a PlayDiffusion
+    to serve POST /v1/speech/edit with; its edits run on the same worker, in the same queue.
+    edit_limits / stream_limits / speech_limits: those routers' own limits (EditLimits ...)."""
     settings = settings or Settings()
     batcher = (batcher_factory or Batcher)(model, settings)
     metrics = batcher.metrics
     hub = ProgressHub(settings.progress_ttl_s)
+    jobs = Jobs(batcher, hub, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -144,6 +133,7 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
 
     app = FastAPI(title="magnet-engine", lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.settings, app.state.hub = batcher, metrics, settings, hub
+    app.state.jobs = jobs
     app.add_middleware(HeaderLimits, max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes)
 
     @app.exception_handler(StarletteHTTPException)
@@ -167,41 +157,18 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
         channel = job = None
         try:
             body = parse_body(await read_body(request, settings))
-            if body.request_id is None:  # nobody can watch an id they do not know: keep it out of the hub
-                request_id, channel = secrets.token_hex(8), ProgressChannel(loop)
-            else:  # the first POST owns an id; a second one is refused before it can touch the channel
-                request_id, channel = body.request_id, hub.claim(body.request_id, loop)
+            # the first POST owns an id; a second one is refused before it can touch the channel
+            request_id, channel = jobs.channel(body.request_id)
             texts, params, duration = parse_request(model, settings, body)
             keys = [BatchKey(params, duration, text_token_count(model, t)) for t in texts]
             seed = body.seed if body.seed is not None else secrets.randbelow(2 ** 31)
-            queued = Job(request_id, texts, keys, seed, loop, channel)
-            try:
-                batcher.submit(queued)
-            except QueueFull:
-                raise ApiError(503, "QueueFull", f"the queue is full ({settings.queue_size} requests waiting); "
-                               "retry later", headers={"Retry-After": str(batcher.retry_after_s())}) from None
-            job = queued
-            wavs = await wait_for_job(request, job, settings.request_timeout_s)
+            job = Job(request_id, texts, keys, seed, loop, channel)
+            wavs = await jobs.run(request, job)
             blobs = await asyncio.to_thread(lambda: [wav_bytes(w, model.sample_rate) for w in wavs])
         except asyncio.CancelledError:
-            if job is not None:
-                batcher.cancel(job)
             raise
-        except ClientGone:   # free its place; nobody reads the answer, the status is for logs and metrics
-            if job is not None:
-                batcher.cancel(job)
-            if channel is not None:
-                channel.publish("error", {"status": 499, "type": "ClientDisconnected", "message": "client left"})
-            metrics.request_done(499, error="ClientDisconnected")
-            return Response(status_code=499)
-        except Exception as exc:  # noqa: BLE001 - every failure is answered as JSON
-            if job is not None:
-                batcher.cancel(job)  # on timeout; a no-op for a job the worker already closed
-            err = api_error_from(exc)
-            if channel is not None:
-                channel.publish("error", err.body())
-            metrics.request_done(err.status, error=err.kind)
-            return err.response()
+        except Exception as exc:  # noqa: BLE001 - every failure is answered as JSON (a client gone: 499)
+            return jobs.failed("generate", exc, channel)
 
         timing = {"queue_ms": round(job.queue_ms, 1), "tokens_ms": round(job.tokens_ms, 1),
                   "codec_ms": round(job.codec_ms, 1), "batch_size": max(job.batch_sizes),
@@ -209,8 +176,7 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
         headers = {"X-Request-Id": request_id, "X-Seed": str(seed), "X-Queue-Wait-Ms": str(timing["queue_ms"]),
                    "X-Tokens-Ms": str(timing["tokens_ms"]), "X-Codec-Ms": str(timing["codec_ms"]),
                    "X-Batch-Size": str(timing["batch_size"]), "X-Batches": str(timing["batches"])}
-        channel.publish("done", timing)
-        metrics.request_done(200, seconds=time.monotonic() - arrived)
+        jobs.succeeded("generate", arrived, channel, timing)
         if len(blobs) == 1:
             return Response(blobs[0], media_type="audio/wav", headers=headers)
         headers["Content-Disposition"] = 'attachment; filename="magnet.zip"'
@@ -266,8 +232,9 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
         return Response(blob, media_type="audio/wav")
 
     @app.get("/v1/model")
-    async def get_model():
-        return model_info(model, settings, batcher.max_batch)
+    async def get_model():   # "endpoints": what is mounted, the optional edit/stream/speech routers included
+        return {**model_info(model, settings, batcher.max_batch),
+                "endpoints": sorted(path for path in app.openapi()["paths"] if path.startswith("/v1/"))}
 
     @app.get("/healthz")
     async def healthz():
@@ -283,5 +250,16 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
     async def index():
         return FileResponse(STATIC_DIR / "index.html")
 
+    if getattr(batcher, "runs_tasks", False):
+        # imported here: the routers import this package (server.batcher), not the other way round
+        from magnet_engine.edit_routes import EditLimits, edit_router
+        from magnet_engine.stream_routes import StreamLimits, stream_router
+
+        app.include_router(edit_router(model, edit_limits or EditLimits(), jobs=jobs))
+        app.include_router(stream_router(model, stream_limits or StreamLimits(), jobs=jobs))
+        if speech is not None:
+            from magnet_engine.speech_routes import SpeechLimits, make_speech_router
+
+            app.include_router(make_speech_router(speech, speech_limits or SpeechLimits(), jobs=jobs))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -1,4 +1,11 @@
-"""Dynamic batching: the bounded queue of rows and the one worker thread that owns the model.
+"""Dynamic batching: the bounded queue and the one worker thread that runs every job of the service.
+
+Two kinds of job share the queue and its bound. A generate request (`Job`) is split into
+rows that the worker batches with compatible rows of other requests. Every other kind of
+work (`Task`: an edit, a streamed long-form run, a speech edit) is one queue entry that the
+worker runs alone: its inputs differ in shape (a clip, a run of several windows), so it is
+never batched, but it waits in the same queue, counts in the same bound and queue depth,
+and is cancelled the same way.
 
 A request is split into rows, one per description, which wait in a bounded queue. The
 worker takes the oldest row, waits up to `max_wait_ms` (counted from that row's arrival)
@@ -11,7 +18,8 @@ PCM step: the codec's batched convolutions round a few samples differently).
 
 The worker checks between decoding steps whether anyone still wants the batch: when every
 request in it was cancelled (timeout, disconnect), its event listener raises and the model
-stops after the current step.
+stops after the current step. A task gets the same listener: its run stops after the step
+during which it was cancelled.
 """
 from __future__ import annotations
 
@@ -20,6 +28,8 @@ import base64
 import contextlib
 import dataclasses
 import math
+import re
+import secrets
 import threading
 import time
 import typing as tp
@@ -30,8 +40,13 @@ from magnet_engine.audio import wav_bytes
 from magnet_engine.engine import events
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.server.metrics import Metrics
-from magnet_engine.server.progress import ProgressChannel
-from magnet_engine.server.schema import Settings
+from magnet_engine.server.progress import ProgressChannel, ProgressHub
+from magnet_engine.server.schema import ApiError, GenerateRequest, Settings, api_error_from
+
+REQUEST_ID = re.compile(GenerateRequest.model_fields["request_id"].metadata[0].pattern)
+HTTP_ERROR_TYPES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 408: "RequestTimeout",
+                    413: "PayloadTooLarge", 415: "UnsupportedMediaType", 429: "TooManyRequests",
+                    431: "RequestHeaderFieldsTooLarge"}
 
 
 def canvas_snapshot(event: events.StageStep, row: int, mask_id: int) -> dict:
@@ -67,6 +82,10 @@ class _BatchAbandoned(Exception):
     """Every request of the running batch was cancelled: stop generating."""
 
 
+class TaskCancelled(Exception):
+    """A task stopped because nobody wanted its result any more (a stream whose consumers left)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchKey:
     params: DecodingParams
@@ -74,26 +93,20 @@ class BatchKey:
     text_tokens: tp.Optional[int]   # None: unconditional row
 
 
-class Job:
-    """One generate request: its rows, their results, and the future the endpoint awaits."""
+class _Queued:
+    """What every job has: its progress channel, the future its endpoint awaits, its queue state."""
 
-    def __init__(self, request_id: str, texts: tp.List[tp.Optional[str]], keys: tp.List[BatchKey],
-                 seed: int, loop: asyncio.AbstractEventLoop, channel: ProgressChannel):
+    kind = "generate"
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, channel: ProgressChannel):
         self.request_id = request_id
-        self.rows = [Row(self, i, text, seed + i, key) for i, (text, key) in enumerate(zip(texts, keys))]
-        self.seed = seed
         self.loop = loop
         self.channel = channel
         self.future: asyncio.Future = loop.create_future()
         self.enqueued = time.monotonic()
-        self.waiting = 0                # rows in the queue, not yet taken by the worker (0 until submitted)
-        self.left = len(self.rows)      # rows without a result
-        self.wavs: tp.List[tp.Any] = [None] * len(self.rows)
-        self.closed = False             # cancelled, failed or done: its remaining rows are dropped
+        self.waiting = 0                # entries in the queue, not yet taken by the worker (0 until submitted)
+        self.closed = False             # cancelled, failed or done: its remaining entries are dropped
         self.queue_ms: tp.Optional[float] = None
-        self.tokens_ms = 0.0
-        self.codec_ms = 0.0
-        self.batch_sizes: tp.List[int] = []
 
     def resolve(self, result: tp.Any = None, error: tp.Optional[BaseException] = None) -> None:
         def settle():
@@ -106,6 +119,43 @@ class Job:
             self.loop.call_soon_threadsafe(settle)
 
 
+class Job(_Queued):
+    """One generate request: its rows, their results, and the future the endpoint awaits."""
+
+    def __init__(self, request_id: str, texts: tp.List[tp.Optional[str]], keys: tp.List[BatchKey],
+                 seed: int, loop: asyncio.AbstractEventLoop, channel: ProgressChannel):
+        super().__init__(request_id, loop, channel)
+        self.rows = [Row(self, i, text, seed + i, key) for i, (text, key) in enumerate(zip(texts, keys))]
+        self.seed = seed
+        self.left = len(self.rows)      # rows without a result
+        self.wavs: tp.List[tp.Any] = [None] * len(self.rows)
+        self.tokens_ms = 0.0
+        self.codec_ms = 0.0
+        self.batch_sizes: tp.List[int] = []
+
+
+class Task(_Queued):
+    """A job the worker runs alone: `work(listener)` on the worker thread, its result the
+    future's. The work passes `listener` to the run it makes (`on_event=` / `listener=`):
+    it publishes `step` progress and raises once the task is cancelled, which stops the run
+    after its current step. `kind` names the route in metrics and progress ("edit", "stream",
+    "speech_edit"). `wanted()`, when given, is asked between steps too: False cancels (a
+    streamed run whose consumers all left). mask_id: the run's mask id, when its steps' token
+    canvas should go to those watching its progress (as a generate request's)."""
+
+    def __init__(self, request_id: str, kind: str, work: tp.Callable[[events.Listener], tp.Any],
+                 loop: asyncio.AbstractEventLoop, channel: ProgressChannel,
+                 wanted: tp.Optional[tp.Callable[[], bool]] = None, mask_id: tp.Optional[int] = None):
+        super().__init__(request_id, loop, channel)
+        self.kind = kind
+        self.work = work
+        self.wanted = wanted
+        self.mask_id = mask_id
+        self.rows = [self]              # its one queue entry is itself
+        self.job = self
+        self.run_ms = 0.0
+
+
 @dataclasses.dataclass(eq=False)
 class Row:
     job: Job
@@ -116,7 +166,9 @@ class Row:
 
 
 class Batcher:
-    """The bounded queue and the one worker thread that owns the model."""
+    """The bounded queue and the one worker thread that runs every job (generate rows batched, tasks alone)."""
+
+    runs_tasks = True   # submit takes `Task`s too (the Ray batcher runs generate rows only)
 
     def __init__(self, model, settings: Settings):
         self.model = model
@@ -126,9 +178,9 @@ class Batcher:
         # seed, so its rows are not batch-invariant: it generates one row at a time.
         self.max_batch = 1 if getattr(model, "engine", None) == "reference" else settings.max_batch
         self.cond = threading.Condition()
-        self.pending: tp.List[Row] = []     # FIFO of rows not yet taken
+        self.pending: tp.List[tp.Union[Row, Task]] = []     # FIFO of rows and tasks not yet taken
         self.waiting_jobs = 0               # jobs with at least one row in `pending`
-        self.running = 0                    # rows in the batch being generated
+        self.running = 0                    # rows in the batch being generated (a task: 1)
         self.stopping = False
         self.batch_seconds = 1.0            # moving average, for Retry-After
         self.thread = threading.Thread(target=self._loop, name="magnet-generation-worker", daemon=True)
@@ -143,8 +195,8 @@ class Batcher:
             self.cond.notify_all()
         self.thread.join(timeout=30)
 
-    def submit(self, job: Job) -> None:
-        """Queue a job's rows, or raise QueueFull (and leave the queue as it was)."""
+    def submit(self, job: tp.Union[Job, Task]) -> None:
+        """Queue a job's rows (a task: itself), or raise QueueFull (and leave the queue as it was)."""
         with self.cond:
             if self.waiting_jobs >= self.settings.queue_size:
                 raise QueueFull()
@@ -153,10 +205,10 @@ class Batcher:
             self.waiting_jobs += 1
             # under the lock, so `queued` precedes the worker's `started`
             job.channel.publish("queued", {"request_id": job.request_id, "position": self.waiting_jobs,
-                                           "rows": len(job.rows)})
+                                           "rows": len(job.rows), "kind": job.kind})
             self.cond.notify_all()
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: tp.Union[Job, Task]) -> None:
         """Drop a job's queued rows; a running batch whose jobs are all cancelled stops at its next step."""
         with self.cond:
             if job.closed:
@@ -176,7 +228,7 @@ class Batcher:
             batches_ahead = self.waiting_jobs / self.max_batch + 1
             return int(min(60, max(1, math.ceil(batches_ahead * self.batch_seconds))))
 
-    def _close(self, job: Job) -> None:
+    def _close(self, job: tp.Union[Job, Task]) -> None:
         """Caller holds `cond`. Only a job that still has queued rows counts in `waiting_jobs`."""
         job.closed = True
         if job.waiting:
@@ -191,10 +243,14 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run(batch)
+            if isinstance(batch[0], Task):
+                self._run_task(batch[0])
+            else:
+                self._run(batch)
 
-    def _next_batch(self) -> tp.Optional[tp.List[Row]]:
-        """Oldest row plus compatible ones, once max_batch are there or the oldest has waited max_wait."""
+    def _next_batch(self) -> tp.Optional[tp.List[tp.Union[Row, Task]]]:
+        """Oldest row plus compatible ones, once max_batch are there or the oldest has waited
+        max_wait; a task at the head of the queue is taken alone at once."""
         max_batch, max_wait = self.max_batch, self.settings.max_wait_ms / 1000
         with self.cond:
             while True:
@@ -203,7 +259,10 @@ class Batcher:
                 if self.stopping:
                     return None
                 first = self.pending[0]
-                batch = [r for r in self.pending if r.key == first.key][:max_batch]
+                if isinstance(first, Task):
+                    batch = [first]
+                    break
+                batch = [r for r in self.pending if isinstance(r, Row) and r.key == first.key][:max_batch]
                 remaining = first.job.enqueued + max_wait - time.monotonic()
                 if len(batch) >= max_batch or remaining <= 0:
                     break
@@ -284,7 +343,158 @@ class Batcher:
                     job.resolve(result=job.wavs)
         self._finish_batch(started)
 
+    def _run_task(self, task: Task) -> None:
+        started = time.monotonic()
+        task.queue_ms = (started - task.enqueued) * 1000
+        task.channel.publish("started", {"batch_size": 1, "rows": 1, "kind": task.kind})
+
+        def on_event(event: events.Event) -> None:
+            """Between the run's steps, on this thread: stop once the task is cancelled or unwanted."""
+            if task.closed or (task.wanted is not None and not task.wanted()):
+                raise _BatchAbandoned()
+            data = step_data(event)
+            if data is None:
+                return
+            watched = (task.mask_id is not None and isinstance(event, events.StageStep)
+                       and event.canvas is not None and task.channel.subscribers)
+            task.channel.publish("step", {**data, "canvas": canvas_snapshot(event, 0, task.mask_id)} if watched else data)
+
+        try:
+            if task.closed:     # cancelled between being taken and starting
+                raise _BatchAbandoned()
+            result = task.work(on_event)
+        except _BatchAbandoned:
+            with self.cond:
+                if not task.closed:     # unwanted rather than cancelled by its endpoint
+                    self._close(task)
+                    task.resolve(error=TaskCancelled(f"{task.kind} {task.request_id} stopped: no longer wanted"))
+                    self.metrics.cancelled.inc()
+            self._finish_batch(started)
+            return
+        except Exception as exc:  # noqa: BLE001 - a failed task fails its request, not the server
+            with self.cond:
+                if not task.closed:
+                    self._close(task)
+                    task.resolve(error=exc)
+            self._finish_batch(started)
+            return
+        task.run_ms = (time.monotonic() - started) * 1000
+        self.metrics.task_done(task.kind)
+        with self.cond:
+            if not task.closed:
+                task.closed = True
+                task.resolve(result=result)
+        self._finish_batch(started)
+
     def _finish_batch(self, started: float) -> None:
         with self.cond:
             self.running = 0
             self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (time.monotonic() - started)
+
+
+# ------------------------------------------------------------------------------ the routes' side
+class ClientGone(Exception):
+    """The client closed the connection before its request was answered (499)."""
+
+
+async def wait_for_job(request, job: _Queued, timeout_s: float) -> tp.Any:
+    """The job's result; raises ClientGone when the client goes away, ApiError 504 on timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise ApiError(504, "Timeout", f"request not finished within {timeout_s:g} s")
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), min(0.2, remaining))
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ClientGone() from None
+
+
+class Jobs:
+    """What every route does around the one worker: own a request id, queue a job (503 +
+    Retry-After when the queue is full), await it (504 on timeout, 499 when the client
+    leaves; either cancels it), and count the answer by route.
+
+    create_app makes one (`app.state.jobs`) and hands it to the edit, stream and speech
+    routers. A router mounted on an app of its own, without create_app, makes its own on
+    first use (`Jobs.standalone`): one worker thread, default limits."""
+
+    def __init__(self, batcher, hub: ProgressHub, settings: Settings):
+        self.batcher, self.hub, self.settings = batcher, hub, settings
+        self.metrics = batcher.metrics
+
+    @classmethod
+    def standalone(cls) -> "Jobs":
+        settings = Settings()
+        batcher = Batcher(None, settings)
+        batcher.start()
+        return cls(batcher, ProgressHub(settings.progress_ttl_s), settings)
+
+    def channel(self, request_id: tp.Optional[str]) -> tp.Tuple[str, ProgressChannel]:
+        """(id, progress channel): a client's id is owned by its first POST (409 for a second one
+        while it lives), a drawn one is kept out of the hub (nobody can watch an id they do not know)."""
+        loop = asyncio.get_running_loop()
+        if request_id is None:
+            return secrets.token_hex(8), ProgressChannel(loop)
+        if not REQUEST_ID.match(request_id):
+            raise ApiError(422, "ValidationError", f"'request_id' must match {REQUEST_ID.pattern}")
+        return request_id, self.hub.claim(request_id, loop)
+
+    def submit(self, job: _Queued) -> None:
+        try:
+            self.batcher.submit(job)
+        except QueueFull:
+            raise ApiError(503, "QueueFull", f"the queue is full ({self.settings.queue_size} requests waiting); "
+                           "retry later", headers={"Retry-After": str(self.batcher.retry_after_s())}) from None
+
+    async def run(self, request, job: _Queued) -> tp.Any:
+        """Queue the job and await its result; on any failure (timeout, disconnect, cancellation) it is cancelled."""
+        self.submit(job)
+        try:
+            return await wait_for_job(request, job, self.settings.request_timeout_s)
+        except BaseException:
+            self.batcher.cancel(job)    # a no-op for a job the worker already closed
+            raise
+
+    def failed(self, route: str, exc: BaseException, channel: tp.Optional[ProgressChannel]):
+        """The answer to a failed request, published on its progress stream and counted."""
+        from fastapi.responses import Response
+        from starlette.exceptions import HTTPException
+
+        if isinstance(exc, ClientGone):   # nobody reads the answer: the status is for logs and metrics
+            if channel is not None:
+                channel.publish("error", {"status": 499, "type": "ClientDisconnected", "message": "client left"})
+            self.metrics.request_done(499, error="ClientDisconnected", route=route)
+            return Response(status_code=499)
+        if isinstance(exc, HTTPException):
+            exc = ApiError(exc.status_code, HTTP_ERROR_TYPES.get(exc.status_code, "HTTPError"), str(exc.detail),
+                           headers=dict(exc.headers or {}))
+        err = api_error_from(exc)
+        if channel is not None:
+            channel.publish("error", err.body())
+        self.metrics.request_done(err.status, error=err.kind, route=route)
+        return err.response()
+
+    def succeeded(self, route: str, arrived: float, channel: ProgressChannel, data: dict) -> None:
+        channel.publish("done", data)
+        self.metrics.request_done(200, seconds=time.monotonic() - arrived, route=route)
+
+
+def jobs_finder(jobs: tp.Optional[Jobs]) -> tp.Callable[[tp.Any], Jobs]:
+    """request -> the worker a router's requests go to: the one given, else the app's
+    (create_app sets app.state.jobs), else (a router on an app of its own) one of the
+    router's, made on first use."""
+    own: tp.List[Jobs] = []
+
+    def find(request) -> Jobs:
+        if jobs is not None:
+            return jobs
+        found = getattr(request.app.state, "jobs", None)
+        if found is not None:
+            return found
+        if not own:
+            own.append(Jobs.standalone())
+        return own[0]
+    return find

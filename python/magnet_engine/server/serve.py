@@ -194,22 +194,22 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     except MagnetEngineError as exc:
         print(f"magnet-engine serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    app = create_app(model, dataclasses.replace(settings, note=note))
-    # infill and long-form streaming: routers of their own (their bodies are multipart / long runs)
-    from magnet_engine.edit_routes import EditLimits, edit_router
-    from magnet_engine.stream_routes import StreamLimits, stream_router
-
-    app.include_router(edit_router(model, EditLimits(max_upload_bytes=args.max_edit_upload_bytes)))
-    app.include_router(stream_router(model, StreamLimits(max_duration=args.max_stream_duration)))
+    speech = None
     if args.speech is not None:
         from magnet_engine.playdiffusion import PlayDiffusion
-        from magnet_engine.speech_routes import make_speech_router
 
         try:
-            app.include_router(make_speech_router(PlayDiffusion(args.speech, device=args.device)))
+            speech = PlayDiffusion(args.speech, device=args.device)
         except MagnetEngineError as exc:
             print(f"magnet-engine serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
+    # /v1/edit, /v1/stream (and /v1/speech/edit with a speech model): jobs of the same worker and queue
+    from magnet_engine.edit_routes import EditLimits
+    from magnet_engine.stream_routes import StreamLimits
+
+    app = create_app(model, dataclasses.replace(settings, note=note), speech=speech,
+                     edit_limits=EditLimits(max_upload_bytes=args.max_edit_upload_bytes),
+                     stream_limits=StreamLimits(max_duration=args.max_stream_duration))
     print(f"magnet-engine serve: {model.name} on {model.device} ({model.engine}); http://{args.host}:{args.port}/",
           flush=True)
     uvicorn.Server(uvicorn_config(app, args.host, args.port)).run()

@@ -1,7 +1,9 @@
 "use strict";
 // The demo page: POST /v1/generate, follow /v1/progress/{id} (server-sent events) meanwhile,
 // drawing the token canvas as each decoding step fills it in, then play the wav and draw its
-// waveform from the 16-bit PCM samples of the response.
+// waveform from the 16-bit PCM samples of the response. Also the tabs and the helpers the
+// other scripts share (edit.js, stream.js, speech.js, loaded after this one); a generated clip
+// is announced to them as a "clip" event on window.
 
 const $ = (id) => document.getElementById(id);
 let modelInfo = null;
@@ -22,6 +24,7 @@ async function loadModel() {
   $("temperature").value = m.defaults.temperature;
   $("top_p").value = m.defaults.top_p;
   $("prompt").maxLength = m.limits.max_text_chars;
+  return m;
 }
 
 function newRequestId() {
@@ -30,16 +33,14 @@ function newRequestId() {
 }
 
 function requestBody(requestId) {
-  const body = {
+  return {
     request_id: requestId,
     description: $("prompt").value.trim(),
     duration: Number($("duration").value),
-    decoding_steps: $("steps").value.split(",").map((s) => Number(s.trim())),
     temperature: Number($("temperature").value),
     top_p: Number($("top_p").value),
+    ...formOptions(),
   };
-  if ($("seed").value !== "") body.seed = Number($("seed").value);
-  return body;
 }
 
 function setStatus(text, fraction) {
@@ -89,10 +90,7 @@ async function generate(event) {
       headers: {"Content-Type": "application/json"},
       body: JSON.stringify(requestBody(requestId)),
     });
-    if (!response.ok) {
-      const answer = await response.json().catch(() => null);
-      throw new Error(answer && answer.error ? answer.error.message : `HTTP ${response.status}`);
-    }
+    if (!response.ok) throw new Error(await errorText(response));
     const wav = await response.arrayBuffer();
     request.done = true;
     showResult(wav, response.headers, performance.now() - started);
@@ -120,6 +118,37 @@ function showResult(wav, headers, totalMs) {
   $("t-batch").textContent = headers.get("X-Batch-Size");
   $("t-seed").textContent = headers.get("X-Seed");
   setStatus("done", 1);
+  window.dispatchEvent(new CustomEvent("clip", {detail: {wav, description: $("prompt").value.trim()}}));
+}
+
+// The service answers every error as {"error": {"status", "type", "message"}}.
+async function errorText(response) {
+  const answer = await response.json().catch(() => null);
+  const error = answer && answer.error;
+  return error ? `${error.status} ${error.type}: ${error.message}` : `HTTP ${response.status}`;
+}
+
+function showError(element, message) {
+  element.textContent = message;
+  element.hidden = !message;
+}
+
+// A section whose route this server does not mount: its controls off, and a note saying why.
+function switchOff(sectionId, note) {
+  const section = $(sectionId);
+  for (const control of section.querySelectorAll("button, input, textarea")) control.disabled = true;
+  const line = document.createElement("p");
+  line.className = "note";
+  line.textContent = note;
+  section.querySelector("h2").after(line);
+  section.dataset.off = "true";   // read by tests/test_browser.py
+}
+
+// The decoding options of the form above, shared by the edit and stream requests.
+function formOptions() {
+  const options = {decoding_steps: $("steps").value.split(",").map((s) => Number(s.trim()))};
+  if ($("seed").value !== "") options.seed = Number($("seed").value);
+  return options;
 }
 
 // The token canvas after a step (server: batcher.canvas_snapshot): codebooks x frames bytes,
@@ -170,13 +199,18 @@ function pcmSamples(buffer) {
   return new Float32Array(0);
 }
 
-// One vertical line per pixel column, from the min to the max sample in that column.
-function drawWaveform(canvas, samples) {
+// One vertical line per pixel column, from the min to the max sample in that column, over
+// shaded bands: shades [{start, end, color}] in fractions of the width.
+function drawWaveform(canvas, samples, shades = []) {
   const ctx = canvas.getContext("2d");
   const {width, height} = canvas;
   const mid = height / 2;
   ctx.fillStyle = "#10141c";
   ctx.fillRect(0, 0, width, height);
+  for (const {start, end, color} of shades) {
+    ctx.fillStyle = color;
+    ctx.fillRect(start * width, 0, Math.max(1, (end - start) * width), height);
+  }
   ctx.strokeStyle = "#2a3242";
   ctx.beginPath();
   ctx.moveTo(0, mid);
@@ -200,5 +234,14 @@ function drawWaveform(canvas, samples) {
   ctx.stroke();
 }
 
+function showTab(button) {
+  for (const tab of document.querySelectorAll(".tab")) {
+    tab.setAttribute("aria-selected", String(tab === button));
+    $(tab.dataset.panel).hidden = tab !== button;
+  }
+}
+
+for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => showTab(tab));
 $("form").addEventListener("submit", generate);
-loadModel().catch((err) => setStatus(`cannot read /v1/model: ${err.message}`));
+const modelReady = loadModel();
+modelReady.catch((err) => setStatus(`cannot read /v1/model: ${err.message}`));
