@@ -5,6 +5,13 @@ inpainter, with the real-time factor (seconds of output audio per second of wall
 
     python benchmarks/playdiffusion.py --preset small --precision fp32 bf16
     python benchmarks/playdiffusion.py --preset default --inpainter-forward-only
+    python benchmarks/playdiffusion.py --preset small --precision fp32 --variants eager compile --repeats 2
+
+--variants runs the requests through each way of running the unmasking step (eager; compile:
+the whole step through torch.compile(fullgraph=True); graphs: CUDA graphs; compile+graphs),
+interleaved request by request after one warm-up each (compiles, captures), in place of the
+single runs, and reports per variant the unmask phase side by side and the RTF, with whether
+its units equal the first variant's.
 
 --preset default writes the spec's default sizes (several GB); on a small CPU use --preset
 small (sizes printed and saved) and --inpainter-forward-only, which times one forward of the
@@ -18,6 +25,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -27,12 +35,14 @@ from magnet_engine.engine.playdiffusion import random_weights
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter, InpainterConfig
 from magnet_engine.engine.playdiffusion.pipeline import PlayDiffusionPipeline, Precision
 from magnet_engine.engine.playdiffusion.reference import reference_generate
-from magnet_engine.engine.playdiffusion.unmasking import GeneratorDraws, UnmaskOptions
+from magnet_engine.engine.playdiffusion.unmasking import GeneratorDraws, SpeechRuntime, UnmaskOptions
 
 FIXTURES = Path(os.environ.get("MAGNET_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 TTS_TEXT = ("The engine fills every masked position of a short speech clip in thirty steps, "
             "keeping the left and right context fixed. It runs on any processor.")  # 40 syllables: 10.0 s
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+VARIANTS = {"eager": {}, "compile": dict(compile=True), "graphs": dict(cuda_graphs=True),
+            "compile+graphs": dict(compile=True, cuda_graphs=True)}
 
 # Smaller than the spec's defaults so a 2-core CPU finishes: same layer types, the real
 # codebook (10000 units) and XLS-R depth (35 layers), narrower and shallower elsewhere.
@@ -56,7 +66,8 @@ def edit_request():
     return wave, 16000, " ".join(words), "the quick red fox jumps over the lazy cat", times
 
 
-def run_case(pipe: PlayDiffusionPipeline, mode: str, options: UnmaskOptions, seed: int) -> dict:
+def request(pipe: PlayDiffusionPipeline, mode: str, options: UnmaskOptions, seed: int):
+    """-> (SpeechResult, wall seconds) of one edit or TTS request."""
     draws = GeneratorDraws(torch.Generator(device=pipe.device).manual_seed(seed))
     start = time.perf_counter()
     if mode == "edit":
@@ -65,7 +76,11 @@ def run_case(pipe: PlayDiffusionPipeline, mode: str, options: UnmaskOptions, see
     else:
         voice, sr = edit_request()[:2]
         result = pipe.tts(TTS_TEXT, voice, sr, options, draws=draws)
-    wall = time.perf_counter() - start
+    return result, time.perf_counter() - start
+
+
+def run_case(pipe: PlayDiffusionPipeline, mode: str, options: UnmaskOptions, seed: int) -> dict:
+    result, wall = request(pipe, mode, options, seed)
     seconds = len(result.pcm) / result.sample_rate
     return dict(mode=mode, wall_s=round(wall, 3), audio_s=round(seconds, 3), rtf=round(seconds / wall, 4),
                 phases_s={k: round(v, 3) for k, v in result.timings.items()}, units=int(result.units.numel()))
@@ -74,8 +89,8 @@ def run_case(pipe: PlayDiffusionPipeline, mode: str, options: UnmaskOptions, see
 def region0_loops(pipe: PlayDiffusionPipeline, options: UnmaskOptions) -> dict:
     """The edit's first region through the fast loop (one batched [2, S] CFG forward per step)
     and the plain reference loop (two forwards per step), same draws: same tokens, both timed."""
+    from magnet_engine.engine.playdiffusion.pipeline import generate_units
     from magnet_engine.engine.playdiffusion.planner import plan_edit
-    from magnet_engine.engine.playdiffusion.unmasking import generate
 
     wave, sr, text_in, text_out, times = edit_request()
     units = pipe.units(wave[None], sr)
@@ -86,13 +101,50 @@ def region0_loops(pipe: PlayDiffusionPipeline, options: UnmaskOptions) -> dict:
                  start_frame=left.numel(), end_frame=left.numel() + region.n_frames)
     text = pipe._text(region.text)
     out, seconds = {}, {}
-    for name, loop in (("fast", generate), ("reference", reference_generate)):
+    for name, loop, model in (("fast", generate_units, pipe.runtime),
+                              ("reference", reference_generate, pipe.inpainter)):
         start = time.perf_counter()
         draws = GeneratorDraws(torch.Generator(device=pipe.device).manual_seed(0))
-        out[name] = loop(pipe.inpainter, text, options, draws, **where)
+        out[name] = loop(model, text, options, draws, **where)
         seconds[name] = round(time.perf_counter() - start, 3)
     return dict(seq_len=text.numel() + 2 + where["code"].numel() + 1, unmask_s=seconds,
                 same_tokens=bool(torch.equal(out["fast"], out["reference"])))
+
+
+def compare_variants(pipe: PlayDiffusionPipeline, options: UnmaskOptions, variants: list[str], modes: list[str],
+                     repeats: int) -> list[dict]:
+    """Each request through each step variant, interleaved (variant by variant within a
+    repeat, so load drift hits all alike) after one warm-up each (compiles, captures): per
+    variant, the unmask phase and the whole request (RTF of the median wall time)."""
+    runtimes = {v: SpeechRuntime(pipe.inpainter, **VARIANTS[v]) for v in variants}
+    warmup, runs, units = {}, {}, {}
+    for r in range(repeats + 1):
+        for mode in modes:
+            for v in variants:
+                pipe.runtime = runtimes[v]
+                result, wall = request(pipe, mode, options, 0)
+                if r == 0:
+                    warmup[mode, v] = round(result.timings["unmask"], 3)
+                    units[mode, v] = result.units
+                else:
+                    runs.setdefault((mode, v), []).append((result, wall))
+    rows = []
+    for mode in modes:
+        for v in variants:
+            unmask = sorted(round(res.timings["unmask"], 3) for res, _ in runs[mode, v])
+            walls = sorted(round(wall, 3) for _, wall in runs[mode, v])
+            res = runs[mode, v][0][0]
+            audio = len(res.pcm) / res.sample_rate
+            rows.append(dict(mode=f"{mode}_variant", variant=v, unmask_s=unmask,
+                             unmask_median_s=round(statistics.median(unmask), 3), unmask_min_s=unmask[0],
+                             wall_s=walls, audio_s=round(audio, 3), rtf=round(audio / statistics.median(walls), 4),
+                             warmup_unmask_s=warmup[mode, v],
+                             same_units_as_first=bool(torch.equal(units[mode, v], units[mode, variants[0]]))))
+            row = rows[-1]
+            print(f"{mode:5s} {v:15s} unmask median {row['unmask_median_s']:7.2f} s  min {unmask[0]:7.2f} s  "
+                  f"runs {unmask}  RTF {row['rtf']:.4f}  warm-up {warmup[mode, v]:.2f} s  "
+                  f"same units: {row['same_units_as_first']}")
+    return rows
 
 
 def default_forward(lengths: list[int], precisions: list[str]) -> list[dict]:
@@ -125,6 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--compare-loops", nargs="*", default=["fp32"], choices=sorted(DTYPES),
                    help="precisions at which the edit's first region also runs through the reference loop")
     p.add_argument("--modes", nargs="*", default=["edit", "tts"], choices=["edit", "tts"])
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                   help="compare ways of running the unmasking step (the first is the baseline), interleaved")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (--variants)")
     p.add_argument("--inpainter-forward-only", action="store_true",
                    help="also time single forwards of the default-size inpainter (no files written)")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/playdiffusion_<device>.json")
@@ -139,8 +194,13 @@ def main(argv=None) -> int:
     results = []
     for name in args.precision:
         pipe = PlayDiffusionPipeline.load(root, args.device, Precision(inpainter=DTYPES[name]))
-        run_case(pipe, "edit", dataclasses.replace(options, steps=2), 0)  # warm-up
-        for mode in args.modes:
+        if args.variants:  # in place of the single runs: the first variant is the plain pipeline
+            results += [dict(precision=name, **row)
+                        for row in compare_variants(pipe, options, args.variants, args.modes, args.repeats)]
+            pipe.runtime = SpeechRuntime(pipe.inpainter)
+        else:
+            run_case(pipe, "edit", dataclasses.replace(options, steps=2), 0)  # warm-up
+        for mode in [] if args.variants else args.modes:
             row = dict(precision=name, **run_case(pipe, mode, options, 0))
             results.append(row)
             print(f"{name:5s} {mode:5s} audio {row['audio_s']:5.2f} s  wall {row['wall_s']:7.2f} s  "

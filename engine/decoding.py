@@ -33,6 +33,7 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.graphs import capture_step, compile_step
 from magnet_engine.engine.model import MagnetLM, cast_transformer_
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate, stage_schedule
 from magnet_engine.errors import InvalidOptionError, NumericalError
@@ -166,11 +167,9 @@ class Runtime:
         self._graph_count = 0
         self._step_fn = self._step
         if compile:
-            import torch._dynamo
             # a step shape whose gathered count alone changes recompiles once, then the count
             # is symbolic (automatic dynamic shapes): a few graphs per stage, not one per step
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            self._step_fn = torch.compile(self._step, fullgraph=True)
+            self._step_fn = compile_step(self._step)
 
     # ------------------------------------------------------------------ state
     def state(self, batch: int, frames: int, text_len: int, arrangement: str, total_steps: int) -> DecodeState:
@@ -291,20 +290,10 @@ class Runtime:
             self._step_fn(st, shape, params, forward, hook)
 
     def _capture(self, st: DecodeState, shape: StepShape, params: DecodingParams):
-        """Capture one step shape as a CUDA graph. The warm-up run (on a side stream: it
-        compiles any Triton variant and sets up cuBLAS before capture) changes the buffers,
-        so they are restored before the capture, which itself runs nothing."""
-        saved = [t.clone() for t in (st.codes, st.prob, st.scores, st.cursor, st.nonfinite)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step_fn(st, shape, params, None, None)
-        torch.cuda.current_stream().wait_stream(side)
-        for t, s in zip((st.codes, st.prob, st.scores, st.cursor, st.nonfinite), saved):
-            t.copy_(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step_fn(st, shape, params, None, None)
+        """Capture one step shape as a CUDA graph (graphs.capture_step: a warm-up, the
+        buffers it changed restored, then the capture)."""
+        graph = capture_step(lambda: self._step_fn(st, shape, params, None, None),
+                             (st.codes, st.prob, st.scores, st.cursor, st.nonfinite))
         if self._graph_count >= MAX_GRAPHS:       # bounded: start over rather than grow
             for other in self._states.values():
                 other.graphs.clear()

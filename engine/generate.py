@@ -21,6 +21,17 @@ window (`Plan.phases`, one MaskedPhase each) the previous window's tail. `run` w
 step, a `WindowReady` when a window's frames are final (every plan has at least one window),
 `Done` at the end. The API, the CLI, the server and every benchmark call these two.
 Rescoring is not a mode: it is a confidence hook passed to `run` (`rescoring.BoundRescorer`).
+
+PlayDiffusion's unmasking (speech inpainting, TTS) is the plan variant 'speech':
+
+    p = plan_speech(inpainter.cfg, options, [(text_len, left, target, right), ...])   # one loop each
+    units = run(p, Models(speech=SpeechRuntime(inpainter)), [(text, left, right), ...], draws=draws)
+
+one `SpeechPhase` per loop (an edit region, a TTS piece) with its host schedule; `run` reports
+`Started`, a `StageStep` per step (stage 0, `window` = the loop, canvas: the loop's units
+[1, 1, P + L + Q], MASK as the codebook size), a `WindowReady` per loop (its L new units) and
+`Done` (every loop's new units, [1, 1, ΣL]); a raising listener cancels it after the current
+step, as for MAGNeT.
 """
 from __future__ import annotations
 
@@ -35,11 +46,13 @@ from magnet_engine.engine.config import DecodingParams, ModelConfig, check_same_
 from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, delayed_length,
                                          frames_with_prefix, plan_hybrid, revert_delayed, tail_forward)
 from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.playdiffusion.inpainter import MAX_SEQ_LEN, InpainterConfig
+from magnet_engine.engine.playdiffusion.unmasking import Draws, Schedule, UnmaskOptions, make_schedule
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate
 from magnet_engine.errors import InvalidOptionError, RegionError
 from magnet_engine.kernels import masking
 
-MODES = ("plain", "prompt", "infill", "hybrid", "two_model")
+MODES = ("plain", "prompt", "infill", "hybrid", "two_model", "speech")
 # Long-form windows after the first draw with seed + i·WINDOW_SEED_STEP (mod 2^63), so that
 # a window's draws are not the previous window's replayed on a shifted canvas.
 WINDOW_SEED_STEP = 0x9E3779B97F4A7C15
@@ -291,29 +304,89 @@ def _check_intervals(fixed: tp.Sequence[tp.Tuple[int, int]], kept: int) -> Inter
 
 
 
+@dataclasses.dataclass(frozen=True)
+class SpeechPhase:
+    """One PlayDiffusion unmasking loop: `target` positions decoded between `left` and `right`
+    units of fixed context, conditioned on `text` inner text ids (BOS / EOS not counted)."""
+    text: int
+    left: int
+    target: int
+    right: int
+    schedule: Schedule
+
+    @property
+    def seq_len(self) -> int:
+        return self.text + 2 + self.left + self.target + self.right
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechPlan:
+    """PlayDiffusion's loops, in order (an edit's regions, a TTS text's pieces)."""
+    options: UnmaskOptions
+    phases: tp.Tuple[SpeechPhase, ...]
+    mode: str = "speech"
+
+    @property
+    def total_steps(self) -> int:
+        return sum(phase.schedule.steps_run for phase in self.phases)
+
+
+def plan_speech(cfg: InpainterConfig, options: UnmaskOptions,
+                loops: tp.Sequence[tp.Tuple[int, int, int, int]]) -> SpeechPlan:
+    """loops: (inner text ids, left context units, target positions, right context units) of
+    each unmasking loop -> the plan: every schedule made, every length checked, on the host."""
+    options.check(cfg.codebook_size)
+    if not loops:
+        raise InvalidOptionError("a speech plan needs at least one unmasking loop")
+    phases = []
+    for text, left, target, right in loops:
+        if target < 1 or min(text, left, right) < 0:
+            raise InvalidOptionError(f"an unmasking loop needs >= 1 target position and lengths >= 0, found "
+                                     f"text {text}, left {left}, target {target}, right {right}")
+        phase = SpeechPhase(text, left, target, right, make_schedule(target, options))
+        if phase.seq_len > MAX_SEQ_LEN:
+            raise InvalidOptionError(f"an unmasking loop of {phase.seq_len} positions exceeds the inpainter's "
+                                     f"maximum of {MAX_SEQ_LEN}")
+        phases.append(phase)
+    return SpeechPlan(options, tuple(phases))
+
+
 @dataclasses.dataclass
 class Models:
     """What `run` executes a plan with. runtime: the fast masked runtime (`decoding.Runtime`);
     lm: the fp32 LM (the reference engine's); ar: the AR runtime of the prefix phase (hybrid:
-    the same LM's, two-model: the prefix model's)."""
+    the same LM's, two-model: the prefix model's); speech: PlayDiffusion's unmasking runtime
+    (`playdiffusion.unmasking.SpeechRuntime`, speech plans)."""
     runtime: tp.Any = None
     lm: tp.Optional[MagnetLM] = None
     ar: tp.Optional[ARRuntime] = None
+    speech: tp.Any = None
 
 
 @torch.no_grad()
-def run(p: Plan, models: Models, cond: tp.Union[torch.Tensor, tp.Sequence[torch.Tensor]], *, seeds: tp.Sequence[int],
-        prompt: tp.Optional[torch.Tensor] = None, canvas: tp.Optional[torch.Tensor] = None,
-        ar_cond: tp.Optional[torch.Tensor] = None, hook=None, listener: tp.Optional[ev.Listener] = None,
-        generator: tp.Optional[torch.Generator] = None) -> torch.Tensor:
-    """Execute a plan -> codes [B, K, p.out_frames].
+def run(p: tp.Union[Plan, SpeechPlan], models: Models, cond: tp.Union[torch.Tensor, tp.Sequence[torch.Tensor]], *,
+        seeds: tp.Sequence[int] = (), prompt: tp.Optional[torch.Tensor] = None,
+        canvas: tp.Optional[torch.Tensor] = None, ar_cond: tp.Optional[torch.Tensor] = None, hook=None,
+        listener: tp.Optional[ev.Listener] = None, generator: tp.Optional[torch.Generator] = None,
+        draws: tp.Optional[Draws] = None) -> tp.Union[torch.Tensor, tp.Tuple[torch.Tensor, ...]]:
+    """Execute a plan -> codes [B, K, p.out_frames]; a speech plan -> units [P + L + Q] of
+    each loop (context and filled target).
 
     cond: [2B, S, D] condition rows (conditional, then null), or one such tensor per window
-    (long-form text that changes per window); ar_cond: the prefix model's own rows
+    (long-form text that changes per window); speech: one (text [Lt'] ids, left [P] units,
+    right [Q] units) per loop. ar_cond: the prefix model's own rows
     (two-model hybrid); prompt: [B, K, P] fixed codes (mode 'prompt'); canvas: [B, K, >= T']
     the clip's codes, read at the fixed cells (mode 'infill'); hook: a confidence hook
-    (rescoring), or one per window (long-form text that changes per window); listener: gets every event; generator: the reference engine's draws."""
+    (rescoring), or one per window (long-form text that changes per window); listener: gets
+    every event; generator: the reference engine's draws; draws: a speech plan's uniforms
+    (`playdiffusion.unmasking`: GeneratorDraws, KeyedDraws, RecordedDraws)."""
     listen = listener or (lambda event: None)
+    if isinstance(p, SpeechPlan):
+        if seeds or draws is None:
+            raise InvalidOptionError("a speech plan draws its randomness from `draws` (no seeds)")
+        return _run_speech(p, models, cond, draws, listen)
+    if draws is not None:
+        raise InvalidOptionError(f"a '{p.mode}' plan draws from its seeds; `draws` is for speech plans")
     if len(seeds) != p.batch:
         raise InvalidOptionError(f"expected {p.batch} seeds (one per row), found {len(seeds)}")
     if (prompt is not None) != (p.mode == "prompt"):
@@ -411,3 +484,26 @@ def _run_hybrid(p: Plan, models: Models, cond: torch.Tensor, seeds: tp.Sequence[
     return models.runtime.generate(cond, p.frames, p.params, prompt=prompt, seeds=seeds, listener=listen,
                                    prompt_lens=p.masked.prompt_lens, forward=forward, hook=hook,
                                    done_before=p.ar_steps, total=total)
+
+
+def _run_speech(p: SpeechPlan, models: Models, inputs, draws: Draws,
+                listen: ev.Listener) -> tp.Tuple[torch.Tensor, ...]:
+    """Each loop of a speech plan on the speech runtime; events as the module docstring says."""
+    inputs = list(inputs)
+    if len(inputs) != len(p.phases):
+        raise InvalidOptionError(f"expected one (text, left, right) per loop ({len(p.phases)}), found {len(inputs)}")
+    for phase, (text, left, right) in zip(p.phases, inputs):
+        if (text.numel(), left.numel(), right.numel()) != (phase.text, phase.left, phase.right):
+            raise InvalidOptionError(f"loop inputs of text {text.numel()}, left {left.numel()}, right "
+                                     f"{right.numel()} do not match the plan's {phase.text}, {phase.left}, {phase.right}")
+    total = p.total_steps
+    listen(ev.Started(total))
+    outs, done = [], 0
+    for i, (phase, (text, left, right)) in enumerate(zip(p.phases, inputs)):
+        units = models.speech.generate(phase.schedule, p.options, text, left, right, draws, _in_window(listen, i),
+                                       done_before=done, total=total)
+        listen(ev.WindowReady(i, len(p.phases), units[None, None, phase.left:phase.left + phase.target]))
+        outs.append(units)
+        done += phase.schedule.steps_run
+    listen(ev.Done(torch.cat([u[ph.left:ph.left + ph.target] for u, ph in zip(outs, p.phases)])[None, None]))
+    return tuple(outs)

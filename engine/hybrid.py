@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampling_options
+from magnet_engine.engine.graphs import capture_step
 from magnet_engine.engine.model import KVCache, MagnetLM
 from magnet_engine.engine.schedule import spans_to_generate
 from magnet_engine.errors import InvalidOptionError, NumericalError
@@ -239,18 +240,7 @@ class ARRuntime:
 
         Not run in this project's CI (no GPU there); the eager `_step` it captures is."""
         if s.graph is None:
-            saved = [t.clone() for t in (s.seq, s.nonfinite, *s.cache.keys, *s.cache.values)]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._step(s)
-            torch.cuda.current_stream().wait_stream(side)
-            for t, v in zip((s.seq, s.nonfinite, *s.cache.keys, *s.cache.values), saved):
-                t.copy_(v)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(s)
-            s.graph = graph
+            s.graph = capture_step(lambda: self._step(s), (s.seq, s.nonfinite, *s.cache.keys, *s.cache.values))
         return s.graph.replay
 
 

@@ -21,6 +21,12 @@ Contract
     p       = softmax(kept)[tokens]                           (no temperature)
     scores  = -(diversity * G(score_u) + log(p + 1e-10))
 
+Torch ops (what the function calls, as kernels/sampling.py's):
+    magnet_engine::gumbel_topk_sample(logits, sample_u, score_u, temperature, diversity, top_k)
+    magnet_engine::gumbel_topk_sample_triton(...)   (the same arguments)
+Opaque to torch.compile, so a compiled step keeps the eager arithmetic (inductor never
+re-derives the softmax or the logs the tokens and scores depend on).
+
 Implementations (dispatch: Triton on CUDA, torch elsewhere; "cpp" runs the torch path):
 - torch: written op for op as upstream, so a CPU run with the same uniforms reproduces
   upstream's tokens bit for bit. No host sync, no data-dependent branch.
@@ -32,7 +38,10 @@ Implementations (dispatch: Triton on CUDA, torch elsewhere; "cpp" runs the torch
 """
 from __future__ import annotations
 
+import typing as tp
+
 import torch
+from torch.library import wrap_triton
 
 from magnet_engine.kernels import backend
 
@@ -91,18 +100,23 @@ if triton is not None:
         tl.store(scores_ptr + row, score)
 
 
-def _gumbel_topk_triton(logits, sample_u, score_u, temperature, diversity, top_k):
+def _gumbel_topk_triton(logits: torch.Tensor, sample_u: tp.Optional[torch.Tensor], score_u: torch.Tensor,
+                        temperature: torch.Tensor, diversity: torch.Tensor, top_k: int
+                        ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     n, card = logits.shape
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     scores = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
-        _gumbel_topk_kernel[(n,)](logits, logits if sample_u is None else sample_u, score_u, temperature, diversity,
-                                  tokens, scores, card, top_k, HAS_SAMPLE=sample_u is not None,
-                                  BLOCK_C=triton.next_power_of_2(card))
+        launch = wrap_triton(_gumbel_topk_kernel) if torch.compiler.is_compiling() else _gumbel_topk_kernel
+        launch[(n,)](logits, logits if sample_u is None else sample_u, score_u, temperature, diversity,
+                     tokens, scores, card, top_k, HAS_SAMPLE=sample_u is not None,
+                     BLOCK_C=triton.next_power_of_2(card))
     return tokens, scores
 
 
-def _gumbel_topk_torch(logits, sample_u, score_u, temperature, diversity, top_k):
+def _gumbel_topk_torch(logits: torch.Tensor, sample_u: tp.Optional[torch.Tensor], score_u: torch.Tensor,
+                      temperature: torch.Tensor, diversity: torch.Tensor, top_k: int
+                      ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
     values, index = logits.topk(top_k, dim=-1)
     kept = torch.full_like(logits, float("-inf")).scatter_(-1, index, values)
     if sample_u is None:
@@ -112,6 +126,20 @@ def _gumbel_topk_torch(logits, sample_u, score_u, temperature, diversity, top_k)
     p = kept.softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
     scores = -(diversity * gumbel(score_u) + torch.log(p + 1e-10))
     return tokens, scores
+
+
+def _gumbel_topk_fake(logits, sample_u, score_u, temperature, diversity, top_k):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.int64), logits.new_empty(n, dtype=torch.float32)
+
+
+_gumbel_topk_op = torch.library.custom_op("magnet_engine::gumbel_topk_sample", _gumbel_topk_torch, mutates_args=())
+_gumbel_topk_op.register_fake(_gumbel_topk_fake)
+
+if triton is not None:
+    _gumbel_topk_triton_op = backend.register_triton_op(
+        "magnet_engine::gumbel_topk_sample_triton", _gumbel_topk_kernel, _gumbel_topk_triton, mutates_args=(),
+        fake=_gumbel_topk_fake)
 
 
 def _use_triton(impl, device: torch.device, card: int) -> bool:
@@ -157,7 +185,8 @@ def gumbel_topk_sample(
                              f"of shape {tuple(value.shape)}")
     if not 1 <= top_k <= card:
         raise ValueError(f"gumbel_topk_sample: top_k must be in [1, {card}], found {top_k}")
-    fn = _gumbel_topk_triton if _use_triton(impl, logits.device, card) else _gumbel_topk_torch
-    logits = logits.contiguous()
-    sample_u = None if sample_u is None else sample_u.contiguous()
-    return fn(logits, sample_u, score_u.contiguous(), temperature, diversity, top_k)
+    args = (logits.contiguous(), None if sample_u is None else sample_u.contiguous(), score_u.contiguous(),
+            temperature, diversity, top_k)
+    if _use_triton(impl, logits.device, card):
+        return backend.call(_gumbel_topk_triton_op, _gumbel_topk_triton, *args)
+    return backend.call(_gumbel_topk_op, _gumbel_topk_torch, *args)

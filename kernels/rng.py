@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from magnet_engine.kernels import backend
+
 try:
     import triton
     import triton.language as tl
@@ -111,3 +113,28 @@ def uniform(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tensor) -> to
     h ^= k2
     h = mix32_(h)
     return ((h >> 9) * 2 + 1).to(torch.float32) * U_SCALE
+
+
+# ----------------------------------------------------------------------------- torch generator state
+def _generator_uniform(out: torch.Tensor, state: torch.Tensor) -> None:
+    generator = torch.Generator()
+    generator.set_state(state)
+    out.uniform_(0, 1, generator=generator)
+    state.copy_(generator.get_state())
+
+
+_generator_uniform_op = torch.library.custom_op("magnet_engine::generator_uniform_", _generator_uniform,
+                                                mutates_args=("out", "state"))
+_generator_uniform_op.register_fake(lambda out, state: None)
+
+
+def generator_uniform_(out: torch.Tensor, state: torch.Tensor) -> None:
+    """out.uniform_(0, 1) drawn from a CPU torch generator held as its state tensor (uint8
+    [5056], `torch.Generator.get_state()`), which is advanced in place.
+
+    The same numbers, in the same order, as `out.uniform_(0, 1, generator=g)` on a generator
+    `g` in that state: upstream's own draws (PlayDiffusion, on the CPU). A generator object
+    cannot enter a traced graph; its state tensor can, so a step that draws this way still
+    traces whole. CPU tensors only (a CUDA generator's draws cannot be replayed from a state
+    read on the host; the CUDA path draws from the keyed `uniform` instead)."""
+    backend.call(_generator_uniform_op, _generator_uniform, out, state)

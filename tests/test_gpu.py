@@ -97,3 +97,43 @@ def test_flash_attn_stage0_when_installed():
     got = attention.full_attention(q, k, v).float()
     low = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
     assert (got - want).abs().max() <= 2 * (low - want).abs().max() + 1e-3, flash.__version__
+
+
+# ----------------------------------------------------------------------------- PlayDiffusion's step
+def _speech_model():
+    from magnet_engine.engine.playdiffusion.inpainter import Inpainter, InpainterConfig
+
+    torch.manual_seed(0)
+    cfg = InpainterConfig(vocab_size=40, codebook_size=64, num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=32)
+    return Inpainter(cfg).eval().to(CUDA)
+
+
+def _speech_loop(runtime, draws, options, target=9):
+    gen = torch.Generator().manual_seed(0)
+    text, left, right = (torch.randint(0, n, (k,), generator=gen).to(CUDA) for n, k in ((38, 5), (64, 6), (64, 7)))
+    p = generate.plan_speech(runtime.cfg, options, [(5, 6, target, 7)])
+    return generate.run(p, generate.Models(speech=runtime), [(text, left, right)], draws=draws)[0]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_speech_cuda_graph_tokens_equal_eager(compile):
+    """PlayDiffusion's unmasking step captured once per shape (greedy or not) and replayed:
+    the eager tokens, from a seeded CUDA generator (keyed draws inside the step), from the
+    keyed RNG and from host-given uniforms."""
+    from magnet_engine.engine.playdiffusion.unmasking import (GeneratorDraws, KeyedDraws, RecordedDraws,
+                                                              SpeechRuntime, UnmaskOptions)
+
+    model = _speech_model()
+    options = UnmaskOptions(steps=8, topk=12)
+    eager, graphed = SpeechRuntime(model), SpeechRuntime(model, compile=compile, cuda_graphs=True)
+    assert eager.impl.sample_tokens == "triton"
+    recorded = RecordedDraws([torch.rand(1, 9, 64, device=CUDA) for _ in range(8)],
+                             [torch.rand(1, 9, device=CUDA) for _ in range(8)])
+    for make in (lambda: GeneratorDraws(torch.Generator(device=CUDA).manual_seed(3)), lambda: KeyedDraws(5),
+                 lambda: recorded):
+        want = _speech_loop(eager, make(), options)
+        assert torch.equal(_speech_loop(graphed, make(), options), want)
+        assert torch.equal(_speech_loop(graphed, make(), options), want)            # replayed, not recaptured
+    state = next(iter(graphed._states.values()))
+    # greedy or not, per draw source: 'keyed' (a CUDA generator seeds the keyed RNG) and 'given'
+    assert len(state.graphs) == 2 * 2

@@ -186,8 +186,9 @@ def _loop_args(case):
 def test_recorded_loops_replay_token_for_token(golden, pipeline):
     """Every step's canvas equals the recorded model input of the next step; the output
     equals the recorded output; the schedule (steps run, L) matches."""
-    from magnet_engine.engine.playdiffusion.unmasking import RecordedDraws, Unmasker, split_code
+    from magnet_engine.engine.playdiffusion.unmasking import RecordedDraws, make_schedule, split_code
 
+    runtime = pipeline.runtime
     for case in golden["unmasking_loop"]:
         text, options, where = _loop_args(case)
         if "code" in where:
@@ -196,18 +197,20 @@ def test_recorded_loops_replay_token_for_token(golden, pipeline):
             left = right = torch.zeros(0, dtype=torch.long)
             length = where["target_len"]
         assert length == case["target_len"], case["name"]
-        run = Unmasker(pipeline.inpainter, text, left, right, length, options)
-        assert run.schedule.steps_run == case["steps_run"], case["name"]
-        assert torch.equal(run.ids[0], case["cond_inputs"][0][0])
-        if options.guidance > 0:
-            assert torch.equal(run.ids[1], case["uncond_inputs"][0][0])
+        schedule = make_schedule(length, options)
+        assert schedule.steps_run == case["steps_run"], case["name"]
         draws = RecordedDraws(case["sample_uniforms"], case["score_uniforms"])
+        st, shapes = runtime.prepare(schedule, options, text, left, right, draws)
+        assert {s.draws for s in shapes} == {"given"}
+        assert torch.equal(st.ids[0], case["cond_inputs"][0][0])
+        if options.guidance > 0:
+            assert torch.equal(st.ids[1], case["uncond_inputs"][0][0])
         for i in range(case["steps_run"]):
-            torch.testing.assert_close(run.logits(), case["logits"][i][0], atol=1e-4, rtol=0)
-            run.step(i, draws)
+            torch.testing.assert_close(runtime.logits(st, shapes[i]), case["logits"][i][0], atol=1e-4, rtol=0)
+            runtime.step(st, shapes[i], i, draws)
             if i + 1 < case["steps_run"]:
-                assert torch.equal(run.ids[0], case["cond_inputs"][i + 1][0]), (case["name"], i)
-        assert torch.equal(run.ids[0, run.text_len:] - pipeline.inpainter.cfg.vocab_size, case["output"][0])
+                assert torch.equal(st.ids[0], case["cond_inputs"][i + 1][0]), (case["name"], i)
+        assert torch.equal(st.units[0, 0], case["output"][0])
 
 
 def test_head_inputs_are_the_cfg_mix_of_recorded_hidden_states(golden):
@@ -223,13 +226,14 @@ def test_head_inputs_are_the_cfg_mix_of_recorded_hidden_states(golden):
 
 @pytest.mark.parametrize("index", range(4))
 def test_fast_loop_equals_reference_and_upstream_with_the_global_generator(golden, pipeline, index):
+    from magnet_engine.engine.playdiffusion.pipeline import generate_units
     from magnet_engine.engine.playdiffusion.reference import reference_generate
-    from magnet_engine.engine.playdiffusion.unmasking import GeneratorDraws, generate
+    from magnet_engine.engine.playdiffusion.unmasking import GeneratorDraws
 
     case = golden["unmasking_loop"][index]
     text, options, where = _loop_args(case)
     torch.manual_seed(case["seed"])
-    fast = generate(pipeline.inpainter, text, options, GeneratorDraws(), **where)
+    fast = generate_units(pipeline.runtime, text, options, GeneratorDraws(), **where)
     torch.manual_seed(case["seed"])
     ref = reference_generate(pipeline.inpainter, text, options, GeneratorDraws(), **where)
     assert torch.equal(fast, case["output"][0])

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from magnet_engine.engine import events
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 
 WORDS = [{"word": "hello", "start": 0.10, "end": 0.50}, {"word": "there", "start": 0.55, "end": 0.90},
@@ -129,8 +130,9 @@ def test_bad_audio_and_settings_are_typed_errors(pd, clip, tmp_path):
 def test_loop_invariants_and_fast_equals_reference_under_every_fix(pd):
     """§4.11: units in range, context unchanged, committed tokens never change, exactly
     next_masked[i] positions masked after step i, each a subset of the previous mask."""
+    from magnet_engine.engine.playdiffusion.pipeline import generate_units
     from magnet_engine.engine.playdiffusion.reference import reference_generate
-    from magnet_engine.engine.playdiffusion.unmasking import GeneratorDraws, UnmaskOptions, Unmasker
+    from magnet_engine.engine.playdiffusion.unmasking import GeneratorDraws, UnmaskOptions, make_schedule
 
     model = pd.pipeline.inpainter
     cfg = model.cfg
@@ -141,17 +143,21 @@ def test_loop_invariants_and_fast_equals_reference_under_every_fix(pd):
         for length, guidance in ((12, 0.5), (25, 0.0)):
             options = UnmaskOptions(steps=8, guidance=guidance, topk=10, **fixes)
             left, right = code[:10], code[10:]
-            run = Unmasker(model, text, left, right, length, options)
             canvases = []
-            out = run.run(GeneratorDraws(torch.Generator().manual_seed(1)),
-                          listener=lambda e: canvases.append(e.canvas[0, 0].clone()))
+            out = generate_units(pd.pipeline.runtime, text, options, GeneratorDraws(torch.Generator().manual_seed(1)),
+                                 code=torch.cat([left, torch.zeros(length - 1, dtype=torch.long), right]),
+                                 start_frame=10, end_frame=10 + length - 1,
+                                 listener=lambda e: canvases.append(e.canvas[0, 0].clone())
+                                 if isinstance(e, events.StageStep) else None)
+            next_masked = make_schedule(length, options).next_masked
             assert out.min() >= 0 and out.max() < cfg.codebook_size
             assert torch.equal(out[:10], left) and torch.equal(out[10 + length:], right)
             previous = torch.ones(length, dtype=torch.bool)
             for i, canvas in enumerate(canvases):
                 target = canvas[10:10 + length]
                 masked = target == cfg.codebook_size  # the canvas holds units; MASK is A
-                expected = int(run.schedule.next_masked[i]) if i + 1 < len(canvases) else 0
+                expected = next_masked[i]
+                assert expected == 0 or i + 1 < len(canvases)
                 assert int(masked.sum()) == expected
                 assert not (masked & ~previous).any()
                 if i > 0:
@@ -167,7 +173,7 @@ def test_loop_invariants_and_fast_equals_reference_under_every_fix(pd):
 def test_schedule_matches_the_spec_examples():
     from magnet_engine.engine.playdiffusion.unmasking import UnmaskOptions, make_schedule
 
-    counts = make_schedule(100, UnmaskOptions(steps=30)).next_masked.tolist()
+    counts = list(make_schedule(100, UnmaskOptions(steps=30)).next_masked)
     assert counts == [99, 99, 98, 97, 96, 95, 93, 91, 89, 86, 83, 80, 77, 74, 70, 66, 62, 58, 54, 50, 45, 40,
                       35, 30, 25, 20, 15, 10, 5, 0]
     short = make_schedule(19, UnmaskOptions(steps=30))
@@ -331,3 +337,17 @@ def test_gumbel_topk_triton_matches_torch(card, top_k):
         x_tok, x_sc = gumbel_topk_sample(logits, su, score_u, temperature, diversity, top_k=top_k, impl="triton")
         assert torch.equal(t_tok, x_tok)
         torch.testing.assert_close(x_sc, t_sc, atol=1e-5, rtol=1e-5)
+
+
+def test_step_options_reach_the_speech_runtime(tiny_dir):
+    """compile / cuda_graphs from the API and the CLI to the unmasking runtime; cuda_graphs off
+    CUDA is refused before anything loads."""
+    from magnet_engine import PlayDiffusion
+    from magnet_engine.speech_cli import build_parser
+
+    with pytest.raises(InvalidOptionError, match="CUDA"):
+        PlayDiffusion(str(tiny_dir), device="cpu", cuda_graphs=True)
+    runtime = PlayDiffusion(str(tiny_dir), device="cpu", compile=True).pipeline.runtime
+    assert runtime._step_fn is not runtime._step and not runtime.cuda_graphs
+    args = build_parser().parse_args(["tts", "hi", "--voice", "v.wav", "-o", "o.wav", "--compile", "--cuda-graphs"])
+    assert args.compile and args.cuda_graphs

@@ -1,7 +1,8 @@
 """PlayDiffusion end to end on the engine (spec/playdiffusion.md §2.0, 4.8, 4.9):
 
     inpaint: wave -> units (16 kHz XLS-R + k-means) and speaker embedding (24 kHz voice encoder)
-             texts + word times -> planner regions -> one unmasking loop per region
+             texts + word times -> planner regions -> one unmasking loop per region (all of them
+             one speech plan run by engine.generate.run on the SpeechRuntime)
              -> stitched units -> vocoder -> int16 PCM
     tts:     text pieces -> unmasking loops with no audio context -> vocoder (voice clip's embedding)
     rvc:     source units -> vocoder with the target voice's embedding
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from magnet_engine.engine import generate
 from magnet_engine.engine.events import Listener
 from magnet_engine.engine.playdiffusion import files
 from magnet_engine.engine.playdiffusion.inpainter import MAX_SEQ_LEN, Inpainter, load_inpainter
@@ -29,7 +31,7 @@ from magnet_engine.engine.playdiffusion.resample import resample
 from magnet_engine.engine.playdiffusion.speech_tokenizer import SAMPLE_RATE as UNIT_RATE
 from magnet_engine.engine.playdiffusion.speech_tokenizer import SpeechTokenizer, load_speech_tokenizer
 from magnet_engine.engine.playdiffusion.text import TextTokenizer
-from magnet_engine.engine.playdiffusion.unmasking import Draws, GeneratorDraws, Unmasker, UnmaskOptions, split_code
+from magnet_engine.engine.playdiffusion.unmasking import Draws, GeneratorDraws, SpeechRuntime, UnmaskOptions, split_code
 from magnet_engine.engine.playdiffusion.voice_encoder import SAMPLE_RATE as VOICE_RATE
 from magnet_engine.engine.playdiffusion.voice_encoder import VoiceEncoder, load_voice_encoder
 from magnet_engine.engine.playdiffusion.vocoder import Vocoder, load_vocoder
@@ -84,9 +86,36 @@ def check_audio(wave: torch.Tensor, sample_rate: int, what: str) -> torch.Tensor
     return wave
 
 
+def unmask(runtime: SpeechRuntime, options: UnmaskOptions, loops: tp.Sequence[tuple], draws: Draws,
+           listener: Listener | None = None) -> tp.Tuple[torch.Tensor, ...]:
+    """(text [Lt'] ids, left [P] units, L, right [Q] units) per loop -> units [P + L + Q] per
+    loop: one speech plan, run on the engine's single dispatch (engine.generate.run)."""
+    p = generate.plan_speech(runtime.cfg, options, [(text.numel(), left.numel(), length, right.numel())
+                                                    for text, left, length, right in loops])
+    return generate.run(p, generate.Models(speech=runtime), [(text, left, right) for text, left, _, right in loops],
+                        draws=draws, listener=listener)
+
+
+def generate_units(runtime: SpeechRuntime, text: torch.Tensor, options: UnmaskOptions, draws: Draws, *,
+                   target_len: int | None = None, code: torch.Tensor | None = None, start_frame: int | None = None,
+                   end_frame: int | None = None, listener: Listener | None = None) -> torch.Tensor:
+    """Upstream `MaskGCT.generate` as one loop: TTS (target_len, no code) or inpainting (code
+    [T] units with the target at [start_frame, end_frame]). text: [Lt'] ids -> units [T']."""
+    if code is None:
+        left = right = text.new_zeros(0)
+        length = int(target_len)
+    else:
+        left, length, right = split_code(code, int(start_frame), int(end_frame))
+    return unmask(runtime, options, [(text, left, length, right)], draws, listener)[0]
+
+
 class PlayDiffusionPipeline:
+    """compile / cuda_graphs: how the unmasking step runs (SpeechRuntime: the whole step through
+    torch.compile(fullgraph=True); captured once per step shape as a CUDA graph, CUDA only)."""
+
     def __init__(self, tokenizer: TextTokenizer, speech_tokenizer: SpeechTokenizer, voice_encoder: VoiceEncoder,
-                 vocoder: Vocoder, inpainter: Inpainter, precision: Precision = Precision()):
+                 vocoder: Vocoder, inpainter: Inpainter, precision: Precision = Precision(), *,
+                 compile: bool = False, cuda_graphs: bool = False):
         cfg = inpainter.cfg
         if tokenizer.vocab_size > cfg.vocab_size - 2:
             raise CheckpointError(f"text tokenizer has {tokenizer.vocab_size} ids, the inpainter's vocabulary "
@@ -96,10 +125,12 @@ class PlayDiffusionPipeline:
                                   f"{cfg.codebook_size} units")
         self.tokenizer, self.speech_tokenizer, self.voice_encoder = tokenizer, speech_tokenizer, voice_encoder
         self.vocoder, self.inpainter, self.precision = vocoder, inpainter, precision
+        self.runtime = SpeechRuntime(inpainter, compile=compile, cuda_graphs=cuda_graphs)
 
     @classmethod
     def load(cls, name_or_dir: tp.Union[str, Path], device: tp.Union[str, torch.device] = "cpu",
-             precision: Precision = Precision()) -> "PlayDiffusionPipeline":
+             precision: Precision = Precision(), *, compile: bool = False,
+             cuda_graphs: bool = False) -> "PlayDiffusionPipeline":
         root = files.resolve_dir(name_or_dir)
         device = torch.device(device)
         centroids = files.load_kmeans(files.component_path(root, "kmeans"))
@@ -112,7 +143,7 @@ class PlayDiffusionPipeline:
             load_vocoder(files.load_pickle(files.component_path(root, "vocoder")), precision.vocoder).to(device),
             load_inpainter(files.load_pickle(files.component_path(root, "inpainter"))).to(device,
                                                                                           precision.inpainter),
-            precision,
+            precision, compile=compile, cuda_graphs=cuda_graphs,
         )
 
     @property
@@ -167,14 +198,13 @@ class PlayDiffusionPipeline:
         calls = [self._region_call(units, r, planner) for r in plan.regions]
         t2 = time.perf_counter()
         timings["plan"] = t2 - t1
-        draws = draws or GeneratorDraws()
+        outs = unmask(self.runtime, options, [call[:4] for call in calls], draws or GeneratorDraws(), listener)
         pieces, last_end = [], -1
-        for region, (text, left, length, right, keep_end) in zip(plan.regions, calls):
+        for region, (text, left, length, right, keep_end), out in zip(plan.regions, calls, outs):
             if region.start_frame is not None and region.start_frame > last_end + 1:
                 pieces.append(units[last_end + 1:region.start_frame])
             if region.end_frame is not None:
                 last_end = keep_end
-            out = Unmasker(self.inpainter, text, left, right, length, options).run(draws, listener)
             pieces.append(out[left.numel():left.numel() + region.n_frames].to(units.device))
         if units.numel() > last_end + 1:
             pieces.append(units[last_end + 1:])
@@ -234,10 +264,9 @@ class PlayDiffusionPipeline:
             jobs.append((ids, length))
         t2 = time.perf_counter()
         timings["plan"] = t2 - t1
-        draws = draws or GeneratorDraws()
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        units = torch.cat([Unmasker(self.inpainter, ids, empty, empty, length, options).run(draws, listener)
-                           for ids, length in jobs])
+        units = torch.cat(unmask(self.runtime, options, [(ids, empty, length, empty) for ids, length in jobs],
+                                 draws or GeneratorDraws(), listener))
         t3 = time.perf_counter()
         timings["unmask"] = t3 - t2
         pcm = self.vocode(units, speaker)

@@ -1,38 +1,53 @@
-"""The iterative unmasking loop (spec/playdiffusion.md §4.7) on static buffers.
+"""The iterative unmasking loop (spec/playdiffusion.md §4.7) as one capturable step on static
+buffers, the speech counterpart of `engine/decoding.py`. `engine.generate.plan_speech` /
+`run` drive it; nothing else loops over it.
 
-One call fills L target positions between a fixed left (P units) and right (Q units) context:
+One loop fills L target positions between a fixed left (P units) and right (Q units) context:
 
     ids   [R, S]   R = 2 with CFG (row 1: inner text -> TEXT_GUIDANCE), S = Lt + P + L + Q
     step i:  hidden = model(ids)                        [R, S, D]  one batched forward
              E = CFG mix of the audio rows, std-rescaled (head linear: mix hidden, run head once)
              logits = E[target] @ W_outᵀ                [L, A]
+             u = uniforms (sample [L, A] unless greedy, then score [L]: upstream's call order)
              tokens, scores = gumbel_topk_sample(...)   kernels/gumbel_sampling.py
              target = tokens + V where masked; masked = the next_masked[i] highest scores
              among the masked positions (kernels.masking.remask, token mode); context never moves
 
-Everything that depends on the step index only (t_i, τ_i, δ_i, how many stay masked, which
-step is greedy, how many steps run) is a host table made before the loop (`Schedule`), so a
-step reads no device value and branches on nothing the device computed: it can be captured
-as a CUDA graph. The uniforms come from a `Draws` object in upstream's call order (per step:
-sampling [L, A] unless greedy, then scores [L]), so the global torch generator, a seeded
-generator or recorded draws replay upstream bit for bit on the CPU.
+Everything that depends on the step index (τ_i = max(τ0·t_i, 1e-3), δ_i = δ0·t_i, how many
+stay masked) is a host table (`Schedule`) copied once into device tables that the step reads
+through a device cursor; CFG weights are device scalars. What changes a step's control flow
+(greedy: no sample draw; where the uniforms come from; top-k, CFG on/off) is its host
+`SpeechShape`. So a step issues work and never waits: it traces whole under
+torch.compile(fullgraph=True) and is captured once per shape as a CUDA graph.
+
+Where the uniforms come from (`SpeechShape.draws`):
+  'generator'  GeneratorDraws on the CPU: a torch generator's state tensor, advanced inside the
+               step (kernels.rng.generator_uniform_): the global or a seeded generator gives
+               upstream's numbers in upstream's order, bit for bit.
+  'keyed'      KeyedDraws, and GeneratorDraws on CUDA (seeded from the generator, on the device):
+               the keyed counter RNG (kernels.rng.uniform) at offsets 2i, 2i + 1 of the cursor.
+  'given'      RecordedDraws (fixture replay) or any other `Draws`: written into the step's
+               uniform buffers on the host before each step; the step reads them.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import typing as tp
 
 import torch
 
-from magnet_engine.engine.events import Listener, StageStep
+from magnet_engine.engine import events as ev
+from magnet_engine.engine.graphs import capture_step, compile_step
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter
 from magnet_engine.errors import InvalidOptionError
-from magnet_engine.kernels import backend
+from magnet_engine.kernels import backend, rng
 from magnet_engine.kernels.gumbel_sampling import gumbel_topk_sample
 from magnet_engine.kernels.masking import remask
 
 FLT_MAX = torch.finfo(torch.float32).max
+MAX_STATES = 8   # buffer sets (one per loop geometry) kept per runtime, with their graphs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +82,10 @@ class Schedule:
     """Host tables for one loop over L positions; index i = step."""
     target_len: int
     steps_run: int
-    temperature: torch.Tensor   # [steps_run] fp32: max(τ0·t_i, 1e-3)
-    diversity: torch.Tensor     # [steps_run] fp32: δ0·t_i
-    next_masked: torch.Tensor   # [steps_run] int64: positions still masked after step i
-    greedy: tuple               # [steps_run] bool: argmax instead of Gumbel-max at step i
+    temperature: tp.Tuple[float, ...]   # max(τ0·t_i, 1e-3)
+    diversity: tp.Tuple[float, ...]     # δ0·t_i
+    next_masked: tp.Tuple[int, ...]     # positions still masked after step i (0 at the last step)
+    greedy: tp.Tuple[bool, ...]         # argmax instead of Gumbel-max at step i
 
 
 def make_schedule(target_len: int, options: UnmaskOptions) -> Schedule:
@@ -90,12 +105,13 @@ def make_schedule(target_len: int, options: UnmaskOptions) -> Schedule:
             break
     if options.greedy_last_step_always:
         greedy[-1] = True
-    return Schedule(target_len, len(counts), torch.tensor(temps, dtype=torch.float32),
-                    torch.tensor(divs, dtype=torch.float32), torch.tensor(counts, dtype=torch.int64), tuple(greedy))
+    return Schedule(target_len, len(counts), tuple(temps), tuple(divs), tuple(counts), tuple(greedy))
 
 
+# ----------------------------------------------------------------------------- draws
 class Draws(tp.Protocol):
-    """Fills the step's uniform buffers in upstream's order: sample (if not greedy), then score."""
+    """Fills a step's uniform buffers in upstream's order: sample (if not greedy), then score.
+    The plain loop (reference.py) calls these; the runtime calls them only in 'given' mode."""
 
     def sample(self, step: int, out: torch.Tensor) -> None: ...
 
@@ -103,7 +119,9 @@ class Draws(tp.Protocol):
 
 
 class GeneratorDraws:
-    """uniform_ on a torch generator (None: the global one, as upstream)."""
+    """uniform_ on a torch generator (None: the device's default one, as upstream). The runtime
+    draws inside the step: on the CPU from the generator's state (the same numbers), on CUDA
+    from the keyed RNG seeded by one draw of the generator."""
 
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator
@@ -113,6 +131,26 @@ class GeneratorDraws:
 
     def score(self, step: int, out: torch.Tensor) -> None:
         out.uniform_(0, 1, generator=self.generator)
+
+
+class KeyedDraws:
+    """The keyed counter RNG: step i's sample uniform of (row, unit) is uniform(seed, 2i, row·A +
+    unit), its score uniform of row uniform(seed, 2i + 1, row). Reproducible on every device."""
+
+    def __init__(self, seed: int):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidOptionError(f"seed must be an int, found {seed!r}")
+        self.seed = seed
+
+    def sample(self, step: int, out: torch.Tensor) -> None:
+        index = torch.arange(out.numel(), device=out.device).view(out.shape)
+        out.copy_(rng.uniform(torch.tensor(self.seed, device=out.device), torch.tensor(2 * step, device=out.device),
+                              index))
+
+    def score(self, step: int, out: torch.Tensor) -> None:
+        index = torch.arange(out.numel(), device=out.device)
+        out.copy_(rng.uniform(torch.tensor(self.seed, device=out.device),
+                              torch.tensor(2 * step + 1, device=out.device), index))
 
 
 class RecordedDraws:
@@ -128,15 +166,18 @@ class RecordedDraws:
         out.copy_(self.score_u[step].reshape(out.shape))
 
 
-def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, guidance: float, rescale: float,
-            std_rows: slice | None = None) -> torch.Tensor:
+# ----------------------------------------------------------------------------- pieces
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, guidance, rescale, std_rows: slice | None = None,
+            keep=None) -> torch.Tensor:
     """[N, D] audio rows of both passes -> guided rows; upstream's op order (§4.7 step 2).
-    std over all elements of `std_rows` (all rows by default), unbiased."""
+    std over all elements of `std_rows` (all rows by default), unbiased. guidance, rescale:
+    floats or 0-d fp32 tensors; keep: 1 - rescale (given as a tensor when rescale is one, so
+    that it is fp32(1 - rescale), as upstream's float arithmetic rounds it)."""
     rows = slice(None) if std_rows is None else std_rows
     pos_std = cond[rows].std()
     mixed = cond + guidance * (cond - uncond)
     rescaled = mixed * pos_std / mixed[rows].std()
-    return rescale * rescaled + (1 - rescale) * mixed
+    return rescale * rescaled + (1 - rescale if keep is None else keep) * mixed
 
 
 def build_ids(model: Inpainter, text: torch.Tensor, left: torch.Tensor, right: torch.Tensor, target_len: int,
@@ -155,85 +196,6 @@ def build_ids(model: Inpainter, text: torch.Tensor, left: torch.Tensor, right: t
     return torch.stack([row, null])
 
 
-class Unmasker:
-    """Static buffers and the step for one loop; `run` walks the schedule.
-
-    text: [Lt'] text ids without BOS/EOS; left: [P], right: [Q] units; all int64 on the
-    model's device."""
-
-    def __init__(self, model: Inpainter, text: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
-                 target_len: int, options: UnmaskOptions):
-        options.check(model.cfg.codebook_size)
-        self.model, self.options = model, options
-        self.schedule = make_schedule(target_len, options)
-        dev = model.to_logits.weight.device
-        cfg = model.cfg
-        self.cfg_on = options.guidance > 0
-        self.ids = build_ids(model, text.to(dev), left.to(dev), right.to(dev), target_len, self.cfg_on)
-        self.text_len = text.numel() + 2
-        self.left, self.target_len, self.right = left.numel(), target_len, right.numel()
-        start = self.text_len + self.left
-        self.target = self.ids[0, start:start + target_len]          # view: the canvas being filled
-        self.target_rows = self.ids[:, start:start + target_len]     # both CFG rows
-        self.masked = torch.ones(target_len, dtype=torch.bool, device=dev)
-        self.sample_u = torch.empty(target_len, cfg.codebook_size, device=dev)
-        self.score_u = torch.empty(target_len, device=dev)
-        sched = self.schedule
-        self.temperature = sched.temperature.to(dev)
-        self.diversity = sched.diversity.to(dev)
-        self.next_masked = sched.next_masked.to(dev)
-        self.neg_max = torch.tensor(-FLT_MAX, device=dev)
-        self.impls = backend.resolve(dev)  # once, outside the step: the step reads one attribute
-
-    @torch.inference_mode()
-    def logits(self) -> torch.Tensor:
-        """[L, A] fp32: guided logits of the target rows from one batched forward."""
-        # fp32 from here on (a no-op for an fp32 model): the CFG stds and the sampling need it.
-        hidden = self.model.hidden(self.ids)[:, self.text_len:].float()      # [R, P + L + Q, D]
-        rows = slice(self.left, self.left + self.target_len)
-        if self.cfg_on:
-            std_rows = rows if self.options.cfg_std_target_only else None
-            guided = cfg_mix(hidden[0], hidden[1], self.options.guidance, self.options.rescale, std_rows)
-        else:
-            guided = hidden[0]
-        head = self.model.to_logits
-        return head(guided[rows].to(head.weight.dtype)).float()
-
-    @torch.inference_mode()
-    def step(self, i: int, draws: Draws) -> None:
-        """One unmasking step on the static buffers; reads no device value."""
-        logits = self.logits()
-        greedy = self.schedule.greedy[i]
-        if not greedy:
-            draws.sample(i, self.sample_u)
-        draws.score(i, self.score_u)
-        tokens, scores = gumbel_topk_sample(logits, None if greedy else self.sample_u, self.score_u,
-                                            self.temperature[i], self.diversity[i], top_k=self.options.topk,
-                                            impl=self.impls)
-        vocab = self.model.cfg.vocab_size
-        self.target.copy_(torch.where(self.masked, tokens + vocab, self.target))
-        if i + 1 < self.schedule.steps_run:
-            scores = torch.where(self.masked, scores, self.neg_max)
-            masked = remask(self.target[None], scores[None], self.next_masked[i], span_len=1,
-                            arrangement="token", prompt_len=0, mask_id=self.model.cfg.mask, impl=self.impls)
-            self.masked.copy_(masked[0])
-        if self.cfg_on:
-            self.target_rows[1].copy_(self.target)
-
-    @torch.inference_mode()
-    def run(self, draws: Draws, listener: Listener | None = None) -> torch.Tensor:
-        """-> units [P + L + Q] int64 (context unchanged, target filled). A listener gets
-        StageStep events whose canvas [1, 1, P + L + Q] holds units, MASK as A (the card)."""
-        steps = self.schedule.steps_run
-        vocab = self.model.cfg.vocab_size
-        for i in range(steps):
-            self.step(i, draws)
-            if listener is not None:
-                listener(StageStep(stage=0, step=i, steps=steps, done=i + 1, total=steps,
-                                   canvas=self.ids[0:1, None, self.text_len:] - vocab))
-        return self.ids[0, self.text_len:] - vocab
-
-
 def split_code(code: torch.Tensor, start_frame: int, end_frame: int) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Upstream `generate`'s reading of (code [T], start, end) -> (left, L, right) (spec §4.6).
 
@@ -249,14 +211,212 @@ def split_code(code: torch.Tensor, start_frame: int, end_frame: int) -> tuple[to
     return left, end_frame - start_frame + 1, right
 
 
-def generate(model: Inpainter, text: torch.Tensor, options: UnmaskOptions, draws: Draws, *,
-             target_len: int | None = None, code: torch.Tensor | None = None, start_frame: int | None = None,
-             end_frame: int | None = None, listener: Listener | None = None) -> torch.Tensor:
-    """Upstream `MaskGCT.generate` on the fast loop: TTS (target_len, no code) or inpainting
-    (code [T] units with the target at [start_frame, end_frame]). text: [Lt'] ids. -> units [T']."""
-    if code is None:
-        left = right = text.new_zeros(0)
-        length = int(target_len)
-    else:
-        left, length, right = split_code(code, int(start_frame), int(end_frame))
-    return Unmasker(model, text, left, right, length, options).run(draws, listener)
+# ----------------------------------------------------------------------------- the step
+@dataclasses.dataclass(frozen=True)
+class SpeechShape:
+    """What fixes a step's control flow (host values): one compiled graph / CUDA graph each."""
+    greedy: bool            # argmax; no sample draw (upstream draws none on that step)
+    draws: str              # 'generator', 'keyed' or 'given' (module docstring)
+    top_k: int
+    cfg: bool               # guidance > 0: two rows, mixed on the hidden states
+    std_target_only: bool   # quirk-14 fix: CFG std over the target rows
+
+
+@dataclasses.dataclass
+class SpeechState:
+    """Every buffer a step reads or writes, allocated before the loop; reused by later loops of
+    the same geometry (rows, text, left, target, right lengths, steps) so graphs stay valid."""
+    text_len: int              # BOS + inner text + EOS
+    left: int                  # P
+    target: int                # L
+    ids: torch.Tensor          # [R, S] int64: the model input; the target rows are the canvas
+    units: torch.Tensor        # [1, 1, P + L + Q] int64: the canvas as units (MASK as A), for events
+    masked: torch.Tensor       # [L] bool: target positions still masked
+    sample_u: torch.Tensor     # [L, A] fp32 uniforms of the Gumbel-max draw
+    score_u: torch.Tensor      # [L] fp32 uniforms of the confidence noise
+    sample_index: torch.Tensor  # [L, A] int64: the keyed RNG's element index
+    score_index: torch.Tensor  # [L] int64
+    rng_state: torch.Tensor    # [5056] uint8: a CPU torch generator's state ('generator' draws)
+    seed: torch.Tensor         # 0-d int64 ('keyed' draws)
+    cursor: torch.Tensor       # 0-d int64: the step index
+    temps: torch.Tensor        # [n] fp32
+    divs: torch.Tensor         # [n] fp32
+    next_masked: torch.Tensor  # [n] int64
+    mix: torch.Tensor          # [3] fp32: guidance, rescale, 1 - rescale
+    neg_max: torch.Tensor      # 0-d fp32: -FLT_MAX, the score of committed positions
+    graphs: tp.Dict[SpeechShape, tp.Any] = dataclasses.field(default_factory=dict)
+
+
+class SpeechRuntime:
+    """The inpainter prepared for unmasking, with buffers (and graphs) reused across loops.
+
+    impl: the kernels' implementation (None: the best for the device). compile: the whole step
+    through torch.compile(fullgraph=True). cuda_graphs: capture each step shape once as a CUDA
+    graph and replay it (CUDA only). Every mode computes the same tokens from the same draws."""
+
+    def __init__(self, model: Inpainter, impl: str | None = None, compile: bool = False, cuda_graphs: bool = False):
+        self.model = model
+        self.cfg = model.cfg
+        self.device = model.to_logits.weight.device
+        if cuda_graphs and self.device.type != "cuda":
+            raise InvalidOptionError("cuda_graphs=True needs the inpainter on a CUDA device")
+        self.impl = backend.resolve(self.device, impl)   # once, outside the step
+        self.cuda_graphs = cuda_graphs
+        self._states: "collections.OrderedDict[tuple, SpeechState]" = collections.OrderedDict()
+        self._step_fn = self._step
+        if compile:
+            self._step_fn = compile_step(self._step)
+
+    def state(self, rows: int, text_len: int, left: int, target: int, right: int, steps: int) -> SpeechState:
+        """The buffers of one loop geometry; the MAX_STATES most recently used are kept."""
+        key = (rows, text_len, left, target, right, steps)
+        st = self._states.pop(key, None)
+        if st is None:
+            dev, card = self.device, self.cfg.codebook_size
+            st = SpeechState(
+                text_len, left, target,
+                ids=torch.zeros(rows, text_len + left + target + right, dtype=torch.long, device=dev),
+                units=torch.zeros(1, 1, left + target + right, dtype=torch.long, device=dev),
+                masked=torch.ones(target, dtype=torch.bool, device=dev),
+                sample_u=torch.zeros(target, card, device=dev),
+                score_u=torch.zeros(target, device=dev),
+                sample_index=torch.arange(target * card, device=dev).view(target, card),
+                score_index=torch.arange(target, device=dev),
+                rng_state=torch.zeros(torch.default_generator.get_state().numel() if dev.type == "cpu" else 0,
+                                      dtype=torch.uint8),
+                seed=torch.zeros((), dtype=torch.long, device=dev),
+                cursor=torch.zeros((), dtype=torch.long, device=dev),
+                temps=torch.zeros(steps, device=dev), divs=torch.zeros(steps, device=dev),
+                next_masked=torch.zeros(steps, dtype=torch.long, device=dev),
+                mix=torch.zeros(3, device=dev), neg_max=torch.tensor(-FLT_MAX, device=dev))
+        self._states[key] = st                           # most recently used last
+        while len(self._states) > MAX_STATES:
+            self._states.popitem(last=False)
+        return st
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def logits(self, st: SpeechState, shape: SpeechShape) -> torch.Tensor:
+        """[L, A] fp32: guided logits of the target rows from one batched forward of st.ids."""
+        # fp32 from here on (a no-op for an fp32 model): the CFG stds and the sampling need it.
+        hidden = self.model.hidden(st.ids)[:, st.text_len:].float()      # [R, P + L + Q, D]
+        rows = slice(st.left, st.left + st.target)
+        if shape.cfg:
+            guided = cfg_mix(hidden[0], hidden[1], st.mix[0], st.mix[1], rows if shape.std_target_only else None,
+                             keep=st.mix[2])
+        else:
+            guided = hidden[0]
+        head = self.model.to_logits
+        return head(guided[rows].to(head.weight.dtype)).float()
+
+    def _step(self, st: SpeechState, shape: SpeechShape) -> None:
+        """One unmasking step on `st`'s buffers: forward, draw, sample, commit, re-mask.
+        Every per-step value comes from the device tables through st.cursor: no host sync,
+        no host-to-device copy, no branch on a device value."""
+        at = st.cursor.view(1)
+        temperature = st.temps.index_select(0, at).view(())
+        diversity = st.divs.index_select(0, at).view(())
+        still_masked = st.next_masked.index_select(0, at).view(())
+        logits = self.logits(st, shape)
+        if shape.draws == "generator":          # upstream's order: the sample draw, then the score's
+            if not shape.greedy:
+                rng.generator_uniform_(st.sample_u, st.rng_state)
+            rng.generator_uniform_(st.score_u, st.rng_state)
+        elif shape.draws == "keyed":
+            offset = st.cursor * 2
+            if not shape.greedy:
+                st.sample_u.copy_(rng.uniform(st.seed, offset, st.sample_index))
+            st.score_u.copy_(rng.uniform(st.seed, offset + 1, st.score_index))
+        tokens, scores = gumbel_topk_sample(logits, None if shape.greedy else st.sample_u, st.score_u, temperature,
+                                            diversity, top_k=shape.top_k, impl=self.impl)
+        cfg = self.cfg
+        start = st.text_len + st.left
+        target = st.ids[0, start:start + st.target]                       # view: the canvas
+        target.copy_(torch.where(st.masked, tokens + cfg.vocab_size, target))
+        scores = torch.where(st.masked, scores, st.neg_max)
+        # after the last step still_masked is 0: nothing is re-masked and `masked` empties
+        masked = remask(target[None], scores[None], still_masked, span_len=1, arrangement="token", prompt_len=0,
+                        mask_id=cfg.mask, impl=self.impl)
+        st.masked.copy_(masked[0])
+        if shape.cfg:
+            st.ids[1, start:start + st.target].copy_(target)
+        st.units.copy_(st.ids[0:1, None, st.text_len:] - cfg.vocab_size)
+        st.cursor.add_(1)
+
+    @torch.no_grad()
+    def step(self, st: SpeechState, shape: SpeechShape, i: int, draws: Draws | None = None) -> None:
+        """Step i: host-given uniforms written first ('given'), then the step, as a CUDA
+        graph replay when cuda_graphs is on."""
+        if shape.draws == "given":
+            if not shape.greedy:
+                draws.sample(i, st.sample_u)
+            draws.score(i, st.score_u)
+        if self.cuda_graphs:
+            graph = st.graphs.get(shape)
+            if graph is None:
+                graph = st.graphs[shape] = capture_step(
+                    lambda: self._step_fn(st, shape),
+                    (st.ids, st.units, st.masked, st.sample_u, st.score_u, st.cursor))
+            graph.replay()
+        else:
+            self._step_fn(st, shape)
+
+    # ------------------------------------------------------------- one loop
+    @torch.no_grad()
+    def prepare(self, schedule: Schedule, options: UnmaskOptions, text: torch.Tensor, left: torch.Tensor,
+                right: torch.Tensor, draws: Draws) -> tp.Tuple[SpeechState, tp.List[SpeechShape]]:
+        """Everything before the loop: the call's inputs and tables copied into the static
+        buffers, the draw source set up, every step's shape. text [Lt'] ids; left [P], right
+        [Q] units."""
+        options.check(self.cfg.codebook_size)
+        dev = self.device
+        cfg_on = options.guidance > 0
+        ids = build_ids(self.model, text.to(dev), left.to(dev), right.to(dev), schedule.target_len, cfg_on)
+        st = self.state(ids.shape[0], text.numel() + 2, left.numel(), schedule.target_len, right.numel(),
+                        schedule.steps_run)
+        st.ids.copy_(ids)
+        st.units.copy_(st.ids[0:1, None, st.text_len:] - self.cfg.vocab_size)
+        st.masked.fill_(True)
+        st.temps.copy_(torch.tensor(schedule.temperature, dtype=torch.float32))
+        st.divs.copy_(torch.tensor(schedule.diversity, dtype=torch.float32))
+        st.next_masked.copy_(torch.tensor(schedule.next_masked, dtype=torch.long))
+        # fp32 of the double values, as upstream's Python floats enter its fp32 ops
+        st.mix.copy_(torch.tensor([options.guidance, options.rescale, 1 - options.rescale], dtype=torch.float32))
+        st.cursor.zero_()
+        mode = self._set_draws(st, draws)
+        return st, [SpeechShape(greedy, mode, options.topk, cfg_on, options.cfg_std_target_only)
+                    for greedy in schedule.greedy]
+
+    def _set_draws(self, st: SpeechState, draws: Draws) -> str:
+        if isinstance(draws, KeyedDraws):
+            st.seed.fill_(draws.seed)
+            return "keyed"
+        if not isinstance(draws, GeneratorDraws):
+            return "given"
+        gen = draws.generator
+        if gen is not None and gen.device.type != self.device.type:
+            raise InvalidOptionError(f"the draws' generator is on {gen.device}, the inpainter on {self.device}")
+        if self.device.type == "cpu":
+            st.rng_state.copy_((gen or torch.default_generator).get_state())
+            return "generator"
+        st.seed.copy_(torch.randint(0, 2 ** 62, (), generator=gen, device=self.device))
+        return "keyed"
+
+    @torch.no_grad()
+    def generate(self, schedule: Schedule, options: UnmaskOptions, text: torch.Tensor, left: torch.Tensor,
+                 right: torch.Tensor, draws: Draws, listener: ev.Listener | None = None, *, done_before: int = 0,
+                 total: int | None = None) -> torch.Tensor:
+        """One loop -> units [P + L + Q] int64 (context unchanged, target filled). A listener
+        gets a StageStep after every step (stage 0; canvas: the live [1, 1, P + L + Q] units,
+        MASK as A); done_before / total: step counts of the whole run."""
+        st, shapes = self.prepare(schedule, options, text, left, right, draws)
+        total = done_before + len(shapes) if total is None else total
+        try:
+            for i, shape in enumerate(shapes):
+                self.step(st, shape, i, draws)
+                if listener is not None:
+                    listener(ev.StageStep(0, i, len(shapes), done_before + i + 1, total, st.units))
+        finally:
+            if shapes[0].draws == "generator":   # the generator advances as upstream's, even on a cancel
+                (draws.generator or torch.default_generator).set_state(st.rng_state)
+        return st.units[0, 0].clone()

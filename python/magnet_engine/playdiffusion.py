@@ -126,11 +126,15 @@ class PlayDiffusion:
     """Loads all components once; thread-safe (calls are serialised)."""
 
     def __init__(self, model: tp.Union[str, os.PathLike] = RANDOM_MODEL, device: tp.Optional[str] = None,
-                 precision=None, unmask_fixes: tp.Optional[dict] = None, planner_fixes: tp.Optional[dict] = None):
+                 precision=None, unmask_fixes: tp.Optional[dict] = None, planner_fixes: tp.Optional[dict] = None,
+                 compile: bool = False, cuda_graphs: bool = False):
         """model: a directory with the six upstream files, a Hub id ("PlayHT/inpainter"), or
         "random" (default). precision: an engine.playdiffusion.pipeline.Precision.
         unmask_fixes / planner_fixes: named fixes of upstream quirks (UnmaskOptions /
-        PlannerOptions fields), all off by default."""
+        PlannerOptions fields), all off by default. compile: run the unmasking step through
+        torch.compile(fullgraph=True) (compiled once per step shape, on the first call).
+        cuda_graphs: capture the unmasking step once per step shape as a CUDA graph and replay
+        it (CUDA only). Both give the eager tokens for the same draws."""
         from magnet_engine.engine.playdiffusion.pipeline import PlayDiffusionPipeline, Precision
         from magnet_engine.engine.playdiffusion.planner import PlannerOptions
         from magnet_engine.engine.playdiffusion.unmasking import UnmaskOptions
@@ -141,8 +145,11 @@ class PlayDiffusion:
         except TypeError as e:
             raise InvalidOptionError(f"unknown quirk fix: {e}") from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if cuda_graphs and torch.device(device).type != "cuda":
+            raise InvalidOptionError(f"cuda_graphs=True needs a CUDA device, found {device!r}")
         root = random_model_dir() if str(model) == RANDOM_MODEL else model
-        self.pipeline = PlayDiffusionPipeline.load(root, device, precision or Precision())
+        self.pipeline = PlayDiffusionPipeline.load(root, device, precision or Precision(), compile=compile,
+                                                   cuda_graphs=cuda_graphs)
         self._lock = threading.Lock()
 
     @property

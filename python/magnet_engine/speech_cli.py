@@ -36,6 +36,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "a random-weight tiny model, no download; it makes noise, not speech)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the unmasking step whole")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the unmasking step once per shape as a CUDA graph and replay it (CUDA only)")
     p.add_argument("-o", "--output", required=True, type=Path, help="output wav (16-bit PCM)")
 
 
@@ -88,13 +91,13 @@ def run(args) -> int:
     if args.mode == "edit":
         request = dict(audio=args.audio, input_text=args.input_text, output_text=args.output_text,
                        input_word_times=_word_times(args.word_times), **_settings(args))
-        model = PlayDiffusion(args.model, device=args.device)
+        model = PlayDiffusion(args.model, device=args.device, compile=args.compile, cuda_graphs=args.cuda_graphs)
         sr, pcm = model.inpaint(request, seed=args.seed)
     elif args.mode == "tts":
-        model = PlayDiffusion(args.model, device=args.device)
+        model = PlayDiffusion(args.model, device=args.device, compile=args.compile, cuda_graphs=args.cuda_graphs)
         sr, pcm = model.tts(dict(output_text=args.text, voice=args.voice, **_settings(args)), seed=args.seed)
     else:
-        model = PlayDiffusion(args.model, device=args.device)
+        model = PlayDiffusion(args.model, device=args.device, compile=args.compile, cuda_graphs=args.cuda_graphs)
         sr, pcm = model.rvc(dict(source_speech=args.source, target_voice=args.voice))
     path = write_pcm16(args.output, pcm, sr)
     print(f"wrote {path}: {len(pcm) / sr:.2f} s at {sr} Hz in {time.perf_counter() - start:.2f} s")
