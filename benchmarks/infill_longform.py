@@ -44,25 +44,36 @@ def _clip(model: MAGNeT, seconds: float) -> torch.Tensor:
 def bench_infill(model: MAGNeT, clip_s: float, region, runs: int) -> dict:
     clip = _clip(model, clip_s)
     rows = {"plain_tokens": [], "infill_tokens": [], "infill_encode": [], "plain_e2e": [], "infill_e2e": []}
-    for run in range(runs + 1):                      # run 0 warms up
+
+    def plain(run):
         t0 = time.perf_counter()
         model.generate_tokens([TEXT], seed=run, duration=clip_s)
         t1 = time.perf_counter()
-        codes, texts, plan, seeds = model._infill_request(clip, model.sample_rate, [region], [TEXT], run)
-        t2 = time.perf_counter()
-        model._tokens(texts, None, False, seeds, infill=(plan, codes))
-        t3 = time.perf_counter()
         model.generate([TEXT], seed=run) if model.duration == clip_s else None
-        t4 = time.perf_counter()
+        return {"plain_tokens": t1 - t0, "plain_e2e": time.perf_counter() - t1}
+
+    def infill(run):
+        nonlocal plan
+        t0 = time.perf_counter()
+        codes, texts, plan, seeds = model._infill_request(clip, model.sample_rate, [region], [TEXT], run)
+        t1 = time.perf_counter()
+        model._tokens(texts, None, False, seeds, infill=(plan, codes))
+        t2 = time.perf_counter()
         model.generate_infill(clip, model.sample_rate, [region], [TEXT], seed=run)
-        t5 = time.perf_counter()
+        return {"infill_encode": t1 - t0, "infill_tokens": t2 - t1, "infill_e2e": time.perf_counter() - t2}
+
+    plan = None
+    for run in range(runs + 1):                      # run 0 warms up; the order alternates (ABBA...)
+        first, second = (plain, infill) if run % 2 == 0 else (infill, plain)
+        times = {**first(run), **second(run)}
         if run:
-            for key, value in zip(rows, (t1 - t0, t3 - t2, t2 - t1, t4 - t3, t5 - t4)):
+            for key, value in times.items():
                 rows[key].append(value)
     out = {key: statistics.median(v) for key, v in rows.items()}
-    out.update(clip_s=clip_s, region_s=list(region), runs=runs,
+    out.update(clip_s=clip_s, region_s=list(region), runs=runs, each_run=rows,
                region_frames=[list(r) for r in _regions(plan)],
-               infill_over_plain_tokens=out["infill_tokens"] / out["plain_tokens"])
+               infill_over_plain_tokens=out["infill_tokens"] / out["plain_tokens"],
+               infill_over_plain_tokens_each_run=[i / p for i, p in zip(rows["infill_tokens"], rows["plain_tokens"])])
     return out
 
 
@@ -114,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--extend-stride", type=float, default=None, help="default: the API's (0.6 x window)")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--skip-infill", action="store_true")
+    parser.add_argument("--skip-longform", action="store_true")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -132,7 +144,7 @@ def main(argv=None) -> int:
               f"{r['infill_encode']:.2f} s) vs plain {r['plain_tokens']:.2f} s = {r['infill_over_plain_tokens']:.2f}x; "
               f"end-to-end {r['infill_e2e']:.2f} s vs {r['plain_e2e']:.2f} s")
     report["longform"] = []
-    for duration in args.durations:
+    for duration in ([] if args.skip_longform else args.durations):
         r = bench_longform(model, duration)
         report["longform"].append(r)
         print(f"long-form {duration:g} s: {r['windows']} windows, first audio {r['first_audio_s']:.2f} s, all audio "
