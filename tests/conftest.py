@@ -43,3 +43,12 @@ def fixture_lm(fixtures):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped here, run by benchmarks/gpu_suite.sh")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random-weight model directory of the tiny preset in the published layout (read-only
+    for the tests that share it: build your own to change files in it)."""
+    from magnet_engine.demo import build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("tiny-model"), "tiny", seed=0)

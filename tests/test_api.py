@@ -11,11 +11,6 @@ from magnet_engine.errors import InvalidInputError, InvalidOptionError, ModelNot
 FAST = dict(decoding_steps=[3, 2, 2, 2])
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return build_random_model(tmp_path_factory.mktemp("tiny-model"), "tiny", seed=0)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_dir):
     m = MAGNeT.from_pretrained(tiny_dir, device="cpu")

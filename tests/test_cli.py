@@ -17,11 +17,6 @@ FAST = ["--duration", "0.3", "--decoding-steps", "2", "1", "1", "1", "-q", "--de
 WAV = torch.zeros(1, 640)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_random_model(tmp_path_factory.mktemp("tiny-cli"), "tiny")
-
-
 def run_cli(capsys, *argv):
     code = cli.main([str(a) for a in argv])
     out = capsys.readouterr()

@@ -35,11 +35,6 @@ HTTP_TIMEOUT_S = 90   # a request with no answer by then counts as hung
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_random_model(tmp_path_factory.mktemp("tiny-model"), "tiny")
-
-
-@pytest.fixture(scope="module")
 def tiny_model(tiny_dir):
     return MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="fast")
 

@@ -32,11 +32,6 @@ WORDS = ("piano drums guitar bass jazz rock techno rain choir strings synth funk
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return build_random_model(tmp_path_factory.mktemp("tiny-model"), "tiny")
-
-
-@pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     return MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="fast")
 
