@@ -26,6 +26,7 @@ from magnet_engine.cluster import APP_NAME, MODEL_DEPLOYMENT, ModelSpec, applica
 from magnet_engine.demo import build_random_model  # noqa: E402
 from magnet_engine.engine.config import DecodingParams  # noqa: E402
 from magnet_engine.server import Settings, text_token_count  # noqa: E402
+from service_helpers import sse_events  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -80,13 +81,6 @@ def assert_same_audio(got: bytes, want: bytes) -> None:
     (as in test_server). A different token moves samples by far more."""
     a, b = sf.read(io.BytesIO(got), dtype="int16")[0], sf.read(io.BytesIO(want), dtype="int16")[0]
     assert a.shape == b.shape and abs(a.astype(int) - b.astype(int)).max() <= 1
-
-
-def sse_events(text: str) -> list:
-    """[(event, data)] of a server-sent event stream."""
-    kinds = [line[len("event: "):] for line in text.splitlines() if line.startswith("event: ")]
-    datas = [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
-    return list(zip(kinds, datas))
 
 
 def model_replicas() -> dict:

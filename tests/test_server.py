@@ -24,6 +24,7 @@ from magnet_engine.engine.events import StageStep
 from magnet_engine.audio import wav_bytes
 from magnet_engine.demo import build_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app, text_token_count
+from service_helpers import metric, sse_events, wait_until
 
 FAST = {"duration": 0.3, "decoding_steps": [2, 1, 1, 1]}
 LONGER = "warm lo-fi piano with soft vinyl crackle and slow cinematic strings"
@@ -95,33 +96,6 @@ def assert_same_audio(got: bytes, want: bytes) -> None:
     Any token that differed would move samples by far more."""
     a, b = sf.read(io.BytesIO(got), dtype="int16")[0], sf.read(io.BytesIO(want), dtype="int16")[0]
     assert a.shape == b.shape and abs(a.astype(int) - b.astype(int)).max() <= 1
-
-
-def metric(client, name: str, **labels) -> float:
-    """One sample of the Prometheus exposition, parsed by prometheus_client; 0 when absent."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == {k: str(v) for k, v in labels.items()}:
-                return sample.value
-    return 0.0
-
-
-def wait_until(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
-def sse_events(text: str):
-    events = []
-    for block in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
-        if lines:
-            events.append((lines["event"], json.loads(lines["data"])))
-    return events
 
 
 # ---------------------------------------------------------------- endpoints

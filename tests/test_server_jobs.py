@@ -12,7 +12,6 @@ import io
 import json
 import socket
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -25,6 +24,7 @@ from magnet_engine.api import MAGNeT
 from magnet_engine.demo import build_random_model
 from magnet_engine.engine.events import StageStep
 from magnet_engine.server import BackgroundServer, Settings, create_app
+from service_helpers import metric, sse_events, wait_until
 
 GEN = {"duration": 0.3, "decoding_steps": [50, 1, 1, 1], "description": "warm piano"}
 EDIT_STEPS = json.dumps([50, 50, 50, 50])
@@ -84,23 +84,6 @@ def app_for(model, **settings):
     return create_app(model, Settings(**settings))
 
 
-def metric(client, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == {k: str(v) for k, v in labels.items()}:
-                return sample.value
-    return 0.0
-
-
-def wait_until(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 def clip_wav(seconds=0.8, rate=32000) -> bytes:
     t = torch.arange(int(rate * seconds)) / rate
     buf = io.BytesIO()
@@ -111,18 +94,6 @@ def clip_wav(seconds=0.8, rate=32000) -> bytes:
 def edit(client, **fields):
     form = {"regions": json.dumps([[0.1, 0.3]]), "seed": "1", **fields}
     return client.post("/v1/edit", files={"audio": ("clip.wav", clip_wav(), "audio/wav")}, data=form)
-
-
-def sse_events(lines):
-    seen, kind = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            kind = line[7:]
-        elif line.startswith("data: "):
-            seen.append((kind, json.loads(line[6:])))
-            if kind in ("done", "error"):
-                break
-    return seen
 
 
 def test_an_edit_flood_is_bounded_by_the_queue(held):
@@ -211,7 +182,7 @@ def test_an_edit_owns_its_request_id_and_streams_progress(held):
             finally:
                 held.gate.set()
             assert first.result().status_code == 200
-        kinds = [k for k, _ in sse_events(client.get("/v1/progress/mine").text.splitlines())]
+        kinds = [k for k, _ in sse_events(client.get("/v1/progress/mine").text)]
     assert again.status_code == generate.status_code == 409
     assert again.json()["error"]["type"] == "Conflict"
     assert kinds[:2] == ["queued", "started"] and "step" in kinds and kinds[-1] == "done"
@@ -228,7 +199,7 @@ def test_a_watched_edit_streams_its_token_canvas(tiny):
             stream = pool.submit(client.get, "/v1/progress/watched")
             wait_until(lambda: client.app.state.hub.get("watched") is not None)
             assert edit(client, request_id="watched").status_code == 200
-            steps = [data for kind, data in sse_events(stream.result(timeout=60).text.splitlines()) if kind == "step"]
+            steps = [data for kind, data in sse_events(stream.result(timeout=60).text) if kind == "step"]
     assert [s["done"] for s in steps] == list(range(1, 10))           # steps 3, 2, 2, 2
     shape = steps[0]["canvas"]["codebooks"], steps[0]["canvas"]["frames"]
     grids = [np.frombuffer(base64.b64decode(s["canvas"]["cells"]), dtype=np.uint8).reshape(shape) for s in steps]

@@ -1,7 +1,6 @@
 """Long-form streaming routes (stream_routes.stream_router) as the service mounts them, tiny random model.
 (Their queue bound: tests/test_server_jobs.py.)"""
 import io
-import json
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from magnet_engine import MAGNeT, stream_routes
 from magnet_engine.demo import build_random_model
 from magnet_engine.server import Settings, create_app
 from magnet_engine.stream_routes import StreamLimits
+from service_helpers import sse_events
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +25,8 @@ def client(tmp_path_factory):
 
 
 def _events(http, run_id):
-    seen = []
     with http.stream("GET", f"/v1/stream/{run_id}/events") as answer:
-        kind = None
-        for line in answer.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                seen.append((kind, json.loads(line[6:])))
-                if kind in ("done", "error"):
-                    break
-    return seen
+        return sse_events(answer.iter_lines())
 
 
 def test_long_form_streams_chunks_that_join_to_the_clip(client):
