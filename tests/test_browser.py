@@ -247,19 +247,15 @@ def full_server(tmp_path_factory):
     """The routes `magnet-engine serve --speech DIR` mounts, on tiny random models: a 2 s MAGNeT
     window (so a 5 s stream is several windows, 1 s apart) and the tiny PlayDiffusion."""
     from magnet_engine import PlayDiffusion
-    from magnet_engine.edit_routes import edit_router
     from magnet_engine.engine.playdiffusion.random_weights import write_random_model
-    from magnet_engine.speech_routes import make_speech_router
-    from magnet_engine.stream_routes import StreamLimits, stream_router
+    from magnet_engine.stream_routes import StreamLimits
 
     model = InfillRecorder(MAGNeT.from_pretrained(build_random_model(tmp_path_factory.mktemp("window"), "tiny",
                                                                      duration=2), device="cpu", name="demo-tiny-2s"))
     model.extend_stride = 1.0
     speech = PlayDiffusion(str(write_random_model(tmp_path_factory.mktemp("speech"), "tiny", seed=1)), device="cpu")
-    app = create_app(model, Settings(note="Demo model with random (untrained) weights: it makes noise, not music."))
-    app.include_router(edit_router(model))
-    app.include_router(stream_router(model, StreamLimits(max_duration=6)))
-    app.include_router(make_speech_router(speech))
+    app = create_app(model, Settings(note="Demo model with random (untrained) weights: it makes noise, not music."),
+                     speech=speech, stream_limits=StreamLimits(max_duration=6))
     with BackgroundServer(app) as url:
         yield url, model
 
