@@ -99,7 +99,9 @@ async function generate(event) {
     $("error").textContent = err.message;
     $("error").hidden = false;
   } finally {
-    events.close();
+    // The answer can overtake the progress stream's last events (two connections): let them
+    // arrive; "done"/"error" close the stream themselves, this only bounds a silent one.
+    setTimeout(() => events.close(), 5000);
     $("generate").disabled = false;
   }
 }
