@@ -402,6 +402,7 @@ def test_demo_page_streams_long_form_gaplessly(driver, full_server, tmp_path):
     url, _ = full_server
     open_page(driver, url)
     assert driver.find_element(By.ID, "stream-duration").get_attribute("value") == "6"   # 3 windows
+    assert driver.find_element(By.ID, "stream-duration").get_attribute("max") == "6"     # the route's limit
     error = driver.find_element(By.ID, "stream-error")
     fill(driver, prompt="slow strings", steps="4,2,2,2", seed="1", stream_duration="7")
     driver.find_element(By.ID, "stream-run").click()

@@ -45,6 +45,7 @@ def test_long_form_streams_chunks_that_join_to_the_clip(client):
 
 def test_one_window_is_one_chunk(client):
     http, _ = client
+    assert http.get("/v1/model").json()["limits"]["max_stream_duration"] == 3     # the page reads it
     run_id = http.post("/v1/stream", json={"duration": 0.5, "seed": 1}).json()["id"]
     assert [k for k, _ in _events(http, run_id)] == ["chunk", "done"]
 

@@ -233,8 +233,11 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
 
     @app.get("/v1/model")
     async def get_model():   # "endpoints": what is mounted, the optional edit/stream/speech routers included
-        return {**model_info(model, settings, batcher.max_batch),
+        info = {**model_info(model, settings, batcher.max_batch),
                 "endpoints": sorted(path for path in app.openapi()["paths"] if path.startswith("/v1/"))}
+        if stream_max is not None:
+            info["limits"]["max_stream_duration"] = stream_max
+        return info
 
     @app.get("/healthz")
     async def healthz():
@@ -250,13 +253,16 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
     async def index():
         return FileResponse(STATIC_DIR / "index.html")
 
+    stream_max = None   # POST /v1/stream's duration limit, when it is mounted
     if getattr(batcher, "runs_tasks", False):
         # imported here: the routers import this package (server.batcher), not the other way round
         from magnet_engine.edit_routes import EditLimits, edit_router
         from magnet_engine.stream_routes import StreamLimits, stream_router
 
         app.include_router(edit_router(model, edit_limits or EditLimits(), jobs=jobs))
-        app.include_router(stream_router(model, stream_limits or StreamLimits(), jobs=jobs))
+        stream_limits = stream_limits or StreamLimits()
+        stream_max = stream_limits.max_duration
+        app.include_router(stream_router(model, stream_limits, jobs=jobs))
         if speech is not None:
             from magnet_engine.speech_routes import SpeechLimits, make_speech_router
 

@@ -143,7 +143,9 @@ function drawStream(state) {
 }
 
 modelReady.then((m) => {
-  $("stream-duration").value = 3 * m.max_duration;
+  const limit = m.limits.max_stream_duration;
+  $("stream-duration").value = limit ? Math.min(3 * m.max_duration, limit) : 3 * m.max_duration;
+  if (limit) $("stream-duration").max = limit;   // the server's 422 stays the authority
   if (!m.endpoints.includes("/v1/stream")) {
     switchOff("stream-box", "This server does not offer long-form streaming (POST /v1/stream); "
               + "`magnet-engine serve` does.");
