@@ -19,7 +19,7 @@ import torch
 
 from magnet_engine.engine.playdiffusion import files
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter, InpainterConfig
-from magnet_engine.engine.playdiffusion.speech_tokenizer import wav2vec2_config
+from magnet_engine.engine.playdiffusion.speech_tokenizer import fairseq2_key, wav2vec2_config
 from magnet_engine.engine.playdiffusion.voice_encoder import VoiceEncoder
 from magnet_engine.engine.playdiffusion.vocoder import Vocoder, WNConv
 
@@ -84,36 +84,6 @@ def write_tokenizer(path: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     _atomic_save(tok, path, lambda t, p: t.save(p))
     return tok.get_vocab_size()
-
-
-# transformers Wav2Vec2 key -> fairseq2 0.4 key: the inverse of speech_tokenizer's map.
-_TO_FAIRSEQ2 = [
-    (r"^feature_extractor\.conv_layers\.(\d+)\.conv\.", r"encoder_frontend.feature_extractor.layers.\1.conv."),
-    (r"^feature_extractor\.conv_layers\.(\d+)\.layer_norm\.",
-     r"encoder_frontend.feature_extractor.layers.\1.layer_norm."),
-    (r"^feature_projection\.layer_norm\.", "encoder_frontend.post_extract_layer_norm."),
-    (r"^feature_projection\.projection\.", "encoder_frontend.model_dim_proj."),
-    (r"^encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0$",
-     "encoder_frontend.pos_encoder.conv.weight_g"),
-    (r"^encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1$",
-     "encoder_frontend.pos_encoder.conv.weight_v"),
-    (r"^encoder\.pos_conv_embed\.conv\.bias$", "encoder_frontend.pos_encoder.conv.bias"),
-    (r"^encoder\.layers\.(\d+)\.layer_norm\.", r"encoder.layers.\1.self_attn_layer_norm."),
-    (r"^encoder\.layers\.(\d+)\.attention\.out_proj\.", r"encoder.layers.\1.self_attn.output_proj."),
-    (r"^encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.", r"encoder.layers.\1.self_attn.\2_proj."),
-    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"encoder.layers.\1.ffn_layer_norm."),
-    (r"^encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.", r"encoder.layers.\1.ffn.inner_proj."),
-    (r"^encoder\.layers\.(\d+)\.feed_forward\.output_dense\.", r"encoder.layers.\1.ffn.output_proj."),
-]
-
-
-def fairseq2_key(hf_key: str) -> str:
-    import re
-
-    for pattern, repl in _TO_FAIRSEQ2:
-        if re.match(pattern, hf_key):
-            return re.sub(pattern, repl, hf_key)
-    raise KeyError(f"no fairseq2 name for {hf_key!r}")
 
 
 def _init_wn(module: torch.nn.Module, std: float, generator: torch.Generator) -> None:

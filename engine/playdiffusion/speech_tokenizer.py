@@ -20,31 +20,62 @@ SAMPLE_RATE = 16000
 NUM_LAYERS = 35  # upstream truncates the 48-layer xlsr2_1b_v2 at max_layer=35
 XLSR2_1B_HEADS = 16
 
-# fairseq2 0.4 key -> transformers Wav2Vec2 key (regex, replacement), in order.
-_KEY_MAP = [
-    (r"^encoder_frontend\.feature_extractor\.layers\.(\d+)\.conv\.", r"feature_extractor.conv_layers.\1.conv."),
-    (r"^encoder_frontend\.feature_extractor\.layers\.(\d+)\.layer_norm\.", r"feature_extractor.conv_layers.\1.layer_norm."),
-    (r"^encoder_frontend\.post_extract_layer_norm\.", "feature_projection.layer_norm."),
-    (r"^encoder_frontend\.model_dim_proj\.", "feature_projection.projection."),
-    (r"^encoder_frontend\.pos_encoder\.conv\.weight_g$", "encoder.pos_conv_embed.conv.parametrizations.weight.original0"),
-    (r"^encoder_frontend\.pos_encoder\.conv\.weight_v$", "encoder.pos_conv_embed.conv.parametrizations.weight.original1"),
-    (r"^encoder_frontend\.pos_encoder\.conv\.bias$", "encoder.pos_conv_embed.conv.bias"),
-    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"encoder.layers.\1.layer_norm."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.output_proj\.", r"encoder.layers.\1.attention.out_proj."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"encoder.layers.\1.attention.\2_proj."),
-    (r"^encoder\.layers\.(\d+)\.ffn_layer_norm\.", r"encoder.layers.\1.final_layer_norm."),
-    (r"^encoder\.layers\.(\d+)\.ffn\.inner_proj\.", r"encoder.layers.\1.feed_forward.intermediate_dense."),
-    (r"^encoder\.layers\.(\d+)\.ffn\.output_proj\.", r"encoder.layers.\1.feed_forward.output_dense."),
+# fairseq2 0.4 names and the transformers Wav2Vec2 names they load into, in matching order:
+# prefixes, or whole names where they end in "$"; {i} is a layer index, {p} one of q, k, v.
+# Both directions are built from this one table (loading; random_weights writing the files).
+_KEY_PAIRS = [
+    ("encoder_frontend.feature_extractor.layers.{i}.conv.", "feature_extractor.conv_layers.{i}.conv."),
+    ("encoder_frontend.feature_extractor.layers.{i}.layer_norm.", "feature_extractor.conv_layers.{i}.layer_norm."),
+    ("encoder_frontend.post_extract_layer_norm.", "feature_projection.layer_norm."),
+    ("encoder_frontend.model_dim_proj.", "feature_projection.projection."),
+    ("encoder_frontend.pos_encoder.conv.weight_g$", "encoder.pos_conv_embed.conv.parametrizations.weight.original0$"),
+    ("encoder_frontend.pos_encoder.conv.weight_v$", "encoder.pos_conv_embed.conv.parametrizations.weight.original1$"),
+    ("encoder_frontend.pos_encoder.conv.bias$", "encoder.pos_conv_embed.conv.bias$"),
+    ("encoder.layers.{i}.self_attn_layer_norm.", "encoder.layers.{i}.layer_norm."),
+    ("encoder.layers.{i}.self_attn.output_proj.", "encoder.layers.{i}.attention.out_proj."),
+    ("encoder.layers.{i}.self_attn.{p}_proj.", "encoder.layers.{i}.attention.{p}_proj."),
+    ("encoder.layers.{i}.ffn_layer_norm.", "encoder.layers.{i}.final_layer_norm."),
+    ("encoder.layers.{i}.ffn.inner_proj.", "encoder.layers.{i}.feed_forward.intermediate_dense."),
+    ("encoder.layers.{i}.ffn.output_proj.", "encoder.layers.{i}.feed_forward.output_dense."),
 ]
+
+
+def _regex_map(to_hf: bool) -> list[tuple[str, str]]:
+    """(pattern, replacement) pairs renaming keys fairseq2 -> transformers, or back."""
+    out = []
+    for fairseq2, hf in _KEY_PAIRS:
+        src, dst = (fairseq2, hf) if to_hf else (hf, fairseq2)
+        exact = src.endswith("$")
+        src, dst = src.rstrip("$"), dst.rstrip("$")
+        pattern = re.escape(src).replace(r"\{i\}", r"(\d+)").replace(r"\{p\}", r"([qkv])")
+        out.append(("^" + pattern + ("$" if exact else ""), dst.replace("{i}", r"\1").replace("{p}", r"\2")))
+    return out
+
+
+_TO_HF, _TO_FAIRSEQ2 = _regex_map(True), _regex_map(False)
+
+
+def _rename(key: str, table: list[tuple[str, str]]) -> str | None:
+    for pattern, repl in table:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
+
+
+def fairseq2_key(hf_key: str) -> str:
+    """The fairseq2 0.4 checkpoint name of a transformers Wav2Vec2 parameter."""
+    key = _rename(hf_key, _TO_FAIRSEQ2)
+    if key is None:
+        raise KeyError(f"no fairseq2 name for {hf_key!r}")
+    return key
+
+
 # Pre-training heads and the removed final norm: present in the file, unused at inference.
 _UNUSED = re.compile(r"^(final_proj|final_target_proj|masker|quantizer)\.|^encoder\.layer_norm\.")
 
 
 def _hf_key(key: str) -> str | None:
-    for pattern, repl in _KEY_MAP:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key)
-    return None
+    return _rename(key, _TO_HF)
 
 
 def wav2vec2_config(state: dict, overrides: dict):
