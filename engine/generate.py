@@ -400,11 +400,10 @@ def run(p: tp.Union[Plan, SpeechPlan], models: Models, cond: tp.Union[torch.Tens
     hooks = list(hook) if isinstance(hook, (list, tuple)) else [hook] * len(phases)
     if len(hooks) != len(phases):
         raise InvalidOptionError(f"expected one confidence hook per window ({len(phases)}), found {len(hooks)}")
-    hook = hooks[0]
     listen(ev.Started(p.total_steps))
     total = p.total_steps
     if p.ar is not None:
-        codes = _run_hybrid(p, models, cond, seeds, ar_cond, hook, listen)
+        codes = _run_hybrid(p, models, cond, seeds, ar_cond, hooks[0], listen)   # one phase
         listen(ev.WindowReady(0, 1, codes))
         listen(ev.Done(codes))
         return codes
