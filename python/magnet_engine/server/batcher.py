@@ -63,6 +63,17 @@ def canvas_snapshot(event: events.StageStep, row: int, mask_id: int) -> dict:
             "cells": base64.b64encode(cells.numpy().tobytes()).decode("ascii")}
 
 
+def publish_step(channel: ProgressChannel, event: events.Event, row: int, mask_id: tp.Optional[int]) -> None:
+    """A run event as a `step` progress event; with row `row`'s token canvas when someone
+    watches the channel and the run has one (mask_id None: it has none)."""
+    data = step_data(event)
+    if data is None:
+        return
+    watched = (mask_id is not None and isinstance(event, events.StageStep) and event.canvas is not None
+               and channel.subscribers)
+    channel.publish("step", {**data, "canvas": canvas_snapshot(event, row, mask_id)} if watched else data)
+
+
 def step_data(event: events.Event) -> tp.Optional[dict]:
     """The `step` progress event of a run event (None: not a step)."""
     if isinstance(event, events.ARStep):          # a hybrid checkpoint's AR prefix comes first
@@ -285,19 +296,15 @@ class Batcher:
                 job.queue_ms = (started - job.enqueued) * 1000
             job.batch_sizes.append(len(batch))
             job.channel.publish("started", {"batch_size": len(batch), "rows": sum(r.job is job for r in batch)})
+        first_row = {id(job): next(i for i, r in enumerate(batch) if r.job is job) for job in jobs}
+
         def on_event(event: events.Event) -> None:
             """Between decoding steps, on this thread: stop when nobody wants the batch any more,
-            else tell each request where the run is (and, to those watching, the token canvas)."""
+            else tell each request where the run is (and, to those watching, its first row's canvas)."""
             if all(job.closed for job in jobs):
                 raise _BatchAbandoned()
-            data = step_data(event)
-            if data is None:
-                return
             for job in jobs:
-                first = next(i for i, r in enumerate(batch) if r.job is job)
-                watched = isinstance(event, events.StageStep) and event.canvas is not None and job.channel.subscribers
-                job.channel.publish("step", {**data, "canvas": canvas_snapshot(event, first, self.model.config.card)}
-                                    if watched else data)
+                publish_step(job.channel, event, first_row[id(job)], self.model.config.card)
 
         def on_prefix(wav) -> None:   # hybrid checkpoints: the decoded AR prefix, before the tail exists
             wav = wav.cpu()
@@ -321,11 +328,7 @@ class Batcher:
             self._finish_batch(started)
             return
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
-            with self.cond:
-                for job in jobs:
-                    if not job.closed:
-                        self._close(job)
-                        job.resolve(error=exc)
+            self._fail(jobs, exc)
             self._finish_batch(started)
             return
         finished = time.monotonic()
@@ -352,12 +355,7 @@ class Batcher:
             """Between the run's steps, on this thread: stop once the task is cancelled or unwanted."""
             if task.closed or (task.wanted is not None and not task.wanted()):
                 raise _BatchAbandoned()
-            data = step_data(event)
-            if data is None:
-                return
-            watched = (task.mask_id is not None and isinstance(event, events.StageStep)
-                       and event.canvas is not None and task.channel.subscribers)
-            task.channel.publish("step", {**data, "canvas": canvas_snapshot(event, 0, task.mask_id)} if watched else data)
+            publish_step(task.channel, event, 0, task.mask_id)
 
         try:
             if task.closed:     # cancelled between being taken and starting
@@ -372,10 +370,7 @@ class Batcher:
             self._finish_batch(started)
             return
         except Exception as exc:  # noqa: BLE001 - a failed task fails its request, not the server
-            with self.cond:
-                if not task.closed:
-                    self._close(task)
-                    task.resolve(error=exc)
+            self._fail([task], exc)
             self._finish_batch(started)
             return
         task.run_ms = (time.monotonic() - started) * 1000
@@ -385,6 +380,14 @@ class Batcher:
                 task.closed = True
                 task.resolve(result=result)
         self._finish_batch(started)
+
+    def _fail(self, jobs: tp.Sequence[tp.Union[Job, Task]], exc: BaseException) -> None:
+        """The run failed: each of its jobs not already closed gets the error."""
+        with self.cond:
+            for job in jobs:
+                if not job.closed:
+                    self._close(job)
+                    job.resolve(error=exc)
 
     def _finish_batch(self, started: float) -> None:
         with self.cond:
