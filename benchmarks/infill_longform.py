@@ -98,10 +98,8 @@ def bench_longform(model: MAGNeT, duration: float) -> dict:
     def on_event(event):
         if isinstance(event, events.WindowReady):
             marks.append(time.perf_counter())
-            if event.count > 1:
-                chunks.append((time.perf_counter(), stream.push(event.codes).shape[-1]))
-                if event.index == event.count - 1:
-                    chunks.append((time.perf_counter(), stream.flush().shape[-1]))
+            for wav in stream.window(event):
+                chunks.append((time.perf_counter(), wav.shape[-1]))
     start = time.perf_counter()
     tokens = model.generate_tokens([TEXT], seed=0, duration=duration, on_event=on_event)
     if not chunks:                                   # one window: its audio is the whole decode

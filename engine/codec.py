@@ -424,6 +424,18 @@ class StreamDecoder:
         self.codes = codes if self.codes is None else torch.cat([self.codes, codes], dim=-1)
         return self._upto(max(self.codes.shape[-1] - self.lookahead, self.emitted))
 
+    def window(self, event) -> tp.List[torch.Tensor]:
+        """The audio a long-form run's `events.WindowReady` makes final, [B, channels, m · hop]
+        each: the window's new frames, and after the last window the held-back tail too. A
+        one-window run gives none (its audio is the whole clip's decode)."""
+        if event.count <= 1:
+            return []
+        with torch.no_grad():
+            out = [self.push(event.codes)]
+            if event.index == event.count - 1:
+                out.append(self.flush())
+        return out
+
     def flush(self) -> torch.Tensor:
         """The samples held back: everything up to the last frame pushed."""
         if self.codes is None:

@@ -389,11 +389,9 @@ class MAGNeT:
         stream = StreamDecoder(self.codec)
 
         def listen(event: events.Event) -> None:
-            if isinstance(event, events.WindowReady) and event.count > 1:
-                with torch.no_grad():
-                    put(("chunk", stream.push(event.codes)))
-                    if event.index == event.count - 1:
-                        put(("chunk", stream.flush()))
+            if isinstance(event, events.WindowReady):
+                for wav in stream.window(event):
+                    put(("chunk", wav))
         return listen
 
     # ------------------------------------------------------------------ infill

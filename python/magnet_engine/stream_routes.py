@@ -120,11 +120,9 @@ def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optiona
 
         def listen(event: events.Event) -> None:
             on_event(event)     # the worker's: progress, and a cancelled or unwanted run stops here
-            if isinstance(event, events.WindowReady) and event.count > 1:
-                with torch.no_grad():
-                    add(decoder.push(event.codes))
-                    if event.index == event.count - 1:
-                        add(decoder.flush())
+            if isinstance(event, events.WindowReady):
+                for wav in decoder.window(event):
+                    add(wav)
         try:
             tokens = model.generate_tokens([text], seed=seed, params=params, duration=duration, on_event=listen)
             if not run.chunks:                      # one window: the whole clip is the one chunk
