@@ -56,14 +56,15 @@ def wav_bytes(wav: torch.Tensor, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def read_audio(path) -> tuple[torch.Tensor, int]:
-    """Audio file -> ([C, samples] float32, sample_rate)."""
+def read_audio(source, what: tp.Optional[str] = None) -> tuple[torch.Tensor, int]:
+    """Audio file (a path, or a binary file object such as an upload's bytes) -> ([C, samples]
+    float32, sample_rate). what: how errors name it (default: the path)."""
     import soundfile as sf
 
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        data, sr = sf.read(source if hasattr(source, "read") else str(source), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError variants
-        raise InvalidInputError(f"cannot read audio file {path}: {exc}") from exc
+        raise InvalidInputError(f"cannot read {what or f'audio file {source}'}: {exc}") from exc
     return torch.from_numpy(data.T.copy()), int(sr)
 
 

@@ -32,7 +32,7 @@ import typing as tp
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from magnet_engine.audio import wav_bytes
+from magnet_engine.audio import read_audio, wav_bytes
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 from magnet_engine.server.batcher import Jobs, Task, jobs_finder
 from magnet_engine.server.schema import ApiError
@@ -48,20 +48,14 @@ class EditLimits:
 
 def _read_clip(data: bytes, limits: EditLimits, window: float):
     """Upload bytes -> ([C, samples] float32 tensor, sample rate); InvalidInputError if unfit."""
-    import soundfile as sf
-    import torch
-
-    try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as exc:  # libsndfile's errors have no common type
-        raise InvalidInputError(f"cannot read the uploaded audio: {exc}") from exc
+    samples, rate = read_audio(io.BytesIO(data), "the uploaded audio")
     if not limits.min_sample_rate <= rate <= limits.max_sample_rate:
         raise InvalidInputError(f"sample rate {rate} Hz is outside [{limits.min_sample_rate}, "
                                 f"{limits.max_sample_rate}] Hz")
     longest = window if limits.max_seconds is None else min(limits.max_seconds, window)
-    if samples.shape[0] == 0 or samples.shape[0] / rate > longest + 1e-9:
-        raise InvalidInputError(f"the clip is {samples.shape[0] / rate:g} s; it must be in (0, {longest:g}] s")
-    return torch.from_numpy(samples.T.copy()), int(rate)
+    if samples.shape[1] == 0 or samples.shape[1] / rate > longest + 1e-9:
+        raise InvalidInputError(f"the clip is {samples.shape[1] / rate:g} s; it must be in (0, {longest:g}] s")
+    return samples, rate
 
 
 def _json_field(name: str, text: tp.Optional[str]):

@@ -28,6 +28,7 @@ import threading
 import time
 import typing as tp
 
+from magnet_engine.audio import read_audio
 from magnet_engine.errors import InvalidInputError, InvalidOptionError, MagnetEngineError
 from magnet_engine.server.batcher import Jobs, Task, jobs_finder
 
@@ -53,19 +54,16 @@ def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), job
     service_for = jobs_finder(jobs)
 
     def _decode(data: bytes):
-        import soundfile as sf
-        import torch
-
         try:
-            array, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception as e:  # libsndfile errors come in several types
-            raise HTTPException(400, f"audio: not a readable audio file ({e})") from None
-        if array.shape[0] == 0:
+            wave, sr = read_audio(io.BytesIO(data))
+        except InvalidInputError as e:
+            raise HTTPException(400, f"audio: not a readable audio file ({e.__cause__})") from None
+        if wave.shape[1] == 0:
             raise HTTPException(400, "audio: the file holds no samples")
-        if array.shape[0] / sr > limits.max_audio_seconds:
-            raise HTTPException(413, f"audio: {array.shape[0] / sr:.1f} s is over the limit of "
+        if wave.shape[1] / sr > limits.max_audio_seconds:
+            raise HTTPException(413, f"audio: {wave.shape[1] / sr:.1f} s is over the limit of "
                                      f"{limits.max_audio_seconds:.0f} s")
-        return torch.from_numpy(array.T.copy()), int(sr)
+        return wave, sr
 
     def check(data: bytes, input_text: str, output_text: str, word_times: str, settings: dict):
         """The request's audio and validated input; HTTPException 4xx when unfit."""
