@@ -416,27 +416,24 @@ class MAGNeT:
         (unreadable audio, channels, a clip longer than the window). params: this call's
         decoding options instead of the instance's (as `generate_tokens`). on_event: a listener
         of the run's typed events, as `generate_tokens`'s (raising from it cancels the run)."""
-        codes, descriptions, the_plan, seeds = self._infill_request(audio, sample_rate, regions, descriptions, seed,
-                                                                    params)
-        with self._lock:
-            tokens = self._tokens(descriptions, None, progress, seeds, params=the_plan.params,
-                                  infill=(the_plan, codes), on_event=on_event)
-            with torch.no_grad():
-                wav = self.codec.decode(tokens)
+        request = self._infill_request(audio, sample_rate, regions, descriptions, seed, params)
+        wav, tokens = self._infill(request, progress, on_event)
         return (wav, tokens) if return_tokens else wav
 
     def generate_infill_stream(self, audio, sample_rate: tp.Optional[int], regions, descriptions=None, seed=None,
                                progress: tp.Union[bool, Progress] = False):
         """As `generate_infill`, on a worker thread: yields ('full', wav) when done (an error is raised here)."""
         request = self._infill_request(audio, sample_rate, regions, descriptions, seed)   # bad input: raised now
+        return _stream(lambda put: self._infill(request, progress)[0])
 
-        def work(put):
-            codes, texts, the_plan, seeds = request
-            with self._lock:
-                tokens = self._tokens(texts, None, progress, seeds, params=the_plan.params, infill=(the_plan, codes))
-                with torch.no_grad():
-                    return self.codec.decode(tokens)
-        return _stream(work)
+    def _infill(self, request, progress, on_event: tp.Optional[events.Listener] = None):
+        """Run a checked infill request (`_infill_request`) -> (audio, codes)."""
+        codes, texts, the_plan, seeds = request
+        with self._lock:
+            tokens = self._tokens(texts, None, progress, seeds, params=the_plan.params, infill=(the_plan, codes),
+                                  on_event=on_event)
+            with torch.no_grad():
+                return self.codec.decode(tokens), tokens
 
     def infill_plan(self, frames: int, regions: tp.Sequence[tp.Tuple[float, float]], batch: int = 1,
                     params: tp.Optional[DecodingParams] = None) -> "generate.Plan":
