@@ -196,6 +196,8 @@ def test_api_infill_keeps_every_cell_outside_the_regions(model):
     assert not torch.equal(tokens[..., inside], codes[..., inside]) and (tokens < 2048).all()
     stereo = model.generate_infill(clip.expand(2, 2, -1), 32000, [(0.1, 0.2)], return_tokens=True, seed=[3, 4])[1]
     assert stereo.shape == (2, 4, 40)                                # a batch, downmixed like a prompt
+    streamed = list(model.generate_infill_stream(clip, 32000, [(0.1, 0.2), (0.5, 0.55)], ["drum fill"], seed=3))
+    assert [kind for kind, _ in streamed] == ["full"] and torch.equal(streamed[0][1], wav)
 
 
 @pytest.mark.parametrize("arrangement, prompt_frames", [("nonoverlap", 9), ("stride1", 10)])
