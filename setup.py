@@ -1,6 +1,6 @@
 """magnet-engine: a fast inference engine for MAGNeT.
 
-Three source folders map onto one package (see DESIGN.md):
+Three source folders map onto one package (see docs/architecture.md §1):
 python/magnet_engine -> magnet_engine, engine/ -> magnet_engine.engine,
 kernels/ -> magnet_engine.kernels; csrc/ builds magnet_engine._C (optional).
 """

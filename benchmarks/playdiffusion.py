@@ -13,7 +13,7 @@ interleaved request by request after one warm-up each (compiles, captures), in p
 single runs, and reports per variant the unmask phase side by side and the RTF, with whether
 its units equal the first variant's.
 
---preset default writes the spec's default sizes (several GB); on a small CPU use --preset
+--preset default writes upstream's default sizes (several GB); on a small CPU use --preset
 small (sizes printed and saved) and --inpainter-forward-only, which times one forward of the
 default-size inpainter at the sequence lengths of both requests to scale the unmask phase.
 Prints a table and saves JSON to benchmarks/results/playdiffusion_<device>.json.
@@ -44,7 +44,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = {"eager": {}, "compile": dict(compile=True), "graphs": dict(cuda_graphs=True),
             "compile+graphs": dict(compile=True, cuda_graphs=True)}
 
-# Smaller than the spec's defaults so a 2-core CPU finishes: same layer types, the real
+# Smaller than upstream's defaults so a 2-core CPU finishes: same layer types, the real
 # codebook (10000 units) and XLS-R depth (35 layers), narrower and shallower elsewhere.
 random_weights.PRESETS["small"] = random_weights.Sizes(
     dict(codebook_size=10000, num_layers_lm=8, num_heads=8, num_kv_heads=8, hidden_size=512),
@@ -148,7 +148,7 @@ def compare_variants(pipe: PlayDiffusionPipeline, options: UnmaskOptions, varian
 
 
 def default_forward(lengths: list[int], precisions: list[str]) -> list[dict]:
-    """One batched CFG forward ([2, S]) + head of the spec's default-size inpainter."""
+    """One batched CFG forward ([2, S]) + head of upstream's default-size inpainter (docs/model.md §13.5)."""
     cfg = InpainterConfig(vocab_size=13512, codebook_size=10000, num_layers=20, num_heads=16, num_kv_heads=16,
                           hidden_size=1024)
     model = Inpainter(cfg).eval()

@@ -42,7 +42,7 @@ inline int64_t round_half_even(int64_t s) {
     return (s % 2 == 1 && half % 2 == 1) ? half + 1 : half;
 }
 
-// Spec section 5, least-probable-span search for one row: frames[t] = 1 on the chosen
+// docs/model.md §7, least-probable-span search for one row: frames[t] = 1 on the chosen
 // spans' cover. Spans are ranked by their score sums, descending, ties by lowest start.
 struct Lps {
     std::vector<float> sums;

@@ -1,4 +1,4 @@
-"""Read and write MAGNeT checkpoints in the published Hugging Face layout (spec §8).
+"""Read and write MAGNeT checkpoints in the published Hugging Face layout (docs/model.md §2).
 
 A model directory (or Hub repo such as `facebook/magnet-small-10secs`) holds
     state_dict.bin              {'best_state': LM state, 'xp.cfg': YAML, 'version', 'exported'}
@@ -39,7 +39,7 @@ LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"
 CONDITIONER_PREFIX = "condition_provider.conditioners.description.output_proj."
 
-# The published models (spec §8); used to recognise a name and for random-weight presets.
+# The published models (docs/model.md §1); used to recognise a name and for random-weight presets.
 ARCHITECTURES = {
     "tiny": dict(dim=64, num_heads=4, num_layers=3),
     "small": dict(dim=1024, num_heads=16, num_layers=24),
@@ -167,7 +167,7 @@ def build_lm(checkpoint: LMCheckpoint, device: tp.Union[str, torch.device] = "cp
              dtype: torch.dtype = torch.float32, norm_dtype: tp.Optional[torch.dtype] = None) -> MagnetLM:
     """The LM of a checkpoint on `device`, its transformer in `dtype` (its layer norms in
     `norm_dtype`, default `dtype`: fp32 for the mixed precisions) and the rest (embeddings,
-    output norm, heads) in fp32, as the reference's autocast (spec §2). The modules are built
+    output norm, heads) in fp32, as the reference's autocast (docs/model.md §4). The modules are built
     on the meta device and take the checkpoint's tensors as their parameters: nothing is
     allocated twice, and fp32 weights on the CPU stay the mapped file pages."""
     with torch.device("meta"):
@@ -184,7 +184,7 @@ def build_lm(checkpoint: LMCheckpoint, device: tp.Union[str, torch.device] = "cp
 
 
 def expected_lm_shapes(cfg: ModelConfig) -> tp.Dict[str, tp.Tuple[int, ...]]:
-    """Every LM key and its shape, biases as configured (spec §8 table)."""
+    """Every LM key and its shape, biases as configured (docs/model.md §2.2 table)."""
     d, f, c = cfg.dim, cfg.ffn_dim, cfg.card
     shapes: tp.Dict[str, tp.Tuple[int, ...]] = {}
     for k in range(cfg.n_q):

@@ -1,4 +1,4 @@
-"""EnCodec, the compression model of MAGNeT checkpoints (spec §9): codes <-> waveform.
+"""EnCodec, the compression model of MAGNeT checkpoints (docs/model.md §10): codes <-> waveform.
 
     decode:  z = Σ_k E_k[codes_k]            codes [B, K, T] -> z [B, D, T]
              wav = SEANetDecoder(z)          -> [B, channels, T · hop]

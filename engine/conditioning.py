@@ -1,4 +1,4 @@
-"""Text conditioning (spec §3): T5 tokenizer -> frozen T5 encoder -> the checkpoint's Linear(d_t5 -> D).
+"""Text conditioning (docs/model.md §3): T5 tokenizer -> frozen T5 encoder -> the checkpoint's Linear(d_t5 -> D).
 
     conditioner = TextConditioner.load("t5-base", weight, bias)   # or a local T5 directory
     cond = conditioner.encode(["80s pop with synths"])

@@ -1,6 +1,6 @@
 """The fast masked-decoding runtime: the hot loop of MAGNeT as one step on static buffers.
 
-Same algorithm as `reference.py` (its oracle), minus the waste (spec §10):
+Same algorithm as `reference.py` (its oracle), minus the waste (docs/model.md §14):
   * the schedule (spans to mask, CFG coefficient, temperature) is built on the host before
     the loop (`schedule.py`) and copied once into device tables; a step reads its row
     through a device cursor (the global step index, also the RNG offset), so a step issues
@@ -67,7 +67,7 @@ def check_precision(precision: str) -> str:
 def cast_for_precision(lm: MagnetLM, precision: str) -> MagnetLM:
     """Cast `lm` IN PLACE for `precision` and return it: one copy of the weights, in the run
     precision (the runtime owns `lm`; pass a copy to keep an fp32 one). Embeddings, the output
-    norm and the heads stay fp32, like the reference's autocast (spec §2, reference precision);
+    norm and the heads stay fp32, like the reference's autocast (docs/model.md §4, reference precision);
     in the mixed modes the transformer's norms stay fp32 too (only matmul weights are cast)."""
     matmul, residual = PRECISIONS[check_precision(precision)]
     if residual == matmul:

@@ -1,6 +1,6 @@
 """Autoregressive decoding on a static KV cache, and hybrid AR + masked decoding.
 
-Read with `spec/hybrid-and-rescoring.md` (section A). Three pieces:
+Read with `docs/model.md` §11. Three pieces:
 
 * **Delay layout** (MusicGen's pattern, `codebooks_pattern.modeling: delay`): sequence
   position p holds codebook k at frame p − 1 − d_k (d_k = `delays[k]`), position 0 is one
@@ -29,7 +29,7 @@ Masked stage k inside the delay layout: the query for frame t sits at row t + d_
 key holding codebook k's frame t′ at row t′ + d_k + 1, so the band |t − t′| <= W of stages
 > 0 becomes |i − j + 1| <= W between rows; stage 0 attends to every row.
 
-Decisions of ours ([choice] in the spec) are named options here, with these defaults: the
+Decisions of ours (docs/model.md §11) are named options here, with these defaults: the
 staircase hand-off, cached prefix rows, AR sampling top-k 250 / temperature 1 / CFG from the
 checkpoint's `classifier_free_guidance.inference_coef` (3.0), prefix length 3 s
 (`DEFAULT_PREFIX_SECONDS`; the hybrid checkpoints' configs name none that we know of).
@@ -81,7 +81,7 @@ def revert_delayed(seq: torch.Tensor, delays: tp.Sequence[int], frames: int) -> 
 # ------------------------------------------------------------------------ AR sampling
 @dataclasses.dataclass(frozen=True)
 class ARParams:
-    """Sampling of the AR phase; defaults are MusicGen's API defaults (spec A.3)."""
+    """Sampling of the AR phase; defaults are MusicGen's API defaults (docs/model.md §11.2)."""
     use_sampling: bool = True
     top_k: int = 250
     top_p: float = 0.0

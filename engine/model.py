@@ -1,6 +1,6 @@
 """The MAGNeT transformer LM, lean: embeddings, pre-norm layers, final norm, stage heads.
 
-Parameter names equal the checkpoint's keys (spec §8), so a published `best_state` loads
+Parameter names equal the checkpoint's keys (docs/model.md §2.2), so a published `best_state` loads
 with a strict `load_state_dict` once the conditioner's `output_proj` keys are taken out.
 
     h = Σ_k Emb_k[codes_k] + PE                          # [B, T, D]
@@ -8,7 +8,7 @@ with a strict `load_state_dict` once the conditioner's `output_proj` keys are ta
     logits_s = LN_out(h) @ Wout_sᵀ                       # [B, T, card], only head s
 
 Self-attention is full at stage 0 and restricted to |i − j| <= W frames at stages > 0
-(spec §6). Attention is pluggable (`SelfAttention`): the plain path here masks a dense
+(docs/model.md §4). Attention is pluggable (`SelfAttention`): the plain path here masks a dense
 [T, T] bias, the fast runtime passes the banded kernel. Cross-attention keys/values depend
 only on the condition, so they can be computed once per call (`cross_kv`).
 
@@ -152,7 +152,7 @@ class Attention(nn.Module):
         bias = self.in_proj_bias
         q = F.linear(x.to(self.in_proj_weight.dtype), self.in_proj_weight[:dim], None if bias is None else bias[:dim])
         # No key padding mask: padded text positions hold zero vectors and still take
-        # softmax mass, as in the reference (spec §3).
+        # softmax mass, as in the reference (docs/model.md §3).
         return self._merge(F.scaled_dot_product_attention(self._heads(q), *kv))
 
 
@@ -179,7 +179,7 @@ class Layer(nn.Module):
     def cross_and_ffn(self, x: torch.Tensor, cross_kv) -> torch.Tensor:
         """Cross-attention then FFN. When `cross_kv` holds fewer rows than x, the remaining
         rows are CFG null rows, whose cross-attention output is exactly zero (bias-free
-        projections of all-zero embeddings, spec §3): it is skipped for them."""
+        projections of all-zero embeddings, docs/model.md §3): it is skipped for them."""
         b = cross_kv[0].shape[0]
         if b < x.shape[0]:
             xc = x[:b] + self.cross_attention.cross_attend(self.norm_cross(x[:b]), cross_kv)
@@ -226,7 +226,7 @@ class MagnetLM(nn.Module):
     def cfg_cross_kv(self, cond: torch.Tensor, dtype: tp.Optional[torch.dtype] = None):
         """Cross K/V of CFG condition rows [2B, S, D] (conditional, then null): of the B
         conditional rows alone when the null rows' cross-attention output is exactly zero
-        (bias-free projections of all-zero rows, spec §3; see `Layer.cross_and_ffn`)."""
+        (bias-free projections of all-zero rows, docs/model.md §3; see `Layer.cross_and_ffn`)."""
         cond = cond if dtype is None else cond.to(dtype)
         return self.cross_kv(cond if self.cfg.bias_attn else cond[:cond.shape[0] // 2])
 
@@ -295,7 +295,7 @@ def cast_transformer_(lm: MagnetLM, dtype: torch.dtype) -> MagnetLM:
     """Cast the transformer layers to `dtype` in place: one copy of the weights, in the run
     precision. `Module.to` converts parameter by parameter, so each full-precision tensor is
     freed as its copy is made. Embeddings, the output norm and the heads stay fp32, as under
-    the reference's autocast on CUDA (spec §2). A no-op when the layers already are `dtype`
+    the reference's autocast on CUDA (docs/model.md §4). A no-op when the layers already are `dtype`
     (`checkpoint.build_lm` loads them so). Returns `lm`."""
     lm.transformer.to(dtype)
     return lm

@@ -1,4 +1,4 @@
-"""The plain MAGNeT decoding loop: a direct, slow transcription of spec §4–5.
+"""The plain MAGNeT decoding loop: a direct, slow transcription of docs/model.md §5–§8.
 
 This is the correctness oracle of the fast runtime (`decoding.py`), written to be read.
 It reproduces the original implementation step for step, host syncs and wasted work
@@ -46,7 +46,7 @@ def multinomial_sampler(top_k: int, top_p: float, generator: tp.Optional[torch.G
     """The original sampling: nucleus if top_p > 0, else top-k if top_k > 0, else categorical.
 
     Top-k renormalises `probs` in place, so the caller's p̂ then comes from the truncated
-    distribution; nucleus works on a sorted copy, so p̂ comes from the full one (spec §4).
+    distribution; nucleus works on a sorted copy, so p̂ comes from the full one (docs/model.md §8).
     """
     def draw(probs: torch.Tensor) -> torch.Tensor:
         flat = probs.reshape(-1, probs.shape[-1])
@@ -77,14 +77,14 @@ def span_cover(starts: torch.Tensor, t: int, span_len: int) -> torch.Tensor:
 
 
 def least_probable_spans(scores: torch.Tensor, num_masked: int, span_len: int) -> torch.Tensor:
-    """stride1 masking of one row (spec §5): token scores [T] -> [T] bool mask.
+    """stride1 masking of one row (docs/model.md §7): token scores [T] -> [T] bool mask.
 
     Overlapping spans are ranked by summed score; a binary search picks how many of the
     top spans to take so the covered frame count is as close as possible to num_masked.
     """
     t = scores.shape[-1]
     span_scores = scores.unfold(0, span_len, 1).sum(dim=-1)
-    # The original's argsort is unstable, so its tie order is machine-dependent (spec §5);
+    # The original's argsort is unstable, so its tie order is machine-dependent (docs/model.md §7, §14);
     # a stable sort (lowest start first) makes the oracle deterministic.
     order = torch.sort(span_scores, descending=True, stable=True).indices
     target = max(num_masked, span_len)
@@ -208,7 +208,7 @@ def _generate_stage(lm: MagnetLM, codes: torch.Tensor, cond: torch.Tensor, stage
         y = torch.where(masked, sampled, y)
         codes[:, stage] = y
         p_hat = torch.gather(probs, -1, sampled[..., None])[..., 0]   # [B, T]
-        if rescore:   # spec B.2: mix the external model's confidence in before span scoring
+        if rescore:   # docs/model.md §12: mix the external model's confidence in before span scoring
             coef_t = torch.tensor(cfg_coef, dtype=torch.float32, device=device)
             if rescorer.options.temperature == "raw":
                 p_hat = rescorer.raw_probability(cond_logits, uncond_logits.reshape(-1, cfg.card), coef_t, sampled)

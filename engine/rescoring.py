@@ -1,5 +1,5 @@
 """External autoregressive models: loading a MusicGen / AudioGen checkpoint, and rescoring
-MAGNeT's samples with it (spec B, `spec/hybrid-and-rescoring.md`).
+MAGNeT's samples with it (docs/model.md §12).
 
 Rescoring, per masked step that re-masks afterwards (every step but a stage's last):
 
@@ -9,7 +9,7 @@ Rescoring, per masked step that re-masks afterwards (every step but a stage's la
     5.    conf = w · p_magnet + (1 − w) · p_ext, then span scoring ('max' / 'prod') on conf
 
 w = 1 skips step 4 entirely, so decoding is bit-for-bit the plain one. The open decisions
-of spec B.3 are `RescoreOptions` fields:
+of docs/model.md §12 are `RescoreOptions` fields:
 
 * temperature: 'tempered' (default) — p_magnet is the sampled token's probability under
   the step's temperature (what plain decoding scores with) and p_ext uses the same

@@ -1,4 +1,4 @@
-"""Per-step decoding tables, computed on the host before the loop (spec §4, §10.4).
+"""Per-step decoding tables, computed on the host before the loop (docs/model.md §6).
 
 The original computes these inside the loop with a device sync per step; here they are
 made once, with the same fp32 torch ops so that every value is bitwise the same:

@@ -1,5 +1,5 @@
 """Self-attention of the LM: restricted to a band of frames at stages >= 1, full at stage 0
-(spec section 6).
+(docs/model.md §4).
 
 Contract
 --------

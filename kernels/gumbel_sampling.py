@@ -1,4 +1,4 @@
-"""PlayDiffusion's sampling epilogue (spec/playdiffusion.md §4.7 steps 5-9): top-k, Gumbel-max
+"""PlayDiffusion's sampling epilogue (docs/model.md §13.9 steps 3-6): top-k, Gumbel-max
 at an annealed temperature (or argmax), and the re-masking score with annealed Gumbel noise,
 for one unmasking step. CFG is not here: PlayDiffusion mixes it on the hidden states, so the
 head runs once and its logits arrive already guided.

@@ -1,5 +1,5 @@
 """Span re-masking for one decoding step of one stage, and the span scores it consumes
-(spec sections 4 and 5).
+(docs/model.md §7).
 
 Contract
 --------
@@ -19,7 +19,7 @@ Layouts. `mode(span_len, arrangement)` picks one of three (the reference's rule)
 - "chunk"   ('nonoverlap', L > 1): span j is frames [j*L, j*L + L); n = T // L spans (the
             caller trims the canvas to n*L frames; frames past n*L are never touched).
 - "stride1" ('stride1', L > 1): scores are per frame (n = T); the masked frames are the
-            cover of overlapping spans [j, j + L) found by the LPS search of spec section 5.
+            cover of overlapping spans [j, j + L) found by the LPS search of docs/model.md §7.
 - "token"   (L == 1, or arrangement 'token'): span j is frame j; n = T.
 
 remask (in place on `stage_codes` [B, T] int64, last dimension contiguous; a view of the
@@ -186,7 +186,7 @@ def _round_half_even(total: torch.Tensor) -> torch.Tensor:
 
 
 def _lps_frames(scores: torch.Tensor, num_masked: torch.Tensor, span_len: int) -> torch.Tensor:
-    """[B, T] bool, the least-probable-span search of spec section 5 for every row at once.
+    """[B, T] bool, the least-probable-span search of docs/model.md §7 for every row at once.
 
     Sync-free: the reference's data-dependent while loop runs a fixed number of times
     (enough for any T) with rows that have finished frozen, keeping the last cover evaluated.

@@ -1,5 +1,5 @@
 """Fused token sampling: CFG mix, temperature, greedy / nucleus / top-k / categorical draw,
-and the probability of the drawn token, for one decoding step (spec section 4).
+and the probability of the drawn token, for one decoding step (docs/model.md §8).
 
 Contract
 --------

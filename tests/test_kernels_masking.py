@@ -155,7 +155,7 @@ def test_works_in_place_on_a_canvas_row_view(impl, arrangement, span_len):
 
 # ----------------------------------------------------------------------------- stride1
 def _lps_reference(scores_row, num_masked, span_len):
-    """Transcription of audiocraft's _least_probable_span_masking (spec section 5), with
+    """Transcription of audiocraft's _least_probable_span_masking (docs/model.md §7), with
     fp32 span sums as torch computes them and a stable sort (ties: lowest start first)."""
     T = len(scores_row)
     sums = [np.float32(0)] * (T - span_len + 1)
@@ -255,7 +255,7 @@ def test_initial_span_scores():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_first_step_masks_every_generated_chunk_and_then_nests(impl):
-    """Spec invariant 5 on a toy loop: exactly m_i chunks, nested, prompt frames intact."""
+    """Invariant 5 of docs/numerics.md §9 on a toy loop: exactly m_i chunks, nested, prompt frames intact."""
     _skip_unless(impl)
     batch, frames, prompt_len, span_len = 3, 40, 7, 3
     prompt = _codes(batch, prompt_len, seed=9)

@@ -26,7 +26,7 @@ def tiny_lm(seed=0, layers=2, bias=False, dim=32, heads=4, card=40, window=5) ->
 
 
 def naive_logits(lm: MagnetLM, codes, cond, stage):
-    """Independent float64 transcription of spec §2 with explicit loops over heads."""
+    """Independent float64 transcription of docs/model.md §4 with explicit loops over heads."""
     cfg = lm.cfg
     P = {k: v.double() for k, v in lm.state_dict().items()}
     b, k, t = codes.shape

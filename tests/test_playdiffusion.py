@@ -1,5 +1,5 @@
-"""PlayDiffusion against the fixtures of the original implementation (spec/playdiffusion.md,
-fixtures/playdiffusion/README.md): tiny seeded checkpoints in the real formats, and every
+"""PlayDiffusion against the fixtures of the original implementation (docs/model.md §13;
+the fixtures: docs/numerics.md §1): tiny seeded checkpoints in the real formats, and every
 intermediate of upstream's CPU run with its tolerances. Also: safe loading."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """PlayDiffusion's surface on a random-weight tiny model in the real file formats: the Python
 API and its input models, bad input, the CLI, the HTTP router; plus the loop's invariants
-(spec §4.11), fast == reference under the named fixes, and the sampling epilogue's law."""
+(docs/numerics.md §9), fast == reference under the named fixes, and the sampling epilogue's law."""
 from __future__ import annotations
 
 import io
@@ -128,7 +128,7 @@ def test_bad_audio_and_settings_are_typed_errors(pd, clip, tmp_path):
 
 # ----------------------------------------------------------------------------- loop
 def test_loop_invariants_and_fast_equals_reference_under_every_fix(pd):
-    """§4.11: units in range, context unchanged, committed tokens never change, exactly
+    """docs/numerics.md §9: units in range, context unchanged, committed tokens never change, exactly
     next_masked[i] positions masked after step i, each a subset of the previous mask."""
     from magnet_engine.engine.playdiffusion.pipeline import generate_units
     from magnet_engine.engine.playdiffusion.reference import reference_generate

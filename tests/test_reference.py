@@ -49,9 +49,9 @@ def test_schedule_matches_spec_examples():
     s10 = stage_schedule(10, 166, params)
     spec = [166, 163, 155, 143, 127, 106, 83, 56, 28, 1]
     assert [m for i, m in enumerate(s10.num_masked) if i != 6] == [m for i, m in enumerate(spec) if i != 6]
-    # The boundary of spec §10.4: the spec expects ρ_6 = 0.5 exactly, but torch's fp32 cos of
+    # The boundary case of docs/model.md §6: cos(π/3) would make ρ_6 = 0.5, but torch's fp32 cos of
     # fp32(2/3)·π/2 gives 0.49999997 here, so m_6 = trunc(82.99999) = 82. The original loop
-    # computes it with these same ops (0-d tensors), so we follow the platform, not the spec.
+    # computes it with these same ops (0-d tensors), so we follow the platform, not the exact value.
     rho6 = torch.cos(torch.linspace(0, 1, 10)[6] * math.pi * 0.5)
     assert s10.mask_p[6] == float(rho6) and s10.num_masked[6] == max(int((rho6 * 166).item()), 1)
     for i, (g, t) in enumerate(zip(s10.cfg_coef, s10.temperature)):

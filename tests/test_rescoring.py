@@ -1,4 +1,4 @@
-"""Rescoring masked decoding with an external autoregressive model (spec B)."""
+"""Rescoring masked decoding with an external autoregressive model (docs/model.md §12)."""
 import pytest
 import torch
 

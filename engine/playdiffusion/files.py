@@ -1,4 +1,4 @@
-"""PlayDiffusion's six checkpoint files, read safely (spec/playdiffusion.md §3).
+"""PlayDiffusion's six checkpoint files, read safely (docs/model.md §13.2).
 
 A model directory (or the Hub repo `PlayHT/inpainter`) holds, under the upstream names:
 

@@ -1,5 +1,5 @@
 """PlayDiffusion's inpainter: a non-causal LLaMA over one text + audio-unit stream
-(spec/playdiffusion.md §2.3).
+(docs/model.md §13.5).
 
     ids  = [BOS, text..., EOS, left units + V, target (MASK or unit + V), right units + V]
     h    = Emb[ids]                                   # [B, S, D], no positional embedding

@@ -1,4 +1,4 @@
-"""PlayDiffusion end to end on the engine (spec/playdiffusion.md §2.0, 4.8, 4.9):
+"""PlayDiffusion end to end on the engine (docs/model.md §13.1, §13.10):
 
     inpaint: wave -> units (16 kHz XLS-R + k-means) and speaker embedding (24 kHz voice encoder)
              texts + word times -> planner regions -> one unmasking loop per region (all of them

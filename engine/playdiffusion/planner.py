@@ -1,4 +1,4 @@
-"""The edit planner (spec/playdiffusion.md §4.1-4.6, 4.8, 4.9): which unit frames to
+"""The edit planner (docs/model.md §13.8, §13.10): which unit frames to
 regenerate for a text edit, with which text and audio context, and how to stitch the result.
 
     texts --unidecode, jiwer word diff--> alignment chunks
@@ -31,7 +31,7 @@ MAX_TTS_CHARS = 500
 
 @dataclasses.dataclass(frozen=True)
 class PlannerOptions:
-    """Named fixes of upstream planner quirks (spec §4.10), all off by default."""
+    """Named fixes of upstream planner quirks (docs/model.md §13.11), all off by default."""
     # Quirk 4: an insertion at the very end compares a frame count × 50 with a time, so it
     # never takes its left neighbour; the fix uses the audio's end time.
     fix_end_insertion_buffer: bool = False
@@ -91,7 +91,7 @@ def align(reference: str, hypothesis: str):
 
 
 def repair_word_times(word_times: tp.Sequence[dict], input_text: str) -> list[dict]:
-    """One entry per word of the punctuation-stripped input text (§4.2); words the timings
+    """One entry per word of the punctuation-stripped input text (docs/model.md §13.8 step 2); words the timings
     miss are added untimed. Raises InvalidInputError when they cannot be made to match."""
     if not isinstance(word_times, (list, tuple)):
         raise InvalidInputError(f"word times must be a list of {{word, start, end}}, found {type(word_times).__name__}")
@@ -124,7 +124,7 @@ def repair_word_times(word_times: tp.Sequence[dict], input_text: str) -> list[di
 
 
 def syllable_ratio(word_times: tp.Sequence[dict]) -> float:
-    """Frames per syllable from the timed words (§4.3); pauses >= 0.5 s count as 0.5 s."""
+    """Frames per syllable from the timed words (docs/model.md §13.8 step 3); pauses >= 0.5 s count as 0.5 s."""
     speech, last_end, words = 0.0, -BREAK_SECONDS, []
     for w in word_times:
         if w["word"] == "<|unknown|>" or w.get("start") is None or w.get("end") is None:
@@ -139,7 +139,7 @@ def syllable_ratio(word_times: tp.Sequence[dict]) -> float:
 
 
 def diff_chunks(alignment, word_times: list[dict], n_units: int, options: PlannerOptions) -> list[_Chunk]:
-    """Word spans to regenerate, with buffers, merged when they touch (§4.4)."""
+    """Word spans to regenerate, with buffers, merged when they touch (docs/model.md §13.8 step 4)."""
     n_words, n_hyp = len(word_times), len(alignment.hypotheses[0])
     chunks: list[_Chunk] = []
     last_end = None
@@ -199,7 +199,7 @@ def _frame(seconds: float) -> int:
 
 
 def regions(chunks: list[_Chunk], alignment, word_times: list[dict], n_units: int, ratio: float) -> list[Region]:
-    """Frames, context and text of each chunk (§4.5); regions over 750 frames are split."""
+    """Frames, context and text of each chunk (docs/model.md §13.8 step 5); regions over 750 frames are split."""
     refs, hyps = alignment.references[0], alignment.hypotheses[0]
     n_words = len(word_times)
     out: list[Region] = []
@@ -294,7 +294,7 @@ def plan_edit(input_text: str, output_text: str, word_times: tp.Sequence[dict], 
 
 
 def split_tts_text(text: str) -> list[str]:
-    """Pieces of <= 500 characters (§4.9): at sentence ends, then ,;:, then spaces, then the middle."""
+    """Pieces of <= 500 characters (docs/model.md §13.10): at sentence ends, then ,;:, then spaces, then the middle."""
     text = text.strip()
     if len(text) <= MAX_TTS_CHARS:
         return [text]

@@ -1,8 +1,8 @@
 """Random-weight PlayDiffusion models in the real file formats, under the upstream names
 (files.py), for the demo, tests and benchmarks: the loader cannot tell them from the real ones.
 
-Presets: "tiny" (a few MB, seconds on a CPU) and "default", the sizes the spec states or
-infers (inpainter D 1024 / 20 layers / 16 heads, V 13512, A 10000; XLS-R 1280 / 35 layers;
+Presets: "tiny" (a few MB, seconds on a CPU) and "default", the sizes docs/model.md §13 states
+or upstream implies (inpainter D 1024 / 20 layers / 16 heads, V 13512, A 10000; XLS-R 1280 / 35 layers;
 voice encoder 1024; a BigVGAN-v2 24 kHz body), which is several GB and slow on a laptop CPU.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The plain unmasking loop: a direct transcription of upstream `MaskGCT.generate` /
-`reverse_diffusion` (spec/playdiffusion.md §4.7), one forward per pass, the CFG passes run
+`reverse_diffusion` (docs/model.md §13.9), one forward per pass, the CFG passes run
 separately, every tensor rebuilt each step. It is the oracle of unmasking.py's fast loop and
 is not used at run time.
 """

@@ -1,11 +1,11 @@
-"""Speech units: XLS-R layer-35 features and nearest-centroid k-means (spec §2.1).
+"""Speech units: XLS-R layer-35 features and nearest-centroid k-means (docs/model.md §13.3).
 
     wave [N] @ 16 kHz -> (odd N: one 1.0 pad sample) -> Wav2Vec2 (stable layer norm, 35
     layers, final encoder norm removed) -> features [T, D] -> argmin_j ||x - c_j||² -> units [T]
 
 The encoder is transformers' `Wav2Vec2Model` with fairseq2's checkpoint keys mapped onto it.
 Its final `encoder.layer_norm` is replaced by an identity: upstream drops it, and the
-checkpoint's `encoder.layer_norm.*` (same name) must not fill it (spec §2.1 item 5 trap).
+checkpoint's `encoder.layer_norm.*` (same name) must not fill it (docs/model.md §13.3).
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ class SpeechTokenizer(nn.Module):
         """wave: [N] float @ 16 kHz -> layer-35 features [1, T, D] in the tokenizer's dtype.
 
         An odd N gets one 1.0 sample (fairseq2's Collater, pad_to_multiple=2); the frames the
-        conv stack makes from it are masked as padding, and still emitted (spec §2.1)."""
+        conv stack makes from it are masked as padding, and still emitted (docs/model.md §13.3)."""
         if wave.dim() != 1 or wave.numel() == 0:
             raise InvalidInputError(f"speech tokenizer: expected a non-empty mono wave [N], found {tuple(wave.shape)}")
         n = wave.numel()

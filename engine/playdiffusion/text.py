@@ -1,4 +1,4 @@
-"""Text BPE for the inpainter (spec §2.2): the `tokenizers` JSON, with " " spelled `[SPACE]`.
+"""Text BPE for the inpainter (docs/model.md §13.4): the `tokenizers` JSON, with " " spelled `[SPACE]`.
 
 The ids carry no BOS/EOS (the unmasking loop adds them). Whatever normaliser and
 post-processor the JSON defines apply, as upstream (`encode` with its default

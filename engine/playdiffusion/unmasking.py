@@ -1,4 +1,4 @@
-"""The iterative unmasking loop (spec/playdiffusion.md §4.7) as one capturable step on static
+"""The iterative unmasking loop (docs/model.md §13.9) as one capturable step on static
 buffers, the speech counterpart of `engine/decoding.py`. `engine.generate.plan_speech` /
 `run` drive it; nothing else loops over it.
 
@@ -53,7 +53,7 @@ MAX_STATES = 8   # buffer sets (one per loop geometry) kept per runtime, with th
 @dataclasses.dataclass(frozen=True)
 class UnmaskOptions:
     """The loop's settings (upstream `generate` kwargs, fed from the API's input models) and
-    the named fixes of upstream quirks, all off by default (spec §4.10)."""
+    the named fixes of upstream quirks, all off by default (docs/model.md §13.11)."""
     steps: int = 30
     init_temp: float = 1.0
     init_diversity: float = 1.0
@@ -169,7 +169,7 @@ class RecordedDraws:
 # ----------------------------------------------------------------------------- pieces
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, guidance, rescale, std_rows: slice | None = None,
             keep=None) -> torch.Tensor:
-    """[N, D] audio rows of both passes -> guided rows; upstream's op order (§4.7 step 2).
+    """[N, D] audio rows of both passes -> guided rows; upstream's op order (docs/model.md §13.9 step 2).
     std over all elements of `std_rows` (all rows by default), unbiased. guidance, rescale:
     floats or 0-d fp32 tensors; keep: 1 - rescale (given as a tensor when rescale is one, so
     that it is fp32(1 - rescale), as upstream's float arithmetic rounds it)."""
@@ -197,7 +197,7 @@ def build_ids(model: Inpainter, text: torch.Tensor, left: torch.Tensor, right: t
 
 
 def split_code(code: torch.Tensor, start_frame: int, end_frame: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Upstream `generate`'s reading of (code [T], start, end) -> (left, L, right) (spec §4.6).
+    """Upstream `generate`'s reading of (code [T], start, end) -> (left, L, right) (docs/model.md §13.9).
 
     L = end - start + 1: one more than the n placeholders when a right context of >= 2 frames
     follows; a right context of exactly 1 frame is dropped (quirk 1)."""

@@ -1,4 +1,4 @@
-"""The unit vocoder, "LDM-BigVGAN" (spec §2.5): units + speaker embedding -> waveform.
+"""The unit vocoder, "LDM-BigVGAN" (docs/model.md §13.7): units + speaker embedding -> waveform.
 
     x = Linear(centroids[units])ᵀ              [1, ar_tokens_dim, T]; nearest ×(codes_hop / ar_tokens_hop)
     x = x * scaler                              (use_scaler)
@@ -8,7 +8,7 @@
                                                 anti-aliased SnakeBeta, conv_post, tanh
 Every size comes from the checkpoint's `params`. Weight-norm: the BigVGAN body's is folded
 into plain weights once at load (upstream's remove_weight_norm); the upsampler's is kept and
-recomputed on every call in the model's dtype, as upstream (quirk §4.10.11).
+recomputed on every call in the model's dtype, as upstream (quirk 11, docs/model.md §13.11).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Speaker embedding for the vocoder: Tacotron mel + conditioning encoder (spec §2.4).
+"""Speaker embedding for the vocoder: Tacotron mel + conditioning encoder (docs/model.md §13.6).
 
     wave [L] @ 24 kHz -> 30 s chunks (tail dropped; a short clip zero-padded to 30 s)
       -> per chunk: peak-normalise -> mel [100, 2813] -> encoder -> mean over time [C]
@@ -140,7 +140,7 @@ class VoiceEncoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, wave: torch.Tensor, autocast: bool = True) -> torch.Tensor:
-        """wave [C_audio, L] @ 24 kHz -> embedding [1, C] fp32 (spec §2.4 steps 2-4)."""
+        """wave [C_audio, L] @ 24 kHz -> embedding [1, C] fp32 (docs/model.md §13.6 steps 1-3)."""
         clip = int(SAMPLE_RATE * CLIP_SECONDS)
         if wave.dim() != 2 or wave.shape[-1] == 0:
             raise InvalidInputError(f"voice encoder: expected audio [channels, samples], found {tuple(wave.shape)}")

@@ -236,14 +236,14 @@ class MAGNeT:
                               ar_temperature: float = 1.0, ar_cfg_coef: tp.Optional[float] = None,
                               rescorer=None, rescore_weight: float = 1.0, rescore_temperature: str = "tempered",
                               rescore_fill: str = "special", rescore_cfg_coef: tp.Optional[float] = None) -> None:
-        """Set decoding options; names and defaults as audiocraft's MAGNeT (spec §4).
+        """Set decoding options; names and defaults as audiocraft's MAGNeT (docs/model.md §6).
 
         `duration` (seconds): None keeps the current one (audiocraft's MAGNeT takes no duration
         here: it sets `model.duration`); at most `max_duration`. `span_scoring` and
         `anneal_temp` are exposed here although the original API fixes them ('max', True).
         Integral floats and numpy integers are taken for `decoding_steps` and `top_k`.
 
-        Hybrid decoding (spec A; `engine/hybrid.py`): `hybrid_prefix_seconds` of audio are
+        Hybrid decoding (docs/model.md §11; `engine/hybrid.py`): `hybrid_prefix_seconds` of audio are
         generated autoregressively first, then fixed while masked decoding fills the rest.
         On a hybrid-MAGNeT checkpoint it defaults to 3 s (DEFAULT_PREFIX_SECONDS); on a plain
         MAGNeT it needs `prefix_model` (a MusicGen / AudioGen directory or Hub id, or a loaded
@@ -253,7 +253,7 @@ class MAGNeT:
         ar_*: sampling of the AR phase (MusicGen's defaults; ar_cfg_coef None = the
         checkpoint's classifier_free_guidance.inference_coef).
 
-        Rescoring (spec B; `engine/rescoring.py`): `rescorer` (a MusicGen / AudioGen directory,
+        Rescoring (docs/model.md §12; `engine/rescoring.py`): `rescorer` (a MusicGen / AudioGen directory,
         Hub id or `ExternalLM`) rescores each step's samples, conf = w·p_magnet + (1 − w)·p_ext
         with w = `rescore_weight` (1 = plain decoding, bit for bit); rescore_temperature
         'tempered' | 'raw', rescore_fill 'special' | 'greedy', rescore_cfg_coef None (1x) or
