@@ -34,48 +34,15 @@ import torch
 from magnet_engine.engine import events as ev
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.graphs import capture_step, compile_step
-from magnet_engine.engine.model import MagnetLM, cast_transformer_
+from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.precision import PRECISIONS, cast_for_precision, check_precision
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate, stage_schedule
 from magnet_engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import attention as attn_kernels
 from magnet_engine.kernels import backend, masking, sampling
 
-# precision -> (matmul dtype, residual-stream dtype). 'fp16-mixed' is what the reference's
-# CUDA autocast computes: matmuls and attention in fp16, residual stream and norms in fp32.
-PRECISIONS: tp.Dict[str, tp.Tuple[torch.dtype, torch.dtype]] = {
-    "fp32": (torch.float32, torch.float32),
-    "fp16-mixed": (torch.float16, torch.float32),
-    "bf16-mixed": (torch.bfloat16, torch.float32),
-    "bf16": (torch.bfloat16, torch.bfloat16),
-    "fp16": (torch.float16, torch.float16),
-}
 MAX_STATES = 8      # (batch, frames, text length, layout) buffer sets kept per runtime
 MAX_GRAPHS = 256    # captured step graphs kept per runtime (all states together)
-
-
-def default_precision(device: torch.device) -> str:
-    """CUDA: fp16 matmuls with an fp32 residual stream, as the reference's autocast; CPU: fp32."""
-    return "fp16-mixed" if device.type == "cuda" else "fp32"
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
-    return precision
-
-
-def cast_for_precision(lm: MagnetLM, precision: str) -> MagnetLM:
-    """Cast `lm` IN PLACE for `precision` and return it: one copy of the weights, in the run
-    precision (the runtime owns `lm`; pass a copy to keep an fp32 one). Embeddings, the output
-    norm and the heads stay fp32, like the reference's autocast (docs/model.md §4, reference precision);
-    in the mixed modes the transformer's norms stay fp32 too (only matmul weights are cast)."""
-    matmul, residual = PRECISIONS[check_precision(precision)]
-    if residual == matmul:
-        return cast_transformer_(lm, matmul)
-    for layer in lm.transformer.layers:
-        for part in (layer.self_attn, layer.cross_attention, layer.linear1, layer.linear2):
-            part.to(matmul)
-    return lm
 
 
 # (codes [B, K, T'], stage, cond_only) -> per-frame hidden [2B or B, T', D], pre out_norm

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magnet_engine.engine.config import ModelConfig
+from magnet_engine.engine.precision import Int8Linear, input_dtype
 
 # (q, k, v: [B, H, T, d], window or None) -> [B, H, T, d]
 SelfAttention = tp.Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tp.Optional[int]], torch.Tensor]
@@ -103,9 +104,34 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, bias: bool):
         super().__init__()
         self.num_heads = num_heads
+        self.dim = dim
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim)) if bias else None
         self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.in_proj_int8: tp.Optional[Int8Linear] = None   # set by `quantize_` (precision 'int8')
+
+    def quantize_(self, release: tp.Callable[[torch.Tensor], None]) -> None:
+        """int8 projections in place of the packed fp32 weight (engine/precision.py); the
+        fp32 parameters are dropped, `release` called on each as it goes."""
+        self.in_proj_int8 = Int8Linear.from_weight(self.in_proj_weight, self.in_proj_bias)
+        release(self.in_proj_weight)
+        self.in_proj_weight = self.in_proj_bias = None
+        out = self.out_proj
+        self.out_proj = Int8Linear.from_weight(out.weight, out.bias)
+        release(out.weight)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the projections take (mixed precision: an fp32 residual meets low-precision matmuls)."""
+        return torch.float32 if self.in_proj_int8 is not None else self.in_proj_weight.dtype
+
+    def _project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """x @ rows `part` of the packed q|k|v projection (+ bias), in the projection's dtype."""
+        x = x.to(self.input_dtype)
+        if self.in_proj_int8 is not None:
+            return self.in_proj_int8(x, part)
+        bias = self.in_proj_bias
+        return F.linear(x, self.in_proj_weight[part], None if bias is None else bias[part])
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -117,8 +143,7 @@ class Attention(nn.Module):
 
     def self_attend(self, x: torch.Tensor, window: tp.Optional[int], attend: SelfAttention) -> torch.Tensor:
         b, t, dim = x.shape
-        x = x.to(self.in_proj_weight.dtype)   # mixed precision: an fp32 residual meets low-precision matmuls
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.num_heads, -1)
+        qkv = self._project(x, slice(None)).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d]
         return self._merge(attend(q, k, v, window))
 
@@ -129,8 +154,7 @@ class Attention(nn.Module):
         `attend` is a [t, T_max] bool mask (True = may attend) or a callable (q, k, v) -> out.
         No host value is read: graph-capturable."""
         b, t, _ = x.shape
-        x = x.to(self.in_proj_weight.dtype)
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, t, 3, self.num_heads, -1)
+        qkv = self._project(x, slice(None)).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
         cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
@@ -140,17 +164,12 @@ class Attention(nn.Module):
 
     def kv(self, memory: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values of the condition: [B, S, D] -> 2 x [B, H, S, d]."""
-        dim = self.in_proj_weight.shape[1]
-        bias = self.in_proj_bias
-        memory = memory.to(self.in_proj_weight.dtype)
-        k = F.linear(memory, self.in_proj_weight[dim:2 * dim], None if bias is None else bias[dim:2 * dim])
-        v = F.linear(memory, self.in_proj_weight[2 * dim:], None if bias is None else bias[2 * dim:])
+        k = self._project(memory, slice(self.dim, 2 * self.dim))
+        v = self._project(memory, slice(2 * self.dim, None))
         return self._heads(k), self._heads(v)
 
     def cross_attend(self, x: torch.Tensor, kv: tp.Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        dim = self.in_proj_weight.shape[1]
-        bias = self.in_proj_bias
-        q = F.linear(x.to(self.in_proj_weight.dtype), self.in_proj_weight[:dim], None if bias is None else bias[:dim])
+        q = self._project(x, slice(0, self.dim))
         # No key padding mask: padded text positions hold zero vectors and still take
         # softmax mass, as in the reference (docs/model.md §3).
         return self._merge(F.scaled_dot_product_attention(self._heads(q), *kv))
@@ -174,7 +193,7 @@ class Layer(nn.Module):
         return x + self.ffn(self.norm2(x))
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(F.gelu(self.linear1(x.to(self.linear1.weight.dtype))))
+        return self.linear2(F.gelu(self.linear1(x.to(input_dtype(self.linear1)))))
 
     def cross_and_ffn(self, x: torch.Tensor, cross_kv) -> torch.Tensor:
         """Cross-attention then FFN. When `cross_kv` holds fewer rows than x, the remaining
@@ -242,9 +261,9 @@ class MagnetLM(nn.Module):
         return self.out_norm(x)
 
     def new_cache(self, rows: int, max_len: int, dtype: tp.Optional[torch.dtype] = None) -> KVCache:
-        p = self.transformer.layers[0].self_attn.in_proj_weight
+        attn = self.transformer.layers[0].self_attn
         return KVCache(self.cfg.num_layers, rows, self.cfg.num_heads, max_len, self.cfg.head_dim,
-                       dtype or p.dtype, p.device)
+                       dtype or attn.input_dtype, self.out_norm.weight.device)
 
     def forward_cached(self, codes: torch.Tensor, positions: torch.Tensor, cross_kv, cache: KVCache,
                        attend: CachedAttention, dtype: tp.Optional[torch.dtype] = None,

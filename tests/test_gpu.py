@@ -6,7 +6,8 @@ import torch
 
 from magnet_engine.engine import generate, hybrid
 from magnet_engine.engine.config import DecodingParams
-from magnet_engine.engine.decoding import Runtime, default_precision
+from magnet_engine.engine.decoding import Runtime
+from magnet_engine.engine.precision import default_precision
 
 from test_hybrid import HybridRunner, ar_lm
 from test_model import tiny_lm

@@ -24,6 +24,7 @@ import torch
 from magnet_engine.engine import generate
 from magnet_engine.engine.events import Listener
 from magnet_engine.engine.playdiffusion import files
+from magnet_engine.engine.precision import cpu_info, quantize_linears_
 from magnet_engine.engine.playdiffusion.inpainter import MAX_SEQ_LEN, Inpainter, load_inpainter
 from magnet_engine.engine.playdiffusion.planner import (DEFAULT_RATIO, EditPlan, PlannerOptions, plan_edit,
                                                          split_tts_text, syllables)
@@ -35,7 +36,7 @@ from magnet_engine.engine.playdiffusion.unmasking import Draws, GeneratorDraws, 
 from magnet_engine.engine.playdiffusion.voice_encoder import SAMPLE_RATE as VOICE_RATE
 from magnet_engine.engine.playdiffusion.voice_encoder import VoiceEncoder, load_voice_encoder
 from magnet_engine.engine.playdiffusion.vocoder import Vocoder, load_vocoder
-from magnet_engine.errors import CheckpointError, InvalidInputError
+from magnet_engine.errors import CheckpointError, InvalidInputError, InvalidOptionError
 
 MIN_SAMPLE_RATE = 16000  # upstream refuses lower rates ("garbage in, garbage out")
 
@@ -43,12 +44,20 @@ MIN_SAMPLE_RATE = 16000  # upstream refuses lower rates ("garbage in, garbage ou
 @dataclasses.dataclass(frozen=True)
 class Precision:
     """Per-component dtypes. Upstream (CUDA): XLS-R + k-means fp16, inpainter fp32, voice
-    encoder autocast, vocoder fp16. The CPU defaults here are fp32 except the voice encoder's
-    autocast (bf16 on CPU, as upstream's own CPU behaviour)."""
+    encoder autocast, vocoder fp16. The defaults here are fp32. inpainter: a dtype, or 'int8'
+    (its backbone's linear layers int8 on the CPU, engine/precision.py; embeddings, norms and
+    the output head fp32). voice_autocast: None follows the device: on CUDA fp16 autocast as
+    upstream, on a CPU bf16 autocast (upstream's own CPU behaviour) only where the CPU has
+    native bf16; elsewhere fp32, which is both faster and more exact there."""
     speech: torch.dtype = torch.float32
-    inpainter: torch.dtype = torch.float32
+    inpainter: tp.Union[torch.dtype, str] = torch.float32
     vocoder: torch.dtype = torch.float32
-    voice_autocast: bool = True
+    voice_autocast: tp.Optional[bool] = None
+
+    def autocast_on(self, device: torch.device) -> bool:
+        if self.voice_autocast is not None:
+            return self.voice_autocast
+        return device.type == "cuda" or (device.type == "cpu" and cpu_info().native_bf16)
 
 
 @dataclasses.dataclass
@@ -109,6 +118,15 @@ def generate_units(runtime: SpeechRuntime, text: torch.Tensor, options: UnmaskOp
     return unmask(runtime, options, [(text, left, length, right)], draws, listener)[0]
 
 
+def _placed_inpainter(inpainter: Inpainter, device: torch.device, dtype: tp.Union[torch.dtype, str]) -> Inpainter:
+    if dtype == "int8":
+        if device.type != "cpu":
+            raise InvalidOptionError("the int8 inpainter is a CPU path")
+        quantize_linears_(inpainter.LM)
+        return inpainter.to(device)
+    return inpainter.to(device, dtype)
+
+
 class PlayDiffusionPipeline:
     """compile / cuda_graphs: how the unmasking step runs (SpeechRuntime: the whole step through
     torch.compile(fullgraph=True); captured once per step shape as a CUDA graph, CUDA only)."""
@@ -141,8 +159,8 @@ class PlayDiffusionPipeline:
             speech.to(device),
             load_voice_encoder(files.load_pickle(files.component_path(root, "voice_encoder"))).to(device),
             load_vocoder(files.load_pickle(files.component_path(root, "vocoder")), precision.vocoder).to(device),
-            load_inpainter(files.load_pickle(files.component_path(root, "inpainter"))).to(device,
-                                                                                          precision.inpainter),
+            _placed_inpainter(load_inpainter(files.load_pickle(files.component_path(root, "inpainter"))), device,
+                              precision.inpainter),
             precision, compile=compile, cuda_graphs=cuda_graphs,
         )
 
@@ -166,7 +184,7 @@ class PlayDiffusionPipeline:
     def voice_embedding(self, wave: torch.Tensor, sample_rate: int) -> torch.Tensor:
         """[C, N] at sample_rate -> [1, C_emb] (resampled to 24 kHz per channel)."""
         return self.voice_encoder(resample(wave, sample_rate, VOICE_RATE).to(self.device),
-                                  autocast=self.precision.voice_autocast)
+                                  autocast=self.precision.autocast_on(self.device))
 
     @torch.inference_mode()
     def vocode(self, units: torch.Tensor, speaker: torch.Tensor) -> np.ndarray:

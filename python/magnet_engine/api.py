@@ -27,9 +27,10 @@ from magnet_engine.engine import events, generate
 from magnet_engine.engine.codec import Codec, StreamDecoder
 from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
 from magnet_engine.engine.config import DecodingParams, ModelConfig, cfg_get
-from magnet_engine.engine.decoding import PRECISIONS, default_precision
 from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, ARParams, ARRuntime, HybridOptions
 from magnet_engine.engine.model import MagnetLM, weight_bytes
+from magnet_engine.engine.precision import (AUTO, CHOICES, PRECISIONS, PrecisionChoice, cast_for_precision,
+                                            choose_precision)
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
 from magnet_engine.errors import InvalidInputError, InvalidOptionError, RegionError
 
@@ -51,12 +52,14 @@ class MAGNeT:
     """A loaded MAGNeT model: LM, text conditioner and EnCodec, plus generation params."""
 
     def __init__(self, name: str, lm: MagnetLM, conditioner: TextConditioner, codec: Codec,
-                 device: torch.device, engine: str = "fast", precision: tp.Optional[str] = None,
+                 device: torch.device, engine: str = "fast",
+                 precision: tp.Union[str, None, PrecisionChoice] = None,
                  compile: bool = False, cuda_graphs: bool = False, xp_cfg=None):
-        precision = _check_engine(engine, precision, device)
+        choice = precision if isinstance(precision, PrecisionChoice) else _choose_precision(engine, precision, device, lm.cfg)
         if cuda_graphs and device.type != "cuda":
             raise InvalidOptionError("cuda_graphs=True needs a CUDA device")
-        self.precision = precision
+        self.precision = choice.precision
+        self.precision_choice = choice   # what ran and why ('auto' says what it measured)
         self.compile = compile
         self.cuda_graphs = cuda_graphs
         self.name = name
@@ -111,28 +114,34 @@ class MAGNeT:
         """Load from a local directory in the Hugging Face layout.
 
         engine: 'fast' (default) or 'reference' (the plain loop); precision: of the fast
-        runtime's transformer, 'fp32' (CPU default), 'fp16-mixed' (CUDA default: fp16 matmuls,
-        fp32 residual stream and norms, as the reference's autocast), 'bf16-mixed', 'bf16',
-        'fp16' (pure low precision); compile: torch.compile each decoding step whole (slower
+        runtime's transformer, 'auto' (CPU default: the fastest of fp32, bf16 and int8 on this
+        CPU, see `precision_choice`), 'fp32', 'int8' (CPU: int8 linear layers), 'fp16-mixed'
+        (CUDA default: fp16 matmuls, fp32 residual stream and norms, as the reference's
+        autocast), 'bf16-mixed', 'bf16', 'fp16' (pure low precision); compile: torch.compile each decoding step whole (slower
         start-up); cuda_graphs: capture each step shape once as a CUDA graph and replay it.
         """
         directory = ckpt.resolve_model_dir(directory)
         device = _resolve_device(device)
-        precision = _check_engine(engine, precision, device)
+        _check_engine(engine)
         codec_file = directory / ckpt.CODEC_FILE
         codec = Codec.from_package(ckpt.load_package(codec_file), device=device, mapped=ckpt.mappable(codec_file))
         lm_ckpt = ckpt.load_lm_checkpoint(directory / ckpt.LM_FILE, frame_rate=round(codec.frame_rate))
         if lm_ckpt.cfg.sample_rate != codec.sample_rate:
             raise ckpt.CheckpointError(f"LM was trained at {lm_ckpt.cfg.sample_rate} Hz but the codec runs at "
                                        f"{codec.sample_rate} Hz")
-        # Straight into the precision it runs in: the fast runtime's cast is then a no-op.
-        matmul, residual = PRECISIONS[precision] if engine == "fast" else (torch.float32, torch.float32)
+        choice = _choose_precision(engine, precision, device, lm_ckpt.cfg)
+        # Straight into the precision it runs in: the fast runtime's cast is then a no-op. int8
+        # quantizes layer by layer from the mapped fp32 pages, handing each back once read.
+        matmul, residual = PRECISIONS[choice.precision]
         lm = ckpt.build_lm(lm_ckpt, device, matmul, residual)
+        if choice.precision == "int8":
+            cast_for_precision(lm, "int8", release=ckpt.release_pages if lm_ckpt.mapped else lambda t: None)
+            lm_ckpt.lm_state = {}
         weight, bias = lm_ckpt.output_proj
         if t5 is None:  # a T5 shipped inside the model directory wins over the hub name in xp.cfg
             t5 = str(directory / "t5") if (directory / "t5" / "config.json").is_file() else lm_ckpt.cfg.t5_name
         conditioner = TextConditioner.load(t5, weight.float(), bias.float(), device=device)
-        model = cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=precision,
+        model = cls(name or str(directory), lm, conditioner, codec, device, engine=engine, precision=choice,
                     compile=compile, cuda_graphs=cuda_graphs, xp_cfg=lm_ckpt.xp_cfg)
         model.t5_source = t5
         model.source = directory
@@ -678,7 +687,8 @@ class MAGNeT:
         """The fp32 LM the reference loop runs: this instance's own while its transformer is
         fp32; once the fast runtime has cast it to a lower precision (in place), a second one
         loaded from the checkpoint on first use — held only by those who ask for it."""
-        if next(self._lm.transformer.parameters()).dtype == torch.float32:
+        linear = self._lm.transformer.layers[0].linear1
+        if isinstance(linear, torch.nn.Linear) and linear.weight.dtype == torch.float32:
             return self._lm
         if self._reference_lm is None:
             if self.source is None:
@@ -738,15 +748,21 @@ class MAGNeT:
         return self._runtime
 
 
-def _check_engine(engine: str, precision: tp.Optional[str], device: torch.device) -> str:
-    """Validate engine and precision; the precision, defaulted (`decoding.default_precision`)."""
+def _check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
-    if precision is None:
-        precision = default_precision(device)
-    if precision not in PRECISIONS:
-        raise InvalidOptionError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
-    return precision
+
+
+def _choose_precision(engine: str, precision: tp.Optional[str], device: torch.device,
+                      cfg: ModelConfig) -> PrecisionChoice:
+    """The fast runtime's precision (`engine.precision.choose_precision`); the reference loop
+    runs fp32 whatever is asked, as before."""
+    _check_engine(engine)
+    if engine == "reference":
+        if precision is not None and precision not in CHOICES:
+            raise InvalidOptionError(f"precision must be one of {list(CHOICES)}, found {precision!r}")
+        return PrecisionChoice("fp32", precision or AUTO, "fp32: the reference loop runs fp32")
+    return choose_precision(precision, device, cfg.dim, cfg.ffn_dim)
 
 
 def _process_memory() -> tp.Dict[str, int]:

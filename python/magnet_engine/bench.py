@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -27,9 +28,11 @@ from pathlib import Path
 import torch
 
 from magnet_engine.engine import events
-from magnet_engine.engine.decoding import PRECISIONS, default_precision
+from magnet_engine.engine.precision import CHOICES, PRECISIONS, cpu_info
 
 DEFAULT_OUT = Path("benchmarks/results")
+# environment switches that hold a CPU's kernel dispatch below what it has (docs/numerics.md §8)
+DISPATCH_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def _percentile(values: tp.Sequence[float], q: float) -> float:
@@ -64,12 +67,12 @@ def machine_info(device: torch.device) -> dict:
         info["triton"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        try:
-            cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-            info["cpu"] = cpu[0].split(":", 1)[1].strip() if cpu else platform.processor()
-        except OSError:
-            info["cpu"] = platform.processor()
+    # Every result names its CPU: model, ISA flags, torch's dispatch level, and the dispatch
+    # caps in force (a run under ATEN_CPU_CAPABILITY=avx2 on an AMX machine says so).
+    cpu = cpu_info().as_dict()
+    info["cpu"] = cpu.pop("model")
+    info["cpu_isa"] = cpu
+    info["dispatch_caps"] = {k: os.environ[k] for k in DISPATCH_CAPS if k in os.environ}
     return info
 
 
@@ -88,20 +91,30 @@ def step_flops(cfg, batch: int, frames: int, window: tp.Optional[int], gathered:
     return (n - 1) * self_attn + self_attn_l0 + n * (cross + ffn) + head
 
 
-def gemm_rate(d: int, ffn: int, rows: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    """FLOP/s of plain GEMMs with the transformer's shapes (rows x D @ D x 3D, D x 4D, 4D x D)."""
+def gemm_rate(d: int, ffn: int, rows: int, precision: str, device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s (int8: OP/s) of plain linear layers with the transformer's shapes (rows x D @
+    D x 3D, D x 4D, 4D x D) in `precision`'s matmul arithmetic; int8 through the engine's
+    int8 linear kernel, activation quantization included."""
+    from magnet_engine.kernels import int8
+
+    dtype = PRECISIONS[precision][0]
     x = torch.randn(rows, d, device=device, dtype=dtype)
     h = torch.randn(rows, ffn, device=device, dtype=dtype)
-    ws = [torch.randn(d, 3 * d, device=device, dtype=dtype), torch.randn(d, ffn, device=device, dtype=dtype)]
-    w2 = torch.randn(ffn, d, device=device, dtype=dtype)
+    weights = [torch.randn(3 * d, d, device=device, dtype=dtype), torch.randn(ffn, d, device=device, dtype=dtype),
+               torch.randn(d, ffn, device=device, dtype=dtype)]
+    if precision == "int8":
+        packed = [int8.quantize_weight(w, int8.weight_qmax()) for w in weights]
+        layers = [lambda a, q=q, s=s: int8.int8_linear(a, q, s) for q, s in packed]
+    else:
+        layers = [lambda a, w=w: torch.nn.functional.linear(a, w) for w in weights]
     flops = 2 * rows * d * (3 * d + ffn) + 2 * rows * ffn * d
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        for w in ws:
-            x @ w
-        h @ w2
+        layers[0](x)
+        layers[1](x)
+        layers[2](h)
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return flops / best
@@ -208,8 +221,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--duration", type=float, default=2.0)
     p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--precision", nargs="+", default=None,
-                   help="fp32 fp16-mixed bf16-mixed bf16 fp16 (default: fp32 on CPU, fp16-mixed on CUDA)")
+    p.add_argument("--precision", nargs="+", default=None, choices=CHOICES,
+                   help="precisions timed in turn (default: auto on CPU, fp16-mixed on CUDA); "
+                        "see also `bench --precisions` for fp32/bf16/int8/auto side by side")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager"],
                    help="fast-runtime variants timed side by side: eager, compile (the whole step through "
                         "torch.compile), graphs (CUDA graphs), compile+graphs")
@@ -223,7 +237,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precisions = args.precision or [default_precision(device)]
+    precisions = args.precision or ["auto"]
     report = {"machine": machine_info(device), "git_commit": _git_commit(), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "cases": []}
     reference_cache: tp.Dict[int, dict] = {}
@@ -232,6 +246,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         for model in models.values():
             model.set_generation_params(duration=args.duration, decoding_steps=args.decoding_steps)
         model = models[args.variants[0]]
+        precision = model.precision
+        report.setdefault("precision_choices", []).append(model.precision_choice.as_dict())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for batch in args.batch:
@@ -262,10 +278,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 sched = stage_schedule(n, to_gen, model.params)
                 for m in sched.num_masked:
                     flops += step_flops(cfg, batch, kept, model.lm.module.window(stage), m * cfg.span_len)
-            dtype = PRECISIONS[precision][0]
             case["tokens_tflop"] = flops / 1e12
             case["achieved_tflops"] = flops / (fast["tokens_ms"]["p50"] / 1e3) / 1e12
-            case["gemm_tflops_same_shapes"] = gemm_rate(cfg.dim, cfg.ffn_dim, 2 * batch * kept, dtype, device) / 1e12
+            case["gemm_tflops_same_shapes"] = gemm_rate(cfg.dim, cfg.ffn_dim, 2 * batch * kept, precision, device) / 1e12
             case["fraction_of_gemm"] = case["achieved_tflops"] / case["gemm_tflops_same_shapes"]
             if device.type == "cuda":
                 case["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20

@@ -21,9 +21,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast",
                    help="fast runtime (default) or the plain reference loop")
-    p.add_argument("--precision", choices=("fp32", "fp16-mixed", "bf16-mixed", "bf16", "fp16"), default=None,
-                   help="transformer precision of the fast runtime (default: fp32 on CPU; on CUDA fp16-mixed: "
-                        "fp16 matmuls, fp32 residual stream and norms, as the reference's autocast)")
+    from magnet_engine.engine.precision import CHOICES
+
+    p.add_argument("--precision", choices=CHOICES, default=None,
+                   help="transformer precision of the fast runtime (default on CPU: auto, the fastest of fp32, "
+                        "bf16 and int8 on this CPU, said on a line; on CUDA fp16-mixed: fp16 matmuls, fp32 "
+                        "residual stream and norms, as the reference's autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoding step whole")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture each decoding step shape once as a CUDA graph and replay it (CUDA only)")
@@ -81,18 +84,19 @@ def _generation_params(args) -> dict:
 
 
 def _load(args, model: tp.Optional[str] = None):
+    import warnings
+
     from magnet_engine.api import MAGNeT
+    from magnet_engine.engine.precision import PrecisionWarning
 
-    return MAGNeT.get_pretrained(model or args.model, device=args.device, t5=args.t5, engine=args.engine,
-                                 precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
-
-
-def _cuda_requested(device: tp.Optional[str]) -> bool:
-    if device is not None:
-        return device.startswith("cuda")
-    import torch
-
-    return torch.cuda.is_available()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrecisionWarning)
+        model = MAGNeT.get_pretrained(model or args.model, device=args.device, t5=args.t5, engine=args.engine,
+                                      precision=args.precision, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    for warning in caught:
+        print(f"magnet-engine: warning: {warning.message}", file=sys.stderr)
+    print(f"precision: {model.precision_choice.reason}")
+    return model
 
 
 def _output_paths(output: Path, n: int) -> tp.List[Path]:
@@ -200,11 +204,6 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     directory = cached_demo_model(args.cache_dir, args.preset, kind=args.kind)
     t1 = time.perf_counter()
-    if args.precision is None and args.engine == "fast" and not _cuda_requested(args.device):
-        # Random weights make noise at any precision; for the small LM a bf16 step costs ~1.7x less
-        # CPU time than an fp32 one on a CPU with avx512_bf16.
-        args.precision = "bf16"
-        print("precision: bf16 (the demo's default on CPU; --precision fp32 for full precision)")
     model = _load(args, model=str(directory))
     t2 = time.perf_counter()
     paths, elapsed = _generate(model, args, paths)

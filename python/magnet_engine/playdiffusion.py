@@ -129,7 +129,8 @@ class PlayDiffusion:
                  precision=None, unmask_fixes: tp.Optional[dict] = None, planner_fixes: tp.Optional[dict] = None,
                  compile: bool = False, cuda_graphs: bool = False):
         """model: a directory with the six upstream files, a Hub id ("PlayHT/inpainter"), or
-        "random" (default). precision: an engine.playdiffusion.pipeline.Precision.
+        "random" (default). precision: an engine.playdiffusion.pipeline.Precision, or 'fp32' (the
+        default) or 'int8' (the inpainter's linear layers int8, CPU only).
         unmask_fixes / planner_fixes: named fixes of upstream quirks (UnmaskOptions /
         PlannerOptions fields), all off by default. compile: run the unmasking step through
         torch.compile(fullgraph=True) (compiled once per step shape, on the first call).
@@ -147,8 +148,13 @@ class PlayDiffusion:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if cuda_graphs and torch.device(device).type != "cuda":
             raise InvalidOptionError(f"cuda_graphs=True needs a CUDA device, found {device!r}")
+        if precision is None or isinstance(precision, str):
+            named = {None: Precision(), "fp32": Precision(), "int8": Precision(inpainter="int8")}
+            if precision not in named:
+                raise InvalidOptionError(f"precision must be 'fp32', 'int8' or a Precision, found {precision!r}")
+            precision = named[precision]
         root = random_model_dir() if str(model) == RANDOM_MODEL else model
-        self.pipeline = PlayDiffusionPipeline.load(root, device, precision or Precision(), compile=compile,
+        self.pipeline = PlayDiffusionPipeline.load(root, device, precision, compile=compile,
                                                    cuda_graphs=cuda_graphs)
         self._lock = threading.Lock()
 

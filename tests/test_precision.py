@@ -1,0 +1,178 @@
+"""CPU precision: the int8 linear kernel against its exact twin, the int8 LM, and the 'auto'
+choice's rules (with the timings injected, so the rule is tested, not this CPU)."""
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from magnet_engine.engine import precision as P
+from magnet_engine.engine.decoding import Runtime
+from magnet_engine.engine.precision import Int8Linear, PrecisionWarning, cast_for_precision, choose_precision
+from magnet_engine.errors import InvalidOptionError
+from magnet_engine.kernels import int8
+from test_model import tiny_lm
+
+AVX2_ONLY = P.CpuInfo(model="AMD EPYC (test)", capability="AVX2", flags=("avx2",), threads=2)
+AMX = P.CpuInfo(model="Xeon (test)", capability="AVX512",
+                flags=("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"), threads=2)
+
+
+# ----------------------------------------------------------------------------- the kernel
+@pytest.mark.parametrize("shape,n,bias", [((1, 64), 32, True), ((3, 5, 72), 40, False), ((130, 256), 96, True)])
+def test_int8_linear_equals_its_exact_twin(shape, n, bias):
+    """The int32 accumulation is exact, so only the final fp32 scaling separates the kernel
+    from the same quantized operands multiplied in fp64 (a saturating int8 product, as on a
+    CPU without VNNI at full weight range, is off by ~1e3 relative)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen) * 3
+    q, s = int8.quantize_weight(torch.randn(n, shape[-1], generator=gen), int8.weight_qmax())
+    b = torch.randn(n, generator=gen) if bias else None
+    y = int8.int8_linear(x, q, s, b)
+    assert y.shape == (*shape[:-1], n) and y.dtype == torch.float32
+    torch.testing.assert_close(y, int8.int8_linear_reference(x, q, s, b), rtol=2e-6, atol=2e-6)
+
+
+def test_weight_range_is_exact_on_this_dispatch():
+    """weight_qmax() is the widest weight range whose products this CPU's int8 path computes
+    exactly: the worst case (|x| = 127 everywhere, both signs) at that range must be exact."""
+    qmax = int8.weight_qmax()
+    assert qmax in (63, 127)
+    a = torch.full((24, 256), 127, dtype=torch.int8)
+    a[::2] = -127
+    b = torch.full((256, 24), qmax, dtype=torch.int8)
+    b[:, ::3] = -qmax
+    assert torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+
+
+def test_quantize_weight_is_per_output_channel():
+    w = torch.tensor([[1.0, -2.0, 0.5], [100.0, 50.0, -25.0], [0.0, 0.0, 0.0]])
+    q, s = int8.quantize_weight(w, 127)
+    assert q.dtype == torch.int8 and s.shape == (3,)
+    assert q[0].tolist() == [64, -127, 32] and q[1].tolist() == [127, 64, -32] and q[2].tolist() == [0, 0, 0]
+    torch.testing.assert_close(s[:2], torch.tensor([2.0 / 127, 100.0 / 127]))
+
+
+# ----------------------------------------------------------------------------- the int8 LM
+def _int8_twin(monkeypatch):
+    """Route every int8 layer through the fp64 twin (eagerly the entry point calls this name)."""
+    monkeypatch.setattr(int8, "_int8_linear", int8.int8_linear_reference)
+
+
+def test_int8_lm_equals_its_twin_and_keeps_no_fp32_linear(monkeypatch):
+    lm = tiny_lm(layers=2, bias=True, dim=64, heads=4, card=40)
+    q = cast_for_precision(copy.deepcopy(lm), "int8")
+    for layer in q.transformer.layers:
+        assert layer.self_attn.in_proj_weight is None and layer.cross_attention.in_proj_weight is None
+        assert all(isinstance(m, Int8Linear) for m in (layer.linear1, layer.linear2, layer.self_attn.out_proj,
+                                                       layer.cross_attention.out_proj))
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in q.transformer.parameters())
+    codes = torch.randint(0, 41, (2, lm.cfg.n_q, 30), generator=torch.Generator().manual_seed(1))
+    cond = torch.randn(2, 7, lm.cfg.dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = q.stage_logits(codes, cond, stage=1)
+        fp32 = lm.stage_logits(codes, cond, stage=1)
+        _int8_twin(monkeypatch)
+        twin = q.stage_logits(codes, cond, stage=1)
+    # the same quantized arithmetic: agree to fp32 rounding (a rounding tie of an activation
+    # may flip one quantization step: allowed, as a small fraction of the logits' scale)
+    scale = fp32.abs().max()
+    assert (ours - twin).abs().max() <= 1e-4 * scale
+    # and int8 is an approximation of fp32, not something else: close, but not equal
+    rel = ((ours - fp32).norm() / fp32.norm()).item()
+    assert 0 < rel < 0.05
+
+
+def test_int8_runtime_compiles_whole_and_matches_eager():
+    """A compiled int8 step has no graph break (the int8 linear is an opaque custom op) and
+    gives the eager tokens."""
+    import torch._dynamo
+
+    lm = tiny_lm(layers=2, dim=64, heads=4, card=40)
+    cond = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    from magnet_engine.engine.config import DecodingParams
+
+    params = DecodingParams(decoding_steps=[3, 2, 2, 2])
+    eager = Runtime(copy.deepcopy(lm), precision="int8").generate(cond, frames=20, params=params, seeds=[5])
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = Runtime(copy.deepcopy(lm), precision="int8", compile=True).generate(cond, frames=20, params=params,
+                                                                                    seeds=[5])
+    assert torch.equal(compiled, eager)
+    assert sum(counters["graph_break"].values()) == 0
+
+
+# ----------------------------------------------------------------------------- auto
+def _timings(**ms):
+    calls = []
+
+    def measure(dim, ffn, candidates):
+        calls.append(candidates)
+        return {c: ms[c] for c in candidates}
+    return measure, calls
+
+
+def test_auto_never_picks_bf16_on_a_cpu_without_it(monkeypatch):
+    """The demo used to force bf16 on every CPU: 300x slower than fp32 where bf16 is emulated."""
+    monkeypatch.setattr(P, "cpu_info", lambda: AVX2_ONLY)
+    measure, calls = _timings(fp32=10.0, bf16=1.0, int8=5.0)   # even if bf16 were to time fast
+    choice = choose_precision("auto", torch.device("cpu"), 1024, 4096, measure=measure)
+    assert calls == [("fp32", "int8")]
+    assert choice.precision == "int8" and "no native bf16" in choice.reason
+
+
+@pytest.mark.parametrize("ms,expected", [
+    (dict(fp32=10.0, bf16=4.0, int8=3.0), "int8"),     # int8 > 5% faster than bf16
+    (dict(fp32=10.0, bf16=4.0, int8=3.9), "bf16"),     # within 5%: the more precise one
+    (dict(fp32=10.0, bf16=9.7, int8=9.6), "fp32"),     # nothing pays
+    (dict(fp32=10.0, bf16=12.0, int8=30.0), "fp32"),
+])
+def test_auto_takes_the_most_precise_within_the_margin(monkeypatch, ms, expected):
+    monkeypatch.setattr(P, "cpu_info", lambda: AMX)
+    measure, _ = _timings(**ms)
+    choice = choose_precision(None, torch.device("cpu"), 1024, 4096, measure=measure)
+    assert choice.precision == expected and choice.requested == "auto"
+    assert choice.timings_ms == ms
+
+
+def test_auto_on_a_narrow_model_is_fp32_without_measuring(monkeypatch):
+    measure, calls = _timings(fp32=1.0, bf16=0.1, int8=0.1)
+    assert choose_precision("auto", torch.device("cpu"), 64, 256, measure=measure).precision == "fp32"
+    assert calls == []
+
+
+def test_explicit_precision_is_honoured_with_a_warning_where_not_native(monkeypatch):
+    monkeypatch.setattr(P, "cpu_info", lambda: AVX2_ONLY)
+    with pytest.warns(PrecisionWarning, match="without native bf16"):
+        assert choose_precision("bf16", torch.device("cpu"), 1024, 4096).precision == "bf16"
+    monkeypatch.setattr(P, "cpu_info", lambda: AMX)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_precision("bf16-mixed", torch.device("cpu"), 1024, 4096).precision == "bf16-mixed"
+        assert choose_precision("int8", torch.device("cpu"), 1024, 4096).precision == "int8"
+
+
+def test_cuda_keeps_fp16_mixed_and_refuses_int8():
+    assert choose_precision(None, torch.device("cuda"), 1024, 4096).precision == "fp16-mixed"
+    assert choose_precision("auto", torch.device("cuda"), 1024, 4096).precision == "fp16-mixed"
+    with pytest.raises(InvalidOptionError, match="CPU path"):
+        choose_precision("int8", torch.device("cuda"), 1024, 4096)
+    with pytest.raises(InvalidOptionError, match="precision must be one of"):
+        choose_precision("int4", torch.device("cpu"), 1024, 4096)
+
+
+def test_measurement_is_cached_and_covers_the_candidates():
+    first = P.measure_matmuls(128, 512, ("fp32", "int8"))
+    assert set(first) == {"fp32", "int8"} and all(v > 0 for v in first.values())
+    assert P.measure_matmuls(128, 512, ("fp32", "int8")) == first
+
+
+def test_cpu_info_reports_flags_and_capability():
+    info = P.cpu_info()
+    assert info.capability == torch.backends.cpu.get_cpu_capability()
+    assert set(info.flags) <= set(P.CpuInfo.ISA) and info.threads == torch.get_num_threads()
+    d = info.as_dict()
+    assert {"model", "capability", "threads", "avx2", "avx512_bf16", "amx_bf16"} <= set(d)
+    assert dataclasses.replace(info, flags=("amx_bf16",)).native_bf16 and not AVX2_ONLY.native_bf16
