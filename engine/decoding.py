@@ -194,6 +194,15 @@ class Runtime:
             x = layer.cross_and_ffn(x, kv)
         return x
 
+    @torch.no_grad()
+    def stage_logits(self, codes: torch.Tensor, cond: torch.Tensor, stage: int) -> torch.Tensor:
+        """The logits a step of `stage` samples from, at every frame, in this runtime's
+        precision: codes [B, K, T], cond [2B, S, D] -> [2B, T, card] fp32 (conditional rows
+        first). For inspection: quality benchmarks and tests, not the hot loop."""
+        cross_kv = self.lm.cfg_cross_kv(cond.to(self.device), self.matmul_dtype)
+        hidden = self._forward_hidden(codes.to(self.device), cross_kv, stage)
+        return self.lm.linears[stage](self.lm.out_norm(hidden.float()))
+
     # ------------------------------------------------------------------ step
     def _step(self, st: DecodeState, shape: StepShape, params: DecodingParams,
               forward: tp.Optional[FrameForward], hook: tp.Optional[ConfidenceHook]) -> None:

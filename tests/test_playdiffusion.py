@@ -266,8 +266,14 @@ def test_end_to_end_inpaint(golden, pipeline):
     units = pipeline.units(wave, e["input_sample_rate"])
     assert units.shape == e["input_units"][0].shape
     assert (units == e["input_units"][0]).float().mean() >= 0.97
-    torch.testing.assert_close(pipeline.voice_embedding(wave, 16000).half(), e["vocoder_embedding"],
-                               atol=4e-3, rtol=0)
+    # The golden embedding is upstream's bf16-autocast run; ours autocasts only where the CPU
+    # has bf16 (whose kernels round differently from upstream's) and is fp32 elsewhere. Either
+    # way it must lie within bf16's own error of upstream: the autocast-vs-fp32 gap upstream
+    # recorded on the voice-encoder fixture, relative to the embedding's size.
+    v = golden["voice_encoder"]
+    bf16_gap = (v["embedding"] - v["embedding_no_autocast_fp32"]).abs().max() / v["embedding_no_autocast_fp32"].abs().max()
+    ours = pipeline.voice_embedding(wave, 16000)
+    assert (ours.half().float() - e["vocoder_embedding"].float()).abs().max() <= bf16_gap * e["vocoder_embedding"].abs().max()
     torch.manual_seed(e["seed"])
     result = pipeline.inpaint(wave, e["input_sample_rate"], e["input_text"], e["output_text"],
                               e["input_word_times"], units=e["input_units"][0])

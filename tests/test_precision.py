@@ -176,3 +176,17 @@ def test_cpu_info_reports_flags_and_capability():
     d = info.as_dict()
     assert {"model", "capability", "threads", "avx2", "avx512_bf16", "amx_bf16"} <= set(d)
     assert dataclasses.replace(info, flags=("amx_bf16",)).native_bf16 and not AVX2_ONLY.native_bf16
+
+
+def test_voice_encoder_autocasts_only_where_the_cpu_has_bf16(monkeypatch):
+    """Upstream autocasts the voice encoder (bf16 on a CPU); where bf16 is emulated that is
+    slower than fp32 and rounds by the kernel, so the default follows the CPU."""
+    from magnet_engine.engine.playdiffusion import pipeline
+
+    monkeypatch.setattr(pipeline, "cpu_info", lambda: AVX2_ONLY)
+    assert not pipeline.Precision().autocast_on(torch.device("cpu"))
+    assert pipeline.Precision(voice_autocast=True).autocast_on(torch.device("cpu"))
+    assert pipeline.Precision().autocast_on(torch.device("cuda"))   # fp16 autocast, as upstream
+    monkeypatch.setattr(pipeline, "cpu_info", lambda: AMX)
+    assert pipeline.Precision().autocast_on(torch.device("cpu"))
+    assert not dataclasses.replace(AMX, capability="AVX2").native_bf16   # dispatch held to AVX2

@@ -209,6 +209,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if argv[:1] == ["hybrid"]:   # hybrid vs plain, rescoring cost, time to first audio
         from magnet_engine.bench_hybrid import main as hybrid_main
         return hybrid_main(argv[1:])
+    if "--precisions" in argv or "--quality" in argv:   # CPU precisions: speed, or quality against fp32
+        from magnet_engine.bench_precision import main as precision_main
+        return precision_main([a for a in argv if a not in ("--precisions", "--quality")],
+                              mode="quality" if "--quality" in argv else "speed")
     if "--memory" in argv:        # peak memory of load and generate against the weights' bytes
         from magnet_engine.bench_memory import main as memory_main
         return memory_main([a for a in argv if a != "--memory"])
