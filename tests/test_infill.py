@@ -113,11 +113,40 @@ def test_long_form_run_fixes_each_windows_prefix_to_the_last_tail():
     assert [e.window for e in steps[::9]] == [0, 1, 2, 3]
     # each window's fixed prefix is the previous window's tail: re-decode window 2 alone
     w = p.phases[2]
-    again = runtime.generate(cond, w.kept, params, seeds=generate.window_seeds([1, 2], 2),
+    # window 2's seeds, literal (README: seed + 2 * 0x9E3779B97F4A7C15 mod 2**63), not window_seeds' own
+    again = runtime.generate(cond, w.kept, params, seeds=[4354685564936845355, 4354685564936845356],
                              canvas=out[..., w.start:w.end], fixed=_fixed(4, w.kept, [(0, w.prompt_lens[0])]))
     assert torch.equal(again, out[..., w.start:w.end])
     # the first window is a plain generation with the same seeds
     assert torch.equal(runtime.generate(cond, 30, params, seeds=[1, 2]), out[..., :30])
+
+
+def test_window_seeds_are_the_documented_offsets():
+    """README: window i > 0 draws with seed + i * 0x9E3779B97F4A7C15 (mod 2**63); window 0 with
+    the seed itself. Expected values worked out by hand from that formula."""
+    assert generate.window_seeds([1, 2], 0) == [1, 2]
+    assert generate.window_seeds([7], 1) == [2177342782468422684]                     # 7 + step - 2**63
+    assert generate.window_seeds([1, 2], 2) == [4354685564936845355, 4354685564936845356]
+    assert generate.window_seeds([7], 3) == [6532028347405268038]
+    assert generate.window_seeds([2 ** 63 - 1], 1) == [2177342782468422676]           # wraps, stays < 2**63
+
+
+def test_long_form_windows_draw_different_noise():
+    """Window 1 is decoded with the literal offset seed, and that matters: re-decoding it with
+    window 0's seed (the bug of dropping the offset) gives other codes, so equality with the
+    literal seed is not luck."""
+    lm = tiny_lm(seed=24)
+    runtime = Runtime(lm)
+    cond = _cond(lm, 1, seed=5)
+    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
+    p = generate.plan(lm.cfg, params, batch=1, frames=70, window_frames=30, stride_frames=18)
+    out = generate.run(p, generate.Models(runtime=runtime), cond, seeds=[7])
+    w = p.phases[1]
+    canvas, fixed = out[..., w.start:w.end], _fixed(4, w.kept, [(0, w.prompt_lens[0])])
+    redo = runtime.generate(cond, w.kept, params, seeds=[2177342782468422684], canvas=canvas, fixed=fixed)
+    assert torch.equal(redo, canvas)                                 # window 1 drew with 7 + step (mod 2**63)
+    unshifted = runtime.generate(cond, w.kept, params, seeds=[7], canvas=canvas, fixed=fixed)
+    assert not torch.equal(unshifted, canvas)                        # ... not with window 0's seed
 
 
 def test_long_form_reference_engine_and_text_per_window():
