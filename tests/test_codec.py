@@ -10,7 +10,7 @@ from magnet_engine.engine import codec as codec_mod
 from magnet_engine.engine.codec import Codec, resample
 from magnet_engine.engine.random_weights import random_compression_package
 from magnet_engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
-                                  ModelNotFoundError)
+                                  ModelNotFoundError, NumericalError)
 
 
 def max_abs(a, b) -> float:
@@ -190,6 +190,28 @@ def test_bad_packages(small_pkg):
     with pytest.raises(ConfigError, match="disable_norm_outer_blocks"):
         Codec.from_package({**small_pkg, "xp.cfg": small_pkg["xp.cfg"].replace(
             "disable_norm_outer_blocks: 0", "disable_norm_outer_blocks: 1")})
+
+
+def test_non_finite_decode_is_a_numerical_error(small_pkg):
+    """Broken weights decode to NaN / inf: Codec.decode raises instead of returning them (a
+    16-bit writer would clamp them into full-scale clicks). Only codes that reach the broken
+    codebook entry fail, so the check looks at the output, not at the weights."""
+    state = dict(small_pkg["best_state"])
+    book = "quantizer.vq.layers.0._codebook.embed"
+    state[book] = state[book].clone()
+    state[book][5] = float("nan")
+    broken = Codec.from_package(with_state(small_pkg, state))
+    clean = torch.zeros(1, 4, 6, dtype=torch.long)
+    assert torch.isfinite(broken.decode(clean)).all()
+    nan_codes = clean.clone()
+    nan_codes[0, 0, 3] = 5
+    with pytest.raises(NumericalError, match="NaN or inf"):
+        broken.decode(nan_codes)
+    bias = "decoder.model.0.conv.conv.bias"
+    inf = Codec.from_package(with_state(small_pkg, {**small_pkg["best_state"], bias: torch.full_like(
+        small_pkg["best_state"][bias], float("inf"))}))
+    with pytest.raises(NumericalError, match="NaN or inf"):
+        inf.decode(clean)
 
 
 def test_renormalizing_codec_cannot_encode_prompts(small_pkg):
