@@ -336,7 +336,8 @@ def test_api_long_form_and_streaming(model):
         assert kinds == ["chunk"] * 5 + ["full"]
         joined = torch.cat([w for k, w in chunks if k == "chunk"], dim=-1)
         assert joined.shape == chunks[-1][1].shape == (2, 1, 123 * 640)
-        assert (joined - chunks[-1][1]).abs().max() <= 1e-4
+        # float rounding at the default 50-frame context (1.3e-7); 1e-4 also passed an 8-frame one
+        assert (joined - chunks[-1][1]).abs().max() <= 1e-6
         with pytest.raises(InvalidInputError, match="per row"):
             model.generate([["a", "b"]], seed=2)
     finally:
