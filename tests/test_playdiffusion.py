@@ -226,7 +226,7 @@ def test_head_inputs_are_the_cfg_mix_of_recorded_hidden_states(golden):
 
 
 def test_guidance_away_from_half_on_upstreams_recorded_hidden_states(golden, pipeline):
-    """Every recorded run guides at g = 0.5, where g and 1 - g agree. So: the §4.7 formula
+    """Every recorded run guides at g = 0.5, where g and 1 - g agree. So: upstream's CFG formula
     written out here reproduces upstream's recorded head inputs at 0.5 (anchoring the formula),
     then the runtime, guiding the same recorded first step at g = 2, gives that formula's
     logits from the recorded hidden states (1 - g would be -1)."""

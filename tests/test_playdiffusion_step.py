@@ -193,7 +193,8 @@ def test_generate_units_is_upstreams_generate_through_the_plan(model):
 
 # ----------------------------------------------------------------------------- guidance
 def _guided_by_hand(cond, uncond, g, r):
-    """spec §4.7 step 2, written out: x = c + g(c - u), rescaled to c's std, blended by r."""
+    """Upstream reverse_diffusion's CFG on the hidden states, written out: x = c + g(c - u),
+    rescaled to c's std, blended by r."""
     mixed = cond + g * (cond - uncond)
     return r * (mixed * cond.std() / mixed.std()) + (1 - r) * mixed
 
