@@ -10,7 +10,7 @@ from magnet_engine.engine import codec as codec_mod
 from magnet_engine.engine.codec import Codec, resample
 from magnet_engine.engine.random_weights import random_compression_package
 from magnet_engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
-                                  ModelNotFoundError)
+                                  ModelNotFoundError, NumericalError)
 
 
 def max_abs(a, b) -> float:
@@ -192,6 +192,28 @@ def test_bad_packages(small_pkg):
             "disable_norm_outer_blocks: 0", "disable_norm_outer_blocks: 1")})
 
 
+def test_non_finite_decode_is_a_numerical_error(small_pkg):
+    """Broken weights decode to NaN / inf: Codec.decode raises instead of returning them (a
+    16-bit writer would clamp them into full-scale clicks). Only codes that reach the broken
+    codebook entry fail, so the check looks at the output, not at the weights."""
+    state = dict(small_pkg["best_state"])
+    book = "quantizer.vq.layers.0._codebook.embed"
+    state[book] = state[book].clone()
+    state[book][5] = float("nan")
+    broken = Codec.from_package(with_state(small_pkg, state))
+    clean = torch.zeros(1, 4, 6, dtype=torch.long)
+    assert torch.isfinite(broken.decode(clean)).all()
+    nan_codes = clean.clone()
+    nan_codes[0, 0, 3] = 5
+    with pytest.raises(NumericalError, match="NaN or inf"):
+        broken.decode(nan_codes)
+    bias = "decoder.model.0.conv.conv.bias"
+    inf = Codec.from_package(with_state(small_pkg, {**small_pkg["best_state"], bias: torch.full_like(
+        small_pkg["best_state"][bias], float("inf"))}))
+    with pytest.raises(NumericalError, match="NaN or inf"):
+        inf.decode(clean)
+
+
 def test_renormalizing_codec_cannot_encode_prompts(small_pkg):
     xp_cfg = small_pkg["xp.cfg"].replace("renormalize: false", "renormalize: true")
     codec = Codec.from_package({**small_pkg, "xp.cfg": xp_cfg})
@@ -257,6 +279,27 @@ def test_resample_removes_what_the_new_rate_cannot_hold():
     # 20 kHz is above 16 kHz, the Nyquist frequency of 32 kHz: it must not alias to 12 kHz.
     y = resample(sine(20000.0, 48000, 48000)[None], 48000, 32000)[0]
     assert y[8000:24000].pow(2).mean().sqrt().item() <= 1e-3 * math.sqrt(0.5)  # below -60 dB
+
+
+def gain_db(frac: float, old_sr: int, new_sr: int) -> float:
+    """Gain of `resample` for a sine at `frac` x the lower Nyquist frequency, in dB."""
+    x = sine(frac * min(old_sr, new_sr) / 2, old_sr, old_sr)
+    y = resample(x[None], old_sr, new_sr)[0]
+    middle = y[len(y) // 4: 3 * len(y) // 4]                      # away from the edge padding
+    return 20 * math.log10(middle.pow(2).mean().sqrt().item() / math.sqrt(0.5))
+
+
+@pytest.mark.parametrize("old_sr, new_sr", [(48000, 32000), (44100, 32000), (16000, 32000)])
+def test_resample_frequency_response_is_the_documented_one(old_sr, new_sr):
+    """resample's docstring: flat within 0.02 dB to 0.85 x the lower Nyquist frequency, -3 dB
+    at 0.93, -45 dB at 1.03, below -60 dB from 1.05. A 997 Hz sine and a 20 kHz one (the tests
+    above) pass with half the zero crossings or a rolloff of 0.8 or 0.99; these points do not
+    (measured there: -0.43 dB at 0.85 / -39 dB at 0.85 / -0.13 dB at 0.93)."""
+    assert abs(gain_db(0.85, old_sr, new_sr)) <= 0.05            # measured +0.020
+    assert abs(gain_db(0.93, old_sr, new_sr) + 3.0) <= 0.5       # measured -3.29
+    if new_sr < old_sr:                                           # above the new Nyquist: alias suppression
+        assert gain_db(1.03, old_sr, new_sr) <= -43.0             # measured -45.2
+        assert gain_db(1.05, old_sr, new_sr) <= -60.0             # measured -66.0
 
 
 def test_resample_same_rate_and_constants():

@@ -3,6 +3,7 @@ the fixtures: docs/numerics.md §1): tiny seeded checkpoints in the real formats
 intermediate of upstream's CPU run with its tolerances. Also: safe loading."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -222,6 +223,33 @@ def test_head_inputs_are_the_cfg_mix_of_recorded_hidden_states(golden):
     mixed = cfg_mix(cond, uncond, s["guidance"], s["rescale_cfg"])
     start = case["start_frame"]
     assert torch.equal(mixed[start:start + case["target_len"]], case["head_inputs"][0][0])
+
+
+def test_guidance_away_from_half_on_upstreams_recorded_hidden_states(golden, pipeline):
+    """Every recorded run guides at g = 0.5, where g and 1 - g agree. So: upstream's CFG formula
+    written out here reproduces upstream's recorded head inputs at 0.5 (anchoring the formula),
+    then the runtime, guiding the same recorded first step at g = 2, gives that formula's
+    logits from the recorded hidden states (1 - g would be -1)."""
+    from magnet_engine.engine.playdiffusion.unmasking import RecordedDraws, make_schedule, split_code
+
+    def by_hand(cond, uncond, g, r):
+        mixed = cond + g * (cond - uncond)
+        return r * (mixed * cond.std() / mixed.std()) + (1 - r) * mixed
+
+    case = golden["unmasking_loop"][0]
+    text, options, where = _loop_args(case)
+    assert (options.guidance, options.rescale) == (0.5, 0.7)
+    text_len, start, length = case["text_ids"].shape[1] + 2, case["start_frame"], case["target_len"]
+    cond, uncond = (h[0, text_len:] for h in case["lm_hidden_first_steps"][:2])
+    torch.testing.assert_close(by_hand(cond, uncond, 0.5, 0.7)[start:start + length], case["head_inputs"][0][0],
+                               atol=1e-6, rtol=0)
+    options = dataclasses.replace(options, guidance=2.0)
+    left, length, right = split_code(where["code"], where["start_frame"], where["end_frame"])
+    draws = RecordedDraws(case["sample_uniforms"], case["score_uniforms"])
+    st, shapes = pipeline.runtime.prepare(make_schedule(length, options), options, text, left, right, draws)
+    with torch.no_grad():
+        want = pipeline.inpainter.to_logits(by_hand(cond, uncond, 2.0, 0.7)[start:start + length])
+    torch.testing.assert_close(pipeline.runtime.logits(st, shapes[0]), want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("index", range(4))

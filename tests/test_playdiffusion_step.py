@@ -189,3 +189,38 @@ def test_generate_units_is_upstreams_generate_through_the_plan(model):
     tts = generate_units(runtime, text, OPTIONS, KeyedDraws(5), target_len=7)
     assert tts.shape == (7,)
     assert torch.equal(tts, reference_generate(model, text, OPTIONS, KeyedDraws(5), target_len=7))
+
+
+# ----------------------------------------------------------------------------- guidance
+def _guided_by_hand(cond, uncond, g, r):
+    """Upstream reverse_diffusion's CFG on the hidden states, written out: x = c + g(c - u),
+    rescaled to c's std, blended by r."""
+    mixed = cond + g * (cond - uncond)
+    return r * (mixed * cond.std() / mixed.std()) + (1 - r) * mixed
+
+
+@pytest.mark.parametrize("guidance", [0.25, 1.0, 2.0])
+def test_guided_logits_follow_the_formula_where_g_and_1_minus_g_differ(model, guidance):
+    """g = 0.5 (the default, and the fixtures') cannot tell g from 1 - g: these can. rescale 0.4
+    for the same reason against 1 - r (0.7 and 0.3 would also do, 0.5 would not)."""
+    options = UnmaskOptions(steps=6, topk=12, guidance=guidance, rescale=0.4)
+    runtime = SpeechRuntime(model)
+    text, left, right = _inputs()
+    st, shapes = runtime.prepare(make_schedule(9, options), options, text, left, right, KeyedDraws(0))
+    with torch.no_grad():
+        hidden = model.hidden(st.ids)[:, st.text_len:]                  # [2, P + L + Q, D]: cond, null text
+        want = model.to_logits(_guided_by_hand(hidden[0], hidden[1], guidance, 0.4)[6:15])
+    torch.testing.assert_close(runtime.logits(st, shapes[0]), want, atol=1e-5, rtol=0)
+
+
+def test_guided_loop_equals_the_reference_where_g_and_1_minus_g_differ(model):
+    """Token for token against the plain loop at g = 0.25 and 2 (where 1 - g is 0.75 and -1);
+    the tokens do depend on g here, so the equality checks the scale, not only the wiring."""
+    runtime = SpeechRuntime(model)
+    by_guidance = {}
+    for guidance in (0.25, 2.0):
+        options = UnmaskOptions(steps=6, topk=12, guidance=guidance, rescale=0.4)
+        by_guidance[guidance] = [_loop(runtime, KeyedDraws(seed), options, seed=seed) for seed in (0, 1)]
+        for seed, fast in enumerate(by_guidance[guidance]):
+            assert torch.equal(fast, _reference(model, KeyedDraws(seed), options, seed=seed)), (guidance, seed)
+    assert any(not torch.equal(a, b) for a, b in zip(by_guidance[0.25], by_guidance[2.0]))
