@@ -79,9 +79,10 @@ def test_int8_lm_equals_its_twin_and_keeps_no_fp32_linear(monkeypatch):
     # may flip one quantization step: allowed, as a small fraction of the logits' scale)
     scale = fp32.abs().max()
     assert (ours - twin).abs().max() <= 1e-4 * scale
-    # and int8 is an approximation of fp32, not something else: close, but not equal
+    # and int8 is an approximation of fp32, not something else: close, but not equal. The
+    # bound scales with the weight step (7-bit weights where the CPU's int8 product needs them).
     rel = ((ours - fp32).norm() / fp32.norm()).item()
-    assert 0 < rel < 0.05
+    assert 0 < rel < 0.05 * 127 / int8.weight_qmax()
 
 
 def test_int8_runtime_compiles_whole_and_matches_eager():
@@ -175,7 +176,7 @@ def test_cpu_info_reports_flags_and_capability():
     assert set(info.flags) <= set(P.CpuInfo.ISA) and info.threads == torch.get_num_threads()
     d = info.as_dict()
     assert {"model", "capability", "threads", "avx2", "avx512_bf16", "amx_bf16"} <= set(d)
-    assert dataclasses.replace(info, flags=("amx_bf16",)).native_bf16 and not AVX2_ONLY.native_bf16
+    assert dataclasses.replace(info, flags=("amx_bf16",), capability="AVX512").native_bf16 and not AVX2_ONLY.native_bf16
 
 
 def test_voice_encoder_autocasts_only_where_the_cpu_has_bf16(monkeypatch):

@@ -87,6 +87,8 @@ def run_weight_bytes(model, precision: str) -> tp.Dict[str, int]:
         return total
 
     def lm_bytes(name: str) -> int:   # transformer matmuls 2 bytes below fp32, its norms fp32 in the mixed modes
+        if precision == "int8":      # int8 weights; their per-channel scales, biases and the norms fp32
+            return 1 if name.endswith(".qweight") else 4
         if not name.startswith("transformer.") or precision == "fp32":
             return 4
         return 4 if precision.endswith("-mixed") and ".norm" in name else 2
@@ -212,7 +214,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine"))
     p.add_argument("--t5", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", nargs="+", default=None, help="default: fp32 bf16 on CPU, fp16-mixed bf16 on CUDA")
+    p.add_argument("--precision", nargs="+", default=None, help="default: fp32 int8 (and bf16 where native) on CPU, fp16-mixed bf16 on CUDA")
     p.add_argument("--cache", nargs="+", choices=CACHES, default=list(CACHES), help="page cache state before load")
     p.add_argument("--duration", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=1)
@@ -232,10 +234,12 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     import torch
 
     from magnet_engine.bench import _git_commit, machine_info, write_report
+    from magnet_engine.engine.precision import cpu_info
     from magnet_engine.demo import cached_demo_model
 
     device = torch.device(args.device)
-    precisions = args.precision or (["fp16-mixed", "bf16"] if device.type == "cuda" else ["fp32", "bf16"])
+    precisions = args.precision or (["fp16-mixed", "bf16"] if device.type == "cuda"
+                                    else ["fp32", "int8"] + (["bf16"] if cpu_info().native_bf16 else []))
     directory = Path(args.model) if args.model else cached_demo_model(args.cache_dir, args.arch)
     threads = args.threads or torch.get_num_threads()
     run = {"label": args.label or _git_commit(), "git_commit": _git_commit(),

@@ -204,6 +204,8 @@ def model_info(model, settings: Settings, max_batch: int) -> dict:
         "engine": model.engine,
         "device": str(model.device),
         "precision": getattr(model, "precision", None),
+        # what 'auto' chose and why (measured timings included), as the CLI prints it
+        "precision_choice": model.precision_choice.as_dict() if hasattr(model, "precision_choice") else None,
         "compile": getattr(model, "compile", False),
         "cuda_graphs": getattr(model, "cuda_graphs", False),
         "memory": _memory(model),

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from magnet_engine.demo import DEFAULT_CACHE
+from magnet_engine.engine.precision import CHOICES
 from magnet_engine.errors import MagnetEngineError
 from magnet_engine.server.schema import ApiError, Settings
 
@@ -119,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5", default=None, help="T5 text encoder: local directory or Hub name")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--engine", choices=("fast", "reference"), default="fast")
-    p.add_argument("--precision", choices=("fp32", "fp16-mixed", "bf16-mixed", "bf16", "fp16"), default=None,
-                   help="default: fp32 on CPU, fp16-mixed on CUDA (fp16 matmuls, fp32 residual stream)")
+    p.add_argument("--precision", choices=CHOICES, default=None,
+                   help="default: auto on CPU (the fastest of fp32, bf16 and int8 on this CPU; /v1/model says "
+                        "which and why), fp16-mixed on CUDA (fp16 matmuls, fp32 residual stream)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoding step whole")
     p.add_argument("--cuda-graphs", action="store_true", help="replay each decoding step shape as a CUDA graph")
     p.add_argument("--speech", default=None, metavar="DIR|ID|random",
