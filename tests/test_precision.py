@@ -191,3 +191,40 @@ def test_voice_encoder_autocasts_only_where_the_cpu_has_bf16(monkeypatch):
     monkeypatch.setattr(pipeline, "cpu_info", lambda: AMX)
     assert pipeline.Precision().autocast_on(torch.device("cpu"))
     assert not dataclasses.replace(AMX, capability="AVX2").native_bf16   # dispatch held to AVX2
+
+
+# ----------------------------------------------------------------------------- surfaces
+def test_cli_and_api_say_what_ran_and_why(tiny_dir, tmp_path, capsys, monkeypatch):
+    from magnet_engine import MAGNeT, cli
+
+    code = cli.main(["generate", "x", "--model", str(tiny_dir), "-o", str(tmp_path / "a.wav"), "--duration", "0.5",
+                     "--decoding-steps", "2", "1", "1", "1", "-q", "--device", "cpu", "--precision", "int8"])
+    out = capsys.readouterr()
+    assert code == 0 and "precision: int8: as requested" in out.out
+    model = MAGNeT.from_pretrained(tiny_dir)
+    assert model.precision == "fp32" and model.precision_choice.requested == "auto"
+    assert "dim 64" in model.precision_choice.reason
+    # an explicit precision this CPU lacks: honoured, one warning line on stderr
+    monkeypatch.setattr(P, "cpu_info", lambda: AVX2_ONLY)
+    code = cli.main(["generate", "x", "--model", str(tiny_dir), "-o", str(tmp_path / "b.wav"), "--duration", "0.5",
+                     "--decoding-steps", "2", "1", "1", "1", "-q", "--device", "cpu", "--precision", "bf16"])
+    out = capsys.readouterr()
+    assert code == 0 and "precision: bf16: as requested" in out.out
+    warning_lines = [line for line in out.err.splitlines() if "warning" in line]
+    assert len(warning_lines) == 1 and "without native bf16" in warning_lines[0]
+
+
+def test_int8_loads_straight_into_int8(tiny_dir):
+    """No fp32 copy of the transformer's linear weights is kept, and the reference loop (fp32)
+    reloads its own weights rather than running the quantized ones."""
+    from magnet_engine import MAGNeT
+
+    model = MAGNeT.from_pretrained(tiny_dir, precision="int8")
+    lm = model._lm
+    assert P.is_quantized(lm)
+    linear_bytes = sum(b.numel() * b.element_size() for n, b in lm.transformer.named_buffers() if n.endswith("qweight"))
+    fp32_matrices = [n for n, p in lm.transformer.named_parameters() if p.dim() == 2]
+    assert linear_bytes > 0 and fp32_matrices == []
+    stats = model.memory_stats()
+    assert stats["weights_bytes"]["lm"] < MAGNeT.from_pretrained(tiny_dir, precision="fp32").memory_stats()["weights_bytes"]["lm"]
+    assert model.reference_lm() is not lm and not P.is_quantized(model.reference_lm())

@@ -70,11 +70,12 @@ def speed(args) -> int:
     names = _candidates(args.candidates)
     models = {name: _load(directory, name, args.t5) for name in names}
     for model in models.values():
-        model.set_generation_params(duration=args.duration)
+        model.set_generation_params(duration=args.duration, decoding_steps=args.decoding_steps)
     texts = [f"benchmark description number {i} with synths and drums" for i in range(args.batch)]
     timings = run_cases([(n, m, "fast") for n, m in models.items()], texts, args.runs, args.warmup, args.seed)
     report = {"benchmark": "precision_speed", "machine": machine_info(torch.device("cpu")), "git_commit": _git_commit(),
               "model": directory, "duration": args.duration, "batch": args.batch,
+              "decoding_steps": list(models[names[0]].params.decoding_steps),
               "choices": {n: m.precision_choice.as_dict() for n, m in models.items()}, "cases": {}}
     base = timings["fp32"]["tokens_ms"]["p50"] if "fp32" in timings else None
     for name, model in models.items():
@@ -214,6 +215,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None, mode: str = "speed") -> int
     p.add_argument("--t5", default=None)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--decoding-steps", type=int, nargs="+", default=None,
+                   help="speed: steps per stage (default: the model's, 20 10 10 10); every step of a stage has "
+                        "the same shape, so fewer steps give the same ratios sooner")
     p.add_argument("--candidates", nargs="+", choices=(*AUTO_CANDIDATES, "auto"), default=None,
                    help="speed: default fp32 bf16 int8 auto (bf16 only where native); quality: default bf16 int8")
     p.add_argument("--runs", type=int, default=3)
