@@ -256,8 +256,13 @@ def input_dtype(linear: nn.Module) -> torch.dtype:
     return torch.float32 if isinstance(linear, Int8Linear) else linear.weight.dtype
 
 
+def is_quantized_module(module: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in module.modules())
+
+
 def is_quantized(lm: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in lm.transformer.modules())
+    """True when a MAGNeT LM's transformer holds int8 layers."""
+    return is_quantized_module(lm.transformer)
 
 
 def cast_for_precision(lm: nn.Module, precision: str,

@@ -228,3 +228,24 @@ def test_int8_loads_straight_into_int8(tiny_dir):
     stats = model.memory_stats()
     assert stats["weights_bytes"]["lm"] < MAGNeT.from_pretrained(tiny_dir, precision="fp32").memory_stats()["weights_bytes"]["lm"]
     assert model.reference_lm() is not lm and not P.is_quantized(model.reference_lm())
+
+
+def test_playdiffusion_inpainter_takes_int8():
+    """PlayDiffusion's inpainter gets the same option: its backbone's linear layers int8, the
+    embeddings, norms and output head fp32; logits close to the fp32 inpainter's."""
+    from magnet_engine.engine.playdiffusion.pipeline import PlayDiffusionPipeline, Precision
+    from test_playdiffusion import CKPT
+
+    fp32 = PlayDiffusionPipeline.load(CKPT)
+    q = PlayDiffusionPipeline.load(CKPT, precision=Precision(inpainter="int8"))
+    backbone = [m for m in q.inpainter.LM.modules() if isinstance(m, torch.nn.Linear)]
+    assert backbone == [] and P.is_quantized_module(q.inpainter.LM)
+    assert isinstance(q.inpainter.to_logits, torch.nn.Linear)
+    ids = torch.randint(0, fp32.inpainter.cfg.total_vocab, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, ours = fp32.inpainter(ids), q.inpainter(ids)
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.05 * 127 / int8.weight_qmax()
+    with pytest.raises(InvalidOptionError, match="CPU path"):
+        from magnet_engine.engine.playdiffusion.pipeline import _placed_inpainter
+        _placed_inpainter(copy.deepcopy(fp32.inpainter), torch.device("meta"), "int8")
