@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -69,20 +68,10 @@ def methods(device: torch.device) -> dict:
 
 
 def machine(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpp_extension": backend.cpp_module() is not None,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
+    from magnet_engine.bench import machine_info
+
+    info = machine_info(device)   # CPU model, ISA flags, dispatch level and caps, threads
+    info.update(cpu_count=os.cpu_count(), cpp_extension=backend.cpp_module() is not None)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

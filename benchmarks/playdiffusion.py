@@ -24,13 +24,13 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from magnet_engine.bench import machine_info
 from magnet_engine.engine.playdiffusion import random_weights
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter, InpainterConfig
 from magnet_engine.engine.playdiffusion.pipeline import PlayDiffusionPipeline, Precision
@@ -212,8 +212,8 @@ def main(argv=None) -> int:
                   f"reference {row['unmask_s']['reference']:.2f} s, same tokens: {row['same_tokens']}")
     sizes = dataclasses.asdict(random_weights.PRESETS[args.preset])
     report = dict(benchmark="playdiffusion", preset=args.preset, sizes=sizes, steps=args.steps,
-                  device=args.device, threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine(),
-                  cpus=os.cpu_count(), load_average=os.getloadavg(), results=results,
+                  device=args.device, threads=torch.get_num_threads(), torch=torch.__version__,
+                  machine=machine_info(torch.device(args.device)), cpus=os.cpu_count(), load_average=os.getloadavg(), results=results,
                   notes="random weights; text tokenizer is a character-level stand-in (more text ids than the "
                         "real 16k BPE); rtf = output seconds / wall seconds")
     if args.inpainter_forward_only:
