@@ -12,7 +12,9 @@ Endpoints:
   GET  /metrics              Prometheus text exposition
   GET  /                     the demo page (static/)
 
-Every POST is a job of the one worker (batcher.Batcher): one queue bound (503 + Retry-After),
+Every POST body is read and parsed by one layer (server.body): size caps enforced while reading
+(413), body and idle timeouts (408), multipart parsed as it arrives, form fields checked as a
+JSON body's are. Every POST is a job of the one worker (batcher.Batcher): one queue bound (503 + Retry-After),
 one timeout (504), cancellation between decoding steps when the client leaves or times out,
 request ids owned by their first POST (409), metrics by route. Every error, from a route or
 from the framework (404, 405, 422, 413 ...), is answered as {"error": {"status", "type",

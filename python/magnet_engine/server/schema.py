@@ -27,10 +27,10 @@ class Settings:
     The HTTP limits hold against hostile clients: a body is read up to `max_body_bytes`
     (a generate request is a few hundred bytes), a request head may have at most
     `max_headers` fields and `max_header_bytes` in all, a client must send its whole head
-    within `header_timeout_s` and its body within `body_timeout_s` (with no gap longer than
-    `body_idle_timeout_s`), an idle keep-alive
-    connection is closed after `keepalive_timeout_s`, and at most `max_connections` are
-    open at once (more get 503 from uvicorn)."""
+    within `header_timeout_s` and its body within `body_timeout_s` with no gap longer than
+    `body_idle_timeout_s` (server.body; a multipart route's body limit is its parts'), an
+    idle keep-alive connection is closed after `keepalive_timeout_s`, and at most
+    `max_connections` are open at once (more get 503 from uvicorn)."""
 
     max_batch: int = 8               # rows per generation batch, and descriptions per request
     max_wait_ms: float = 20.0        # how long the oldest row waits for batch companions
