@@ -186,8 +186,8 @@ def read_audio_upload(data: bytes, limits: AudioLimits, what: str = "the uploade
 
 
 def resample(wav: torch.Tensor, rate: int, new_rate: int) -> torch.Tensor:
-    """[C, samples] float at `rate` -> [C, round(samples * new_rate / rate)] float32 at `new_rate`
-    (soxr, high quality: passband to 0.91 x Nyquist of the lower rate, > 100 dB stopband)."""
+    """[C, samples] float at `rate` -> [C, about samples * new_rate / rate] float32 at `new_rate`
+    (soxr's "HQ" recipe: 20-bit precision)."""
     if rate == new_rate:
         return wav
     import soxr

@@ -62,7 +62,7 @@ class EditLimits:
 def _read_clip(data: bytes, limits: AudioLimits, model_rate: int):
     """Upload bytes -> [C, samples] float32 at the model's rate; InvalidInputError if unfit.
     Converted here (soxr) so that the engine never builds a rate-pair filter bank for it."""
-    samples, rate = read_audio_upload(data, limits)
+    samples, rate = read_audio_upload(data, limits, "the clip")
     return resample(samples, rate, model_rate)
 
 
