@@ -103,7 +103,12 @@ def _check_paths(args) -> None:
     inputs = {"edit": [("audio", "audio")], "tts": [("voice", "--voice")],
               "rvc": [("source", "source audio"), ("voice", "--voice")]}[args.mode]
     for name, what in inputs:
-        check_input_file(getattr(args, name), what)
+        path = getattr(args, name)
+        if path.startswith("file:"):     # the input models take file: URIs as well as paths
+            path = path[len("file:"):].removeprefix("//")
+        elif "://" in path:               # another scheme: the input model refuses it by name
+            continue
+        check_input_file(path, what)
 
 
 def run(args) -> int:

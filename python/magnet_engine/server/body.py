@@ -8,10 +8,10 @@ was read or spooled to disk; it must arrive within `Settings.body_timeout_s` and
 gap longer than `Settings.body_idle_timeout_s` (408 either way). A multipart body is parsed
 as it arrives: only the route's named parts (422 for another), each at most once (so the
 part count is bounded) and within its own byte limit (413), part headers bounded by the
-parser (python-multipart: 8 headers of at most 4 KiB per part). Form values are then parsed by the same
-rules as a JSON body's: strict UTF-8 text, integers and finite floats of bounded length,
-JSON fields of bounded size and nesting depth (a field nested 1000 deep is a 400, not a
-RecursionError).
+parser (python-multipart: 8 headers of at most 4 KiB per part). Form values are then parsed
+by the same rules as a JSON body's: strict UTF-8 text, integers and finite floats of bounded
+length, JSON fields of bounded size and nesting depth (a field nested 1000 deep is a 400,
+not a RecursionError).
 """
 from __future__ import annotations
 
@@ -178,6 +178,7 @@ class _FormReader:
         self.name: tp.Optional[str] = None
         self.data = bytearray()
         self.limit = 0
+        self.kind = "field"
         self.ended = False
 
     def callbacks(self) -> dict:
