@@ -48,8 +48,8 @@ class EditLimits:
     max_upload_bytes: int = 20 << 20     # 20 MiB: a 10 s stereo 48 kHz float WAV is ~3.8 MiB
     min_sample_rate: int = 8000
     max_sample_rate: int = 192000
-    max_channels: int = 2
     max_seconds: tp.Optional[float] = None   # None: the model's window (infill does not window a clip)
+    max_channels: int = 2
 
     def form(self) -> FormSpec:
         return FormSpec(files={"audio": self.max_upload_bytes}, fields=FIELDS)
