@@ -64,6 +64,8 @@ setup(
         "unidecode",
         "pydantic>=2",
         "safetensors",
+        # Uploads at any sample rate: libsoxr's resampler costs the same whatever the rates' gcd.
+        "soxr>=0.3",
     ],
     extras_require={
         "gpu": ["triton", "flash-attn"],

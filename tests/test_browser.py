@@ -340,7 +340,7 @@ def test_demo_page_regenerates_a_dragged_region(driver, full_server, tmp_path):
     drag(driver, canvas, 0.2, 0.4)
     driver.find_element(By.ID, "edit-run").click()
     WebDriverWait(driver, 30).until(lambda _: error.get_attribute("hidden") is None)
-    assert error.text.startswith("400 InvalidInputError: the clip is 3 s")
+    assert error.text.startswith("400 AudioTooLongError: the clip is 3 s")
     assert not model.calls
 
     fill(driver, prompt="warm lo-fi piano", duration="2", steps="4,2,2,2", seed="5")

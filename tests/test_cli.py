@@ -1,7 +1,10 @@
 """The command line: output paths checked before any generation, typed errors as one line and
 a non-zero exit, and atomic writes that respect what is at the path (mode, umask, file type)."""
+import contextlib
 import os
 import stat
+import threading
+import time
 
 import pytest
 import soundfile as sf
@@ -118,3 +121,104 @@ class TestAtomicWrites:
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.islink(link) and folder.is_dir()
         assert (tmp_path / "target.wav").read_bytes() == b"keep me"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo", "link", "target.wav"]
+
+
+# ------------------------------------------------------------------ inputs: regular files only
+@contextlib.contextmanager
+def fifo_unblocked(path):
+    """A writer that opens and closes `path` (a FIFO) whenever a reader waits on it, so a
+    command that wrongly reads the FIFO sees an empty file instead of blocking the test."""
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:    # ENXIO: no reader yet
+                pass
+            time.sleep(0.05)
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        thread.join()
+
+
+def not_a_file(kind, tmp_path):
+    if kind == "fifo":
+        return make_fifo(tmp_path / "in.wav")
+    if kind == "directory":
+        (tmp_path / "in.wav").mkdir()
+        return tmp_path / "in.wav"
+    return "/dev/zero"
+
+
+@pytest.mark.parametrize("kind, says", [("fifo", "it is a fifo"), ("directory", "it is a directory"),
+                                        ("device", "it is a device")])
+def test_edit_refuses_an_input_that_is_not_a_regular_file_before_loading(tmp_path, capsys, monkeypatch, kind, says):
+    source = not_a_file(kind, tmp_path)
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the input was checked"))
+    with fifo_unblocked(source) if kind == "fifo" else contextlib.nullcontext():
+        code, _, err = run_cli(capsys, "edit", source, "--region", "0.1:0.2", "-o", tmp_path / "out.wav")
+    assert code == 2 and err.count("\n") == 1 and says in err.lower(), err
+
+
+def test_generate_refuses_a_prompt_that_is_a_fifo_before_loading(tmp_path, capsys, monkeypatch):
+    fifo = make_fifo(tmp_path / "prompt.wav")
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the prompt was checked"))
+    with fifo_unblocked(fifo):
+        code, _, err = run_cli(capsys, "generate", "x", "--prompt", fifo, "-o", tmp_path / "out.wav")
+    assert code == 2 and "it is a fifo" in err.lower(), err
+
+
+@pytest.fixture
+def speech_inputs(tmp_path, monkeypatch):
+    """A speech edit's regular inputs, and a speech model that must never be loaded."""
+    import magnet_engine.playdiffusion as pd
+
+    monkeypatch.setattr(pd, "PlayDiffusion", lambda *a, **k: pytest.fail("the model was loaded before the paths "
+                                                                          "were checked"))
+    audio = tmp_path / "speech.wav"
+    sf.write(audio, torch.zeros(16000).numpy(), 16000)
+    times = tmp_path / "times.json"
+    times.write_text('[{"word": "hi", "start": 0.1, "end": 0.3}]')
+    return audio, times
+
+
+def speech_edit(capsys, audio, times, out):
+    return run_cli(capsys, "speech", "edit", audio, "--from", "hi", "--to", "ho", "--word-times", times, "-o", out)
+
+
+@pytest.mark.parametrize("kind, says", [("fifo", "it is a fifo"), ("directory", "it is a directory"),
+                                        ("device", "it is a device")])
+def test_speech_word_times_must_be_a_regular_file(speech_inputs, tmp_path, capsys, kind, says):
+    audio, _ = speech_inputs
+    times = not_a_file(kind, tmp_path)
+    with fifo_unblocked(times) if kind == "fifo" else contextlib.nullcontext():
+        code, _, err = speech_edit(capsys, audio, times, tmp_path / "out.wav")
+    assert code == 2 and err.count("\n") == 1 and says in err.lower() and "--word-times" in err, err
+
+
+def test_speech_word_times_over_the_size_cap_are_refused(speech_inputs, tmp_path, capsys):
+    audio, times = speech_inputs
+    times.write_text("[" + " " * (2 << 20) + "]")
+    code, _, err = speech_edit(capsys, audio, times, tmp_path / "out.wav")
+    assert code == 2 and "the limit is 1048576" in err, err
+
+
+@pytest.mark.parametrize("kind, says", [("fifo", "it is a fifo"), ("directory", "it is a directory")])
+def test_speech_audio_that_is_not_a_regular_file_is_named_for_what_it_is(speech_inputs, tmp_path, capsys, kind, says):
+    _, times = speech_inputs
+    audio = not_a_file(kind, tmp_path)
+    with fifo_unblocked(audio) if kind == "fifo" else contextlib.nullcontext():
+        code, _, err = speech_edit(capsys, audio, times, tmp_path / "out.wav")
+    assert code == 2 and says in err.lower() and "not found" not in err, err
+
+
+def test_speech_edit_checks_its_output_before_loading_the_model(speech_inputs, tmp_path, capsys):
+    audio, times = speech_inputs
+    (tmp_path / "dir").mkdir()
+    code, _, err = speech_edit(capsys, audio, times, tmp_path / "dir")
+    assert code == 2 and err.count("\n") == 1 and "it is a directory" in err, err

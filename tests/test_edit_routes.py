@@ -62,7 +62,7 @@ def test_edit_returns_the_clip_with_the_region_regenerated(client):
     (None, {"decoding_steps": "[21, 2, 2, 2]"}, 422, "20"),           # the service's max_decoding_steps
     (None, {"description": "x" * 51}, 400, "limit is 50"),            # the service's max_text_chars
     (None, {"request_id": "bad id!"}, 422, "request_id"),
-    ("long", {}, 400, "must be in"),
+    ("long", {}, 400, "the limit is 1 s"),
     ("rate", {}, 400, "sample rate"),
     ("big", {}, 413, "over"),
 ])

@@ -111,6 +111,7 @@ def test_a_run_whose_consumers_left_stops_within_a_step(client, monkeypatch):
     progress = http.get("/v1/progress/left").text          # ends when the run does
     end = progress.strip().split("\n\n")[-1]
     assert end.startswith("event: error") and '"type":"TaskCancelled"' in end
+    assert '"status":499' in end                          # nobody failed: not reported as a 5xx
     stage_steps = [e for e in steps if type(e).__name__ == "StageStep"]
     assert len(stage_steps) < stage_steps[0].total         # stopped long before the last window
     assert http.get("/v1/stream/left/chunk/0").status_code == 200

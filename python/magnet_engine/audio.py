@@ -1,14 +1,23 @@
 """Audio files in and out (soundfile). Writes are atomic: a temporary file, then a rename.
 
+Reads take regular files only (a FIFO, device or directory is refused before it is opened
+for reading, so it cannot block or stream without end), and uploads are checked from their
+header (rate, channels, length) before any sample is decoded, then decoded up to that bound
+only. Resampling is soxr's (libsoxr, polyphase with a windowed-sinc design): its cost is
+linear in the clip's length whatever the two rates, unlike an exact rational polyphase bank
+whose size follows rate / gcd(rate, new rate).
+
 `audio_write` is audiocraft's `audiocraft.data.audio.audio_write`, same arguments and
 normalisation strategies, written through soundfile (libsndfile) instead of an ffmpeg pipe.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
 import os
+import stat
 import typing as tp
 from pathlib import Path
 
@@ -56,16 +65,135 @@ def wav_bytes(wav: torch.Tensor, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
+def check_input_file(path: tp.Union[str, os.PathLike], what: str, max_bytes: tp.Optional[int] = None) -> Path:
+    """`path` if it names a regular file (of at most `max_bytes`); InvalidInputError saying what
+    it is otherwise (missing, a directory, a FIFO, a device ...). Nothing is opened."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{what} {path}: no such file") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{what} {path}: {exc.strerror}") from None
+    _check_regular(st, path, what, max_bytes)
+    return path
+
+
+def _check_regular(st: os.stat_result, path, what: str, max_bytes: tp.Optional[int]) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise InvalidInputError(f"{what} {path}: it is {kind}; give a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise InvalidInputError(f"{what} {path}: {st.st_size} bytes; the limit is {max_bytes}")
+
+
+def open_input_file(path: tp.Union[str, os.PathLike], what: str, max_bytes: tp.Optional[int] = None) -> tp.BinaryIO:
+    """A regular file opened for reading, checked on the open descriptor too: a path swapped
+    for a FIFO after the check cannot block the open (O_NONBLOCK) nor be read."""
+    path = check_input_file(path, what, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise InvalidInputError(f"{what} {path}: {exc.strerror}") from None
+    try:
+        _check_regular(os.fstat(fd), path, what, max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_input_file(path: tp.Union[str, os.PathLike], what: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (a file growing past it is refused too)."""
+    with open_input_file(path, what, max_bytes) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InvalidInputError(f"{what} {path}: over the limit of {max_bytes} bytes")
+    return data
+
+
 def read_audio(source, what: tp.Optional[str] = None) -> tuple[torch.Tensor, int]:
-    """Audio file (a path, or a binary file object such as an upload's bytes) -> ([C, samples]
-    float32, sample_rate). what: how errors name it (default: the path)."""
+    """Audio file (a path to a regular file, or a binary file object such as an upload's bytes)
+    -> ([C, samples] float32, sample_rate). what: how errors name it (default: the path)."""
+    import soundfile as sf
+
+    if hasattr(source, "read"):
+        return _read(sf, source, what or "the audio")
+    with open_input_file(source, what or "audio file") as f:
+        return _read(sf, f, what or f"audio file {source}")
+
+
+def _read(sf, f, what: str) -> tuple[torch.Tensor, int]:
+    try:
+        data, sr = sf.read(f, dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError variants
+        raise InvalidInputError(f"cannot read {what}: {exc}") from exc
+    return torch.from_numpy(data.T.copy()), int(sr)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioLimits:
+    """What an uploaded clip may be; `read_audio_upload` checks it from the header first."""
+
+    max_seconds: float
+    min_sample_rate: int = 8000
+    max_sample_rate: int = 192000
+    max_channels: int = 2
+
+
+# libsndfile's frame count for a stream that does not say its length (a FLAC with total_samples 0)
+_UNKNOWN_FRAMES = 2 ** 62
+
+
+class AudioTooLongError(InvalidInputError):
+    """A clip longer than its limit, said by its header or found while decoding."""
+
+
+def read_audio_upload(data: bytes, limits: AudioLimits, what: str = "the uploaded audio") -> tuple[torch.Tensor, int]:
+    """An upload's bytes -> ([C, samples] float32, rate), refused from its header (rate, channels,
+    frames) before any sample is decoded, and decoded up to the limit only: a header that
+    understates its length (or says nothing, as a streamed FLAC may) cannot make it decode more.
+    Blocking (libsndfile): call it off the event loop."""
     import soundfile as sf
 
     try:
-        data, sr = sf.read(source if hasattr(source, "read") else str(source), dtype="float32", always_2d=True)
-    except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError variants
-        raise InvalidInputError(f"cannot read {what or f'audio file {source}'}: {exc}") from exc
-    return torch.from_numpy(data.T.copy()), int(sr)
+        f = sf.SoundFile(io.BytesIO(data))
+    except Exception as exc:  # LibsndfileError / RuntimeError: not a format libsndfile reads
+        raise InvalidInputError(f"cannot read {what}: {exc}") from None
+    with f:
+        rate, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
+        if not limits.min_sample_rate <= rate <= limits.max_sample_rate:
+            raise InvalidInputError(f"{what}: sample rate {rate} Hz is outside [{limits.min_sample_rate}, "
+                                    f"{limits.max_sample_rate}] Hz")
+        if not 1 <= channels <= limits.max_channels:
+            raise InvalidInputError(f"{what}: {channels} channels; at most {limits.max_channels}")
+        longest = math.floor(limits.max_seconds * rate + 1e-6)
+        if longest < frames < _UNKNOWN_FRAMES:
+            raise AudioTooLongError(f"{what} is {frames / rate:g} s; the limit is {limits.max_seconds:g} s")
+        try:
+            samples = f.read(frames=longest + 1, dtype="float32", always_2d=True)   # [samples, C]
+        except Exception as exc:
+            raise InvalidInputError(f"cannot decode {what}: {exc}") from None
+    if samples.shape[0] > longest:
+        raise AudioTooLongError(f"{what} decodes to more than the limit of {limits.max_seconds:g} s")
+    if samples.shape[0] == 0:
+        raise InvalidInputError(f"{what} holds no samples")
+    if not np.isfinite(samples).all():
+        raise InvalidInputError(f"{what} holds NaN or infinite samples")
+    return torch.from_numpy(np.ascontiguousarray(samples.T)), rate
+
+
+def resample(wav: torch.Tensor, rate: int, new_rate: int) -> torch.Tensor:
+    """[C, samples] float at `rate` -> [C, about samples * new_rate / rate] float32 at `new_rate`
+    (soxr's "HQ" recipe: 20-bit precision)."""
+    if rate == new_rate:
+        return wav
+    import soxr
+
+    out = soxr.resample(wav.detach().float().cpu().numpy().T, rate, new_rate, quality="HQ")   # [samples, C]
+    return torch.from_numpy(np.ascontiguousarray(out.T))
 
 
 def audio_write(stem_name: tp.Union[str, os.PathLike], wav: torch.Tensor, sample_rate: int, format: str = "wav",

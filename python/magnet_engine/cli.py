@@ -4,6 +4,10 @@
     magnet-engine generate "lo-fi piano" --duration 60 --extend-stride 7.5 -o long.wav
     magnet-engine edit in.wav --region 4:6 --region 12:13.5 "drum fill" -o out.wav
     magnet-engine demo                       # embedded random-weight model, no download
+
+Paths are checked before a model is loaded: input audio must be a regular file (a FIFO,
+device or directory is refused by name, never opened), and each -o a writable file path; a
+missing directory above it is created. Bad input: one line on stderr, exit 2.
 """
 from __future__ import annotations
 
@@ -152,8 +156,17 @@ def _generate(model, args, paths: tp.List[Path]) -> tp.Tuple[tp.List[Path], floa
     return paths, elapsed
 
 
+def _check_prompt(args) -> None:
+    """--prompt a regular file, before loading (a FIFO or device would block or never end)."""
+    from magnet_engine.audio import check_input_file
+
+    if getattr(args, "prompt", None):
+        check_input_file(args.prompt, "--prompt")
+
+
 def cmd_generate(args) -> int:
     paths = _checked_outputs(args, max(1, len(args.texts)))   # before loading: a model may take minutes to fetch
+    _check_prompt(args)
     model = _load(args)
     paths, elapsed = _generate(model, args, paths)
     seconds = model.frames / model.frame_rate
@@ -173,10 +186,11 @@ def _region(text: str) -> tp.Tuple[float, float]:
 
 
 def cmd_edit(args) -> int:
-    from magnet_engine.audio import write_wav
+    from magnet_engine.audio import check_input_file, write_wav
     from magnet_engine.engine.files import check_output_path
 
     check_output_path(Path(args.output))      # before loading, as generate does
+    check_input_file(args.input, "input audio")
     model = _load(args)
     params = _generation_params(args)
     params["duration"] = None
@@ -197,6 +211,7 @@ def cmd_demo(args) -> int:
 
     args.texts = args.texts or ["warm lo-fi piano with soft vinyl crackle"]
     paths = _checked_outputs(args, len(args.texts))
+    _check_prompt(args)
     kind = "hybrid-MAGNeT " if args.kind == "hybrid" else ""
     print(f"magnet-engine demo: a random-weight '{args.preset}' {kind}model of the published architecture.\n"
           "Untrained weights make noise, not music. For music, run e.g.\n"

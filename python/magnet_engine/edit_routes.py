@@ -10,10 +10,14 @@ Multipart fields: `audio` (a file soundfile reads: WAV, FLAC, OGG...), `regions`
 `request_id` (its progress on GET /v1/progress/{id}, as a generate request's). The answer is
 the edited clip as audio/wav at the model's rate, with X-Request-Id, X-Queue-Wait-Ms and
 X-Run-Ms headers. Bad input gets a 4xx JSON error {"error": {"status", "type", "message"}}:
-413 for an upload over the size limit, 400 for unreadable audio, a sample rate or length
-outside the limits, a description over the service's limit and bad regions, 422 for bad
-decoding options (at most the service's max_decoding_steps per codebook), 409 for a
-request_id in use.
+413 for a body, upload or field over its limit or more parts than the fields above, 408 for
+a body not received in time, 400 for unreadable audio, a sample rate, channel count or length
+outside the limits (read from the file's header, before decoding), JSON fields that are not
+JSON or nest deeper than 8 levels, a description over the service's limit or not valid
+Unicode, and bad regions, 422 for an unknown or repeated part, a seed outside [0, 2^62) and
+bad decoding options (at most the service's max_decoding_steps per codebook), 409 for a
+request_id in use. The body is read and parsed by server.body, as every route's is. A clip
+at another rate than the model's is converted (soxr) before the engine sees it.
 
 An edit is a job of the service's one worker (server.batcher.Task), run alone: it waits in
 the same bounded queue as generate rows (503 + Retry-After when full), under the same
@@ -24,18 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
-import json
 import time
 import typing as tp
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from magnet_engine.audio import read_audio, wav_bytes
+from magnet_engine.audio import AudioLimits, read_audio_upload, resample, wav_bytes
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 from magnet_engine.server.batcher import Jobs, Task, jobs_finder
-from magnet_engine.server.schema import ApiError
+from magnet_engine.server.body import FormSpec, read_form
+from magnet_engine.server.schema import check_seed, check_text
+
+FIELDS = ("regions", "description", "seed", "decoding_steps", "request_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,27 +49,36 @@ class EditLimits:
     min_sample_rate: int = 8000
     max_sample_rate: int = 192000
     max_seconds: tp.Optional[float] = None   # None: the model's window (infill does not window a clip)
+    max_channels: int = 2
+
+    def form(self) -> FormSpec:
+        return FormSpec(files={"audio": self.max_upload_bytes}, fields=FIELDS)
+
+    def audio(self, window: float) -> AudioLimits:
+        longest = window if self.max_seconds is None else min(self.max_seconds, window)
+        return AudioLimits(longest, self.min_sample_rate, self.max_sample_rate, self.max_channels)
 
 
-def _read_clip(data: bytes, limits: EditLimits, window: float):
-    """Upload bytes -> ([C, samples] float32 tensor, sample rate); InvalidInputError if unfit."""
-    samples, rate = read_audio(io.BytesIO(data), "the uploaded audio")
-    if not limits.min_sample_rate <= rate <= limits.max_sample_rate:
-        raise InvalidInputError(f"sample rate {rate} Hz is outside [{limits.min_sample_rate}, "
-                                f"{limits.max_sample_rate}] Hz")
-    longest = window if limits.max_seconds is None else min(limits.max_seconds, window)
-    if samples.shape[1] == 0 or samples.shape[1] / rate > longest + 1e-9:
-        raise InvalidInputError(f"the clip is {samples.shape[1] / rate:g} s; it must be in (0, {longest:g}] s")
-    return samples, rate
+def _read_clip(data: bytes, limits: AudioLimits, model_rate: int):
+    """Upload bytes -> [C, samples] float32 at the model's rate; InvalidInputError if unfit.
+    Converted here (soxr) so that the engine never builds a rate-pair filter bank for it."""
+    samples, rate = read_audio_upload(data, limits, "the clip")
+    return resample(samples, rate, model_rate)
 
 
-def _json_field(name: str, text: tp.Optional[str]):
-    if text is None:
+def _regions(value) -> tp.List[tp.Tuple[float, float]]:
+    if (not isinstance(value, list) or not all(isinstance(r, list) and len(r) == 2 for r in value)
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in value for x in r)):
+        raise InvalidInputError(f"'regions' must be a JSON list of [start, end] seconds, found {str(value)[:100]}")
+    return [(float(a), float(b)) for a, b in value]
+
+
+def _decoding_steps(value) -> tp.Optional[tp.Tuple[int, ...]]:
+    if value is None:
         return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"'{name}' must be JSON ({exc.msg})") from None
+    if not isinstance(value, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in value):
+        raise InvalidOptionError(f"'decoding_steps' must be a JSON list of integers, found {str(value)[:100]}")
+    return tuple(value)
 
 
 def edit_router(model, limits: EditLimits = EditLimits(), jobs: tp.Optional[Jobs] = None):
@@ -72,34 +86,32 @@ def edit_router(model, limits: EditLimits = EditLimits(), jobs: tp.Optional[Jobs
     server.batcher.jobs_finder)."""
     router = APIRouter()
     service_for = jobs_finder(jobs)
+    spec = limits.form()
+    audio_limits = limits.audio(model.max_duration)
 
-    @router.post("/v1/edit")
-    async def edit(request: Request, audio: UploadFile = File(...), regions: str = Form(...),
-                   description: tp.Optional[str] = Form(None), seed: tp.Optional[int] = Form(None),
-                   decoding_steps: tp.Optional[str] = Form(None), request_id: tp.Optional[str] = Form(None)):
+    @router.post("/v1/edit", openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["audio", "regions"],
+                   "properties": {"audio": {"type": "string", "format": "binary"},
+                                  **{name: {"type": "string"} for name in FIELDS}}}}}}})
+    async def edit(request: Request):
         arrived = time.monotonic()
         service = service_for(request)
+        settings = service.settings
         channel = None
         try:
-            request_id, channel = service.channel(request_id)   # 409 for an id in use, before anything else
-            data = await audio.read(limits.max_upload_bytes + 1)
-            if len(data) > limits.max_upload_bytes:
-                raise ApiError(413, "PayloadTooLarge", f"the upload is over {limits.max_upload_bytes} bytes")
-            clip, rate = _read_clip(data, limits, model.max_duration)
-            spans = _json_field("regions", regions)
-            if not isinstance(spans, list) or not all(isinstance(r, list) for r in spans):
-                raise InvalidInputError(f"'regions' must be a JSON list of [start, end] seconds, found {regions!r}")
-            if description is not None and len(description) > service.settings.max_text_chars:
-                raise InvalidInputError(f"the description has {len(description)} characters; the limit is "
-                                        f"{service.settings.max_text_chars}")
-            if seed is not None and not 0 <= seed < 2 ** 62:
-                raise InvalidOptionError(f"seed must be in [0, 2^62), found {seed}")
-            steps = _json_field("decoding_steps", decoding_steps)
-            params = model.params if steps is None else model.params.replace(
-                decoding_steps=tuple(steps) if isinstance(steps, list) else steps).validate(
-                    model.config.n_q, card=model.config.card, max_steps=service.settings.max_decoding_steps)
+            form = await read_form(request, settings, spec)
+            request_id, channel = service.channel(form.text("request_id"))   # 409 for an id in use
+            form.required("regions")
+            spans = _regions(form.json("regions"))
+            description = check_text("the description", form.text("description"), settings.max_text_chars)
+            seed = check_seed(form.integer("seed"))
+            steps = _decoding_steps(form.json("decoding_steps"))
+            params = model.params if steps is None else model.params.replace(decoding_steps=steps).validate(
+                model.config.n_q, card=model.config.card, max_steps=settings.max_decoding_steps)
+            clip = await asyncio.to_thread(_read_clip, form.file("audio"), audio_limits, model.sample_rate)
+            del form
             task = Task(request_id, "edit", lambda listen: model.generate_infill(
-                clip, rate, [tuple(r) for r in spans], [description], seed=seed, params=params, on_event=listen),
+                clip, model.sample_rate, spans, [description], seed=seed, params=params, on_event=listen),
                 asyncio.get_running_loop(), channel, mask_id=model.config.card)
             wav = await service.run(request, task)                                  # [1, C, samples]
             blob = await asyncio.to_thread(wav_bytes, wav[0], model.sample_rate)

@@ -4,9 +4,14 @@
     magnet-engine speech tts "Hello there." --voice voice.wav -o out.wav
     magnet-engine speech rvc SOURCE.wav --voice TARGET.wav -o out.wav
 
-times.json: [{"word": "old", "start": 0.10, "end": 0.42}, ...] in seconds (any aligner).
-The settings flags and their defaults come from the input models (playdiffusion.BaseInput).
-The output file is written atomically, only after the whole run succeeded.
+times.json: [{"word": "old", "start": 0.10, "end": 0.42}, ...] in seconds (any aligner), at
+most 1 MiB. The settings flags and their defaults come from the input models
+(playdiffusion.BaseInput).
+
+Every path is checked before the model is loaded: inputs must be regular files (a FIFO, device
+or directory is refused by name, never opened), and -o must be a writable file path; a missing
+directory above it is created, as `magnet-engine generate` does. The output file is written
+atomically, only after the whole run succeeded. Bad input: one line on stderr, exit 2.
 """
 from __future__ import annotations
 
@@ -70,13 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_WORD_TIMES_BYTES = 1 << 20   # ~20k words with their times: hours of speech
+
+
 def _word_times(path: Path) -> list:
+    from magnet_engine.audio import read_input_file
     from magnet_engine.errors import InvalidInputError
 
+    data = read_input_file(path, "--word-times", MAX_WORD_TIMES_BYTES)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InvalidInputError(f"--word-times {path}: not a readable JSON file ({e})") from None
+        data = json.loads(data)
+    except (ValueError, RecursionError) as e:   # RecursionError: arrays nested thousands deep
+        raise InvalidInputError(f"--word-times {path}: not a JSON file ({str(e)[:200]})") from None
     if isinstance(data, dict) and "words" in data:  # whisper-style {"words": [...]}
         data = data["words"]
     if not isinstance(data, list):
@@ -84,10 +94,28 @@ def _word_times(path: Path) -> list:
     return data
 
 
+def _check_paths(args) -> None:
+    """Every input a regular file and the output writable, before a model is loaded."""
+    from magnet_engine.audio import check_input_file
+    from magnet_engine.engine.files import check_output_path
+
+    check_output_path(args.output)
+    inputs = {"edit": [("audio", "audio")], "tts": [("voice", "--voice")],
+              "rvc": [("source", "source audio"), ("voice", "--voice")]}[args.mode]
+    for name, what in inputs:
+        path = getattr(args, name)
+        if path.startswith("file:"):     # the input models take file: URIs as well as paths
+            path = path[len("file:"):].removeprefix("//")
+        elif "://" in path:               # another scheme: the input model refuses it by name
+            continue
+        check_input_file(path, what)
+
+
 def run(args) -> int:
     from magnet_engine.playdiffusion import PlayDiffusion, write_pcm16
 
     start = time.perf_counter()
+    _check_paths(args)
     if args.mode == "edit":
         request = dict(audio=args.audio, input_text=args.input_text, output_text=args.output_text,
                        input_word_times=_word_times(args.word_times), **_settings(args))
@@ -110,9 +138,12 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return run(args)
-    except MagnetEngineError as exc:
-        print(f"magnet-engine speech: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except MagnetEngineError as exc:   # bad input, model or option: one line, no traceback
+        print(f"magnet-engine speech: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except OSError as exc:             # the file system failed under us (disk full, permissions changed)
+        print(f"magnet-engine speech: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

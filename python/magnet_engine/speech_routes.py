@@ -10,9 +10,19 @@
     -> 200 audio/wav (16-bit PCM at the vocoder's rate), X-Units / X-Timings / X-Request-Id /
        X-Queue-Wait-Ms headers
 
-Every bad request is a 4xx: 413 for an upload or clip over the limits, 400 for unreadable audio
-or input the edit cannot use, 422 for a setting outside its bounds, 409 for a request_id in use,
-429 when `max_pending` speech edits are in flight.
+Every bad request is a 4xx: 413 for a body, upload or field over its limit, more parts than
+the fields above, or a clip longer than `max_audio_seconds` (read from its header, before
+decoding); 408 for a body not received in time; 400 for unreadable audio, a sample rate or
+channel count outside the limits, a clip shorter than the speech tokenizer's receptive field
+(its conv front-end's kernel: 25 ms for XLS-R), text over `max_text_chars` or not valid
+Unicode, word_times that are not JSON or nest deeper than 8 levels, and input the edit cannot
+use; 422 for an unknown or repeated part, a seed outside [0, 2^62) and a setting outside its
+bounds; 409 for a request_id in use; 429 when `max_pending` speech edits are in flight. The
+body is read and parsed by server.body, as every route's is.
+
+A clip at 16, 24 or 48 kHz goes to the model as it is (the pipeline's own resampling to its
+16 kHz units and 24 kHz voice embedding is then a small integer ratio); any other rate is
+first converted to 48 kHz with soxr, whose cost does not depend on the rate.
 
 The speech model is a separate object, but the CPU (or GPU) is shared: an edit is a job of the
 service's one worker (server.batcher.Task), run alone, in the same bounded queue as every
@@ -22,15 +32,23 @@ leaves or times out stops it after the current unmasking step.
 
 import asyncio
 import dataclasses
-import io
 import json
 import threading
 import time
 import typing as tp
 
-from magnet_engine.audio import read_audio
+from magnet_engine.audio import AudioLimits, AudioTooLongError, read_audio_upload, resample
 from magnet_engine.errors import InvalidInputError, InvalidOptionError, MagnetEngineError
 from magnet_engine.server.batcher import Jobs, Task, jobs_finder
+from magnet_engine.server.body import FormSpec, read_form
+from magnet_engine.server.schema import check_seed, check_text
+
+NATIVE_RATES = (16000, 24000, 48000)   # rates whose ratios to 16 and 24 kHz are small
+CONVERT_TO = 48000
+UNIT_RATE = 16000                      # the speech tokenizer's (XLS-R's) input rate
+INT_SETTINGS = ("num_steps", "topk")
+FLOAT_SETTINGS = ("init_temp", "init_diversity", "guidance", "rescale", "audio_token_syllable_ratio")
+FIELDS = ("input_text", "output_text", "word_times", *INT_SETTINGS, *FLOAT_SETTINGS, "seed", "request_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +57,29 @@ class SpeechLimits:
     max_audio_seconds: float = 60.0
     max_text_chars: int = 2000
     max_pending: int = 4       # requests running or waiting; more get 429
+    min_sample_rate: int = 8000
+    max_sample_rate: int = 192000
+    max_channels: int = 2
+
+
+def receptive_field(model) -> int:
+    """The fewest 16 kHz samples the speech tokenizer's conv front-end takes: one output frame
+    needs 1 + sum((kernel_i - 1) * stride_0 ... stride_{i-1}) input samples (400 for XLS-R)."""
+    config = getattr(getattr(getattr(getattr(model, "pipeline", None), "speech_tokenizer", None), "encoder", None),
+                     "config", None)
+    kernels, strides = getattr(config, "conv_kernel", (10, 3, 3, 3, 3, 2, 2)), getattr(config, "conv_stride",
+                                                                                        (5, 2, 2, 2, 2, 2, 2))
+    field, hop = 1, 1
+    for kernel, stride in zip(kernels, strides):
+        field += (kernel - 1) * hop
+        hop *= stride
+    return field
 
 
 def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), jobs: tp.Optional[Jobs] = None):
     """model: a magnet_engine.PlayDiffusion (or anything with its `inpaint_audio`); jobs: the
     service's worker (see server.batcher.jobs_finder)."""
-    from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+    from fastapi import APIRouter, HTTPException, Request
     from fastapi.responses import Response
 
     from magnet_engine.playdiffusion import BaseInput, InpaintInput, wav_bytes_pcm16
@@ -52,37 +87,25 @@ def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), job
     router = APIRouter()
     pending = threading.BoundedSemaphore(limits.max_pending)
     service_for = jobs_finder(jobs)
+    spec = FormSpec(files={"audio": limits.max_upload_bytes}, fields=FIELDS,
+                    max_field_bytes=max(64 * 1024, 4 * limits.max_text_chars))
+    audio_limits = AudioLimits(limits.max_audio_seconds, limits.min_sample_rate, limits.max_sample_rate,
+                               limits.max_channels)
+    shortest = receptive_field(model)
 
-    def _decode(data: bytes):
+    def decode(data: bytes):
+        """Upload bytes -> ([C, N] float32, rate) at a rate the pipeline resamples cheaply; on a thread."""
         try:
-            wave, sr = read_audio(io.BytesIO(data))
-        except InvalidInputError as e:
-            raise HTTPException(400, f"audio: not a readable audio file ({e.__cause__})") from None
-        if wave.shape[1] == 0:
-            raise HTTPException(400, "audio: the file holds no samples")
-        if wave.shape[1] / sr > limits.max_audio_seconds:
-            raise HTTPException(413, f"audio: {wave.shape[1] / sr:.1f} s is over the limit of "
-                                     f"{limits.max_audio_seconds:.0f} s")
+            wave, sr = read_audio_upload(data, audio_limits, "audio")
+        except AudioTooLongError as e:
+            raise HTTPException(413, str(e)) from None
+        if wave.shape[1] * UNIT_RATE < shortest * sr:
+            raise InvalidInputError(f"audio: {wave.shape[1]} samples at {sr} Hz ({wave.shape[1] / sr * 1000:.3g} ms) "
+                                    f"is shorter than the speech tokenizer's receptive field, {shortest} samples at "
+                                    f"{UNIT_RATE} Hz ({shortest / UNIT_RATE * 1000:g} ms)")
+        if sr not in NATIVE_RATES:
+            wave, sr = resample(wave, sr, CONVERT_TO), CONVERT_TO
         return wave, sr
-
-    def check(data: bytes, input_text: str, output_text: str, word_times: str, settings: dict):
-        """The request's audio and validated input; HTTPException 4xx when unfit."""
-        if len(data) > limits.max_upload_bytes:
-            raise HTTPException(413, f"audio: upload over the limit of {limits.max_upload_bytes} bytes")
-        for name, text in (("input_text", input_text), ("output_text", output_text)):
-            if len(text) > limits.max_text_chars:
-                raise HTTPException(413, f"{name}: over the limit of {limits.max_text_chars} characters")
-        try:
-            times = json.loads(word_times)
-        except ValueError as e:
-            raise HTTPException(400, f"word_times: not JSON ({e})") from None
-        wave, sr = _decode(data)
-        try:
-            request = InpaintInput.model_validate(dict(audio="", input_text=input_text, output_text=output_text,
-                                                       input_word_times=times, **settings))
-        except Exception as e:  # pydantic ValidationError
-            raise HTTPException(422, f"settings: {e}") from None
-        return wave, sr, request
 
     def inpaint(wave, sr, request, seed, listener):
         """On the worker: the edit, its errors as the 4xx they mean."""
@@ -93,35 +116,34 @@ def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), job
         except (InvalidInputError, MagnetEngineError) as e:
             raise HTTPException(400, f"{type(e).__name__}: {e}") from None
 
-    @router.post("/v1/speech/edit")
-    async def speech_edit(
-        request: Request,
-        audio: UploadFile = File(...),
-        input_text: str = Form(...),
-        output_text: str = Form(...),
-        word_times: str = Form(...),
-        num_steps: tp.Optional[int] = Form(None),
-        init_temp: tp.Optional[float] = Form(None),
-        init_diversity: tp.Optional[float] = Form(None),
-        guidance: tp.Optional[float] = Form(None),
-        rescale: tp.Optional[float] = Form(None),
-        topk: tp.Optional[int] = Form(None),
-        audio_token_syllable_ratio: tp.Optional[float] = Form(None),
-        seed: tp.Optional[int] = Form(None),
-        request_id: tp.Optional[str] = Form(None),
-    ):
+    openapi = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["audio", "input_text", "output_text", "word_times"],
+        "properties": {"audio": {"type": "string", "format": "binary"},
+                       **{name: {"type": "string"} for name in FIELDS}}}}}}}
+
+    @router.post("/v1/speech/edit", openapi_extra=openapi)
+    async def speech_edit(request: Request):
         arrived = time.monotonic()
         service = service_for(request)
         channel = None
         acquired = False
         try:
-            request_id, channel = service.channel(request_id)   # 409 for an id in use, before anything else
-            data = await audio.read(limits.max_upload_bytes + 1)
-            settings = {k: v for k, v in dict(num_steps=num_steps, init_temp=init_temp,
-                                              init_diversity=init_diversity, guidance=guidance, rescale=rescale,
-                                              topk=topk, audio_token_syllable_ratio=audio_token_syllable_ratio
-                                              ).items() if v is not None}
-            wave, sr, edit = await asyncio.to_thread(check, data, input_text, output_text, word_times, settings)
+            form = await read_form(request, service.settings, spec)
+            request_id, channel = service.channel(form.text("request_id"))   # 409 for an id in use
+            texts = {name: check_text(name, form.required(name), limits.max_text_chars)
+                     for name in ("input_text", "output_text")}
+            form.required("word_times")
+            times = form.json("word_times")
+            settings = {name: form.integer(name) for name in INT_SETTINGS}
+            settings.update({name: form.number(name) for name in FLOAT_SETTINGS})
+            seed = check_seed(form.integer("seed"))
+            try:
+                edit = InpaintInput.model_validate(dict(audio="", input_word_times=times, **texts,
+                                                        **{k: v for k, v in settings.items() if v is not None}))
+            except Exception as e:  # pydantic ValidationError
+                raise HTTPException(422, f"settings: {str(e)[:500]}") from None
+            wave, sr = await asyncio.to_thread(decode, form.file("audio"))
+            del form
             if not pending.acquire(blocking=False):
                 raise HTTPException(429, "busy: too many speech edits in flight, retry later")
             acquired = True

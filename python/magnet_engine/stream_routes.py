@@ -18,10 +18,13 @@ A run is a job of the service's one worker (server.batcher.Task), run alone: it 
 the same bounded queue as every other request (503 + Retry-After when full), and stops
 after the current decoding step when it outlives the service's request timeout times its window count (its events
 end with `error` {type: "Timeout"}) or when every consumer of its events has left for
-`STREAM_GRACE_S` (`error` {type: "TaskCancelled"}). Its chunks reach the event stream as
+`STREAM_GRACE_S` (`error` {type: "TaskCancelled"}; status 499 on its progress stream, as a
+request whose client left). Its chunks reach the event stream as
 each window is final, while it runs. A `request_id` names the run (its id, and its progress
-on GET /v1/progress/{id}); 409 when in use. Bad input: 400 / 422 JSON errors, 404 for an
-unknown run or chunk, 503 when `max_jobs` runs are still going.
+on GET /v1/progress/{id}); 409 when in use. The POST body is read under the service's body
+limits (server.body: 413 over `max_body_bytes`, 408 when slow, 415 for a non-JSON type) and
+its description checked as /v1/generate checks one. Bad input: 400 / 422 JSON errors, 404 for
+an unknown run or chunk, 503 when `max_jobs` runs are still going.
 """
 from __future__ import annotations
 
@@ -41,11 +44,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from magnet_engine.audio import wav_bytes
 from magnet_engine.engine import events
 from magnet_engine.engine.codec import StreamDecoder
-from magnet_engine.errors import InvalidInputError
 from magnet_engine.server.batcher import Jobs, Task, jobs_finder
-from magnet_engine.server.schema import ApiError
+from magnet_engine.server.body import read_json_body
+from magnet_engine.server.schema import MAX_SEED, ApiError, check_text, parse_json_body
 
 STREAM_GRACE_S = 5.0   # a run whose event consumers all left is stopped this long after (a reload reconnects)
+# A stopped run's status on its progress stream: past its timeout 504; every consumer gone 499,
+# as a request whose client left (nobody was refused and nothing failed: not a 5xx).
+STOPPED_STATUS = {"Timeout": 504, "TaskCancelled": 499}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +67,7 @@ class StreamRequest(BaseModel):
 
     description: tp.Optional[str] = None
     duration: float
-    seed: tp.Optional[int] = Field(None, ge=0, lt=2 ** 62)
+    seed: tp.Optional[int] = Field(None, ge=0, lt=MAX_SEED)
     decoding_steps: tp.Optional[tp.List[int]] = None
     request_id: tp.Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -130,7 +136,7 @@ def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optiona
         except Exception as exc:   # reported on the event stream, and raised to the worker
             kind, message = run.stopped or (type(exc).__name__, str(exc))
             run.end("error", {"type": kind, "message": message})
-            channel.publish("error", {"status": 504 if kind == "Timeout" else 500, "type": kind, "message": message})
+            channel.publish("error", {"status": STOPPED_STATUS.get(kind, 500), "type": kind, "message": message})
             service.metrics.outcome("stream", error=kind)
             raise
         payload = {"chunks": len(run.chunks), "seconds": sum(run.seconds)}
@@ -139,19 +145,19 @@ def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optiona
         service.metrics.outcome("stream", seconds=time.monotonic() - run.arrived)
         return payload
 
-    @router.post("/v1/stream", status_code=202)
-    async def start(request: Request, body: StreamRequest):
+    @router.post("/v1/stream", status_code=202, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": StreamRequest.model_json_schema()}}}})
+    async def start(request: Request):
         arrived = time.monotonic()
         service = service_for(request)
         channel = None
         try:
+            body = parse_json_body(await read_json_body(request, service.settings), StreamRequest)
             with lock:   # an id names a run: not one of the table's, and owned in the progress hub
                 if body.request_id is not None and body.request_id in runs:
                     raise ApiError(409, "Conflict", f"request_id {body.request_id!r} is already in use")
                 run_id, channel = service.channel(body.request_id)
-            if body.description is not None and len(body.description) > limits.max_text_chars:
-                raise InvalidInputError(f"the description has {len(body.description)} characters; the limit is "
-                                        f"{limits.max_text_chars}")
+            check_text("the description", body.description, limits.max_text_chars)
             duration = model.check_duration(body.duration, limit=limits.max_duration)
             params = model.params
             if body.decoding_steps is not None:

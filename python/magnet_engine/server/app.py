@@ -12,7 +12,9 @@ Endpoints:
   GET  /metrics              Prometheus text exposition
   GET  /                     the demo page (static/)
 
-Every POST is a job of the one worker (batcher.Batcher): one queue bound (503 + Retry-After),
+Every POST body is read and parsed by one layer (server.body): size caps enforced while reading
+(413), body and idle timeouts (408), multipart parsed as it arrives, form fields checked as a
+JSON body's are. Every POST is a job of the one worker (batcher.Batcher): one queue bound (503 + Retry-After),
 one timeout (504), cancellation between decoding steps when the client leaves or times out,
 request ids owned by their first POST (409), metrics by route. Every error, from a route or
 from the framework (404, 405, 422, 413 ...), is answered as {"error": {"status", "type",
@@ -35,12 +37,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from magnet_engine.audio import wav_bytes
 from magnet_engine.server.batcher import (
-    HTTP_ERROR_TYPES, REQUEST_ID, Batcher, BatchKey, ClientGone, Job, Jobs,
+    HTTP_ERROR_TYPES, REQUEST_ID, Batcher, BatchKey, Job, Jobs,
 )
+from magnet_engine.server.body import read_json_body
 from magnet_engine.server.progress import TERMINAL_EVENTS, ProgressHub, sse
 from magnet_engine.server.schema import (
     ApiError, GenerateRequest, Settings, describe_validation_error, model_info, parse_body, parse_request,
@@ -67,39 +69,6 @@ class HeaderLimits:
                                f"fields and {self.max_header_bytes} bytes", headers={"Connection": "close"})
                 return await err.response()(scope, receive, send)
         return await self.app(scope, receive, send)
-
-
-async def read_body(request: Request, settings: Settings) -> bytes:
-    """The request body, read chunk by chunk up to `max_body_bytes` (413 beyond), within
-    `body_timeout_s` (408); a JSON content type is required (415: a cross-site HTML form
-    can only send text/plain, urlencoded or multipart)."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise ApiError(415, "UnsupportedMediaType",
-                       f"Content-Type must be application/json, found {media_type or 'none'!r}")
-    limit = settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(413, "PayloadTooLarge", f"body of {declared[:20]} bytes; the limit is {limit}",
-                       headers={"Connection": "close"})
-
-    async def gather() -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "PayloadTooLarge", f"body larger than the limit of {limit} bytes",
-                               headers={"Connection": "close"})
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        return await asyncio.wait_for(gather(), settings.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise ApiError(408, "RequestTimeout", f"body not received within {settings.body_timeout_s:g} s",
-                       headers={"Connection": "close"}) from None
-    except ClientDisconnect:
-        raise ClientGone() from None
 
 
 def zip_of_wavs(blobs: tp.List[bytes]) -> bytes:
@@ -156,7 +125,7 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
         loop = asyncio.get_running_loop()
         channel = job = None
         try:
-            body = parse_body(await read_body(request, settings))
+            body = parse_body(await read_json_body(request, settings))
             # the first POST owns an id; a second one is refused before it can touch the channel
             request_id, channel = jobs.channel(body.request_id)
             texts, params, duration = parse_request(model, settings, body)

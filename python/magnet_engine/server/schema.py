@@ -27,9 +27,10 @@ class Settings:
     The HTTP limits hold against hostile clients: a body is read up to `max_body_bytes`
     (a generate request is a few hundred bytes), a request head may have at most
     `max_headers` fields and `max_header_bytes` in all, a client must send its whole head
-    within `header_timeout_s` and its body within `body_timeout_s`, an idle keep-alive
-    connection is closed after `keepalive_timeout_s`, and at most `max_connections` are
-    open at once (more get 503 from uvicorn)."""
+    within `header_timeout_s` and its body within `body_timeout_s` with no gap longer than
+    `body_idle_timeout_s` (server.body; a multipart route's body limit is its parts'), an
+    idle keep-alive connection is closed after `keepalive_timeout_s`, and at most
+    `max_connections` are open at once (more get 503 from uvicorn)."""
 
     max_batch: int = 8               # rows per generation batch, and descriptions per request
     max_wait_ms: float = 20.0        # how long the oldest row waits for batch companions
@@ -44,6 +45,7 @@ class Settings:
     max_header_bytes: int = 16 * 1024
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
+    body_idle_timeout_s: float = 5.0
     keepalive_timeout_s: float = 5.0
     max_connections: int = 1024
     note: str = ""                    # shown by the demo page (e.g. "random weights: noise")
@@ -118,13 +120,14 @@ def api_error_from(exc: BaseException) -> ApiError:
     return ApiError(500, type(exc).__name__, f"generation failed: {exc}")
 
 
-def describe_validation_error(errors: tp.Sequence[dict]) -> str:
-    """Pydantic / FastAPI errors -> one line naming each offending field."""
+def describe_validation_error(errors: tp.Sequence[dict], schema: tp.Optional[tp.Type[BaseModel]] = None) -> str:
+    """Pydantic / FastAPI errors -> one line naming each offending field (schema: the body's
+    model, whose fields an unknown field's message lists; default GenerateRequest)."""
     parts = []
     for err in errors:
         field = ".".join(str(p) for p in err["loc"]) or "body"
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown field '{field}' (allowed: {', '.join(GenerateRequest.model_fields)})")
+            parts.append(f"unknown field '{field}' (allowed: {', '.join((schema or GenerateRequest).model_fields)})")
         else:
             parts.append(f"'{field}': {err['msg']}")
     return "; ".join(parts)
@@ -141,16 +144,75 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_body(raw: bytes) -> GenerateRequest:
-    """Request bytes -> GenerateRequest; ApiError 400 (not JSON) / 422 (not the schema)."""
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (strings skipped), counted in
+    one pass without recursion: a hostile depth is refused before the parser recurses into it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def loads_json(text: tp.Union[str, bytes], max_depth: tp.Optional[int] = None) -> tp.Any:
+    """JSON text -> value, or ValueError: finite numbers only (no NaN / Infinity literals, no
+    float overflow, no integer of thousands of digits), at most `max_depth` levels deep."""
     try:
-        data = json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:   # RecursionError: arrays nested thousands deep
+        if max_depth is not None and json_depth(text.decode("utf-8") if isinstance(text, bytes) else text) > max_depth:
+            raise ValueError(f"nested deeper than {max_depth} levels")
+        return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError:   # arrays nested thousands deep, when no max_depth was given
+        raise ValueError("nested too deep") from None
+
+
+def parse_json_body(raw: bytes, schema: tp.Type[BaseModel]):
+    """Request bytes -> a `schema` instance; ApiError 400 (not JSON) / 422 (not the schema)."""
+    try:
+        data = loads_json(raw)
+    except ValueError as exc:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ApiError(400, "InvalidJSON", f"body is not valid JSON: {str(exc)[:200]}") from None
     try:
-        return GenerateRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
-        raise ApiError(422, "ValidationError", describe_validation_error(exc.errors())) from None
+        raise ApiError(422, "ValidationError", describe_validation_error(exc.errors(), schema)) from None
+
+
+def parse_body(raw: bytes) -> GenerateRequest:
+    return parse_json_body(raw, GenerateRequest)
+
+
+def check_text(what: str, text: tp.Optional[str], max_chars: int) -> tp.Optional[str]:
+    """A description (or any text a request carries): at most `max_chars` characters of valid
+    Unicode (JSON's "\\ud800" decodes to a lone surrogate, which is no character); InvalidInputError."""
+    if text is None:
+        return None
+    if len(text) > max_chars:
+        raise InvalidInputError(f"{what} has {len(text)} characters; the limit is {max_chars}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"{what} is not valid Unicode ({exc.reason} at index {exc.start})") from None
+    return text
+
+
+def check_seed(seed: tp.Optional[int]) -> tp.Optional[int]:
+    """A request's seed: None, or an int in [0, MAX_SEED) (InvalidOptionError 422)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED):
+        raise InvalidOptionError(f"seed must be an integer in [0, 2^62), found {str(seed)[:40]}")
+    return seed
 
 
 def text_token_count(model, text: tp.Optional[str]) -> tp.Optional[int]:
@@ -176,16 +238,7 @@ def parse_request(model, settings: Settings, body: GenerateRequest):
     if len(texts) > settings.max_batch:
         raise InvalidInputError(f"at most {settings.max_batch} descriptions per request, found {len(texts)}")
     for i, text in enumerate(texts):
-        if text is None:
-            continue
-        if len(text) > settings.max_text_chars:
-            raise InvalidInputError(f"description {i} has {len(text)} characters; the limit is "
-                                    f"{settings.max_text_chars}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:   # JSON's "\ud800": a lone surrogate is no character
-            raise InvalidInputError(f"description {i} is not valid Unicode ({exc.reason} at index "
-                                    f"{exc.start})") from None
+        check_text(f"description {i}", text, settings.max_text_chars)
     options = {name: getattr(body, name) for name in OPTION_FIELDS if getattr(body, name) is not None}
     params = DecodingParams().replace(**options).validate(model.config.n_q, card=model.config.card,
                                                           max_steps=settings.max_decoding_steps)

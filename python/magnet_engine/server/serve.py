@@ -150,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes)
     g.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s,
                    help="a client must send its whole request head within this")
-    g.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s)
+    g.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
+                   help="a client must send its whole body (JSON or upload) within this")
+    g.add_argument("--body-idle-timeout-s", type=float, default=d.body_idle_timeout_s,
+                   help="... with no gap between body bytes longer than this")
     g.add_argument("--keepalive-timeout-s", type=float, default=d.keepalive_timeout_s)
     g.add_argument("--max-connections", type=int, default=d.max_connections)
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: model replicas, autoscaling "
@@ -160,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 SETTING_ARGS = ("max_batch", "max_wait_ms", "queue_size", "max_text_chars", "max_duration", "max_decoding_steps",
                 "request_timeout_s", "max_body_bytes", "max_headers", "max_header_bytes", "header_timeout_s",
-                "body_timeout_s", "keepalive_timeout_s", "max_connections")
+                "body_timeout_s", "body_idle_timeout_s", "keepalive_timeout_s", "max_connections")
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
