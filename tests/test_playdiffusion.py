@@ -315,3 +315,28 @@ def test_end_to_end_inpaint(golden, pipeline):
     diff = np.abs(with_upstream_embedding.astype(np.int32) - e["output_pcm_int16"].numpy().astype(np.int32))
     assert diff.max() <= 0.01 * 32768
     assert set(result.timings) == {"tokenize", "plan", "unmask", "vocode"}
+
+
+def test_resampling_between_coprime_rates_stays_cheap(monkeypatch):
+    """16001 Hz -> 16 kHz with upstream's kernel needs 16000 x 16001 phases (GBs, seconds): such
+    rates are bridged through libsoxr to 48 kHz first; usual rates keep upstream's kernel."""
+    import math
+
+    from magnet_engine.engine.playdiffusion import resample as rs
+
+    built = []
+    kernel = rs._kernel
+
+    def recording(orig, new):
+        built.append((orig, new))
+        assert orig * new <= rs.MAX_PHASES, f"a {orig} x {new}-phase kernel"
+        return kernel(orig, new)
+
+    monkeypatch.setattr(rs, "_kernel", recording)
+    for rate in (16001, 48004, 44100, 24000):
+        t = torch.arange(int(rate * 0.5)) / rate
+        out = rs.resample(torch.sin(2 * math.pi * 440 * t), rate, 16000)
+        expected = torch.sin(2 * math.pi * 440 * torch.arange(out.shape[-1]) / 16000)
+        assert out.shape[-1] == math.ceil(16000 * t.shape[0] / rate)
+        assert (out[100:-100] - expected[100:-100]).abs().max() < 2e-3
+    assert (441, 160) in built and (3, 2) in built   # 44.1 kHz direct; 24 kHz direct; 16001 bridged via 48 kHz
