@@ -141,6 +141,10 @@ def test_model_info(tiny_model):
     assert info["choices"]["span_arrangement"] == ["nonoverlap", "stride1"]
     assert info["limits"]["max_text_chars"] == 50
     assert (info["precision"], info["compile"], info["cuda_graphs"]) == ("fp32", False, False)
+    assert info["precision_choice"]["requested"] == "auto" and info["precision_choice"]["reason"].startswith("fp32")
+    routes = info["limits"]["routes"]
+    assert routes["/v1/edit"]["max_upload_bytes"] == 20 << 20 and routes["/v1/stream"]["max_duration"] == 120.0
+    assert info["limits"]["body_timeout_s"] > 0 and info["limits"]["body_idle_timeout_s"] > 0
     weights = info["memory"]["weights_bytes"]
     assert weights["lm"] == sum(p.numel() * p.element_size() for p in tiny_model.lm.module.parameters())
     assert info["memory"]["weights_total_bytes"] == sum(weights.values()) and info["memory"]["peak_rss_bytes"] > 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import secrets
 import time
@@ -206,6 +207,7 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
                 "endpoints": sorted(path for path in app.openapi()["paths"] if path.startswith("/v1/"))}
         if stream_max is not None:
             info["limits"]["max_stream_duration"] = stream_max
+        info["limits"]["routes"] = route_limits    # each mounted upload/stream route's own limits
         return info
 
     @app.get("/healthz")
@@ -223,18 +225,23 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
         return FileResponse(STATIC_DIR / "index.html")
 
     stream_max = None   # POST /v1/stream's duration limit, when it is mounted
+    route_limits: tp.Dict[str, dict] = {}
     if getattr(batcher, "runs_tasks", False):
         # imported here: the routers import this package (server.batcher), not the other way round
         from magnet_engine.edit_routes import EditLimits, edit_router
         from magnet_engine.stream_routes import StreamLimits, stream_router
 
-        app.include_router(edit_router(model, edit_limits or EditLimits(), jobs=jobs))
+        edit_limits = edit_limits or EditLimits()
+        app.include_router(edit_router(model, edit_limits, jobs=jobs))
         stream_limits = stream_limits or StreamLimits()
         stream_max = stream_limits.max_duration
+        route_limits.update({"/v1/edit": dataclasses.asdict(edit_limits), "/v1/stream": dataclasses.asdict(stream_limits)})
         app.include_router(stream_router(model, stream_limits, jobs=jobs))
         if speech is not None:
             from magnet_engine.speech_routes import SpeechLimits, make_speech_router
 
-            app.include_router(make_speech_router(speech, speech_limits or SpeechLimits(), jobs=jobs))
+            speech_limits = speech_limits or SpeechLimits()
+            route_limits["/v1/speech/edit"] = dataclasses.asdict(speech_limits)
+            app.include_router(make_speech_router(speech, speech_limits, jobs=jobs))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
