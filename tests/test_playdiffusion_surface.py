@@ -255,7 +255,7 @@ def test_speech_edit_router(pd, clip):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from magnet_engine.speech_routes import SpeechLimits, make_speech_router
+    from magnet_engine.server.routes.speech import SpeechLimits, make_speech_router
 
     app = FastAPI()
     app.include_router(make_speech_router(pd, SpeechLimits(max_upload_bytes=200_000, max_audio_seconds=5)))

@@ -1,4 +1,4 @@
-"""Long-form streaming routes (stream_routes.stream_router) as the service mounts them, tiny random model.
+"""Long-form streaming routes (server.routes.stream.stream_router) as the service mounts them, tiny random model.
 (Their queue bound: tests/test_server_jobs.py.)"""
 import io
 
@@ -7,10 +7,11 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from magnet_engine import MAGNeT, stream_routes
+from magnet_engine import MAGNeT
 from magnet_engine.demo import build_random_model
 from magnet_engine.server import Settings, create_app
-from magnet_engine.stream_routes import StreamLimits
+from magnet_engine.server.routes import stream as stream_routes
+from magnet_engine.server.routes.stream import StreamLimits
 from service_helpers import sse_events
 
 
