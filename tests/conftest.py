@@ -52,3 +52,12 @@ def tiny_dir(tmp_path_factory):
     from magnet_engine.demo import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("tiny-model"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    """The tiny model loaded on the fast engine, shared by the service tests (each sets its
+    decoding options before it compares against the API)."""
+    from magnet_engine.api import MAGNeT
+
+    return MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="fast")

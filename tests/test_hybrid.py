@@ -250,22 +250,6 @@ def test_hybrid_low_precision_runs():
     assert (low == exact).float().mean() > 0.5
 
 
-def test_two_model_hybrid_continues_the_musicgen_prefix():
-    magnet, musicgen = ar_lm("magnet", seed=1), ar_lm("musicgen", seed=2)
-    cond, ar_cond = _cond(magnet, 2, seed=1), _cond(musicgen, 2, seed=2)
-    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
-    p = generate.plan(magnet.cfg, params, batch=2, frames=30, prefix_frames=7,
-                      hybrid=hybrid.HybridOptions(ar=hybrid.ARParams(top_k=10)), prefix_cfg=musicgen.cfg)
-    assert (p.mode, p.ar.steps) == ("two_model", 7 + 3)
-    out = generate.run(p, generate.Models(runtime=Runtime(magnet), ar=hybrid.ARRuntime(musicgen)), cond,
-                       ar_cond=ar_cond, seeds=[4, 5])
-    steps = 7 + 3                                               # the rectangle: max(d) extra steps
-    seq = hybrid.ARRuntime(musicgen).generate(ar_cond, steps, hybrid.delayed_length(7, musicgen.cfg.delays),
-                                              hybrid.ARParams(top_k=10), seeds=[4, 5]).seq
-    assert torch.equal(out[..., :7], hybrid.revert_delayed(seq, musicgen.cfg.delays, 7))
-    assert out.shape == (2, 4, 30) and (out < 40).all()
-
-
 def test_masked_stage_band_is_in_frames_of_the_stage_codebook():
     """One layer, stage 2: changing codebook 2's token at frame t' changes the stage's
     logits exactly at frames |t − t'| <= W (the band, moved into the delay layout)."""
