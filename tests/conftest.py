@@ -45,6 +45,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped here, run by benchmarks/gpu_suite.sh")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` live beside their concern; without a CUDA device they stay collected
+    and are skipped (benchmarks/gpu_suite.sh runs them on a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A random-weight model directory of the tiny preset in the published layout (read-only

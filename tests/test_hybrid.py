@@ -375,3 +375,31 @@ def test_low_precision_cached_logits_error_within_twice_the_plain_model(precisio
             plain_err = (plain - exact).abs().max()
             assert plain_err > 0
             assert fast_err <= 2 * plain_err, (stage, float(fast_err), float(plain_err))
+
+
+# ----------------------------------------------------------------------------- on CUDA (marker gpu)
+@pytest.mark.gpu
+def test_ar_graph_equals_eager_and_is_reused():
+    cuda = torch.device("cuda")
+    lm = ar_lm("musicgen", seed=2).to(cuda)
+    cond = _cond(lm, 2).to(cuda)
+    params = hybrid.ARParams(top_k=10)
+    eager = hybrid.ARRuntime(lm).generate(cond, 14, 20, params, seeds=[5, 6]).seq.clone()
+    graphed = hybrid.ARRuntime(lm, cuda_graphs=True)
+    assert torch.equal(graphed.generate(cond, 14, 20, params, seeds=[5, 6]).seq, eager)
+    state = next(iter(graphed._states.values()))
+    graph = state.graph
+    assert torch.equal(graphed.generate(cond, 14, 20, params, seeds=[5, 6]).seq, eager)
+    assert state.graph is graph                                                   # captured once
+
+
+@pytest.mark.gpu
+def test_hybrid_with_graphs_equals_eager():
+    cuda = torch.device("cuda")
+    lm = ar_lm("hybrid", seed=7).to(cuda)
+    cond = _cond(lm, 1, seed=1).to(cuda)
+    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
+    eager = HybridRunner(Runtime(lm)).generate(cond, 36, params, hybrid.ARParams(top_k=10), 9, seeds=[0])
+    runner = HybridRunner(Runtime(lm, cuda_graphs=True))
+    runner.ar = hybrid.ARRuntime(lm, cuda_graphs=True)
+    assert torch.equal(runner.generate(cond, 36, params, hybrid.ARParams(top_k=10), 9, seeds=[0]), eager)
