@@ -28,6 +28,17 @@ class Cancelled(Exception):
     pass
 
 
+def cancel_at(done: int, count: list):
+    """A listener that records each masked step's `done` in `count` and raises Cancelled at `done`
+    (a client gone): the run must stop right after that step."""
+    def listen(event):
+        if isinstance(event, events.StageStep):
+            count.append(event.done)
+            if event.done == done:
+                raise Cancelled
+    return listen
+
+
 # ------------------------------------------------------------------ plan: every mode
 def test_plan_of_each_masked_mode():
     lm, mg = tiny_lm(seed=1), ar_lm("musicgen", seed=2)
@@ -158,14 +169,8 @@ def test_a_raising_listener_cancels_the_run_after_the_current_step():
     params = DecodingParams(decoding_steps=(3, 2, 2, 2))
     p = generate.plan(lm.cfg, params, batch=1, frames=24)
     count = []
-
-    def listen(event):
-        if isinstance(event, events.StageStep):
-            count.append(event.done)
-            if event.done == 2:
-                raise Cancelled
     with pytest.raises(Cancelled):
-        generate.run(p, generate.Models(runtime=runtime), _cond(lm, 1), seeds=[0], listener=listen)
+        generate.run(p, generate.Models(runtime=runtime), _cond(lm, 1), seeds=[0], listener=cancel_at(2, count))
     assert count == [1, 2]
 
 

@@ -21,6 +21,8 @@ from magnet_engine.engine.playdiffusion.unmasking import (GeneratorDraws, KeyedD
                                                           UnmaskOptions, make_schedule)
 from magnet_engine.errors import InvalidOptionError
 
+from test_generate import Cancelled, cancel_at
+
 CFG = InpainterConfig(vocab_size=40, codebook_size=64, num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=32)
 OPTIONS = UnmaskOptions(steps=6, topk=12)
 
@@ -143,20 +145,10 @@ def test_speech_run_reports_typed_events_in_order(model):
 
 
 def test_a_raising_listener_cancels_the_speech_run_after_the_current_step(model):
-    class Cancelled(Exception):
-        pass
-
     count = []
-
-    def listen(event):
-        if isinstance(event, events.StageStep):
-            count.append(event.done)
-            if event.done == 2:
-                raise Cancelled
-
     gen = torch.Generator().manual_seed(8)
     with pytest.raises(Cancelled):
-        _loop(SpeechRuntime(model), GeneratorDraws(gen), listener=listen)
+        _loop(SpeechRuntime(model), GeneratorDraws(gen), listener=cancel_at(2, count))
     assert count == [1, 2]
     # the generator advanced by the two steps that ran (sample [L, A] + score [L] each), as upstream's
     want = torch.Generator().manual_seed(8)
