@@ -65,7 +65,8 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     h = p.add_argument_group("hybrid AR + masked decoding (hybrid-MAGNeT, or two-model with --prefix-model)")
     h.add_argument("--hybrid-prefix-seconds", type=float, default=hyb.prefix_seconds,
                    help=f"seconds generated autoregressively first (hybrid checkpoints: default "
-                        f"{hybrid.DEFAULT_PREFIX_SECONDS:g}, capped at half the clip; plain MAGNeT: needs --prefix-model)")
+                        f"{hybrid.DEFAULT_PREFIX_SECONDS:g}, capped at half the clip; plain MAGNeT: needs "
+                        "--prefix-model)")
     h.add_argument("--hybrid-handoff", choices=hybrid.HANDOFFS, default=hyb.handoff)
     h.add_argument("--hybrid-prefix-attention", choices=hybrid.PREFIX_ATTENTIONS, default=hyb.prefix_attention)
     h.add_argument("--prefix-model", default=None,
