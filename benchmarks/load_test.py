@@ -58,6 +58,10 @@ import httpx
 import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 
+from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.generate import ENGINES
+from magnet_engine.server.schema import Settings
+
 PROMPTS = [
     "warm lo-fi piano with soft vinyl crackle",
     "upbeat electronic dance track with synth bass and drums",
@@ -602,15 +606,16 @@ def write_json(path: Path, data: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    served = Settings()   # the service's own defaults, so that a run measures what `serve` runs
     p.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="K concurrent clients (one run each)")
     p.add_argument("--seconds", type=float, default=120, help="M: how long clients keep sending")
     p.add_argument("--model", default=None, help="model directory (default: the embedded tiny demo model)")
-    p.add_argument("--engine", choices=("fast", "reference"), default="fast")
+    p.add_argument("--engine", choices=ENGINES, default="fast")
     p.add_argument("--duration", type=float, default=1.0, help="seconds of audio per request")
-    p.add_argument("--decoding-steps", type=int, nargs="+", default=[20, 10, 10, 10])
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=float, default=20)
-    p.add_argument("--queue-size", type=int, default=64)
+    p.add_argument("--decoding-steps", type=int, nargs="+", default=list(DecodingParams().decoding_steps))
+    p.add_argument("--max-batch", type=int, default=served.max_batch)
+    p.add_argument("--max-wait-ms", type=float, default=served.max_wait_ms)
+    p.add_argument("--queue-size", type=int, default=served.queue_size)
     p.add_argument("--baseline", action="store_true", help="also run with --max-batch 1 for comparison")
     p.add_argument("--edit-fraction", type=float, default=0.0,
                    help="share of requests that are POST /v1/edit of a clip instead of generate (0 to 1)")

@@ -45,6 +45,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped here, run by benchmarks/gpu_suite.sh")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` live beside their concern; without a CUDA device they stay collected
+    and are skipped (benchmarks/gpu_suite.sh runs them on a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A random-weight model directory of the tiny preset in the published layout (read-only
@@ -52,3 +63,12 @@ def tiny_dir(tmp_path_factory):
     from magnet_engine.demo import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("tiny-model"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    """The tiny model loaded on the fast engine, shared by the service tests (each sets its
+    decoding options before it compares against the API)."""
+    from magnet_engine.api import MAGNeT
+
+    return MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="fast")

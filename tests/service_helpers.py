@@ -1,7 +1,28 @@
-"""Helpers shared by the HTTP service tests: Prometheus samples, SSE parsing, polling."""
+"""Helpers shared by the HTTP service tests (one process and Ray): a fast request, the same
+request through the API, audio comparison, Prometheus samples, SSE parsing, polling."""
+import io
 import json
 import time
 import typing as tp
+
+FAST = {"duration": 0.3, "decoding_steps": [2, 1, 1, 1]}   # a fraction of a second on the tiny model
+
+
+def solo_wav(model, text, seed, **options) -> bytes:
+    """The same request computed directly through the API, alone in its batch."""
+    from magnet_engine.audio import wav_bytes
+
+    model.set_generation_params(**{**FAST, **options})
+    return wav_bytes(model.decode(model.generate_tokens([text], seed=[seed]))[0], model.sample_rate)
+
+
+def assert_same_audio(got: bytes, want: bytes) -> None:
+    """Equal tokens give equal audio up to the codec's batch-size rounding (~1e-7): 1 LSB of PCM16.
+    Any token that differed would move samples by far more."""
+    import soundfile as sf
+
+    a, b = sf.read(io.BytesIO(got), dtype="int16")[0], sf.read(io.BytesIO(want), dtype="int16")[0]
+    assert a.shape == b.shape and abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def metric(client, name: str, **labels) -> float:

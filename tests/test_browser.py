@@ -248,7 +248,7 @@ def full_server(tmp_path_factory):
     window (so a 5 s stream is several windows, 1 s apart) and the tiny PlayDiffusion."""
     from magnet_engine import PlayDiffusion
     from magnet_engine.engine.playdiffusion.random_weights import write_random_model
-    from magnet_engine.stream_routes import StreamLimits
+    from magnet_engine.server.routes.stream import StreamLimits
 
     model = InfillRecorder(MAGNeT.from_pretrained(build_random_model(tmp_path_factory.mktemp("window"), "tiny",
                                                                      duration=2), device="cpu", name="demo-tiny-2s"))

@@ -17,7 +17,6 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the [cluster] extra (ray[serve]) is not installed")
 import requests  # noqa: E402  (ray[serve] brings it)
-import soundfile as sf  # noqa: E402
 from ray import serve  # noqa: E402
 
 from magnet_engine.api import MAGNeT  # noqa: E402
@@ -26,18 +25,12 @@ from magnet_engine.cluster import APP_NAME, MODEL_DEPLOYMENT, ModelSpec, applica
 from magnet_engine.demo import build_random_model  # noqa: E402
 from magnet_engine.engine.config import DecodingParams  # noqa: E402
 from magnet_engine.server import Settings, text_token_count  # noqa: E402
-from service_helpers import sse_events  # noqa: E402
+from service_helpers import FAST, assert_same_audio, solo_wav, sse_events  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-FAST = {"duration": 0.3, "decoding_steps": [2, 1, 1, 1]}
 SETTINGS = Settings(max_batch=4, max_wait_ms=20, request_timeout_s=120)
 HTTP_TIMEOUT_S = 90   # a request with no answer by then counts as hung
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    return MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="fast")
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +61,6 @@ def cluster(spec):
 
 def post(**body):
     return requests.post(f"{URL}/v1/generate", json={**FAST, **body}, timeout=HTTP_TIMEOUT_S)
-
-
-def solo_wav(model, text, seed, **options) -> bytes:
-    """The same request through the API in this process, alone in its batch."""
-    model.set_generation_params(**{**FAST, **options})
-    return wav_bytes(model.decode(model.generate_tokens([text], seed=[seed]))[0], model.sample_rate)
-
-
-def assert_same_audio(got: bytes, want: bytes) -> None:
-    """Equal tokens give equal audio up to the codec's batch-size rounding: 1 LSB of PCM16
-    (as in test_server). A different token moves samples by far more."""
-    a, b = sf.read(io.BytesIO(got), dtype="int16")[0], sf.read(io.BytesIO(want), dtype="int16")[0]
-    assert a.shape == b.shape and abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def model_replicas() -> dict:

@@ -213,3 +213,43 @@ def test_mixed_precision_error_within_twice_autocasts():
             auto_err, fast_err = (auto - exact).abs().max(), (fast - exact).abs().max()
             assert auto_err > 0
             assert fast_err <= 2 * auto_err, (stage, float(fast_err), float(auto_err))
+
+
+# ----------------------------------------------------------------------------- on CUDA (marker gpu)
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16-mixed"])
+@pytest.mark.parametrize("arrangement", ["nonoverlap", "stride1"])
+def test_cuda_graph_tokens_equal_eager(precision, arrangement):
+    cuda = torch.device("cuda")
+    lm = tiny_lm(seed=3).to(cuda)
+    params = DecodingParams(decoding_steps=(5, 3, 3, 3), span_arrangement=arrangement)
+    cond = _cond(lm, 2).to(cuda)
+    eager = Runtime(lm, precision=precision).generate(cond, 40, params, seeds=[1, 2])
+    graphs = Runtime(lm, precision=precision, cuda_graphs=True)
+    assert torch.equal(graphs.generate(cond, 40, params, seeds=[1, 2]), eager)
+    assert torch.equal(graphs.generate(cond, 40, params, seeds=[1, 2]), eager)     # replayed, not recaptured
+    other = _cond(lm, 2, seed=5).to(cuda)                                       # new inputs, same graphs
+    assert torch.equal(graphs.generate(other, 40, params, seeds=[3, 4]),
+                       Runtime(lm, precision=precision).generate(other, 40, params, seeds=[3, 4]))
+
+
+@pytest.mark.gpu
+def test_compiled_and_graphed_tokens_equal_eager():
+    cuda = torch.device("cuda")
+    lm = tiny_lm(seed=4).to(cuda)
+    params = DecodingParams(decoding_steps=(4, 2, 2, 2))
+    cond = _cond(lm, 1).to(cuda)
+    eager = Runtime(lm).generate(cond, 30, params, seeds=[7])
+    assert torch.equal(Runtime(lm, compile=True).generate(cond, 30, params, seeds=[7]), eager)
+    assert torch.equal(Runtime(lm, compile=True, cuda_graphs=True).generate(cond, 30, params, seeds=[7]), eager)
+
+
+@pytest.mark.gpu
+def test_triton_is_the_default_on_cuda_and_matches_torch():
+    cuda = torch.device("cuda")
+    lm = tiny_lm(seed=5).to(cuda)
+    params = DecodingParams(use_sampling=False, decoding_steps=(4, 2, 2, 2))
+    cond = _cond(lm, 2).to(cuda)
+    fast = Runtime(lm)
+    assert fast.impl.sample_tokens == "triton"
+    assert torch.equal(fast.generate(cond, 30, params), Runtime(lm, impl="torch").generate(cond, 30, params))

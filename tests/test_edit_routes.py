@@ -1,4 +1,4 @@
-"""POST /v1/edit (edit_routes.edit_router) as the service mounts it, with a tiny random model.
+"""POST /v1/edit (server.routes.edit.edit_router) as the service mounts it, with a tiny random model.
 (Its queue, timeout, cancellation and metrics: tests/test_server_jobs.py.)"""
 import io
 import json
@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from magnet_engine import MAGNeT
 from magnet_engine.demo import build_random_model
-from magnet_engine.edit_routes import EditLimits, edit_router
+from magnet_engine.server.routes.edit import EditLimits, edit_router
 from magnet_engine.server import Settings, create_app
 
 

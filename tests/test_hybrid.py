@@ -250,22 +250,6 @@ def test_hybrid_low_precision_runs():
     assert (low == exact).float().mean() > 0.5
 
 
-def test_two_model_hybrid_continues_the_musicgen_prefix():
-    magnet, musicgen = ar_lm("magnet", seed=1), ar_lm("musicgen", seed=2)
-    cond, ar_cond = _cond(magnet, 2, seed=1), _cond(musicgen, 2, seed=2)
-    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
-    p = generate.plan(magnet.cfg, params, batch=2, frames=30, prefix_frames=7,
-                      hybrid=hybrid.HybridOptions(ar=hybrid.ARParams(top_k=10)), prefix_cfg=musicgen.cfg)
-    assert (p.mode, p.ar.steps) == ("two_model", 7 + 3)
-    out = generate.run(p, generate.Models(runtime=Runtime(magnet), ar=hybrid.ARRuntime(musicgen)), cond,
-                       ar_cond=ar_cond, seeds=[4, 5])
-    steps = 7 + 3                                               # the rectangle: max(d) extra steps
-    seq = hybrid.ARRuntime(musicgen).generate(ar_cond, steps, hybrid.delayed_length(7, musicgen.cfg.delays),
-                                              hybrid.ARParams(top_k=10), seeds=[4, 5]).seq
-    assert torch.equal(out[..., :7], hybrid.revert_delayed(seq, musicgen.cfg.delays, 7))
-    assert out.shape == (2, 4, 30) and (out < 40).all()
-
-
 def test_masked_stage_band_is_in_frames_of_the_stage_codebook():
     """One layer, stage 2: changing codebook 2's token at frame t' changes the stage's
     logits exactly at frames |t − t'| <= W (the band, moved into the delay layout)."""
@@ -391,3 +375,31 @@ def test_low_precision_cached_logits_error_within_twice_the_plain_model(precisio
             plain_err = (plain - exact).abs().max()
             assert plain_err > 0
             assert fast_err <= 2 * plain_err, (stage, float(fast_err), float(plain_err))
+
+
+# ----------------------------------------------------------------------------- on CUDA (marker gpu)
+@pytest.mark.gpu
+def test_ar_graph_equals_eager_and_is_reused():
+    cuda = torch.device("cuda")
+    lm = ar_lm("musicgen", seed=2).to(cuda)
+    cond = _cond(lm, 2).to(cuda)
+    params = hybrid.ARParams(top_k=10)
+    eager = hybrid.ARRuntime(lm).generate(cond, 14, 20, params, seeds=[5, 6]).seq.clone()
+    graphed = hybrid.ARRuntime(lm, cuda_graphs=True)
+    assert torch.equal(graphed.generate(cond, 14, 20, params, seeds=[5, 6]).seq, eager)
+    state = next(iter(graphed._states.values()))
+    graph = state.graph
+    assert torch.equal(graphed.generate(cond, 14, 20, params, seeds=[5, 6]).seq, eager)
+    assert state.graph is graph                                                   # captured once
+
+
+@pytest.mark.gpu
+def test_hybrid_with_graphs_equals_eager():
+    cuda = torch.device("cuda")
+    lm = ar_lm("hybrid", seed=7).to(cuda)
+    cond = _cond(lm, 1, seed=1).to(cuda)
+    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
+    eager = HybridRunner(Runtime(lm)).generate(cond, 36, params, hybrid.ARParams(top_k=10), 9, seeds=[0])
+    runner = HybridRunner(Runtime(lm, cuda_graphs=True))
+    runner.ar = hybrid.ARRuntime(lm, cuda_graphs=True)
+    assert torch.equal(runner.generate(cond, 36, params, hybrid.ARParams(top_k=10), 9, seeds=[0]), eager)

@@ -1,4 +1,5 @@
-"""Infill (fixed cells anywhere), long-form windows and streamed decoding, on tiny random models."""
+"""Infill (fixed cells anywhere), streamed decoding, and both through the API and CLI, on tiny random
+models. Their plans (regions, long-form windows and seeds) are tested in test_generate.py."""
 import pytest
 import soundfile as sf
 import torch
@@ -6,25 +7,19 @@ import torch
 from magnet_engine import MAGNeT
 from magnet_engine.cli import main as cli_main
 from magnet_engine.demo import build_random_model
-from magnet_engine.engine import events, generate, reference
+from magnet_engine.engine import events, reference
 from magnet_engine.engine.codec import Codec, StreamDecoder
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
 from magnet_engine.engine.random_weights import random_compression_package
-from magnet_engine.errors import InvalidInputError, InvalidOptionError, RegionError
+from magnet_engine.errors import InvalidInputError, RegionError
 
 from test_decoding import keyed_sampler
+from test_generate import fixed_mask
 from test_model import tiny_lm
 from test_reference import _cond
 
 FAST = dict(decoding_steps=[3, 2, 2, 2])
-
-
-def _fixed(n_q, frames, intervals):
-    mask = torch.zeros(n_q, frames, dtype=torch.bool)
-    for s, e in intervals:
-        mask[:, s:e] = True
-    return mask
 
 
 # ------------------------------------------------------------------ engine: fixed cells
@@ -39,7 +34,7 @@ def test_infill_fast_equals_reference_with_the_same_draws(arrangement, cfg_on):
         params = params.replace(max_cfg_coef=1.0, min_cfg_coef=1.0)
     canvas = torch.randint(0, lm.cfg.card, (2, 4, 30), generator=torch.Generator().manual_seed(1))
     # two regions, [7, 13) and [20, 25): not chunk-aligned, so 'nonoverlap' has partly fixed chunks
-    fixed = _fixed(4, 30, [(0, 7), (13, 20), (25, 30)])
+    fixed = fixed_mask(4, 30, [(0, 7), (13, 20), (25, 30)])
     fast = Runtime(lm).generate(cond, 30, params, seeds=seeds, canvas=canvas, fixed=fixed)
     ref = reference.generate_tokens(lm, cond, 30, params, sampler=keyed_sampler(params, seeds, 30),
                                     canvas=canvas, fixed=fixed)
@@ -56,112 +51,13 @@ def test_a_prefix_fixed_mask_is_the_prompt_path():
     params = DecodingParams(decoding_steps=(3, 2, 2, 2))
     prompt = torch.randint(0, lm.cfg.card, (1, 4, 8), generator=torch.Generator().manual_seed(3))
     canvas = torch.cat([prompt, torch.zeros(1, 4, 19, dtype=torch.long)], dim=-1)
-    fixed = _fixed(4, 27, [(0, 8)])
+    fixed = fixed_mask(4, 27, [(0, 8)])
     rt = Runtime(lm)
     assert torch.equal(rt.generate(cond, 27, params, prompt=prompt, seeds=[4]),
                        rt.generate(cond, 27, params, canvas=canvas, fixed=fixed, seeds=[4]))
     gen = lambda: torch.Generator().manual_seed(9)   # noqa: E731
     assert torch.equal(reference.generate_tokens(lm, cond, 27, params, prompt=prompt, generator=gen()),
                        reference.generate_tokens(lm, cond, 27, params, canvas=canvas, fixed=fixed, generator=gen()))
-
-
-def test_snap_regions_merges_and_widens_to_chunks():
-    cfg = tiny_lm().cfg                                            # span_len 3
-    params = DecodingParams()
-    regions, fixed = generate.snap_regions(cfg, params, 31, [(4, 7), (7, 8), (20, 22)])
-    assert regions == ((3, 9), (18, 24)) and fixed == ((0, 3), (9, 18), (24, 30))
-    regions, fixed = generate.snap_regions(cfg, params.replace(span_arrangement="stride1"), 31, [(4, 7), (6, 8)])
-    assert regions == ((4, 8),) and fixed == ((0, 4), (8, 31))
-    with pytest.raises(RegionError, match="whole clip"):
-        generate.snap_regions(cfg, params, 31, [(1, 29)])
-    with pytest.raises(RegionError, match="outside"):
-        generate.snap_regions(cfg, params, 31, [(20, 40)])
-    with pytest.raises(RegionError, match="drops"):
-        generate.snap_regions(cfg, params, 31, [(30, 31)])
-
-
-# ------------------------------------------------------------------ engine: long-form
-def test_long_form_windows_tile_the_clip():
-    lm = tiny_lm(seed=23)
-    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
-    p = generate.plan(lm.cfg, params, batch=2, frames=70, window_frames=30, stride_frames=18)
-    assert [(w.start, w.kept, w.prompt_lens[0]) for w in p.phases] == [(0, 30, 0), (18, 30, 12), (36, 30, 12),
-                                                                         (54, 15, 12)]
-    assert p.out_frames == 69 and p.total_steps == 4 * 9
-    within = generate.plan(lm.cfg, params, batch=2, frames=30, window_frames=30, stride_frames=18)
-    assert within.windows == () and within == generate.plan(lm.cfg, params, batch=2, frames=30)
-    with pytest.raises(InvalidOptionError, match="stride"):
-        generate.plan(lm.cfg, params, batch=1, frames=70, window_frames=30, stride_frames=30)
-    with pytest.raises(InvalidOptionError, match="hybrid|infill"):
-        generate.plan(lm.cfg, params, batch=1, frames=70, window_frames=30, stride_frames=18, fixed=[(0, 3)])
-
-
-def test_long_form_run_fixes_each_windows_prefix_to_the_last_tail():
-    lm = tiny_lm(seed=24)
-    runtime = Runtime(lm)
-    cond = _cond(lm, 2, seed=5)
-    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
-    p = generate.plan(lm.cfg, params, batch=2, frames=70, window_frames=30, stride_frames=18)
-    seen = []
-    out = generate.run(p, generate.Models(runtime=runtime), cond, seeds=[1, 2], listener=seen.append)
-    assert out.shape == (2, 4, 69) and (out != lm.cfg.mask_id).all()
-    ready = [e for e in seen if isinstance(e, events.WindowReady)]
-    assert [(e.index, e.count, e.codes.shape[-1]) for e in ready] == [(0, 4, 30), (1, 4, 18), (2, 4, 18), (3, 4, 3)]
-    assert torch.equal(torch.cat([e.codes for e in ready], dim=-1), out)
-    steps = [e for e in seen if isinstance(e, events.StageStep)]
-    assert [e.done for e in steps] == list(range(1, 37)) and {e.total for e in steps} == {36}
-    assert [e.window for e in steps[::9]] == [0, 1, 2, 3]
-    # each window's fixed prefix is the previous window's tail: re-decode window 2 alone
-    w = p.phases[2]
-    # window 2's seeds, literal (README: seed + 2 * 0x9E3779B97F4A7C15 mod 2**63), not window_seeds' own
-    again = runtime.generate(cond, w.kept, params, seeds=[4354685564936845355, 4354685564936845356],
-                             canvas=out[..., w.start:w.end], fixed=_fixed(4, w.kept, [(0, w.prompt_lens[0])]))
-    assert torch.equal(again, out[..., w.start:w.end])
-    # the first window is a plain generation with the same seeds
-    assert torch.equal(runtime.generate(cond, 30, params, seeds=[1, 2]), out[..., :30])
-
-
-def test_window_seeds_are_the_documented_offsets():
-    """README: window i > 0 draws with seed + i * 0x9E3779B97F4A7C15 (mod 2**63); window 0 with
-    the seed itself. Expected values worked out by hand from that formula."""
-    assert generate.window_seeds([1, 2], 0) == [1, 2]
-    assert generate.window_seeds([7], 1) == [2177342782468422684]                     # 7 + step - 2**63
-    assert generate.window_seeds([1, 2], 2) == [4354685564936845355, 4354685564936845356]
-    assert generate.window_seeds([7], 3) == [6532028347405268038]
-    assert generate.window_seeds([2 ** 63 - 1], 1) == [2177342782468422676]           # wraps, stays < 2**63
-
-
-def test_long_form_windows_draw_different_noise():
-    """Window 1 is decoded with the literal offset seed, and that matters: re-decoding it with
-    window 0's seed (the bug of dropping the offset) gives other codes, so equality with the
-    literal seed is not luck."""
-    lm = tiny_lm(seed=24)
-    runtime = Runtime(lm)
-    cond = _cond(lm, 1, seed=5)
-    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
-    p = generate.plan(lm.cfg, params, batch=1, frames=70, window_frames=30, stride_frames=18)
-    out = generate.run(p, generate.Models(runtime=runtime), cond, seeds=[7])
-    w = p.phases[1]
-    canvas, fixed = out[..., w.start:w.end], _fixed(4, w.kept, [(0, w.prompt_lens[0])])
-    redo = runtime.generate(cond, w.kept, params, seeds=[2177342782468422684], canvas=canvas, fixed=fixed)
-    assert torch.equal(redo, canvas)                                 # window 1 drew with 7 + step (mod 2**63)
-    unshifted = runtime.generate(cond, w.kept, params, seeds=[7], canvas=canvas, fixed=fixed)
-    assert not torch.equal(unshifted, canvas)                        # ... not with window 0's seed
-
-
-def test_long_form_reference_engine_and_text_per_window():
-    lm = tiny_lm(seed=25)
-    params = DecodingParams(use_sampling=False, decoding_steps=(3, 2, 2, 2))
-    p = generate.plan(lm.cfg, params, batch=1, frames=50, window_frames=30, stride_frames=18)
-    p_ref = generate.plan(lm.cfg, params, batch=1, frames=50, window_frames=30, stride_frames=18, engine="reference")
-    conds = [_cond(lm, 1, seed=s) for s in range(len(p.phases))]
-    fast = generate.run(p, generate.Models(runtime=Runtime(lm)), conds, seeds=[0])
-    ref = generate.run(p_ref, generate.Models(lm=lm), conds, seeds=[0])
-    assert torch.equal(fast, ref)                                   # greedy: the engines agree window by window
-    same_text = generate.run(p, generate.Models(runtime=Runtime(lm)), conds[0], seeds=[0])
-    assert torch.equal(same_text[..., :30], fast[..., :30]) and not torch.equal(same_text, fast)
-    with pytest.raises(InvalidOptionError, match="one condition per window"):
-        generate.run(p, generate.Models(runtime=Runtime(lm)), conds[:1], seeds=[0])
 
 
 # ------------------------------------------------------------------ streaming decode
@@ -243,13 +139,14 @@ def test_stream_decoder_needs_its_context(codec, left, ahead):
 
 # ------------------------------------------------------------------ API and CLI
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def one_second_dir(tmp_path_factory):
+    """conftest's tiny model with a 1 s window: long-form and streaming take a few windows."""
     return build_random_model(tmp_path_factory.mktemp("tiny-infill"), "tiny", seed=0, duration=1)
 
 
 @pytest.fixture(scope="module")
-def model(tiny_dir):
-    m = MAGNeT.from_pretrained(tiny_dir, device="cpu")
+def model(one_second_dir):
+    m = MAGNeT.from_pretrained(one_second_dir, device="cpu")
     m.set_generation_params(**FAST)
     return m
 
@@ -276,8 +173,8 @@ def test_api_infill_keeps_every_cell_outside_the_regions(model):
 
 
 @pytest.mark.parametrize("arrangement, prompt_frames", [("nonoverlap", 9), ("stride1", 10)])
-def test_a_region_from_the_prompt_end_is_a_continuation(tiny_dir, arrangement, prompt_frames):
-    m = MAGNeT.from_pretrained(tiny_dir, device="cpu")
+def test_a_region_from_the_prompt_end_is_a_continuation(one_second_dir, arrangement, prompt_frames):
+    m = MAGNeT.from_pretrained(one_second_dir, device="cpu")
     m.set_generation_params(duration=0.8, span_arrangement=arrangement, **FAST)
     clip = _clip(0.8)
     codes = m.codec.encode(clip)

@@ -144,3 +144,13 @@ def test_bad_arguments_raise():
         attn.banded_attention(q, k, v.double(), 2)
     with pytest.raises(ValueError, match="no cpp"):
         attn.full_attention(q, k, v, impl="cpp")
+
+
+@pytest.mark.gpu
+def test_flash_attn_stage0_when_installed():
+    flash = pytest.importorskip("flash_attn")
+    q, k, v = (torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    got = attn.full_attention(q, k, v).float()
+    low = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
+    assert (got - want).abs().max() <= 2 * (low - want).abs().max() + 1e-3, flash.__version__

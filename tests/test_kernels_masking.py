@@ -4,17 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from magnet_engine.kernels import backend, masking
+from magnet_engine.kernels import masking
+
+from kernel_helpers import skip_unless_available
 
 MASK_ID = 2048
 IMPLS = ["torch", "cpp", "triton"]
-
-
-def _skip_unless(impl):
-    if impl == "cpp" and backend.cpp_module() is None:
-        pytest.skip("C++ extension magnet_engine._C not built (python setup.py build_ext --inplace)")
-    if impl == "triton" and not (backend.triton_available() and backend.triton_interpreted()):
-        pytest.skip("Triton not installed, or TRITON_INTERPRET is not 1 on this CPU-only run")
 
 
 def _tied_scores(batch, n, seed, levels=3, prompt_spans=0):
@@ -60,7 +55,7 @@ def _topk_choice(scores, k):
                                                          (41, 1, "nonoverlap"), (41, 4, "token")])
 def test_chooses_exactly_num_masked_highest_spans_and_writes_only_their_frames(impl, batch, frames, span_len,
                                                                               arrangement):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     layout = masking.mode(span_len, arrangement)
     n = masking.num_spans(frames, span_len, arrangement)
     prompt_len = 7
@@ -92,7 +87,7 @@ def test_chooses_exactly_num_masked_highest_spans_and_writes_only_their_frames(i
 @pytest.mark.parametrize("n", [5, 33, 166, 500])
 def test_tie_order_is_torch_topk_on_cpu(impl, n):
     """The original implementation ran scores.topk(k) on CPU; the fixtures depend on its ties."""
-    _skip_unless(impl)
+    skip_unless_available(impl)
     batch = 3
     for seed in range(4):
         scores = _tied_scores(batch, n, seed, levels=2 + seed, prompt_spans=n // 10)
@@ -109,7 +104,7 @@ def test_tie_order_is_torch_topk_on_cpu(impl, n):
 
 @pytest.mark.parametrize("n", [5, 37, 130])
 def test_tie_order_triton_is_lowest_index_first(n):
-    _skip_unless("triton")
+    skip_unless_available("triton")
     scores = _tied_scores(3, n, seed=5, prompt_spans=2)
     scores[1, 3] = float("nan")
     for k in (1, n // 3, n - 1):
@@ -128,7 +123,7 @@ def test_torch_sync_free_selection_used_on_cuda_is_lowest_index_first(n):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_num_masked_is_clamped_to_the_span_count(impl):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     scores = torch.rand(2, 10)
     codes = _codes(2, 31)
     masked = _remask(codes, scores, 25, impl)
@@ -139,7 +134,7 @@ def test_num_masked_is_clamped_to_the_span_count(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("arrangement,span_len", [("nonoverlap", 3), ("token", 1), ("stride1", 3)])
 def test_works_in_place_on_a_canvas_row_view(impl, arrangement, span_len):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     canvas = torch.randint(0, MASK_ID, (3, 4, 30))
     stage = 2
     n = masking.num_spans(30, span_len, arrangement)
@@ -192,7 +187,7 @@ def _lps_reference(scores_row, num_masked, span_len):
 @pytest.mark.parametrize("impl", IMPLS)  # "triton" runs the torch path for stride1
 @pytest.mark.parametrize("frames,span_len", [(12, 3), (31, 3), (40, 2), (29, 5)])
 def test_stride1_equals_the_reference_search(impl, frames, span_len):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     batch = 3
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
@@ -213,7 +208,7 @@ def test_stride1_equals_the_reference_search(impl, frames, span_len):
 
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_stride1_never_writes_prompt_frames(impl):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     scores = torch.zeros(2, 20)
     scores[:, :5] = masking.DONT_REMASK
     codes = _codes(2, 20)
@@ -256,7 +251,7 @@ def test_initial_span_scores():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_first_step_masks_every_generated_chunk_and_then_nests(impl):
     """Invariant 5 of docs/numerics.md §9 on a toy loop: exactly m_i chunks, nested, prompt frames intact."""
-    _skip_unless(impl)
+    skip_unless_available(impl)
     batch, frames, prompt_len, span_len = 3, 40, 7, 3
     prompt = _codes(batch, prompt_len, seed=9)
     codes = torch.full((batch, frames), MASK_ID)

@@ -11,6 +11,8 @@ import torch
 
 from magnet_engine.kernels import backend, rng, sampling
 
+from kernel_helpers import skip_unless_available
+
 # The interpreter evaluates both sides of tl.where in numpy: -inf - -inf in the discarded
 # branch (padding lanes, -inf in both CFG halves) warns without affecting results.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -26,13 +28,6 @@ MODES = {
     "top_k": dict(use_sampling=True, top_k=5, top_p=0.0),
     "categorical": dict(use_sampling=True, top_k=0, top_p=0.0),
 }
-
-
-def _skip_unless(impl):
-    if impl == "cpp" and backend.cpp_module() is None:
-        pytest.skip("C++ extension magnet_engine._C not built (python setup.py build_ext --inplace)")
-    if impl == "triton" and not (backend.triton_available() and backend.triton_interpreted()):
-        pytest.skip("Triton not installed, or TRITON_INTERPRET is not 1 on this CPU-only run")
 
 
 def _scalars(cfg=3.0, temp=1.5, seed=1234, offset=7):
@@ -71,7 +66,7 @@ KEYS = [(0, 0), (1234, 7), (-5, 2**40 + 3), (2**63 - 1, -(2**63))]
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
 @pytest.mark.parametrize("seed,offset", KEYS)
 def test_rng_bit_identical_to_torch(impl, seed, offset):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     index = torch.cat([torch.arange(0, 3000, dtype=torch.int64), torch.tensor([2**32 - 1, 2**32, 2**40 + 17])])
     seed_t, offset_t = torch.tensor(seed, dtype=torch.int64), torch.tensor(offset, dtype=torch.int64)
     expected = rng.uniform(seed_t, offset_t, index)
@@ -116,7 +111,7 @@ TRITON_SHAPES = [(1, 37), (3, 37), (2, 2048)]
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("cfg", [True, False])
 def test_matches_torch_reference(impl, shape, mode, cfg):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     n, card = shape
     cond = _logits(n, card, seed=1)
     uncond = _logits(n, card, seed=2) if cfg else None
@@ -134,7 +129,7 @@ def test_top_p_exact_boundary_keeps_the_token_that_reaches_it(impl):
     top_p = 1/2: token 1 has exactly 1/2 of the mass above it, so it is kept (the reference
     drops j only when cumsum_j - pi_j > p); tokens 2 and 3 have 3/4 above them. 64 rows of
     independent draws: token 1 (chance 1/3 per row) appears, tokens 2 and 3 never do."""
-    _skip_unless(impl)
+    skip_unless_available(impl)
     cond = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125])).expand(64, 4).contiguous()
     tokens, prob = _sample(cond, None, impl, "top_p", top_p=0.5, temp=1.0)
     assert set(tokens.tolist()) == {0, 1}
@@ -145,7 +140,7 @@ def test_top_p_exact_boundary_keeps_the_token_that_reaches_it(impl):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["greedy", "top_p", "top_k"])
 def test_low_precision_logits_are_computed_in_fp32(impl, dtype, mode):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     cond, uncond = _logits(3, 37, dtype, seed=3), _logits(3, 37, dtype, seed=4)
     tokens, prob = _sample(cond, uncond, impl, mode)
     ref_tokens, ref_prob = _sample(cond.float(), uncond.float(), "torch", mode)
@@ -167,7 +162,7 @@ def test_cfg_formula_and_none_uncond():
 # ----------------------------------------------------------------------------- RNG keys
 @pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
 def test_draw_depends_only_on_key_and_row_id(impl):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     n, card = (6, 37)
     cond = _logits(n, card, seed=7, scale=0.5)  # flat: draws are far from argmax
     tokens, _ = _sample(cond, None, impl, "categorical")
@@ -188,7 +183,7 @@ SAMPLED_MODES = ["top_p", "top_k", "categorical"]
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
 @pytest.mark.parametrize("mode", SAMPLED_MODES)
 def test_per_row_seeds_match_torch_reference(impl, mode):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     cond = _logits(len(ROW_SEEDS), 37, seed=13, scale=0.5)
     tokens, prob = _sample(cond, None, impl, mode, seed=ROW_SEEDS)
     ref_tokens, ref_prob = _sample(cond, None, "torch", mode, seed=ROW_SEEDS)
@@ -199,7 +194,7 @@ def test_per_row_seeds_match_torch_reference(impl, mode):
 @pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("mode", SAMPLED_MODES)
 def test_equal_per_row_seeds_draw_as_the_scalar_seed(impl, mode):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     cond = _logits(5, 37, seed=14, scale=0.5)
     row_ids = torch.tensor([3, 0, 8, 1, 2])
     per_row = _sample(cond, None, impl, mode, seed=[1234] * 5, row_ids=row_ids)
@@ -211,7 +206,7 @@ def test_equal_per_row_seeds_draw_as_the_scalar_seed(impl, mode):
 def test_row_draw_does_not_depend_on_its_batch(impl):
     """The server's invariant: a request's row (seed s, row id r) draws the same token alone
     as inside any batch, whatever the other rows' seeds."""
-    _skip_unless(impl)
+    skip_unless_available(impl)
     cond = _logits(len(ROW_SEEDS), 37, seed=15, scale=0.5)
     row_ids = torch.tensor([5, 0, 5, 2, 9, 1])  # two requests may use the same row id
     tokens, prob = _sample(cond, None, impl, "categorical", seed=ROW_SEEDS, row_ids=row_ids)
@@ -222,7 +217,7 @@ def test_row_draw_does_not_depend_on_its_batch(impl):
 
 @pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
 def test_different_seeds_give_different_draws(impl):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     n, card = 32, 37
     cond = torch.zeros(n, card)  # the same uniform row at the same row id: only the seed varies
     row_ids = torch.zeros(n, dtype=torch.int64)
@@ -255,7 +250,7 @@ def _exact_distribution(logits_row: torch.Tensor, temp: float, mode: str, top_k:
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 @pytest.mark.parametrize("mode,top_k,top_p", [("top_p", 0, 0.8), ("top_k", 6, 0.0), ("categorical", 0, 0.0)])
 def test_frequencies_match_exact_filtered_distribution(impl, mode, top_k, top_p):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     card, draws, temp = 20, 60_000, 1.3
     row = torch.linspace(-2.0, 2.0, card)[torch.randperm(card, generator=torch.Generator().manual_seed(0))]
     cond = row.expand(draws, card)
@@ -270,7 +265,7 @@ def test_frequencies_match_exact_filtered_distribution(impl, mode, top_k, top_p)
 
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_top_k_prob_is_renormalised_and_top_p_prob_is_not(impl):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     row = torch.linspace(-1.0, 1.0, 20)
     cond = row.expand(50, 20)
     pi = torch.softmax(row, -1)
@@ -284,7 +279,7 @@ def test_top_k_prob_is_renormalised_and_top_p_prob_is_not(impl):
 # ----------------------------------------------------------------------------- edge cases
 @pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
 def test_top_k_1_and_tiny_top_p_and_low_temperature_give_argmax(impl):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     cond, uncond = _logits(5, 37, seed=8), _logits(5, 37, seed=9)
     mixed = uncond + (cond - uncond) * torch.tensor(3.0)
     argmax = mixed.argmax(-1)
@@ -300,7 +295,7 @@ def test_top_k_1_and_tiny_top_p_and_low_temperature_give_argmax(impl):
 
 @pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
 def test_tiny_top_p_keeps_every_tied_top_token(impl):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     row = torch.full((37,), -3.0)
     row[[4, 30]] = 2.0  # two tokens tied for the top
     tokens, prob = _sample(row.expand(64, 37), None, impl, "top_p", top_p=1e-9, temp=1.0)
@@ -314,7 +309,7 @@ def test_tiny_top_p_keeps_every_tied_top_token(impl):
 @pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_neg_inf_entries_never_give_nan(impl, mode):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     inf = float("inf")
     cond, uncond = _logits(4, 37, seed=10), _logits(4, 37, seed=11)
     cond[0, :30] = -inf                      # -inf in the cond half only
@@ -338,7 +333,7 @@ def test_neg_inf_entries_never_give_nan(impl, mode):
 @pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_rows_without_a_distribution_give_token_0_and_nan_prob(impl, mode):
-    _skip_unless(impl)
+    skip_unless_available(impl)
     cond = _logits(4, 37, seed=12)
     cond[0, 9] = float("nan")
     cond[2, :] = float("-inf")

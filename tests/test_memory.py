@@ -19,11 +19,6 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_random_model(tmp_path_factory.mktemp("tiny-memory"), "tiny", seed=4)
-
-
-@pytest.fixture(scope="module")
 def musicgen_dir(tmp_path_factory):
     """A MusicGen naming the same T5 as the MAGNeT and shipping none: it shares the MAGNeT's."""
     import shutil

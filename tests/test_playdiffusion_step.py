@@ -5,6 +5,7 @@ events and cancellation. A tiny random inpainter; the fixture replays are in tes
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import textwrap
 
@@ -19,6 +20,8 @@ from magnet_engine.engine.playdiffusion.reference import reference_generate
 from magnet_engine.engine.playdiffusion.unmasking import (GeneratorDraws, KeyedDraws, RecordedDraws, SpeechRuntime,
                                                           UnmaskOptions, make_schedule)
 from magnet_engine.errors import InvalidOptionError
+
+from test_generate import Cancelled, cancel_at
 
 CFG = InpainterConfig(vocab_size=40, codebook_size=64, num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=32)
 OPTIONS = UnmaskOptions(steps=6, topk=12)
@@ -38,7 +41,7 @@ def _inputs(seed=0, text=5, left=6, right=7):
 
 
 def _loop(runtime, draws, options=OPTIONS, target=9, seed=0, listener=None):
-    text, left, right = _inputs(seed)
+    text, left, right = (t.to(runtime.device) for t in _inputs(seed))
     p = generate.plan_speech(CFG, options, [(text.numel(), left.numel(), target, right.numel())])
     return generate.run(p, generate.Models(speech=runtime), [(text, left, right)], draws=draws, listener=listener)[0]
 
@@ -86,7 +89,7 @@ def test_compiled_step_tokens_equal_eager(model):
     """compile=True (the whole step through torch.compile(fullgraph=True)) gives the eager tokens
     from upstream's generator draws, and both equal the reference loop's. (30 steps over 9
     positions stop early with no greedy step: one step shape, one compile on this CPU; the keyed
-    draws compiled are checked on CUDA, tests/test_gpu.py.)"""
+    draws compiled are checked on CUDA, test_speech_cuda_graph_tokens_equal_eager.)"""
     options = UnmaskOptions(steps=30, topk=12)
     assert not any(make_schedule(9, options).greedy)
     eager, compiled = SpeechRuntime(model), SpeechRuntime(model, compile=True)
@@ -142,20 +145,10 @@ def test_speech_run_reports_typed_events_in_order(model):
 
 
 def test_a_raising_listener_cancels_the_speech_run_after_the_current_step(model):
-    class Cancelled(Exception):
-        pass
-
     count = []
-
-    def listen(event):
-        if isinstance(event, events.StageStep):
-            count.append(event.done)
-            if event.done == 2:
-                raise Cancelled
-
     gen = torch.Generator().manual_seed(8)
     with pytest.raises(Cancelled):
-        _loop(SpeechRuntime(model), GeneratorDraws(gen), listener=listen)
+        _loop(SpeechRuntime(model), GeneratorDraws(gen), listener=cancel_at(2, count))
     assert count == [1, 2]
     # the generator advanced by the two steps that ran (sample [L, A] + score [L] each), as upstream's
     want = torch.Generator().manual_seed(8)
@@ -224,3 +217,27 @@ def test_guided_loop_equals_the_reference_where_g_and_1_minus_g_differ(model):
         for seed, fast in enumerate(by_guidance[guidance]):
             assert torch.equal(fast, _reference(model, KeyedDraws(seed), options, seed=seed)), (guidance, seed)
     assert any(not torch.equal(a, b) for a, b in zip(by_guidance[0.25], by_guidance[2.0]))
+
+
+# ----------------------------------------------------------------------------- on CUDA (marker gpu)
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_speech_cuda_graph_tokens_equal_eager(model, compile):
+    """PlayDiffusion's unmasking step captured once per shape (greedy or not) and replayed:
+    the eager tokens, from a seeded CUDA generator (keyed draws inside the step), from the
+    keyed RNG and from host-given uniforms."""
+    cuda = torch.device("cuda")
+    model = copy.deepcopy(model).to(cuda)     # the module's fixture stays on the CPU
+    options = UnmaskOptions(steps=8, topk=12)
+    eager, graphed = SpeechRuntime(model), SpeechRuntime(model, compile=compile, cuda_graphs=True)
+    assert eager.impl.sample_tokens == "triton"
+    recorded = RecordedDraws([torch.rand(1, 9, 64, device=cuda) for _ in range(8)],
+                             [torch.rand(1, 9, device=cuda) for _ in range(8)])
+    for make in (lambda: GeneratorDraws(torch.Generator(device=cuda).manual_seed(3)), lambda: KeyedDraws(5),
+                 lambda: recorded):
+        want = _loop(eager, make(), options)
+        assert torch.equal(_loop(graphed, make(), options), want)
+        assert torch.equal(_loop(graphed, make(), options), want)            # replayed, not recaptured
+    state = next(iter(graphed._states.values()))
+    # greedy or not, per draw source: 'keyed' (a CUDA generator seeds the keyed RNG) and 'given'
+    assert len(state.graphs) == 2 * 2

@@ -21,17 +21,17 @@ FAST = dict(num_steps=4)  # the surface tests check plumbing, not the 30-step lo
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def pd_dir(tmp_path_factory):
     from magnet_engine.engine.playdiffusion.random_weights import write_random_model
 
     return write_random_model(tmp_path_factory.mktemp("pd_tiny"), "tiny", seed=1)
 
 
 @pytest.fixture(scope="module")
-def pd(tiny_dir):
+def pd(pd_dir):
     from magnet_engine import PlayDiffusion
 
-    return PlayDiffusion(str(tiny_dir), device="cpu")
+    return PlayDiffusion(str(pd_dir), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -202,18 +202,18 @@ def test_gumbel_topk_sample_draws_from_the_tempered_topk_softmax():
     assert (greedy == 4).all()
 
 
-def test_random_weight_xlsr_keys_round_trip_to_fairseq2_names(tiny_dir):
+def test_random_weight_xlsr_keys_round_trip_to_fairseq2_names(pd_dir):
     from magnet_engine.engine.playdiffusion import files
 
-    state = files.load_pickle(tiny_dir / files.FILES["speech_tokenizer"])
+    state = files.load_pickle(pd_dir / files.FILES["speech_tokenizer"])
     assert "encoder_frontend.pos_encoder.conv.weight_g" in state
     assert "encoder.layers.34.ffn.inner_proj.weight" in state and "encoder.layers.35.ffn.inner_proj.weight" not in state
 
 
-def test_exact_region_length_fix_keeps_the_end_frame(tiny_dir, clip):
+def test_exact_region_length_fix_keeps_the_end_frame(pd_dir, clip):
     from magnet_engine import PlayDiffusion
 
-    fixed = PlayDiffusion(str(tiny_dir), device="cpu", planner_fixes={"exact_region_length": True})
+    fixed = PlayDiffusion(str(pd_dir), device="cpu", planner_fixes={"exact_region_length": True})
     wave, sr = sf.read(clip, dtype="float32")
     result = fixed.inpaint_audio(torch.from_numpy(wave), sr, _edit(clip), seed=2)
     units = fixed.pipeline.units(torch.from_numpy(wave)[None], sr)
@@ -232,13 +232,13 @@ def test_tts_text_split_is_upstreams():
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_speech_edit_writes_the_output_and_nothing_on_error(tiny_dir, clip, tmp_path, capsys):
+def test_cli_speech_edit_writes_the_output_and_nothing_on_error(pd_dir, clip, tmp_path, capsys):
     from magnet_engine.cli import main
 
     times = tmp_path / "times.json"
     times.write_text(json.dumps(WORDS))
     out = tmp_path / "out.wav"
-    common = [str(clip), "--word-times", str(times), "--model", str(tiny_dir), "--num-steps", "3", "--seed", "1"]
+    common = [str(clip), "--word-times", str(times), "--model", str(pd_dir), "--num-steps", "3", "--seed", "1"]
     assert main(["speech", "edit", "--from", "hello there world", "--to", "hello big world", "-o", str(out),
                  *common]) == 0
     data, sr = sf.read(out, dtype="int16")
@@ -255,7 +255,7 @@ def test_speech_edit_router(pd, clip):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from magnet_engine.speech_routes import SpeechLimits, make_speech_router
+    from magnet_engine.server.routes.speech import SpeechLimits, make_speech_router
 
     app = FastAPI()
     app.include_router(make_speech_router(pd, SpeechLimits(max_upload_bytes=200_000, max_audio_seconds=5)))
@@ -339,15 +339,15 @@ def test_gumbel_topk_triton_matches_torch(card, top_k):
         torch.testing.assert_close(x_sc, t_sc, atol=1e-5, rtol=1e-5)
 
 
-def test_step_options_reach_the_speech_runtime(tiny_dir):
+def test_step_options_reach_the_speech_runtime(pd_dir):
     """compile / cuda_graphs from the API and the CLI to the unmasking runtime; cuda_graphs off
     CUDA is refused before anything loads."""
     from magnet_engine import PlayDiffusion
     from magnet_engine.speech_cli import build_parser
 
     with pytest.raises(InvalidOptionError, match="CUDA"):
-        PlayDiffusion(str(tiny_dir), device="cpu", cuda_graphs=True)
-    runtime = PlayDiffusion(str(tiny_dir), device="cpu", compile=True).pipeline.runtime
+        PlayDiffusion(str(pd_dir), device="cpu", cuda_graphs=True)
+    runtime = PlayDiffusion(str(pd_dir), device="cpu", compile=True).pipeline.runtime
     assert runtime._step_fn is not runtime._step and not runtime.cuda_graphs
     args = build_parser().parse_args(["tts", "hi", "--voice", "v.wav", "-o", "o.wav", "--compile", "--cuda-graphs"])
     assert args.compile and args.cuda_graphs

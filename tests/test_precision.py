@@ -1,5 +1,6 @@
-"""CPU precision: the int8 linear kernel against its exact twin, the int8 LM, and the 'auto'
-choice's rules (with the timings injected, so the rule is tested, not this CPU)."""
+"""Precision: the int8 linear kernel against its exact twin, the int8 LM, the 'auto'
+choice's rules on the CPU (with the timings injected, so the rule is tested, not this CPU),
+and the CUDA default (marker gpu)."""
 import copy
 import dataclasses
 import warnings
@@ -7,12 +8,15 @@ import warnings
 import pytest
 import torch
 
+from magnet_engine.engine import generate
 from magnet_engine.engine import precision as P
+from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
 from magnet_engine.engine.precision import Int8Linear, PrecisionWarning, cast_for_precision, choose_precision
 from magnet_engine.errors import InvalidOptionError
 from magnet_engine.kernels import int8
 from test_model import tiny_lm
+from test_reference import _cond
 
 AVX2_ONLY = P.CpuInfo(model="AMD EPYC (test)", capability="AVX2", flags=("avx2",), threads=2)
 AMX = P.CpuInfo(model="Xeon (test)", capability="AVX512",
@@ -249,3 +253,16 @@ def test_playdiffusion_inpainter_takes_int8():
     with pytest.raises(InvalidOptionError, match="CPU path"):
         from magnet_engine.engine.playdiffusion.pipeline import _placed_inpainter
         _placed_inpainter(copy.deepcopy(fp32.inpainter), torch.device("meta"), "int8")
+
+
+@pytest.mark.gpu
+def test_default_precision_on_cuda_is_mixed_fp16():
+    cuda = torch.device("cuda")
+    assert P.default_precision(cuda) == "fp16-mixed"
+    lm = tiny_lm(seed=6, dim=64, heads=4).to(cuda)
+    runtime = Runtime(lm, precision="fp16-mixed")
+    layer = runtime.lm.transformer.layers[0]
+    assert layer.linear1.weight.dtype == torch.float16 and layer.norm1.weight.dtype == torch.float32
+    p = generate.plan(lm.cfg, DecodingParams(decoding_steps=(3, 2, 2, 2)), batch=1, frames=30)
+    codes = generate.run(p, generate.Models(runtime=runtime), _cond(lm, 1).to(cuda), seeds=[0])
+    assert codes.shape == (1, 4, 30) and (codes < lm.cfg.card).all()

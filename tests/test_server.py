@@ -24,17 +24,11 @@ from magnet_engine.engine.events import StageStep
 from magnet_engine.audio import wav_bytes
 from magnet_engine.demo import build_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app, text_token_count
-from service_helpers import metric, sse_events, wait_until
+from service_helpers import FAST, assert_same_audio, metric, solo_wav, sse_events, wait_until
 
-FAST = {"duration": 0.3, "decoding_steps": [2, 1, 1, 1]}
 LONGER = "warm lo-fi piano with soft vinyl crackle and slow cinematic strings"
 WORDS = ("piano drums guitar bass jazz rock techno rain choir strings synth funk disco reggae ambient "
          "cinematic orchestral folk soul swing trumpet saxophone thunder waves wind crowd").split()
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_dir):
-    return MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="fast")
 
 
 @pytest.fixture(scope="session")
@@ -82,20 +76,6 @@ def serve(model, **settings):
 
 def post(client, **body):
     return client.post("/v1/generate", json={**FAST, **body})
-
-
-def solo_wav(model, text, seed, **options) -> bytes:
-    """The same request computed directly through the API, alone in its batch."""
-    model.set_generation_params(**{**FAST, **options})
-    tokens = model.generate_tokens([text], seed=[seed])
-    return wav_bytes(model.decode(tokens)[0], model.sample_rate)
-
-
-def assert_same_audio(got: bytes, want: bytes) -> None:
-    """Equal tokens give equal audio up to the codec's batch-size rounding (~1e-7): 1 LSB of PCM16.
-    Any token that differed would move samples by far more."""
-    a, b = sf.read(io.BytesIO(got), dtype="int16")[0], sf.read(io.BytesIO(want), dtype="int16")[0]
-    assert a.shape == b.shape and abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 # ---------------------------------------------------------------- endpoints

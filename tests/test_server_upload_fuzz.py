@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 
 from magnet_engine import MAGNeT, PlayDiffusion
 from magnet_engine.demo import build_random_model
-from magnet_engine.edit_routes import EditLimits
+from magnet_engine.server.routes.edit import EditLimits
 from magnet_engine.engine.playdiffusion.random_weights import write_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app
-from magnet_engine.speech_routes import SpeechLimits
+from magnet_engine.server.routes.speech import SpeechLimits
 
 RSS_GROWTH_MIB = 300   # over the whole run; one leaked decode of an unbounded upload is gigabytes
 

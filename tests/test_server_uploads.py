@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 
 from magnet_engine import MAGNeT, PlayDiffusion
 from magnet_engine.demo import build_random_model
-from magnet_engine.edit_routes import EditLimits
+from magnet_engine.server.routes.edit import EditLimits
 from magnet_engine.engine.playdiffusion.random_weights import write_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app
-from magnet_engine.speech_routes import NATIVE_RATES, SpeechLimits, make_speech_router
-from magnet_engine.stream_routes import StreamLimits
+from magnet_engine.server.routes.speech import NATIVE_RATES, SpeechLimits, make_speech_router
+from magnet_engine.server.routes.stream import StreamLimits
 
 WORDS = [{"word": "hello", "start": 0.05, "end": 0.3}, {"word": "there", "start": 0.35, "end": 0.6},
          {"word": "world", "start": 0.65, "end": 0.95}]

@@ -1,4 +1,5 @@
-"""One capturable step: the plan, the static-buffer step of every mode, traced whole.
+"""One capturable step: the static-buffer step of every mode, traced whole (the plan and run
+around it: test_generate.py).
 
 `torch._dynamo.explain` traces a step as `torch.compile(fullgraph=True)` would and counts
 the graph breaks; a step with none is one graph, which is what a CUDA graph captures.
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from magnet_engine.engine import events, generate, hybrid
+from magnet_engine.engine import hybrid
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
 from magnet_engine.engine.rescoring import RescoreOptions
@@ -88,66 +89,6 @@ def test_hybrid_tail_and_ar_steps_trace_whole():
     state = ar_rt.prepare(cond, tail.seq_len, hybrid.ARParams(top_k=10), [1, 2])
     state.pos.fill_(3)
     assert breaks(ar_rt._step, state) == 0
-
-
-def test_plan_phases_and_totals():
-    lm, mg = tiny_lm(seed=1), ar_lm("musicgen", seed=2)
-    params = DecodingParams(decoding_steps=(4, 2, 2, 2))
-    plain = generate.plan(lm.cfg, params, batch=2, frames=30)
-    assert (plain.mode, plain.ar, plain.total_steps, plain.masked.prompt_lens) == ("plain", None, 10, (0,) * 4)
-    prompt = generate.plan(lm.cfg, params, batch=1, frames=30, prompt_frames=9)
-    assert (prompt.mode, prompt.masked.prompt_lens) == ("prompt", (9,) * 4)
-    two = generate.plan(lm.cfg, params, batch=1, frames=30, prefix_frames=7, prefix_cfg=mg.cfg)
-    assert (two.mode, two.ar.steps, two.total_steps, two.masked.prompt_lens) == ("two_model", 10, 20, (7,) * 4)
-    hy_lm = ar_lm("hybrid")
-    hy = generate.plan(hy_lm.cfg, params, batch=1, frames=36, prefix_frames=9)
-    assert (hy.mode, hy.ar.steps, hy.masked.prompt_lens) == ("hybrid", 9, (9, 8, 7, 6))
-    assert [hy.stage_of(d) for d in (10, 13, 14, 19)] == [(0, 0), (0, 3), (1, 0), (3, 1)]
-    with pytest.raises(InvalidOptionError, match="exclusive"):
-        generate.plan(hy_lm.cfg, params, batch=1, frames=36, prefix_frames=9, prompt_frames=3)
-    with pytest.raises(InvalidOptionError, match="AR prefix"):
-        generate.plan(hy_lm.cfg, params, batch=1, frames=36)
-    with pytest.raises(InvalidOptionError, match="greedy"):
-        generate.plan(hy_lm.cfg, params, batch=1, frames=36, prefix_frames=9, rescored=True, rescore_fill="greedy")
-    with pytest.raises(InvalidOptionError, match="fast engine"):
-        generate.plan(hy_lm.cfg, params, batch=1, frames=36, prefix_frames=9, engine="reference")
-
-
-def test_run_reports_typed_events_in_order():
-    lm = tiny_lm(seed=6)
-    runtime = Runtime(lm)
-    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
-    p = generate.plan(lm.cfg, params, batch=1, frames=24)
-    seen = []
-    codes = generate.run(p, generate.Models(runtime=runtime), _cond(lm, 1), seeds=[3], listener=seen.append)
-    assert isinstance(seen[0], events.Started) and seen[0].total == 9
-    steps = [e for e in seen if isinstance(e, events.StageStep)]
-    assert [(e.stage, e.step, e.steps, e.done) for e in steps][:4] == [(0, 0, 3, 1), (0, 1, 3, 2), (0, 2, 3, 3),
-                                                                      (1, 0, 2, 4)]
-    assert [e.done for e in steps] == list(range(1, 10)) and all(e.total == 9 for e in steps)
-    # the canvas is the live buffer: after stage 0's last step, codebook 0 holds no mask id
-    assert isinstance(seen[-1], events.Done) and torch.equal(seen[-1].codes, codes)
-    assert steps[-1].canvas.shape == codes.shape and steps[-1].confidence.shape == (1, 24)
-
-
-def test_a_raising_listener_cancels_the_run_after_the_current_step():
-    lm = tiny_lm(seed=7)
-    runtime = Runtime(lm)
-    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
-    p = generate.plan(lm.cfg, params, batch=1, frames=24)
-    count = []
-
-    class Cancelled(Exception):
-        pass
-
-    def listen(event):
-        if isinstance(event, events.StageStep):
-            count.append(event.done)
-            if event.done == 2:
-                raise Cancelled
-    with pytest.raises(Cancelled):
-        generate.run(p, generate.Models(runtime=runtime), _cond(lm, 1), seeds=[0], listener=listen)
-    assert count == [1, 2]
 
 
 def test_buffers_are_static_across_steps_and_calls():

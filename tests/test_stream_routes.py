@@ -1,4 +1,4 @@
-"""Long-form streaming routes (stream_routes.stream_router) as the service mounts them, tiny random model.
+"""Long-form streaming routes (server.routes.stream.stream_router) as the service mounts them, tiny random model.
 (Their queue bound: tests/test_server_jobs.py.)"""
 import io
 
@@ -7,11 +7,12 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from magnet_engine import MAGNeT, stream_routes
+from magnet_engine import MAGNeT
 from magnet_engine.demo import build_random_model
 from magnet_engine.server import Settings, create_app
-from magnet_engine.stream_routes import StreamLimits
-from service_helpers import sse_events
+from magnet_engine.server.routes import stream as stream_routes
+from magnet_engine.server.routes.stream import StreamLimits
+from service_helpers import metric, sse_events
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +66,6 @@ def test_unknown_run_and_chunk_are_404(client):
     http, _ = client
     assert http.get("/v1/stream/nope/events").status_code == 404
     assert http.get("/v1/stream/nope/chunk/0").status_code == 404
-
-
-def metric(http, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(http.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == {k: str(v) for k, v in labels.items()}:
-                return sample.value
-    return 0.0
 
 
 def test_a_run_reports_progress_under_its_request_id_and_owns_it(client):

@@ -19,14 +19,15 @@ import typing as tp
 from pathlib import Path
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from magnet_engine.engine.generate import ENGINES
+    from magnet_engine.engine.precision import CHOICES
+
     p.add_argument("--model", default="facebook/magnet-small-10secs",
                    help="model directory (Hugging Face layout) or Hub id")
     p.add_argument("--t5", default=None, help="T5 text encoder: local directory or Hub name (default: from checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--engine", choices=("fast", "reference"), default="fast",
+    p.add_argument("--engine", choices=ENGINES, default="fast",
                    help="fast runtime (default) or the plain reference loop")
-    from magnet_engine.engine.precision import CHOICES
-
     p.add_argument("--precision", choices=CHOICES, default=None,
                    help="transformer precision of the fast runtime (default on CPU: auto, the fastest of fp32, "
                         "bf16 and int8 on this CPU, said on a line; on CUDA fp16-mixed: fp16 matmuls, fp32 "
@@ -37,41 +38,51 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    # Every default and choice below is read from the engine's option dataclasses, so that the
+    # command line cannot drift from the API (tests/test_defaults.py holds them together).
+    from magnet_engine.engine import hybrid, rescoring
+    from magnet_engine.engine.config import SPAN_ARRANGEMENTS, SPAN_SCORINGS, DecodingParams
+
+    dec, hyb, ar, res = DecodingParams(), hybrid.HybridOptions(), hybrid.ARParams(), rescoring.RescoreOptions()
     g = p.add_argument_group("decoding (names and defaults of MAGNeT.set_generation_params)")
     g.add_argument("--duration", type=float, default=None,
                    help="seconds (default: the model's trained length; longer: decoded window by window)")
     g.add_argument("--extend-stride", type=float, default=None,
                    help="long-form: seconds each window advances (default: 0.6 x the window, e.g. 6 s of 10 s)")
     g.add_argument("--seed", type=int, default=None, help="default: a random seed")
-    g.add_argument("--no-sampling", dest="use_sampling", action="store_false", help="greedy decoding (argmax)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--temperature", type=float, default=3.0)
-    g.add_argument("--max-cfg-coef", type=float, default=10.0)
-    g.add_argument("--min-cfg-coef", type=float, default=1.0)
-    g.add_argument("--decoding-steps", type=int, nargs="+", default=[20, 10, 10, 10], metavar="N")
-    g.add_argument("--span-arrangement", choices=("nonoverlap", "stride1"), default="nonoverlap")
-    g.add_argument("--span-scoring", choices=("max", "prod"), default="max")
-    g.add_argument("--no-anneal-temp", dest="anneal_temp", action="store_false")
+    g.add_argument("--no-sampling", dest="use_sampling", action="store_false", default=dec.use_sampling,
+                   help="greedy decoding (argmax)")
+    g.add_argument("--top-k", type=int, default=dec.top_k, help="0: off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=dec.top_p, help="default: %(default)s")
+    g.add_argument("--temperature", type=float, default=dec.temperature, help="default: %(default)s")
+    g.add_argument("--max-cfg-coef", type=float, default=dec.max_cfg_coef, help="default: %(default)s")
+    g.add_argument("--min-cfg-coef", type=float, default=dec.min_cfg_coef, help="default: %(default)s")
+    g.add_argument("--decoding-steps", type=int, nargs="+", default=list(dec.decoding_steps), metavar="N",
+                   help="per codebook (default: %(default)s)")
+    g.add_argument("--span-arrangement", choices=SPAN_ARRANGEMENTS, default=dec.span_arrangement)
+    g.add_argument("--span-scoring", choices=SPAN_SCORINGS, default=dec.span_scoring)
+    g.add_argument("--no-anneal-temp", dest="anneal_temp", action="store_false", default=dec.anneal_temp)
     h = p.add_argument_group("hybrid AR + masked decoding (hybrid-MAGNeT, or two-model with --prefix-model)")
-    h.add_argument("--hybrid-prefix-seconds", type=float, default=None,
-                   help="seconds generated autoregressively first (hybrid checkpoints: default 3, capped at half "
-                        "the clip; plain MAGNeT: needs --prefix-model)")
-    h.add_argument("--hybrid-handoff", choices=("staircase", "rectangle"), default="staircase")
-    h.add_argument("--hybrid-prefix-attention", choices=("cached", "bidirectional"), default="cached")
+    h.add_argument("--hybrid-prefix-seconds", type=float, default=hyb.prefix_seconds,
+                   help=f"seconds generated autoregressively first (hybrid checkpoints: default "
+                        f"{hybrid.DEFAULT_PREFIX_SECONDS:g}, capped at half the clip; plain MAGNeT: needs "
+                        "--prefix-model)")
+    h.add_argument("--hybrid-handoff", choices=hybrid.HANDOFFS, default=hyb.handoff)
+    h.add_argument("--hybrid-prefix-attention", choices=hybrid.PREFIX_ATTENTIONS, default=hyb.prefix_attention)
     h.add_argument("--prefix-model", default=None,
                    help="MusicGen / AudioGen checkpoint that makes the prefix for a plain MAGNeT "
                         "(two-model hybrid, not the paper's model)")
-    h.add_argument("--ar-top-k", type=int, default=250)
-    h.add_argument("--ar-top-p", type=float, default=0.0)
-    h.add_argument("--ar-temperature", type=float, default=1.0)
+    h.add_argument("--ar-top-k", type=int, default=ar.top_k, help="default: %(default)s")
+    h.add_argument("--ar-top-p", type=float, default=ar.top_p, help="0: off (default: %(default)s)")
+    h.add_argument("--ar-temperature", type=float, default=ar.temperature, help="default: %(default)s")
     h.add_argument("--ar-cfg-coef", type=float, default=None, help="default: the checkpoint's inference_coef")
-    r = p.add_argument_group("rescoring with an external AR model (spec B)")
+    r = p.add_argument_group("rescoring with an external AR model (docs/model.md §12)")
     r.add_argument("--rescorer", default=None, help="MusicGen / AudioGen checkpoint that rescores each step")
-    r.add_argument("--rescore-weight", type=float, default=1.0, help="w in w*p_magnet + (1-w)*p_ext (1: off)")
-    r.add_argument("--rescore-temperature", choices=("tempered", "raw"), default="tempered")
-    r.add_argument("--rescore-fill", choices=("special", "greedy"), default="special")
-    r.add_argument("--rescore-cfg-coef", type=float, default=None, help="default: conditional only (1x)")
+    r.add_argument("--rescore-weight", type=float, default=res.weight,
+                   help="w in w*p_magnet + (1-w)*p_ext, 1: off (default: %(default)s)")
+    r.add_argument("--rescore-temperature", choices=rescoring.TEMPERATURES, default=res.temperature)
+    r.add_argument("--rescore-fill", choices=rescoring.FILLS, default=res.fill)
+    r.add_argument("--rescore-cfg-coef", type=float, default=res.cfg_coef, help="default: conditional only (1x)")
 
 
 def _generation_params(args) -> dict:
@@ -122,11 +133,17 @@ def _checked_outputs(args, n: int) -> tp.List[Path]:
     return paths[:n]
 
 
+def _draw_seed(args) -> None:
+    """No --seed: one from the OS, below the server's seed bound (the API would draw from torch's
+    default generator, which starts the same in every process)."""
+    if args.seed is None:
+        args.seed = secrets.randbelow(2 ** 62)
+
+
 def _generate(model, args, paths: tp.List[Path]) -> tp.Tuple[tp.List[Path], float]:
     from magnet_engine.audio import read_audio, write_wav
 
-    if args.seed is None:   # the API would draw from torch's default generator: the same in every process
-        args.seed = secrets.randbelow(2 ** 62)
+    _draw_seed(args)
     texts = args.texts or [None]
     model.set_generation_params(**_generation_params(args))
     model.extend_stride = getattr(args, "extend_stride", None)
@@ -196,8 +213,7 @@ def cmd_edit(args) -> int:
     params["duration"] = None
     model.set_generation_params(**params)
     start = time.perf_counter()
-    if args.seed is None:
-        args.seed = secrets.randbelow(2 ** 62)
+    _draw_seed(args)
     wav = model.generate_infill(args.input, None, args.region, [args.text], progress=not args.quiet, seed=args.seed)
     elapsed = time.perf_counter() - start
     write_wav(args.output, wav[0], model.sample_rate)

@@ -23,20 +23,26 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
+from magnet_engine.engine.playdiffusion.unmasking import UnmaskOptions
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 
 RANDOM_MODEL = "random"  # the model name of the built-in random-weight tiny model
 DEFAULT_CACHE = Path("~/.cache/magnet_engine")
 
 
+_LOOP = UnmaskOptions()   # the loop's defaults (upstream's); the bounds below are upstream's input models'
+
+
 class BaseInput(BaseModel):
     output_text: str = Field(description="Text to inpaint")
-    num_steps: int = Field(default=30, ge=1, le=100, description="Number of unmasking steps")
-    init_temp: float = Field(default=1.0, ge=0.0, le=1.0, description="Initial sampling temperature, annealed to 0")
-    init_diversity: float = Field(default=1.0, ge=0.0, le=1.0, description="Initial re-masking noise, annealed to 0")
-    guidance: float = Field(default=0.5, ge=0.0, le=1.0, description="Text guidance weight (0: off)")
-    rescale: float = Field(default=0.7, ge=0.0, le=1.0, description="Guidance std-rescale mix")
-    topk: int = Field(default=25, ge=1, le=100, description="Top-k filter on the logits")
+    num_steps: int = Field(default=_LOOP.steps, ge=1, le=100, description="Number of unmasking steps")
+    init_temp: float = Field(default=_LOOP.init_temp, ge=0.0, le=1.0,
+                             description="Initial sampling temperature, annealed to 0")
+    init_diversity: float = Field(default=_LOOP.init_diversity, ge=0.0, le=1.0,
+                                  description="Initial re-masking noise, annealed to 0")
+    guidance: float = Field(default=_LOOP.guidance, ge=0.0, le=1.0, description="Text guidance weight (0: off)")
+    rescale: float = Field(default=_LOOP.rescale, ge=0.0, le=1.0, description="Guidance std-rescale mix")
+    topk: int = Field(default=_LOOP.topk, ge=1, le=100, description="Top-k filter on the logits")
     audio_token_syllable_ratio: tp.Optional[float] = Field(
         default=None, ge=5.0, le=25.0, description="Frames per syllable; None: estimated from the word times")
 

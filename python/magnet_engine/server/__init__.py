@@ -7,7 +7,8 @@
     metrics.py   Prometheus metrics (prometheus_client)
     progress.py  per-request progress streams (server-sent events)
     batcher.py   the bounded queue and the one worker every route's jobs run on (Jobs: the routes' side)
-    app.py       the routes (create_app)
+    app.py       the service (create_app): worker, error handlers, limits; mounts routes/
+    routes/      one router per route family: generate, progress, edit, stream, speech
     serve.py     uvicorn with the HTTP limits, `magnet-engine serve`, BackgroundServer
 """
 from magnet_engine.server.app import create_app

@@ -43,9 +43,16 @@ from magnet_engine.engine import events
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.server.metrics import Metrics
 from magnet_engine.server.progress import ProgressChannel, ProgressHub
-from magnet_engine.server.schema import ApiError, GenerateRequest, Settings, api_error_from
+from magnet_engine.server.schema import REQUEST_ID_PATTERN, ApiError, Settings, api_error_from
 
-REQUEST_ID = re.compile(GenerateRequest.model_fields["request_id"].metadata[0].pattern)
+REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+def rows_per_batch(engine: tp.Optional[str], max_batch: int) -> int:
+    """How many rows one generation may batch on `engine`: the reference loop draws every row
+    from one generator seeded with the first row's seed, so its rows are not batch-invariant
+    and it generates one row at a time; the fast runtime takes up to `max_batch`."""
+    return 1 if engine == "reference" else max_batch
+
+
 HTTP_ERROR_TYPES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 408: "RequestTimeout",
                     413: "PayloadTooLarge", 415: "UnsupportedMediaType", 429: "TooManyRequests",
                     431: "RequestHeaderFieldsTooLarge"}
@@ -196,9 +203,7 @@ class Batcher:
         self.model = model
         self.settings = settings
         self.metrics = Metrics(self.queue_depth, lambda: self.running, getattr(model, "memory_stats", None))
-        # The reference loop draws every row from one generator seeded with the first row's
-        # seed, so its rows are not batch-invariant: it generates one row at a time.
-        self.max_batch = 1 if getattr(model, "engine", None) == "reference" else settings.max_batch
+        self.max_batch = rows_per_batch(getattr(model, "engine", None), settings.max_batch)
         self.cond = threading.Condition()
         self.pending: tp.List[tp.Union[Row, Task]] = []     # FIFO of rows and tasks not yet taken
         self.waiting_jobs = 0               # jobs with at least one row in `pending`

@@ -16,6 +16,11 @@ from magnet_engine.engine.config import MAX_DECODING_STEPS, SPAN_ARRANGEMENTS, S
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 
 MAX_SEED = 2 ** 62  # the API needs seed + row < 2**63; a request has far fewer rows than this margin
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+# The fields every JSON body with a seed or an id declares, so that each bound is stated once.
+Seed = tp.Annotated[int, Field(ge=0, lt=MAX_SEED)]
+RequestId = tp.Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,16 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------ request body
+# The decoding options a request may set: every DecodingParams field. An omitted one is None
+# and takes the dataclass's default, which its OpenAPI description states.
+OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(DecodingParams))
+_DEFAULTS = DecodingParams()
+
+
+def _option(name: str):
+    return Field(None, description=f"default: {json.dumps(getattr(_DEFAULTS, name))}")
+
+
 class GenerateRequest(BaseModel):
     """POST /v1/generate body. Omitted options take MAGNeT.set_generation_params defaults."""
 
@@ -69,22 +84,18 @@ class GenerateRequest(BaseModel):
     description: tp.Optional[str] = None
     descriptions: tp.Optional[tp.List[tp.Optional[str]]] = None
     duration: tp.Optional[float] = None
-    seed: tp.Optional[int] = Field(None, ge=0, lt=MAX_SEED)
-    use_sampling: tp.Optional[bool] = None
-    top_k: tp.Optional[int] = None
-    top_p: tp.Optional[float] = None
-    temperature: tp.Optional[float] = None
-    max_cfg_coef: tp.Optional[float] = None
-    min_cfg_coef: tp.Optional[float] = None
-    decoding_steps: tp.Optional[tp.List[int]] = None
-    span_arrangement: tp.Optional[str] = None
-    span_scoring: tp.Optional[str] = None
-    anneal_temp: tp.Optional[bool] = None
-    request_id: tp.Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-
-
-OPTION_FIELDS = ("use_sampling", "top_k", "top_p", "temperature", "max_cfg_coef", "min_cfg_coef",
-                 "decoding_steps", "span_arrangement", "span_scoring", "anneal_temp")
+    seed: tp.Optional[Seed] = None
+    use_sampling: tp.Optional[bool] = _option("use_sampling")
+    top_k: tp.Optional[int] = _option("top_k")
+    top_p: tp.Optional[float] = _option("top_p")
+    temperature: tp.Optional[float] = _option("temperature")
+    max_cfg_coef: tp.Optional[float] = _option("max_cfg_coef")
+    min_cfg_coef: tp.Optional[float] = _option("min_cfg_coef")
+    decoding_steps: tp.Optional[tp.List[int]] = _option("decoding_steps")
+    span_arrangement: tp.Optional[str] = _option("span_arrangement")
+    span_scoring: tp.Optional[str] = _option("span_scoring")
+    anneal_temp: tp.Optional[bool] = _option("anneal_temp")
+    request_id: tp.Optional[RequestId] = None
 
 
 class ErrorResponse(JSONResponse):
@@ -211,7 +222,8 @@ def check_text(what: str, text: tp.Optional[str], max_chars: int) -> tp.Optional
 def check_seed(seed: tp.Optional[int]) -> tp.Optional[int]:
     """A request's seed: None, or an int in [0, MAX_SEED) (InvalidOptionError 422)."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED):
-        raise InvalidOptionError(f"seed must be an integer in [0, 2^62), found {str(seed)[:40]}")
+        raise InvalidOptionError(f"seed must be an integer in [0, 2^{MAX_SEED.bit_length() - 1}), "
+                                 f"found {str(seed)[:40]}")
     return seed
 
 

@@ -17,8 +17,11 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from magnet_engine.demo import DEFAULT_CACHE
+from magnet_engine.engine.generate import ENGINES
 from magnet_engine.engine.precision import CHOICES
 from magnet_engine.errors import MagnetEngineError
+from magnet_engine.server.routes.edit import EditLimits
+from magnet_engine.server.routes.stream import StreamLimits
 from magnet_engine.server.schema import ApiError, Settings
 
 
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory or Hub id (default: the embedded random-weight 'tiny' demo model)")
     p.add_argument("--t5", default=None, help="T5 text encoder: local directory or Hub name")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--engine", choices=("fast", "reference"), default="fast")
+    p.add_argument("--engine", choices=ENGINES, default="fast")
     p.add_argument("--precision", choices=CHOICES, default=None,
                    help="default: auto on CPU (the fastest of fp32, bf16 and int8 on this CPU; /v1/model says "
                         "which and why), fp16-mixed on CUDA (fp16 matmuls, fp32 residual stream)")
@@ -140,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-duration", type=float, default=None,
                    help="seconds per /v1/generate request (default: the model's window; longer: long-form, "
                         "window by window)")
-    g.add_argument("--max-stream-duration", type=float, default=120.0,
+    g.add_argument("--max-stream-duration", type=float, default=StreamLimits().max_duration,
                    help="seconds a long-form run streamed by POST /v1/stream may ask for")
-    g.add_argument("--max-edit-upload-bytes", type=int, default=20 << 20, help="POST /v1/edit upload limit")
+    g.add_argument("--max-edit-upload-bytes", type=int, default=EditLimits().max_upload_bytes,
+                   help="POST /v1/edit upload limit")
     g.add_argument("--max-decoding-steps", type=int, default=d.max_decoding_steps, help="per codebook")
     g.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
@@ -211,9 +215,6 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             print(f"magnet-engine serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 2
     # /v1/edit, /v1/stream (and /v1/speech/edit with a speech model): jobs of the same worker and queue
-    from magnet_engine.edit_routes import EditLimits
-    from magnet_engine.stream_routes import StreamLimits
-
     app = create_app(model, dataclasses.replace(settings, note=note), speech=speech,
                      edit_limits=EditLimits(max_upload_bytes=args.max_edit_upload_bytes),
                      stream_limits=StreamLimits(max_duration=args.max_stream_duration))

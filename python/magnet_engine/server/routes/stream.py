@@ -39,14 +39,14 @@ import typing as tp
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from magnet_engine.audio import wav_bytes
 from magnet_engine.engine import events
 from magnet_engine.engine.codec import StreamDecoder
 from magnet_engine.server.batcher import Jobs, Task, jobs_finder
 from magnet_engine.server.body import read_json_body
-from magnet_engine.server.schema import MAX_SEED, ApiError, check_text, parse_json_body
+from magnet_engine.server.schema import ApiError, RequestId, Seed, check_text, parse_json_body
 
 STREAM_GRACE_S = 5.0   # a run whose event consumers all left is stopped this long after (a reload reconnects)
 # A stopped run's status on its progress stream: past its timeout 504; every consumer gone 499,
@@ -67,9 +67,9 @@ class StreamRequest(BaseModel):
 
     description: tp.Optional[str] = None
     duration: float
-    seed: tp.Optional[int] = Field(None, ge=0, lt=MAX_SEED)
+    seed: tp.Optional[Seed] = None
     decoding_steps: tp.Optional[tp.List[int]] = None
-    request_id: tp.Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    request_id: tp.Optional[RequestId] = None
 
 
 @dataclasses.dataclass
