@@ -87,7 +87,7 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
         yield
         batcher.stop()
 
-    app = FastAPI(title="magnet-engine", lifespan=lifespan)
+    app = FastAPI(title="magnet-engine", lifespan=lifespan, redirect_slashes=False)
     app.state.batcher, app.state.metrics, app.state.settings, app.state.hub = batcher, metrics, settings, hub
     app.state.jobs = jobs
     app.add_middleware(HeaderLimits, max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes)
