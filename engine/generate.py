@@ -49,7 +49,7 @@ from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.playdiffusion.inpainter import MAX_SEQ_LEN, InpainterConfig
 from magnet_engine.engine.playdiffusion.unmasking import Draws, Schedule, UnmaskOptions, make_schedule
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate
-from magnet_engine.errors import InvalidOptionError, RegionError
+from magnet_engine.engine.errors import InvalidOptionError, RegionError
 from magnet_engine.kernels import masking
 
 MODES = ("plain", "prompt", "infill", "hybrid", "two_model", "speech")

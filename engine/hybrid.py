@@ -47,7 +47,7 @@ from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampl
 from magnet_engine.engine.graphs import capture_step
 from magnet_engine.engine.model import KVCache, MagnetLM
 from magnet_engine.engine.schedule import spans_to_generate
-from magnet_engine.errors import InvalidOptionError, NumericalError
+from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import backend, masking, sampling
 
 HANDOFFS = ("staircase", "rectangle")

@@ -37,7 +37,7 @@ from magnet_engine.engine.decoding import StepContext
 from magnet_engine.engine.precision import PRECISIONS, cast_for_precision, check_precision
 from magnet_engine.engine.hybrid import ARRuntime, build_delayed
 from magnet_engine.engine.model import MagnetLM
-from magnet_engine.errors import CheckpointError, InvalidOptionError
+from magnet_engine.engine.errors import CheckpointError, InvalidOptionError
 
 TEMPERATURES = ("tempered", "raw")
 FILLS = ("special", "greedy")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from magnet_engine.engine import hub
-from magnet_engine.errors import CheckpointError, ModelNotFoundError
+from magnet_engine.engine.errors import CheckpointError, ModelNotFoundError
 
 HUB_REPO = "PlayHT/inpainter"
 FILES = {

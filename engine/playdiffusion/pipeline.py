@@ -36,7 +36,7 @@ from magnet_engine.engine.playdiffusion.unmasking import Draws, GeneratorDraws, 
 from magnet_engine.engine.playdiffusion.voice_encoder import SAMPLE_RATE as VOICE_RATE
 from magnet_engine.engine.playdiffusion.voice_encoder import VoiceEncoder, load_voice_encoder
 from magnet_engine.engine.playdiffusion.vocoder import Vocoder, load_vocoder
-from magnet_engine.errors import CheckpointError, InvalidInputError, InvalidOptionError
+from magnet_engine.engine.errors import CheckpointError, InvalidInputError, InvalidOptionError
 
 MIN_SAMPLE_RATE = 16000  # upstream refuses lower rates ("garbage in, garbage out")
 
