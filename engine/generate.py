@@ -52,7 +52,6 @@ from magnet_engine.engine.schedule import span_fixed, spans_to_generate
 from magnet_engine.engine.errors import InvalidOptionError, RegionError
 from magnet_engine.kernels import masking
 
-MODES = ("plain", "prompt", "infill", "hybrid", "two_model", "speech")
 # Long-form windows after the first draw with seed + i·WINDOW_SEED_STEP (mod 2^63), so that
 # a window's draws are not the previous window's replayed on a shifted canvas.
 WINDOW_SEED_STEP = 0x9E3779B97F4A7C15
@@ -113,7 +112,6 @@ class Plan:
     params: DecodingParams
     ar: tp.Optional[ARPhase]
     masked: MaskedPhase        # the first (or only) window
-    rescored: bool
     windows: tp.Tuple[MaskedPhase, ...] = ()   # long-form: every window, the first included
 
     @property
@@ -148,7 +146,7 @@ class Plan:
 
 def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, prompt_frames: int = 0,
          prefix_frames: int = 0, hybrid: tp.Optional[HybridOptions] = None,
-         prefix_cfg: tp.Optional[ModelConfig] = None, rescored: bool = False, rescore_fill: str = "special",
+         prefix_cfg: tp.Optional[ModelConfig] = None, rescore_fill: str = "special",
          engine: str = "fast", fixed: tp.Optional[tp.Sequence[tp.Tuple[int, int]]] = None,
          window_frames: tp.Optional[int] = None, stride_frames: tp.Optional[int] = None) -> Plan:
     """The phases of one generation, on the host, before any device work.
@@ -156,7 +154,7 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
     prompt_frames: frames of a prompt kept fixed (continuation). prefix_frames: frames of an
     AR prefix (hybrid: the checkpoint's own; with prefix_cfg, a MusicGen / AudioGen model's,
     the two-model hybrid). hybrid: the hand-off and sampling options of the AR phase.
-    rescored / rescore_fill: whether a confidence hook (rescoring) runs, and its fill option.
+    rescore_fill: the rescoring fill option ('greedy' does not combine with hybrid decoding).
     fixed: infill: half-open frame intervals whose cells (every codebook) are kept, the rest
     is decoded; `run` takes the clip's codes as `canvas`. window_frames / stride_frames:
     long-form: when `frames` exceeds the window, decode window by window, each advancing
@@ -176,7 +174,7 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
                                      "decoding or infill")
         windows = plan_windows(cfg, params, frames, window_frames, stride_frames, prompt_frames)
         mode = "prompt" if prompt_frames else "plain"
-        return Plan(mode, engine, batch, frames, params, None, windows[0], rescored, windows)
+        return Plan(mode, engine, batch, frames, params, None, windows[0], windows)
     if fixed is not None:
         if cfg.pattern != "parallel":
             raise InvalidOptionError(f"infill decodes the parallel layout; this checkpoint's is {cfg.pattern!r}")
@@ -185,14 +183,14 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         free = (~span_fixed(phase.fixed_mask(), cfg.span_len, layout)).sum(dim=1)
         if not bool((free > 0).all()):
             raise InvalidOptionError("infill: every cell is fixed, nothing to decode")
-        return Plan("infill", engine, batch, frames, params, None, phase, rescored)
+        return Plan("infill", engine, batch, frames, params, None, phase)
     if not prefix_frames:
         if cfg.pattern != "parallel":
             raise InvalidOptionError(f"a {cfg.pattern}-layout (hybrid-MAGNeT) checkpoint decodes with an AR prefix: "
                                      "prefix_frames must be >= 1")
         mode = "prompt" if prompt_frames else "plain"
         return Plan(mode, engine, batch, frames, params, None,
-                    MaskedPhase(kept, steps, _prefixes((prompt_frames,) * cfg.n_q)), rescored)
+                    MaskedPhase(kept, steps, _prefixes((prompt_frames,) * cfg.n_q)))
     if engine != "fast":
         raise InvalidOptionError("hybrid decoding runs on the fast engine only")
     hybrid = (hybrid or HybridOptions()).validate()
@@ -206,14 +204,14 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         tail = plan_hybrid(cfg, frames, prefix_frames, params, hybrid.handoff, hybrid.prefix_attention)
         ar = ARPhase("self", tail.ar_steps, tail.seq_len, prefix_frames, hybrid.ar)
         return Plan("hybrid", engine, batch, frames, params, ar,
-                    MaskedPhase(tail.frames, steps, _prefixes(tail.prompt_lens), tail), rescored)
+                    MaskedPhase(tail.frames, steps, _prefixes(tail.prompt_lens), tail))
     check_same_codes(prefix_cfg, cfg, "prefix model")
     frames_with_prefix(cfg, frames, prefix_frames, params)
     # the staircase completed into a rectangle: max(d) extra steps fix F frames of every codebook
     ar = ARPhase("prefix", prefix_frames + prefix_cfg.max_delay, delayed_length(prefix_frames, prefix_cfg.delays),
                  prefix_frames, hybrid.ar)
     return Plan("two_model", engine, batch, frames, params, ar,
-                MaskedPhase(kept, steps, _prefixes((prefix_frames,) * cfg.n_q)), rescored)
+                MaskedPhase(kept, steps, _prefixes((prefix_frames,) * cfg.n_q)))
 
 
 def plan_windows(cfg: ModelConfig, params: DecodingParams, frames: int, window_frames: int,

@@ -38,7 +38,6 @@ class HybridRunner:
         batch = cond.shape[0] // 2
         p = generate.plan(self.runtime.cfg, params, batch=batch, frames=frames, prefix_frames=prefix_frames,
                           hybrid=hybrid.HybridOptions(None, handoff, prefix_attention, ar_params),
-                          rescored=rescorer is not None,
                           rescore_fill=rescorer.options.fill if rescorer is not None else "special")
         return generate.run(p, generate.Models(runtime=self.runtime, ar=self.ar), cond,
                             seeds=seeds or [0] * batch, hook=rescorer, listener=listener)

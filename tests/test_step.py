@@ -108,7 +108,7 @@ def test_plan_phases_and_totals():
     with pytest.raises(InvalidOptionError, match="AR prefix"):
         generate.plan(hy_lm.cfg, params, batch=1, frames=36)
     with pytest.raises(InvalidOptionError, match="greedy"):
-        generate.plan(hy_lm.cfg, params, batch=1, frames=36, prefix_frames=9, rescored=True, rescore_fill="greedy")
+        generate.plan(hy_lm.cfg, params, batch=1, frames=36, prefix_frames=9, rescore_fill="greedy")
     with pytest.raises(InvalidOptionError, match="fast engine"):
         generate.plan(hy_lm.cfg, params, batch=1, frames=36, prefix_frames=9, engine="reference")
 

@@ -463,7 +463,6 @@ class MAGNeT:
             spans.append((int(math.floor(start * self.frame_rate)), min(int(math.ceil(end * self.frame_rate)), frames)))
         _, fixed = generate.snap_regions(self.config, params, frames, spans)
         return generate.plan(self.config, params, batch=batch, frames=frames, fixed=fixed, engine=self.engine,
-                             rescored=self.rescorer is not None and self.rescore.weight != 1.0,
                              rescore_fill=self.rescore.fill)
 
     def _infill_request(self, audio, sample_rate, regions, descriptions, seed, params=None):
@@ -646,7 +645,7 @@ class MAGNeT:
                 self.config, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
                 prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1],
                 prefix_frames=self.prefix_frames(min(duration, self.max_duration), options), hybrid=options,
-                prefix_cfg=self.prefix_model.cfg if two_model else None, rescored=rescorer is not None,
+                prefix_cfg=self.prefix_model.cfg if two_model else None,
                 rescore_fill=self.rescore.fill, engine=self.engine, window_frames=window,
                 stride_frames=self._stride_frames())
         if window_texts is not None and len(window_texts[0]) != len(the_plan.phases):
