@@ -54,9 +54,9 @@ def test_ar_graph_equals_eager_and_is_reused():
     graphed = hybrid.ARRuntime(lm, cuda_graphs=True)
     assert torch.equal(graphed.generate(cond, 14, 20, params, seeds=[5, 6]).seq, eager)
     state = next(iter(graphed._states.values()))
-    graph = state.graph
+    graph = graphed._states.graphs(state)[None]
     assert torch.equal(graphed.generate(cond, 14, 20, params, seeds=[5, 6]).seq, eager)
-    assert state.graph is graph                                                   # captured once
+    assert graphed._states.graphs(state)[None] is graph                          # captured once
 
 
 def test_hybrid_with_graphs_equals_eager():
@@ -137,4 +137,4 @@ def test_speech_cuda_graph_tokens_equal_eager(compile):
         assert torch.equal(_speech_loop(graphed, make(), options), want)            # replayed, not recaptured
     state = next(iter(graphed._states.values()))
     # greedy or not, per draw source: 'keyed' (a CUDA generator seeds the keyed RNG) and 'given'
-    assert len(state.graphs) == 2 * 2
+    assert len(graphed._states.graphs(state)) == 2 * 2

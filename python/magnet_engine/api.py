@@ -23,7 +23,7 @@ import torch
 
 from magnet_engine.compat import CompressionModelView, LMView, training_config
 from magnet_engine.engine import checkpoint as ckpt
-from magnet_engine.engine import events, generate
+from magnet_engine.engine import events, generate, graphs
 from magnet_engine.engine.codec import Codec, StreamDecoder
 from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
 from magnet_engine.engine.config import DecodingParams, ModelConfig, cfg_get
@@ -56,8 +56,7 @@ class MAGNeT:
                  precision: tp.Union[str, None, PrecisionChoice] = None,
                  compile: bool = False, cuda_graphs: bool = False, xp_cfg=None):
         choice = precision if isinstance(precision, PrecisionChoice) else _choose_precision(engine, precision, device, lm.cfg)
-        if cuda_graphs and device.type != "cuda":
-            raise InvalidOptionError("cuda_graphs=True needs a CUDA device")
+        graphs.check_device(cuda_graphs, device)     # before any runtime is built
         self.precision = choice.precision
         self.precision_choice = choice   # what ran and why ('auto' says what it measured)
         self.compile = compile

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
+from magnet_engine.engine import graphs
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 
 RANDOM_MODEL = "random"  # the model name of the built-in random-weight tiny model
@@ -146,8 +147,7 @@ class PlayDiffusion:
         except TypeError as e:
             raise InvalidOptionError(f"unknown quirk fix: {e}") from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if cuda_graphs and torch.device(device).type != "cuda":
-            raise InvalidOptionError(f"cuda_graphs=True needs a CUDA device, found {device!r}")
+        graphs.check_device(cuda_graphs, device)     # before the weights are loaded
         if precision is None or isinstance(precision, str):
             named = {None: Precision(), "fp32": Precision(), "int8": Precision(inpainter="int8")}
             if precision not in named:
