@@ -7,6 +7,7 @@ import torch
 from magnet_engine.engine import generate, hybrid
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
+from magnet_engine.engine.playdiffusion.plan import plan_speech
 from magnet_engine.engine.precision import default_precision
 
 from test_hybrid import HybridRunner, ar_lm
@@ -112,7 +113,7 @@ def _speech_model():
 def _speech_loop(runtime, draws, options, target=9):
     gen = torch.Generator().manual_seed(0)
     text, left, right = (torch.randint(0, n, (k,), generator=gen).to(CUDA) for n, k in ((38, 5), (64, 6), (64, 7)))
-    p = generate.plan_speech(runtime.cfg, options, [(5, 6, target, 7)])
+    p = plan_speech(runtime.cfg, options, [(5, 6, target, 7)])
     return generate.run(p, generate.Models(speech=runtime), [(text, left, right)], draws=draws)[0]
 
 

@@ -1,6 +1,6 @@
 """The iterative unmasking loop (docs/model.md §13.9) as one capturable step on static
-buffers, the speech counterpart of `engine/decoding.py`. `engine.generate.plan_speech` /
-`run` drive it; nothing else loops over it.
+buffers, the speech counterpart of `engine/decoding.py`. `playdiffusion.plan.plan_speech` /
+`run_speech` drive it; nothing else loops over it.
 
 One loop fills L target positions between a fixed left (P units) and right (Q units) context:
 
