@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from magnet_engine.bench import write_report
+from magnet_engine.bench_common import write_report
 from magnet_engine.kernels import attention as attn
 from magnet_engine.kernels import backend
 

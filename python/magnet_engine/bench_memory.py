@@ -233,7 +233,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
     import torch
 
-    from magnet_engine.bench import _git_commit, machine_info, write_report
+    from magnet_engine.bench_common import git_commit, machine_info, write_report
     from magnet_engine.engine.precision import cpu_info
     from magnet_engine.demo import cached_demo_model
 
@@ -242,7 +242,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                                     else ["fp32", "int8"] + (["bf16"] if cpu_info().native_bf16 else []))
     directory = Path(args.model) if args.model else cached_demo_model(args.cache_dir, args.arch)
     threads = args.threads or torch.get_num_threads()
-    run = {"label": args.label or _git_commit(), "git_commit": _git_commit(),
+    run = {"label": args.label or git_commit(), "git_commit": git_commit(),
            "code_dir": str(args.code_dir) if args.code_dir else None, "model": str(directory),
            "arch": None if args.model else args.arch, "cases": []}
     for precision in precisions:

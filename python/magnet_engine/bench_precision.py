@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from magnet_engine.bench import (DEFAULT_OUT, _git_commit, gemm_rate, machine_info, run_cases, step_flops,
-                                 write_report)
+from magnet_engine.bench_common import (DEFAULT_OUT, gemm_rate, git_commit, machine_info, run_cases, step_flops,
+                                        write_report)
 from magnet_engine.engine.precision import AUTO_CANDIDATES, cpu_info
 
 
@@ -73,7 +73,7 @@ def speed(args) -> int:
         model.set_generation_params(duration=args.duration)
     texts = [f"benchmark description number {i} with synths and drums" for i in range(args.batch)]
     timings = run_cases([(n, m, "fast") for n, m in models.items()], texts, args.runs, args.warmup, args.seed)
-    report = {"benchmark": "precision_speed", "machine": machine_info(torch.device("cpu")), "git_commit": _git_commit(),
+    report = {"benchmark": "precision_speed", "machine": machine_info(torch.device("cpu")), "git_commit": git_commit(),
               "model": directory, "duration": args.duration, "batch": args.batch,
               "choices": {n: m.precision_choice.as_dict() for n, m in models.items()}, "cases": {}}
     base = timings["fp32"]["tokens_ms"]["p50"] if "fp32" in timings else None
@@ -181,7 +181,7 @@ def quality(args) -> int:
     cond = reference.conditioner.encode(texts).embeds     # [2B, S, D]: the texts, then the null rows
     canvases = _canvases(reference, args.batch, args.masked, args.seed)
     report = {"benchmark": "precision_quality", "machine": machine_info(torch.device("cpu")),
-              "git_commit": _git_commit(), "model": directory, "duration": args.duration, "batch": args.batch,
+              "git_commit": git_commit(), "model": directory, "duration": args.duration, "batch": args.batch,
               "masked_fraction": args.masked, "params": {"temperature": reference.params.temperature,
                                                          "top_p": reference.params.top_p,
                                                          "cfg": [reference.params.max_cfg_coef,
