@@ -153,8 +153,7 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
     is decoded; `run` takes the clip's codes as `canvas`. window_frames / stride_frames:
     long-form: when `frames` exceeds the window, decode window by window, each advancing
     stride_frames, the rest of each window being the previous one's tail (fixed)."""
-    if engine not in ENGINES:
-        raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
+    check_engine(engine)
     steps = tuple(params.decoding_steps)
     layout = masking.mode(cfg.span_len, params.span_arrangement)
     kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
@@ -206,6 +205,13 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
                  prefix_frames, hybrid.ar)
     return Plan("two_model", engine, batch, frames, params, ar,
                 MaskedPhase(kept, steps, _prefixes((prefix_frames,) * cfg.n_q)))
+
+
+def check_engine(engine: str) -> str:
+    """'fast' (the runtime) or 'reference' (the plain loop): the callers above ask here."""
+    if engine not in ENGINES:
+        raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
+    return engine
 
 
 def plan_windows(cfg: ModelConfig, params: DecodingParams, frames: int, window_frames: int,

@@ -39,11 +39,9 @@ CACHES = ("warm", "cold")
 # ------------------------------------------------------------------- measuring (in the child)
 def _status() -> tp.Dict[str, int]:
     """Resident set now and at its peak, anonymous and file-backed, in bytes (Linux /proc)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
+    from magnet_engine.memory import proc_status
+
+    fields = proc_status("VmRSS", "VmHWM", "RssAnon", "RssFile")
     return {"rss": fields["VmRSS"], "peak_rss": fields["VmHWM"], "rss_anon": fields["RssAnon"],
             "rss_file": fields["RssFile"]}
 
