@@ -31,12 +31,12 @@ import typing as tp
 import torch
 
 from magnet_engine.engine import events as ev
-from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine import graphs
+from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.precision import PRECISIONS, cast_for_precision, check_precision
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate, stage_schedule
-from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import attention as attn_kernels
 from magnet_engine.kernels import backend, masking, sampling
 

@@ -37,13 +37,13 @@ import torch
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import reference
 from magnet_engine.engine.config import DecodingParams, ModelConfig, check_same_codes
+from magnet_engine.engine.errors import InvalidOptionError, RegionError
 from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, delayed_length,
                                          frames_with_prefix, plan_hybrid, revert_delayed, tail_forward)
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.playdiffusion.plan import SpeechPlan, run_speech
 from magnet_engine.engine.playdiffusion.unmasking import Draws
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate
-from magnet_engine.engine.errors import InvalidOptionError, RegionError
 from magnet_engine.kernels import masking
 
 # Long-form windows after the first draw with seed + i·WINDOW_SEED_STEP (mod 2^63), so that

@@ -43,11 +43,11 @@ import typing as tp
 import torch
 import torch.nn.functional as F
 
-from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampling_options
 from magnet_engine.engine import graphs
+from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampling_options
+from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.engine.model import KVCache, MagnetLM
 from magnet_engine.engine.schedule import spans_to_generate
-from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import backend, masking, sampling
 
 HANDOFFS = ("staircase", "rectangle")

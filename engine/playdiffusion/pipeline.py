@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from magnet_engine.engine.errors import CheckpointError, InvalidInputError, InvalidOptionError
 from magnet_engine.engine.events import Listener
 from magnet_engine.engine.playdiffusion import files
-from magnet_engine.engine.precision import cpu_info, quantize_linears_
 from magnet_engine.engine.playdiffusion.inpainter import MAX_SEQ_LEN, Inpainter, load_inpainter
 from magnet_engine.engine.playdiffusion.plan import plan_speech, run_speech
 from magnet_engine.engine.playdiffusion.planner import (DEFAULT_RATIO, EditPlan, PlannerOptions, plan_edit,
@@ -33,10 +33,10 @@ from magnet_engine.engine.playdiffusion.speech_tokenizer import SAMPLE_RATE as U
 from magnet_engine.engine.playdiffusion.speech_tokenizer import SpeechTokenizer, load_speech_tokenizer
 from magnet_engine.engine.playdiffusion.text import TextTokenizer
 from magnet_engine.engine.playdiffusion.unmasking import Draws, GeneratorDraws, SpeechRuntime, UnmaskOptions, split_code
+from magnet_engine.engine.playdiffusion.vocoder import Vocoder, load_vocoder
 from magnet_engine.engine.playdiffusion.voice_encoder import SAMPLE_RATE as VOICE_RATE
 from magnet_engine.engine.playdiffusion.voice_encoder import VoiceEncoder, load_voice_encoder
-from magnet_engine.engine.playdiffusion.vocoder import Vocoder, load_vocoder
-from magnet_engine.engine.errors import CheckpointError, InvalidInputError, InvalidOptionError
+from magnet_engine.engine.precision import cpu_info, quantize_linears_
 
 MIN_SAMPLE_RATE = 16000  # upstream refuses lower rates ("garbage in, garbage out")
 

@@ -39,8 +39,8 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import graphs
-from magnet_engine.engine.playdiffusion.inpainter import Inpainter
 from magnet_engine.engine.errors import InvalidOptionError
+from magnet_engine.engine.playdiffusion.inpainter import Inpainter
 from magnet_engine.kernels import backend, rng
 from magnet_engine.kernels.gumbel_sampling import gumbel_topk_sample
 from magnet_engine.kernels.masking import remask
