@@ -35,3 +35,12 @@ class DependencyError(MagnetEngineError, ImportError):
 
 class RegionError(InvalidInputError):
     """Infill regions that are empty, outside the clip, or cover all of it."""
+
+
+# Users import these from `magnet_engine.errors`, which re-exports them: tracebacks, reprs and
+# pickles (Ray sends a replica's error to the ingress) name them there, as before they moved
+# into the engine; unpickling imports that module, which holds the same classes.
+for _error in (MagnetEngineError, ModelNotFoundError, CheckpointError, ConfigError, InvalidInputError,
+               InvalidOptionError, NumericalError, DependencyError, RegionError):
+    _error.__module__ = "magnet_engine.errors"
+del _error

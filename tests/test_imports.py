@@ -156,3 +156,16 @@ def test_relative_imports_resolve(tmp_path):
     known = modules()
     assert imports("magnet_engine.kernels.x", source, known) == {"magnet_engine.engine.config",
                                                                  "magnet_engine.kernels.masking"}
+
+
+def test_errors_live_in_the_engine_and_are_named_where_users_import_them():
+    import pickle
+
+    from magnet_engine import errors
+    from magnet_engine.engine import errors as engine_errors
+
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert cls is getattr(engine_errors, name) and cls.__module__ == "magnet_engine.errors"
+    error = pickle.loads(pickle.dumps(errors.ModelNotFoundError("no such model")))
+    assert type(error) is errors.ModelNotFoundError and str(error) == "no such model"
