@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from magnet_engine.bench import DEFAULT_OUT, _git_commit, machine_info, write_report
+from magnet_engine.bench_common import DEFAULT_OUT, git_commit, machine_info, write_report
 from magnet_engine.engine.precision import cpu_info
 
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         first = run_demo(Path(cache), args.demo_args)
         second = run_demo(Path(cache), args.demo_args)
-    report = {"benchmark": "demo_time", "commit": _git_commit(), "machine": machine_info(torch.device("cpu")),
+    report = {"benchmark": "demo_time", "commit": git_commit(), "machine": machine_info(torch.device("cpu")),
               "cpus": os.cpu_count(), "demo_args": args.demo_args, "first_run": first, "cached_run": second,
               "targets": {"decode_s": 25 if cpu_info().native_bf16 else 40, "first_run_wall_s": 60}}
     for name, r in (("first run", first), ("cached run", second)):

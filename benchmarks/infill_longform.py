@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from magnet_engine import MAGNeT
-from magnet_engine.bench import DEFAULT_OUT, _git_commit, machine_info, write_report
+from magnet_engine.bench_common import DEFAULT_OUT, git_commit, machine_info, write_report
 from magnet_engine.demo import cached_demo_model
 from magnet_engine.engine import events
 from magnet_engine.engine.codec import StreamDecoder
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     model = MAGNeT.from_pretrained(directory, device="cpu", precision=args.precision)
     model.set_generation_params(decoding_steps=args.steps, duration=args.clip)
     model.extend_stride = args.extend_stride
-    report = dict(machine=machine_info(model.device), commit=_git_commit(), arch=args.arch,
+    report = dict(machine=machine_info(model.device), commit=git_commit(), arch=args.arch,
                   precision=args.precision, decoding_steps=args.steps, threads=torch.get_num_threads(),
                   extend_stride_s=model.extend_stride or 0.6 * model.max_duration, window_s=model.max_duration)
     if not args.skip_infill:

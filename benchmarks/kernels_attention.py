@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from magnet_engine.bench import write_report
+from magnet_engine.bench_common import write_report
 from magnet_engine.kernels import attention as attn
 from magnet_engine.kernels import backend
 
@@ -68,7 +68,7 @@ def methods(device: torch.device) -> dict:
 
 
 def machine(device: torch.device) -> dict:
-    from magnet_engine.bench import machine_info
+    from magnet_engine.bench_common import machine_info
 
     info = machine_info(device)   # CPU model, ISA flags, dispatch level and caps, threads
     info.update(cpu_count=os.cpu_count(), cpp_extension=backend.cpp_module() is not None)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from magnet_engine.bench import write_report
+from magnet_engine.bench_common import sync, write_report
 from magnet_engine.kernels import backend, masking, sampling
 
 CARD = 2048
@@ -36,20 +36,15 @@ SAMPLING_CASES = [
 MASKING_CASES = [("nonoverlap L=3", 3, "nonoverlap"), ("stride1 L=3", 3, "stride1")]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timings_ms(fn, device, repeats):
     """(median, min) wall milliseconds of fn() over `repeats` runs after one warm-up."""
     fn()  # warm-up (and Triton compilation)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), min(times)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from magnet_engine.bench import machine_info
+from magnet_engine.bench_common import machine_info
 from magnet_engine.engine.playdiffusion import random_weights
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter, InpainterConfig
 from magnet_engine.engine.playdiffusion.pipeline import PlayDiffusionPipeline, Precision

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from magnet_engine.bench import machine_info, write_report
+from magnet_engine.bench_common import machine_info, write_report
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
 

@@ -31,9 +31,9 @@ import torch
 
 from magnet_engine.engine import hub
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
+from magnet_engine.engine.errors import CheckpointError, ModelNotFoundError
 from magnet_engine.engine.files import atomic_write
 from magnet_engine.engine.model import MagnetLM
-from magnet_engine.errors import CheckpointError, ModelNotFoundError
 
 LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"

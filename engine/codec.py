@@ -29,8 +29,8 @@ from torch import nn
 
 from magnet_engine.engine.checkpoint import CODEC_FILE, check_state, place_state
 from magnet_engine.engine.config import cfg_get, parse_yaml_config, without_resolvers
-from magnet_engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
-                                  ModelNotFoundError, NumericalError)
+from magnet_engine.engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
+                                         ModelNotFoundError, NumericalError)
 
 CODEC_WHAT = f"{CODEC_FILE} xp.cfg"
 _DECODER_ONLY = ("trim_right_ratio", "final_activation", "final_activation_params")

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from magnet_engine.engine import hub
-from magnet_engine.errors import (CheckpointError, DependencyError, InvalidInputError, InvalidOptionError,
-                                  ModelNotFoundError)
+from magnet_engine.engine.errors import (CheckpointError, DependencyError, InvalidInputError,
+                                         InvalidOptionError, ModelNotFoundError)
 
 # T5 widths of the published checkpoints' text encoders, for error messages.
 _T5_BY_WIDTH = {512: "t5-small", 768: "t5-base", 1024: "t5-large"}

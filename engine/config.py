@@ -15,7 +15,7 @@ import math
 import numbers
 import typing as tp
 
-from magnet_engine.errors import ConfigError, InvalidOptionError
+from magnet_engine.engine.errors import ConfigError, InvalidOptionError
 
 _MISSING = object()
 

@@ -24,7 +24,6 @@ CUDA graph and replayed (`cuda_graphs=True`; graphs are kept across calls, bound
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import typing as tp
@@ -32,17 +31,16 @@ import typing as tp
 import torch
 
 from magnet_engine.engine import events as ev
+from magnet_engine.engine import graphs
 from magnet_engine.engine.config import DecodingParams
-from magnet_engine.engine.graphs import capture_step, compile_step
+from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.precision import PRECISIONS, cast_for_precision, check_precision
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate, stage_schedule
-from magnet_engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import attention as attn_kernels
 from magnet_engine.kernels import backend, masking, sampling
 
 MAX_STATES = 8      # (batch, frames, text length, layout) buffer sets kept per runtime
-MAX_GRAPHS = 256    # captured step graphs kept per runtime (all states together)
 
 
 # (codes [B, K, T'], stage, cond_only) -> per-frame hidden [2B or B, T', D], pre out_norm
@@ -104,7 +102,6 @@ class DecodeState:
     nonfinite: torch.Tensor    # 0-d bool: a NaN/inf p̂ was seen (reported after the loop)
     cross_kv: tp.List[tp.Tuple[torch.Tensor, torch.Tensor]]
     layout: str
-    graphs: tp.Dict[StepShape, tp.Any] = dataclasses.field(default_factory=dict)
 
 
 class Runtime:
@@ -127,31 +124,27 @@ class Runtime:
         self.device = next(lm.parameters()).device
         # the kernel choice, made once: a traced step then holds no import or lookup
         self.impl = backend.resolve(self.device, impl)
-        if cuda_graphs and self.device.type != "cuda":
-            raise InvalidOptionError("cuda_graphs=True needs the model on a CUDA device")
+        graphs.check_device(cuda_graphs, self.device)
         self.cuda_graphs = cuda_graphs
-        self._states: "collections.OrderedDict[tuple, DecodeState]" = collections.OrderedDict()
-        self._graph_count = 0
+        self._states: graphs.StateCache[DecodeState] = graphs.StateCache(MAX_STATES)
         self._step_fn = self._step
         if compile:
             # a step shape whose gathered count alone changes recompiles once, then the count
             # is symbolic (automatic dynamic shapes): a few graphs per stage, not one per step
-            self._step_fn = compile_step(self._step)
+            self._step_fn = graphs.compile_step(self._step)
 
     # ------------------------------------------------------------------ state
     def state(self, batch: int, frames: int, text_len: int, arrangement: str, total_steps: int) -> DecodeState:
         """The buffers of one shape; the MAX_STATES most recently used are kept (with their
         graphs), so a service that sees many shapes holds bounded memory."""
-        key = (batch, frames, text_len, arrangement, total_steps)
-        st = self._states.pop(key, None)
-        if st is None:
+        def make() -> DecodeState:
             dev, cfg = self.device, self.cfg
             n = masking.num_spans(frames, cfg.span_len, arrangement)
             kv_rows = batch if not cfg.bias_attn else 2 * batch
             kv = [(torch.zeros(kv_rows, cfg.num_heads, text_len, cfg.head_dim, dtype=self.matmul_dtype, device=dev),
                    torch.zeros(kv_rows, cfg.num_heads, text_len, cfg.head_dim, dtype=self.matmul_dtype, device=dev))
                   for _ in range(cfg.num_layers)]
-            st = DecodeState(
+            return DecodeState(
                 codes=torch.full((batch, cfg.n_q, frames), cfg.mask_id, dtype=torch.long, device=dev),
                 fixed=torch.zeros(cfg.n_q, frames, dtype=torch.bool, device=dev),
                 fixed_codes=torch.full((batch, cfg.n_q, frames), cfg.mask_id, dtype=torch.long, device=dev),
@@ -165,11 +158,7 @@ class Runtime:
                 init_scores=torch.zeros(cfg.n_q, n, dtype=torch.float32, device=dev),
                 nonfinite=torch.zeros((), dtype=torch.bool, device=dev),
                 cross_kv=kv, layout=masking.mode(cfg.span_len, arrangement))
-        self._states[key] = st                          # most recently used last
-        while len(self._states) > MAX_STATES:
-            _, old = self._states.popitem(last=False)
-            self._graph_count -= len(old.graphs)
-        return st
+        return self._states.get((batch, frames, text_len, arrangement, total_steps), make)
 
     # ----------------------------------------------------------------- model
     def _attend(self, q, k, v, window):
@@ -258,25 +247,10 @@ class Runtime:
     def _run_step(self, st: DecodeState, shape: StepShape, params: DecodingParams,
                   forward: tp.Optional[FrameForward], hook: tp.Optional[ConfidenceHook]) -> None:
         if self.cuda_graphs and forward is None and not shape.hooked:
-            graph = st.graphs.get(shape)
-            if graph is None:
-                graph = self._capture(st, shape, params)
-            graph.replay()
+            self._states.graph(st, shape, lambda: self._step_fn(st, shape, params, None, None),
+                               (st.codes, st.prob, st.scores, st.cursor, st.nonfinite)).replay()
         else:
             self._step_fn(st, shape, params, forward, hook)
-
-    def _capture(self, st: DecodeState, shape: StepShape, params: DecodingParams):
-        """Capture one step shape as a CUDA graph (graphs.capture_step: a warm-up, the
-        buffers it changed restored, then the capture)."""
-        graph = capture_step(lambda: self._step_fn(st, shape, params, None, None),
-                             (st.codes, st.prob, st.scores, st.cursor, st.nonfinite))
-        if self._graph_count >= MAX_GRAPHS:       # bounded: start over rather than grow
-            for other in self._states.values():
-                other.graphs.clear()
-            self._graph_count = 0
-        st.graphs[shape] = graph
-        self._graph_count += 1
-        return graph
 
     # ------------------------------------------------------------- generation
     @torch.no_grad()

@@ -80,3 +80,13 @@ def progress_listener(callback: tp.Callable[[int, int], None]) -> Listener:
         if isinstance(event, (ARStep, StageStep)):
             callback(event.done, event.total)
     return listen
+
+
+def in_window(listen: Listener, index: int) -> Listener:
+    """A listener that stamps window `index` (a long-form window, a speech loop) on its stage steps."""
+    if index == 0:
+        return listen
+
+    def stamped(event: Event) -> None:
+        listen(dataclasses.replace(event, window=index) if isinstance(event, StageStep) else event)
+    return stamped

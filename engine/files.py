@@ -15,7 +15,7 @@ import tempfile
 import typing as tp
 from pathlib import Path
 
-from magnet_engine.errors import InvalidInputError
+from magnet_engine.engine.errors import InvalidInputError
 
 
 def _umask() -> int:

@@ -22,16 +22,10 @@ step, a `WindowReady` when a window's frames are final (every plan has at least 
 `Done` at the end. The API, the CLI, the server and every benchmark call these two.
 Rescoring is not a mode: it is a confidence hook passed to `run` (`rescoring.BoundRescorer`).
 
-PlayDiffusion's unmasking (speech inpainting, TTS) is the plan variant 'speech':
+PlayDiffusion's unmasking (speech inpainting, TTS) plans with its model, in
+`playdiffusion/plan.py` (`plan_speech`, `SpeechPlan`); `run` dispatches a speech plan there:
 
-    p = plan_speech(inpainter.cfg, options, [(text_len, left, target, right), ...])   # one loop each
     units = run(p, Models(speech=SpeechRuntime(inpainter)), [(text, left, right), ...], draws=draws)
-
-one `SpeechPhase` per loop (an edit region, a TTS piece) with its host schedule; `run` reports
-`Started`, a `StageStep` per step (stage 0, `window` = the loop, canvas: the loop's units
-[1, 1, P + L + Q], MASK as the codebook size), a `WindowReady` per loop (its L new units) and
-`Done` (every loop's new units, [1, 1, ΣL]); a raising listener cancels it after the current
-step, as for MAGNeT.
 """
 from __future__ import annotations
 
@@ -43,16 +37,15 @@ import torch
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import reference
 from magnet_engine.engine.config import DecodingParams, ModelConfig, check_same_codes
+from magnet_engine.engine.errors import InvalidOptionError, RegionError
 from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, delayed_length,
                                          frames_with_prefix, plan_hybrid, revert_delayed, tail_forward)
 from magnet_engine.engine.model import MagnetLM
-from magnet_engine.engine.playdiffusion.inpainter import MAX_SEQ_LEN, InpainterConfig
-from magnet_engine.engine.playdiffusion.unmasking import Draws, Schedule, UnmaskOptions, make_schedule
+from magnet_engine.engine.playdiffusion.plan import SpeechPlan, run_speech
+from magnet_engine.engine.playdiffusion.unmasking import Draws
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate
-from magnet_engine.errors import InvalidOptionError, RegionError
 from magnet_engine.kernels import masking
 
-MODES = ("plain", "prompt", "infill", "hybrid", "two_model", "speech")
 # Long-form windows after the first draw with seed + i·WINDOW_SEED_STEP (mod 2^63), so that
 # a window's draws are not the previous window's replayed on a shifted canvas.
 WINDOW_SEED_STEP = 0x9E3779B97F4A7C15
@@ -113,7 +106,6 @@ class Plan:
     params: DecodingParams
     ar: tp.Optional[ARPhase]
     masked: MaskedPhase        # the first (or only) window
-    rescored: bool
     windows: tp.Tuple[MaskedPhase, ...] = ()   # long-form: every window, the first included
 
     @property
@@ -148,7 +140,7 @@ class Plan:
 
 def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, prompt_frames: int = 0,
          prefix_frames: int = 0, hybrid: tp.Optional[HybridOptions] = None,
-         prefix_cfg: tp.Optional[ModelConfig] = None, rescored: bool = False, rescore_fill: str = "special",
+         prefix_cfg: tp.Optional[ModelConfig] = None, rescore_fill: str = "special",
          engine: str = "fast", fixed: tp.Optional[tp.Sequence[tp.Tuple[int, int]]] = None,
          window_frames: tp.Optional[int] = None, stride_frames: tp.Optional[int] = None) -> Plan:
     """The phases of one generation, on the host, before any device work.
@@ -156,13 +148,12 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
     prompt_frames: frames of a prompt kept fixed (continuation). prefix_frames: frames of an
     AR prefix (hybrid: the checkpoint's own; with prefix_cfg, a MusicGen / AudioGen model's,
     the two-model hybrid). hybrid: the hand-off and sampling options of the AR phase.
-    rescored / rescore_fill: whether a confidence hook (rescoring) runs, and its fill option.
+    rescore_fill: the rescoring fill option ('greedy' does not combine with hybrid decoding).
     fixed: infill: half-open frame intervals whose cells (every codebook) are kept, the rest
     is decoded; `run` takes the clip's codes as `canvas`. window_frames / stride_frames:
     long-form: when `frames` exceeds the window, decode window by window, each advancing
     stride_frames, the rest of each window being the previous one's tail (fixed)."""
-    if engine not in ENGINES:
-        raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
+    check_engine(engine)
     steps = tuple(params.decoding_steps)
     layout = masking.mode(cfg.span_len, params.span_arrangement)
     kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
@@ -176,7 +167,7 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
                                      "decoding or infill")
         windows = plan_windows(cfg, params, frames, window_frames, stride_frames, prompt_frames)
         mode = "prompt" if prompt_frames else "plain"
-        return Plan(mode, engine, batch, frames, params, None, windows[0], rescored, windows)
+        return Plan(mode, engine, batch, frames, params, None, windows[0], windows)
     if fixed is not None:
         if cfg.pattern != "parallel":
             raise InvalidOptionError(f"infill decodes the parallel layout; this checkpoint's is {cfg.pattern!r}")
@@ -185,14 +176,14 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         free = (~span_fixed(phase.fixed_mask(), cfg.span_len, layout)).sum(dim=1)
         if not bool((free > 0).all()):
             raise InvalidOptionError("infill: every cell is fixed, nothing to decode")
-        return Plan("infill", engine, batch, frames, params, None, phase, rescored)
+        return Plan("infill", engine, batch, frames, params, None, phase)
     if not prefix_frames:
         if cfg.pattern != "parallel":
             raise InvalidOptionError(f"a {cfg.pattern}-layout (hybrid-MAGNeT) checkpoint decodes with an AR prefix: "
                                      "prefix_frames must be >= 1")
         mode = "prompt" if prompt_frames else "plain"
         return Plan(mode, engine, batch, frames, params, None,
-                    MaskedPhase(kept, steps, _prefixes((prompt_frames,) * cfg.n_q)), rescored)
+                    MaskedPhase(kept, steps, _prefixes((prompt_frames,) * cfg.n_q)))
     if engine != "fast":
         raise InvalidOptionError("hybrid decoding runs on the fast engine only")
     hybrid = (hybrid or HybridOptions()).validate()
@@ -206,14 +197,21 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         tail = plan_hybrid(cfg, frames, prefix_frames, params, hybrid.handoff, hybrid.prefix_attention)
         ar = ARPhase("self", tail.ar_steps, tail.seq_len, prefix_frames, hybrid.ar)
         return Plan("hybrid", engine, batch, frames, params, ar,
-                    MaskedPhase(tail.frames, steps, _prefixes(tail.prompt_lens), tail), rescored)
+                    MaskedPhase(tail.frames, steps, _prefixes(tail.prompt_lens), tail))
     check_same_codes(prefix_cfg, cfg, "prefix model")
     frames_with_prefix(cfg, frames, prefix_frames, params)
     # the staircase completed into a rectangle: max(d) extra steps fix F frames of every codebook
     ar = ARPhase("prefix", prefix_frames + prefix_cfg.max_delay, delayed_length(prefix_frames, prefix_cfg.delays),
                  prefix_frames, hybrid.ar)
     return Plan("two_model", engine, batch, frames, params, ar,
-                MaskedPhase(kept, steps, _prefixes((prefix_frames,) * cfg.n_q)), rescored)
+                MaskedPhase(kept, steps, _prefixes((prefix_frames,) * cfg.n_q)))
+
+
+def check_engine(engine: str) -> str:
+    """'fast' (the runtime) or 'reference' (the plain loop): the callers above ask here."""
+    if engine not in ENGINES:
+        raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
+    return engine
 
 
 def plan_windows(cfg: ModelConfig, params: DecodingParams, frames: int, window_frames: int,
@@ -304,53 +302,6 @@ def _check_intervals(fixed: tp.Sequence[tp.Tuple[int, int]], kept: int) -> Inter
 
 
 
-@dataclasses.dataclass(frozen=True)
-class SpeechPhase:
-    """One PlayDiffusion unmasking loop: `target` positions decoded between `left` and `right`
-    units of fixed context, conditioned on `text` inner text ids (BOS / EOS not counted)."""
-    text: int
-    left: int
-    target: int
-    right: int
-    schedule: Schedule
-
-    @property
-    def seq_len(self) -> int:
-        return self.text + 2 + self.left + self.target + self.right
-
-
-@dataclasses.dataclass(frozen=True)
-class SpeechPlan:
-    """PlayDiffusion's loops, in order (an edit's regions, a TTS text's pieces)."""
-    options: UnmaskOptions
-    phases: tp.Tuple[SpeechPhase, ...]
-    mode: str = "speech"
-
-    @property
-    def total_steps(self) -> int:
-        return sum(phase.schedule.steps_run for phase in self.phases)
-
-
-def plan_speech(cfg: InpainterConfig, options: UnmaskOptions,
-                loops: tp.Sequence[tp.Tuple[int, int, int, int]]) -> SpeechPlan:
-    """loops: (inner text ids, left context units, target positions, right context units) of
-    each unmasking loop -> the plan: every schedule made, every length checked, on the host."""
-    options.check(cfg.codebook_size)
-    if not loops:
-        raise InvalidOptionError("a speech plan needs at least one unmasking loop")
-    phases = []
-    for text, left, target, right in loops:
-        if target < 1 or min(text, left, right) < 0:
-            raise InvalidOptionError(f"an unmasking loop needs >= 1 target position and lengths >= 0, found "
-                                     f"text {text}, left {left}, target {target}, right {right}")
-        phase = SpeechPhase(text, left, target, right, make_schedule(target, options))
-        if phase.seq_len > MAX_SEQ_LEN:
-            raise InvalidOptionError(f"an unmasking loop of {phase.seq_len} positions exceeds the inpainter's "
-                                     f"maximum of {MAX_SEQ_LEN}")
-        phases.append(phase)
-    return SpeechPlan(options, tuple(phases))
-
-
 @dataclasses.dataclass
 class Models:
     """What `run` executes a plan with. runtime: the fast masked runtime (`decoding.Runtime`);
@@ -384,7 +335,7 @@ def run(p: tp.Union[Plan, SpeechPlan], models: Models, cond: tp.Union[torch.Tens
     if isinstance(p, SpeechPlan):
         if seeds or draws is None:
             raise InvalidOptionError("a speech plan draws its randomness from `draws` (no seeds)")
-        return _run_speech(p, models, cond, draws, listen)
+        return run_speech(p, models.speech, cond, draws, listen)
     if draws is not None:
         raise InvalidOptionError(f"a '{p.mode}' plan draws from its seeds; `draws` is for speech plans")
     if len(seeds) != p.batch:
@@ -422,7 +373,7 @@ def run(p: tp.Union[Plan, SpeechPlan], models: Models, cond: tp.Union[torch.Tens
             width = min(known.shape[-1], phase.kept)
             win_canvas[..., :width] = known[..., :width]
         codes = _run_masked(p, phase, models, conds[i], win_canvas, fixed if win_canvas is not None else None,
-                            window_seeds(seeds, i), hooks[i], _in_window(listen, i), generator, done, total)
+                            window_seeds(seeds, i), hooks[i], ev.in_window(listen, i), generator, done, total)
         if len(phases) == 1:
             out = codes
         else:
@@ -437,16 +388,6 @@ def run(p: tp.Union[Plan, SpeechPlan], models: Models, cond: tp.Union[torch.Tens
         done += sum(phase.steps)
     listen(ev.Done(out))
     return out
-
-
-def _in_window(listen: ev.Listener, index: int) -> ev.Listener:
-    """A listener that stamps a long-form window's index on its stage steps."""
-    if index == 0:
-        return listen
-
-    def stamped(event: ev.Event) -> None:
-        listen(dataclasses.replace(event, window=index) if isinstance(event, ev.StageStep) else event)
-    return stamped
 
 
 def _run_masked(p: Plan, phase: MaskedPhase, models: Models, cond: torch.Tensor, canvas: tp.Optional[torch.Tensor],
@@ -483,26 +424,3 @@ def _run_hybrid(p: Plan, models: Models, cond: torch.Tensor, seeds: tp.Sequence[
     return models.runtime.generate(cond, p.frames, p.params, prompt=prompt, seeds=seeds, listener=listen,
                                    prompt_lens=p.masked.prompt_lens, forward=forward, hook=hook,
                                    done_before=p.ar_steps, total=total)
-
-
-def _run_speech(p: SpeechPlan, models: Models, inputs, draws: Draws,
-                listen: ev.Listener) -> tp.Tuple[torch.Tensor, ...]:
-    """Each loop of a speech plan on the speech runtime; events as the module docstring says."""
-    inputs = list(inputs)
-    if len(inputs) != len(p.phases):
-        raise InvalidOptionError(f"expected one (text, left, right) per loop ({len(p.phases)}), found {len(inputs)}")
-    for phase, (text, left, right) in zip(p.phases, inputs):
-        if (text.numel(), left.numel(), right.numel()) != (phase.text, phase.left, phase.right):
-            raise InvalidOptionError(f"loop inputs of text {text.numel()}, left {left.numel()}, right "
-                                     f"{right.numel()} do not match the plan's {phase.text}, {phase.left}, {phase.right}")
-    total = p.total_steps
-    listen(ev.Started(total))
-    outs, done = [], 0
-    for i, (phase, (text, left, right)) in enumerate(zip(p.phases, inputs)):
-        units = models.speech.generate(phase.schedule, p.options, text, left, right, draws, _in_window(listen, i),
-                                       done_before=done, total=total)
-        listen(ev.WindowReady(i, len(p.phases), units[None, None, phase.left:phase.left + phase.target]))
-        outs.append(units)
-        done += phase.schedule.steps_run
-    listen(ev.Done(torch.cat([u[ph.left:ph.left + ph.target] for u, ph in zip(outs, p.phases)])[None, None]))
-    return tuple(outs)

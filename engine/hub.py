@@ -12,7 +12,7 @@ of the Hub already know for "how long may a metadata request take"; no new knob.
 """
 from __future__ import annotations
 
-from magnet_engine.errors import ModelNotFoundError
+from magnet_engine.engine.errors import ModelNotFoundError
 
 
 def check_reachable(name: str) -> float:

@@ -43,18 +43,18 @@ import typing as tp
 import torch
 import torch.nn.functional as F
 
+from magnet_engine.engine import graphs
 from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampling_options
-from magnet_engine.engine.graphs import capture_step
+from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.engine.model import KVCache, MagnetLM
 from magnet_engine.engine.schedule import spans_to_generate
-from magnet_engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.kernels import backend, masking, sampling
 
 HANDOFFS = ("staircase", "rectangle")
 PREFIX_ATTENTIONS = ("cached", "bidirectional")
 DEFAULT_PREFIX_SECONDS = 3.0
 AR_RNG_OFFSET = 1 << 40   # the AR phase's RNG offset: disjoint from the masked steps' (0, 1, ...)
-MAX_CACHES = 4            # KV caches kept per runtime (most recently used shapes)
+MAX_CACHES = 4            # KV caches, and AR step states, kept per runtime (most recently used shapes)
 
 
 # ------------------------------------------------------------------------ delay layout
@@ -133,17 +133,16 @@ class ARRuntime:
         self.lm, self.cfg, self.dtype = lm, cfg, dtype
         self.device = next(lm.parameters()).device
         self.impl = backend.resolve(self.device, impl)   # once: the traced step holds no lookup
-        if cuda_graphs and self.device.type != "cuda":
-            raise InvalidOptionError("cuda_graphs=True needs the model on a CUDA device")
+        graphs.check_device(cuda_graphs, self.device)
         self.cuda_graphs = cuda_graphs
-        self._caches: tp.Dict[tp.Tuple[int, int], KVCache] = {}
-        self._states: tp.Dict[tuple, _ARState] = {}
+        self._caches: graphs.StateCache[KVCache] = graphs.StateCache(MAX_CACHES)
+        self._states: graphs.StateCache[_ARState] = graphs.StateCache(MAX_CACHES)
 
     # -------------------------------------------------------------- shared state
     def cache(self, rows: int, max_len: int) -> KVCache:
         """A KV cache of this shape (the rescorer's teacher-forced forward), the MAX_CACHES
         most recently used kept."""
-        return _lru(self._caches, (rows, max_len), lambda: self.lm.new_cache(rows, max_len))   # the matmul dtype
+        return self._caches.get((rows, max_len), lambda: self.lm.new_cache(rows, max_len))   # the matmul dtype
 
     def cross_kv(self, cond: torch.Tensor):
         """Per-layer cross K/V of CFG rows [2B, S, D] in this runtime's dtype (`MagnetLM.cfg_cross_kv`)."""
@@ -181,7 +180,7 @@ class ARRuntime:
                 seed_rows=torch.zeros(batch * cfg.n_q, dtype=torch.long, device=dev),
                 cross_kv=kv, cache=self.lm.new_cache(2 * batch, seq_len), params=params,
                 nonfinite=torch.zeros((), dtype=torch.bool, device=dev))
-        s = _lru(self._states, (batch, seq_len, cond.shape[1], params), new_state)
+        s = self._states.get((batch, seq_len, cond.shape[1], params), new_state)
         s.seq.fill_(cfg.card)
         s.coef.fill_(float(params.cfg_coef))
         s.temp.fill_(max(float(params.temperature), 1e-2))
@@ -208,7 +207,10 @@ class ARRuntime:
         if not 1 <= steps < seq_len:
             raise InvalidOptionError(f"AR steps must be in [1, {seq_len - 1}], found {steps}")
         state = self.prepare(cond, seq_len, params, seeds)
-        step = self._graph_step(state) if self.cuda_graphs else (lambda: self._step(state))
+        # one step shape per state: its graph is captured on the first call and replayed after
+        step = (self._states.graph(state, None, lambda: self._step(state),
+                                   (state.seq, state.nonfinite, *state.cache.keys, *state.cache.values)).replay
+                if self.cuda_graphs else (lambda: self._step(state)))
         for p in range(steps):
             state.pos.fill_(p)              # a host int written to the device: no read-back
             step()
@@ -234,25 +236,6 @@ class ARRuntime:
         valid = (frame >= 0) & (frame < s.frames)
         s.seq.index_copy_(2, s.pos + 1, torch.where(valid, tokens, cfg.card)[..., None])
 
-    def _graph_step(self, s: "_ARState") -> tp.Callable[[], None]:
-        """The step as a CUDA graph, captured once per state (its buffers are static across
-        calls) after a warm-up on a side stream; the warm-up's writes are undone.
-
-        Not run in this project's CI (no GPU there); the eager `_step` it captures is."""
-        if s.graph is None:
-            s.graph = capture_step(lambda: self._step(s), (s.seq, s.nonfinite, *s.cache.keys, *s.cache.values))
-        return s.graph.replay
-
-
-def _lru(cache: dict, key, make: tp.Callable[[], tp.Any]):
-    """cache[key], made on a miss; the MAX_CACHES most recently used entries are kept."""
-    value = cache.pop(key, None)
-    if value is None:
-        value = make()
-    cache[key] = value                              # most recently used last
-    while len(cache) > MAX_CACHES:
-        cache.pop(next(iter(cache)))
-    return value
 
 
 @dataclasses.dataclass
@@ -270,7 +253,6 @@ class _ARState:
     cache: KVCache
     params: ARParams
     nonfinite: torch.Tensor
-    graph: tp.Any = None
 
 
 # --------------------------------------------------------------------------- hybrid

@@ -310,16 +310,6 @@ class MagnetLM(nn.Module):
         return self.linears[stage](self.hidden(codes, cond, stage, attend))
 
 
-def cast_transformer_(lm: MagnetLM, dtype: torch.dtype) -> MagnetLM:
-    """Cast the transformer layers to `dtype` in place: one copy of the weights, in the run
-    precision. `Module.to` converts parameter by parameter, so each full-precision tensor is
-    freed as its copy is made. Embeddings, the output norm and the heads stay fp32, as under
-    the reference's autocast on CUDA (docs/model.md §4). A no-op when the layers already are `dtype`
-    (`checkpoint.build_lm` loads them so). Returns `lm`."""
-    lm.transformer.to(dtype)
-    return lm
-
-
 def weight_bytes(module: nn.Module, seen: tp.Optional[tp.Set[int]] = None) -> int:
     """Bytes of a module's parameters and buffers, each tensor counted once however often it
     is shared; `seen` (data pointers) carries that across modules and is updated."""

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magnet_engine.errors import InvalidOptionError
+from magnet_engine.engine.errors import InvalidOptionError
 from magnet_engine.kernels import int8 as int8_kernels
 
 PRECISIONS: tp.Dict[str, tp.Tuple[torch.dtype, torch.dtype]] = {

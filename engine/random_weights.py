@@ -21,7 +21,7 @@ import torch
 from magnet_engine.engine import codec, conditioning
 from magnet_engine.engine.checkpoint import CONDITIONER_PREFIX, expected_lm_shapes
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
-from magnet_engine.errors import InvalidInputError
+from magnet_engine.engine.errors import InvalidInputError
 
 
 # ------------------------------------------------------------------------------ the LM

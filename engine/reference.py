@@ -19,9 +19,9 @@ import typing as tp
 import torch
 
 from magnet_engine.engine.config import DecodingParams, ModelConfig
+from magnet_engine.engine.errors import InvalidOptionError
 from magnet_engine.engine.hybrid import ARParams, HybridPlan, build_delayed, sample_heads
 from magnet_engine.engine.model import MagnetLM, causal_self_attention, masked_self_attention
-from magnet_engine.errors import InvalidOptionError
 
 DONT_REMASK = -1e4
 

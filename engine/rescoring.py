@@ -31,13 +31,13 @@ import typing as tp
 import torch
 
 from magnet_engine.engine import checkpoint as ckpt
-from magnet_engine.engine.config import check_same_codes
 from magnet_engine.engine.conditioning import TextConditioner
+from magnet_engine.engine.config import check_same_codes
 from magnet_engine.engine.decoding import StepContext
-from magnet_engine.engine.precision import PRECISIONS, cast_for_precision, check_precision
+from magnet_engine.engine.errors import CheckpointError, InvalidOptionError
 from magnet_engine.engine.hybrid import ARRuntime, build_delayed
 from magnet_engine.engine.model import MagnetLM
-from magnet_engine.errors import CheckpointError, InvalidOptionError
+from magnet_engine.engine.precision import PRECISIONS, cast_for_precision, check_precision
 
 TEMPERATURES = ("tempered", "raw")
 FILLS = ("special", "greedy")

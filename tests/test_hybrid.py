@@ -38,7 +38,6 @@ class HybridRunner:
         batch = cond.shape[0] // 2
         p = generate.plan(self.runtime.cfg, params, batch=batch, frames=frames, prefix_frames=prefix_frames,
                           hybrid=hybrid.HybridOptions(None, handoff, prefix_attention, ar_params),
-                          rescored=rescorer is not None,
                           rescore_fill=rescorer.options.fill if rescorer is not None else "special")
         return generate.run(p, generate.Models(runtime=self.runtime, ar=self.ar), cond,
                             seeds=seeds or [0] * batch, hook=rescorer, listener=listener)
@@ -388,9 +387,9 @@ def test_ar_graph_equals_eager_and_is_reused():
     graphed = hybrid.ARRuntime(lm, cuda_graphs=True)
     assert torch.equal(graphed.generate(cond, 14, 20, params, seeds=[5, 6]).seq, eager)
     state = next(iter(graphed._states.values()))
-    graph = state.graph
+    graph = graphed._states.graphs(state)[None]
     assert torch.equal(graphed.generate(cond, 14, 20, params, seeds=[5, 6]).seq, eager)
-    assert state.graph is graph                                                   # captured once
+    assert graphed._states.graphs(state)[None] is graph                          # captured once
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ import torch._dynamo
 from magnet_engine.engine import events, generate
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter, InpainterConfig
 from magnet_engine.engine.playdiffusion.pipeline import generate_units
+from magnet_engine.engine.playdiffusion.plan import plan_speech
 from magnet_engine.engine.playdiffusion.reference import reference_generate
 from magnet_engine.engine.playdiffusion.unmasking import (GeneratorDraws, KeyedDraws, RecordedDraws, SpeechRuntime,
                                                           UnmaskOptions, make_schedule)
@@ -42,7 +43,7 @@ def _inputs(seed=0, text=5, left=6, right=7):
 
 def _loop(runtime, draws, options=OPTIONS, target=9, seed=0, listener=None):
     text, left, right = (t.to(runtime.device) for t in _inputs(seed))
-    p = generate.plan_speech(CFG, options, [(text.numel(), left.numel(), target, right.numel())])
+    p = plan_speech(CFG, options, [(text.numel(), left.numel(), target, right.numel())])
     return generate.run(p, generate.Models(speech=runtime), [(text, left, right)], draws=draws, listener=listener)[0]
 
 
@@ -127,7 +128,7 @@ def test_greedy_last_step_fix_and_no_guidance_match_the_reference(model):
 def test_speech_run_reports_typed_events_in_order(model):
     runtime = SpeechRuntime(model)
     loops = [_inputs(0), _inputs(1, text=3, left=0, right=4)]
-    p = generate.plan_speech(CFG, OPTIONS, [(t.numel(), l.numel(), n, r.numel())
+    p = plan_speech(CFG, OPTIONS, [(t.numel(), l.numel(), n, r.numel())
                                             for (t, l, r), n in zip(loops, (9, 5))])
     assert p.mode == "speech" and p.total_steps == sum(ph.schedule.steps_run for ph in p.phases)
     seen = []
@@ -160,12 +161,12 @@ def test_a_raising_listener_cancels_the_speech_run_after_the_current_step(model)
 
 def test_speech_plan_and_run_refuse_bad_input(model):
     with pytest.raises(InvalidOptionError, match="topk"):
-        generate.plan_speech(CFG, UnmaskOptions(topk=0), [(3, 0, 4, 0)])
+        plan_speech(CFG, UnmaskOptions(topk=0), [(3, 0, 4, 0)])
     with pytest.raises(InvalidOptionError, match="target position"):
-        generate.plan_speech(CFG, OPTIONS, [(3, 0, 0, 0)])
+        plan_speech(CFG, OPTIONS, [(3, 0, 0, 0)])
     with pytest.raises(InvalidOptionError, match="maximum"):
-        generate.plan_speech(CFG, OPTIONS, [(3, 0, 5000, 0)])
-    p = generate.plan_speech(CFG, OPTIONS, [(5, 6, 9, 7)])
+        plan_speech(CFG, OPTIONS, [(3, 0, 5000, 0)])
+    p = plan_speech(CFG, OPTIONS, [(5, 6, 9, 7)])
     models = generate.Models(speech=SpeechRuntime(model))
     with pytest.raises(InvalidOptionError, match="do not match"):
         generate.run(p, models, [_inputs(text=4)], draws=KeyedDraws(0))
@@ -240,4 +241,4 @@ def test_speech_cuda_graph_tokens_equal_eager(model, compile):
         assert torch.equal(_loop(graphed, make(), options), want)            # replayed, not recaptured
     state = next(iter(graphed._states.values()))
     # greedy or not, per draw source: 'keyed' (a CUDA generator seeds the keyed RNG) and 'given'
-    assert len(state.graphs) == 2 * 2
+    assert len(graphed._states.graphs(state)) == 2 * 2

@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from magnet_engine.engine import hub
-from magnet_engine.errors import CheckpointError, ModelNotFoundError
+from magnet_engine.engine.errors import CheckpointError, ModelNotFoundError
 
-HUB_REPO = "PlayHT/inpainter"
 FILES = {
     "inpainter": "last_250k_fixed.pkl",
     "speech_tokenizer": "xlsr2_1b_v2_custom.pt",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magnet_engine.errors import CheckpointError, InvalidInputError
+from magnet_engine.engine.errors import CheckpointError, InvalidInputError
 
 ROPE_BASE = 50000.0  # the loader's value; the class default (500000) is never used
 MAX_SEQ_LEN = 4096

@@ -2,7 +2,7 @@
 
     inpaint: wave -> units (16 kHz XLS-R + k-means) and speaker embedding (24 kHz voice encoder)
              texts + word times -> planner regions -> one unmasking loop per region (all of them
-             one speech plan run by engine.generate.run on the SpeechRuntime)
+             one speech plan, `plan.run_speech` on the SpeechRuntime)
              -> stitched units -> vocoder -> int16 PCM
     tts:     text pieces -> unmasking loops with no audio context -> vocoder (voice clip's embedding)
     rvc:     source units -> vocoder with the target voice's embedding
@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from magnet_engine.engine import generate
+from magnet_engine.engine.errors import CheckpointError, InvalidInputError, InvalidOptionError
 from magnet_engine.engine.events import Listener
 from magnet_engine.engine.playdiffusion import files
-from magnet_engine.engine.precision import cpu_info, quantize_linears_
 from magnet_engine.engine.playdiffusion.inpainter import MAX_SEQ_LEN, Inpainter, load_inpainter
+from magnet_engine.engine.playdiffusion.plan import plan_speech, run_speech
 from magnet_engine.engine.playdiffusion.planner import (DEFAULT_RATIO, EditPlan, PlannerOptions, plan_edit,
                                                          split_tts_text, syllables)
 from magnet_engine.engine.playdiffusion.resample import resample
@@ -33,10 +33,10 @@ from magnet_engine.engine.playdiffusion.speech_tokenizer import SAMPLE_RATE as U
 from magnet_engine.engine.playdiffusion.speech_tokenizer import SpeechTokenizer, load_speech_tokenizer
 from magnet_engine.engine.playdiffusion.text import TextTokenizer
 from magnet_engine.engine.playdiffusion.unmasking import Draws, GeneratorDraws, SpeechRuntime, UnmaskOptions, split_code
+from magnet_engine.engine.playdiffusion.vocoder import Vocoder, load_vocoder
 from magnet_engine.engine.playdiffusion.voice_encoder import SAMPLE_RATE as VOICE_RATE
 from magnet_engine.engine.playdiffusion.voice_encoder import VoiceEncoder, load_voice_encoder
-from magnet_engine.engine.playdiffusion.vocoder import Vocoder, load_vocoder
-from magnet_engine.errors import CheckpointError, InvalidInputError, InvalidOptionError
+from magnet_engine.engine.precision import cpu_info, quantize_linears_
 
 MIN_SAMPLE_RATE = 16000  # upstream refuses lower rates ("garbage in, garbage out")
 
@@ -98,11 +98,10 @@ def check_audio(wave: torch.Tensor, sample_rate: int, what: str) -> torch.Tensor
 def unmask(runtime: SpeechRuntime, options: UnmaskOptions, loops: tp.Sequence[tuple], draws: Draws,
            listener: Listener | None = None) -> tp.Tuple[torch.Tensor, ...]:
     """(text [Lt'] ids, left [P] units, L, right [Q] units) per loop -> units [P + L + Q] per
-    loop: one speech plan, run on the engine's single dispatch (engine.generate.run)."""
-    p = generate.plan_speech(runtime.cfg, options, [(text.numel(), left.numel(), length, right.numel())
-                                                    for text, left, length, right in loops])
-    return generate.run(p, generate.Models(speech=runtime), [(text, left, right) for text, left, _, right in loops],
-                        draws=draws, listener=listener)
+    loop: one speech plan (`plan.plan_speech`, `plan.run_speech`)."""
+    p = plan_speech(runtime.cfg, options, [(text.numel(), left.numel(), length, right.numel())
+                                           for text, left, length, right in loops])
+    return run_speech(p, runtime, [(text, left, right) for text, left, _, right in loops], draws, listener)
 
 
 def generate_units(runtime: SpeechRuntime, text: torch.Tensor, options: UnmaskOptions, draws: Draws, *,

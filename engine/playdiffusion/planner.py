@@ -17,7 +17,7 @@ import typing as tp
 
 import numpy as np
 
-from magnet_engine.errors import InvalidInputError
+from magnet_engine.engine.errors import InvalidInputError
 
 FRAME_RATE = 50
 DEFAULT_RATIO = FRAME_RATE / 4          # an average English speaker: 4 syllables / s

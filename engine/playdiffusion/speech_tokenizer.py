@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from magnet_engine.errors import CheckpointError, InvalidInputError
+from magnet_engine.engine.errors import CheckpointError, InvalidInputError
 
 SAMPLE_RATE = 16000
 NUM_LAYERS = 35  # upstream truncates the 48-layer xlsr2_1b_v2 at max_layer=35

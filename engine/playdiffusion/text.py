@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from magnet_engine.errors import CheckpointError, InvalidInputError
+from magnet_engine.engine.errors import CheckpointError, InvalidInputError
 
 
 class TextTokenizer:

@@ -1,6 +1,6 @@
 """The iterative unmasking loop (docs/model.md §13.9) as one capturable step on static
-buffers, the speech counterpart of `engine/decoding.py`. `engine.generate.plan_speech` /
-`run` drive it; nothing else loops over it.
+buffers, the speech counterpart of `engine/decoding.py`. `playdiffusion.plan.plan_speech` /
+`run_speech` drive it; nothing else loops over it.
 
 One loop fills L target positions between a fixed left (P units) and right (Q units) context:
 
@@ -31,7 +31,6 @@ Where the uniforms come from (`SpeechShape.draws`):
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import typing as tp
@@ -39,9 +38,9 @@ import typing as tp
 import torch
 
 from magnet_engine.engine import events as ev
-from magnet_engine.engine.graphs import capture_step, compile_step
+from magnet_engine.engine import graphs
+from magnet_engine.engine.errors import InvalidOptionError
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter
-from magnet_engine.errors import InvalidOptionError
 from magnet_engine.kernels import backend, rng
 from magnet_engine.kernels.gumbel_sampling import gumbel_topk_sample
 from magnet_engine.kernels.masking import remask
@@ -244,7 +243,6 @@ class SpeechState:
     next_masked: torch.Tensor  # [n] int64
     mix: torch.Tensor          # [3] fp32: guidance, rescale, 1 - rescale
     neg_max: torch.Tensor      # 0-d fp32: -FLT_MAX, the score of committed positions
-    graphs: tp.Dict[SpeechShape, tp.Any] = dataclasses.field(default_factory=dict)
 
 
 class SpeechRuntime:
@@ -258,22 +256,19 @@ class SpeechRuntime:
         self.model = model
         self.cfg = model.cfg
         self.device = model.to_logits.weight.device
-        if cuda_graphs and self.device.type != "cuda":
-            raise InvalidOptionError("cuda_graphs=True needs the inpainter on a CUDA device")
+        graphs.check_device(cuda_graphs, self.device)
         self.impl = backend.resolve(self.device, impl)   # once, outside the step
         self.cuda_graphs = cuda_graphs
-        self._states: "collections.OrderedDict[tuple, SpeechState]" = collections.OrderedDict()
+        self._states: graphs.StateCache[SpeechState] = graphs.StateCache(MAX_STATES)
         self._step_fn = self._step
         if compile:
-            self._step_fn = compile_step(self._step)
+            self._step_fn = graphs.compile_step(self._step)
 
     def state(self, rows: int, text_len: int, left: int, target: int, right: int, steps: int) -> SpeechState:
         """The buffers of one loop geometry; the MAX_STATES most recently used are kept."""
-        key = (rows, text_len, left, target, right, steps)
-        st = self._states.pop(key, None)
-        if st is None:
+        def make() -> SpeechState:
             dev, card = self.device, self.cfg.codebook_size
-            st = SpeechState(
+            return SpeechState(
                 text_len, left, target,
                 ids=torch.zeros(rows, text_len + left + target + right, dtype=torch.long, device=dev),
                 units=torch.zeros(1, 1, left + target + right, dtype=torch.long, device=dev),
@@ -289,10 +284,7 @@ class SpeechRuntime:
                 temps=torch.zeros(steps, device=dev), divs=torch.zeros(steps, device=dev),
                 next_masked=torch.zeros(steps, dtype=torch.long, device=dev),
                 mix=torch.zeros(3, device=dev), neg_max=torch.tensor(-FLT_MAX, device=dev))
-        self._states[key] = st                           # most recently used last
-        while len(self._states) > MAX_STATES:
-            self._states.popitem(last=False)
-        return st
+        return self._states.get((rows, text_len, left, target, right, steps), make)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -352,12 +344,8 @@ class SpeechRuntime:
                 draws.sample(i, st.sample_u)
             draws.score(i, st.score_u)
         if self.cuda_graphs:
-            graph = st.graphs.get(shape)
-            if graph is None:
-                graph = st.graphs[shape] = capture_step(
-                    lambda: self._step_fn(st, shape),
-                    (st.ids, st.units, st.masked, st.sample_u, st.score_u, st.cursor))
-            graph.replay()
+            self._states.graph(st, shape, lambda: self._step_fn(st, shape),
+                               (st.ids, st.units, st.masked, st.sample_u, st.score_u, st.cursor)).replay()
         else:
             self._step_fn(st, shape)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magnet_engine.errors import CheckpointError, ConfigError
+from magnet_engine.engine.errors import CheckpointError, ConfigError
 
 LRELU_SLOPE = 0.1
 

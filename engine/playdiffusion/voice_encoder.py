@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magnet_engine.errors import CheckpointError, InvalidInputError
+from magnet_engine.engine.errors import CheckpointError, InvalidInputError
 
 SAMPLE_RATE = 24000
 CLIP_SECONDS = 30.0

@@ -10,42 +10,29 @@ one instance are serialised by its lock (they share the decoding buffers).
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
-import sys
 import threading
-import types
 import typing as tp
 from pathlib import Path
 
 import torch
 
+from magnet_engine import options as opts
+from magnet_engine import requests as req
+from magnet_engine import streaming
 from magnet_engine.compat import CompressionModelView, LMView, training_config
 from magnet_engine.engine import checkpoint as ckpt
-from magnet_engine.engine import events, generate
-from magnet_engine.engine.codec import Codec, StreamDecoder
+from magnet_engine.engine import events, generate, graphs
+from magnet_engine.engine.codec import Codec
 from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
 from magnet_engine.engine.config import DecodingParams, ModelConfig, cfg_get
-from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, ARParams, ARRuntime, HybridOptions
-from magnet_engine.engine.model import MagnetLM, weight_bytes
-from magnet_engine.engine.precision import (AUTO, CHOICES, PRECISIONS, PrecisionChoice, cast_for_precision,
-                                            choose_precision)
+from magnet_engine.engine.hybrid import ARParams, ARRuntime, HybridOptions
+from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.precision import PRECISIONS, PrecisionChoice, cast_for_precision
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
-from magnet_engine.errors import InvalidInputError, InvalidOptionError, RegionError
-
-Progress = tp.Callable[[int, int], None]
-ENGINES = ("fast", "reference")
-# Long-form: the default stride is this fraction of the window (18 s of a 30 s window, as
-# audiocraft's MusicGen; 6 s of a 10 s window, each window then sees 4 s of the last).
-DEFAULT_STRIDE_FRACTION = 0.6
-MAX_LONGFORM_SECONDS = 600.0    # bounds the canvas a typo could ask for; a server caps lower
-
-
-def _resolve_device(device: tp.Union[str, torch.device, None]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from magnet_engine.errors import InvalidInputError, InvalidOptionError
+from magnet_engine.memory import memory_stats
+from magnet_engine.streaming import Progress
 
 
 class MAGNeT:
@@ -55,9 +42,9 @@ class MAGNeT:
                  device: torch.device, engine: str = "fast",
                  precision: tp.Union[str, None, PrecisionChoice] = None,
                  compile: bool = False, cuda_graphs: bool = False, xp_cfg=None):
-        choice = precision if isinstance(precision, PrecisionChoice) else _choose_precision(engine, precision, device, lm.cfg)
-        if cuda_graphs and device.type != "cuda":
-            raise InvalidOptionError("cuda_graphs=True needs a CUDA device")
+        choice = (precision if isinstance(precision, PrecisionChoice)
+                  else opts.precision_for(engine, precision, device, lm.cfg))
+        graphs.check_device(cuda_graphs, device)     # before any runtime is built
         self.precision = choice.precision
         self.precision_choice = choice   # what ran and why ('auto' says what it measured)
         self.compile = compile
@@ -121,15 +108,15 @@ class MAGNeT:
         start-up); cuda_graphs: capture each step shape once as a CUDA graph and replay it.
         """
         directory = ckpt.resolve_model_dir(directory)
-        device = _resolve_device(device)
-        _check_engine(engine)
+        device = opts.resolve_device(device)
+        generate.check_engine(engine)
         codec_file = directory / ckpt.CODEC_FILE
         codec = Codec.from_package(ckpt.load_package(codec_file), device=device, mapped=ckpt.mappable(codec_file))
         lm_ckpt = ckpt.load_lm_checkpoint(directory / ckpt.LM_FILE, frame_rate=round(codec.frame_rate))
         if lm_ckpt.cfg.sample_rate != codec.sample_rate:
             raise ckpt.CheckpointError(f"LM was trained at {lm_ckpt.cfg.sample_rate} Hz but the codec runs at "
                                        f"{codec.sample_rate} Hz")
-        choice = _choose_precision(engine, precision, device, lm_ckpt.cfg)
+        choice = opts.precision_for(engine, precision, device, lm_ckpt.cfg)
         # Straight into the precision it runs in: the fast runtime's cast is then a no-op. int8
         # quantizes layer by layer from the mapped fp32 pages, handing each back once read.
         matmul, residual = PRECISIONS[choice.precision]
@@ -170,13 +157,7 @@ class MAGNeT:
 
     @max_duration.setter
     def max_duration(self, value: tp.Union[int, float]) -> None:
-        trained = self.config.segment_duration
-        if not _is_real(value) or not 0 < value <= trained + 1e-9:
-            raise InvalidOptionError(f"max_duration must be a number of seconds in (0, {trained:g}] (the model's "
-                                     f"trained length), found {value!r}")
-        if int(value * self.frame_rate) < max(self.config.span_len, 1):
-            raise InvalidOptionError(f"max_duration {value} s is shorter than one span of {self.config.span_len} frames")
-        self._max_duration = _plain_number(value)
+        self._max_duration = opts.check_max_duration(value, self.config, self.frame_rate)
 
     @property
     def duration(self) -> tp.Union[int, float]:
@@ -186,7 +167,7 @@ class MAGNeT:
     @duration.setter
     def duration(self, value: tp.Union[int, float]) -> None:
         self.check_duration(value)
-        self._duration = _plain_number(value)
+        self._duration = opts.plain_number(value)
 
     @property
     def extend_stride(self) -> tp.Optional[float]:
@@ -196,10 +177,7 @@ class MAGNeT:
 
     @extend_stride.setter
     def extend_stride(self, value: tp.Optional[float]) -> None:
-        if value is not None and (not _is_real(value) or not 0 < value < self.max_duration):
-            raise InvalidOptionError(f"extend_stride must be None or a number of seconds in (0, max_duration="
-                                     f"{self.max_duration}), found {value!r}")
-        self._extend_stride = None if value is None else _plain_number(value)
+        self._extend_stride = opts.check_extend_stride(value, self.max_duration)
 
     @property
     def generation_params(self) -> tp.Mapping[str, tp.Any]:
@@ -207,23 +185,11 @@ class MAGNeT:
         of its `lm.generate`. A read-only view, so that a change cannot skip validation: assign a
         whole mapping (which may also name `anneal_temp` and `span_scoring`), or call
         `set_generation_params`."""
-        p = self.params
-        return types.MappingProxyType({
-            "use_sampling": p.use_sampling, "temp": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-            "max_cfg_coef": p.max_cfg_coef, "min_cfg_coef": p.min_cfg_coef,
-            "decoding_steps": list(p.decoding_steps), "span_arrangement": p.span_arrangement})
+        return opts.generation_params(self.params)
 
     @generation_params.setter
     def generation_params(self, value: tp.Mapping[str, tp.Any]) -> None:
-        if not isinstance(value, tp.Mapping):
-            raise InvalidOptionError(f"generation_params must be a mapping, found {type(value).__name__}")
-        fields = {"temp": "temperature"}
-        known = {f.name for f in dataclasses.fields(DecodingParams)} - {"temperature"} | set(fields)
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise InvalidOptionError(f"unknown generation_params key(s) {unknown}; known: {sorted(known)}")
-        changes = {fields.get(k, k): v for k, v in value.items()}
-        self.params = DecodingParams(**changes).validate(self.config.n_q)
+        self.params = opts.params_from_mapping(value, self.config)
 
     def set_custom_progress_callback(self, progress_callback: tp.Optional[Progress] = None) -> None:
         """Called as progress_callback(generated_steps, total_steps) in place of the progress
@@ -285,11 +251,11 @@ class MAGNeT:
             raise InvalidOptionError("prefix_model is for a plain MAGNeT (two-model hybrid); this hybrid-MAGNeT "
                                      "checkpoint makes its own prefix")
         scorer = self._external_lm(rescorer) if rescorer is not None else None
-        self._check_hybrid(hybrid, prefix, new_duration)
+        opts.check_hybrid(self.config, self.frame_rate, hybrid, prefix is not None, new_duration)
         self.params, self.hybrid, self.rescore = params, hybrid, rescore
         self.prefix_model, self.rescorer = prefix, scorer
         if duration is not None:
-            self._duration = _plain_number(duration)
+            self._duration = opts.plain_number(duration)
 
     def _external_lm(self, model) -> ExternalLM:
         """A MusicGen / AudioGen LM by directory / Hub id (loaded once per instance) or as given."""
@@ -309,41 +275,15 @@ class MAGNeT:
 
     def prefix_frames(self, duration: tp.Optional[float] = None, options: tp.Optional[HybridOptions] = None) -> int:
         """Frames of the AR prefix for the current settings; 0 when decoding is not hybrid."""
-        options = options or self.hybrid
-        seconds = options.prefix_seconds
-        if seconds is None:   # hybrid checkpoint: 3 s, or half of a shorter clip
-            clip = self.duration if duration is None else duration
-            seconds = min(DEFAULT_PREFIX_SECONDS, clip / 2) if self.config.is_hybrid else 0.0
-        return int(round(seconds * self.frame_rate))
-
-    def _check_hybrid(self, options: HybridOptions, prefix: tp.Optional[ExternalLM], duration: float) -> None:
-        frames = self.prefix_frames(duration, options)
-        total = int(duration * self.frame_rate)
-        if self.config.is_hybrid and frames < 1:
-            raise InvalidOptionError("a hybrid-MAGNeT checkpoint decodes with an AR prefix: hybrid_prefix_seconds "
-                                     f"must be at least one frame (1/{self.frame_rate:g} s), found {options.prefix_seconds}")
-        if frames and not self.config.is_hybrid and prefix is None:
-            raise InvalidOptionError("hybrid_prefix_seconds on a plain MAGNeT needs prefix_model=<MusicGen / "
-                                     "AudioGen checkpoint> (the two-model hybrid)")
-        if frames and frames + self.config.span_len > total:
-            raise InvalidOptionError(f"the AR prefix ({frames} frames) must leave at least one span of the "
-                                     f"{total}-frame clip to masked decoding")
+        return opts.prefix_frames(self.config, self.frame_rate, options or self.hybrid,
+                                  self.duration if duration is None else duration)
 
     def check_duration(self, duration: float, limit: tp.Optional[float] = None) -> float:
         """Validate a duration in seconds against the longest this model generates (and `limit`,
         e.g. a server's cap); returns it as a float. Changes nothing. A plain MAGNeT generates
         past `max_duration` window by window (long-form, up to MAX_LONGFORM_SECONDS); a hybrid
         one stays within it."""
-        longest = self.max_duration if self.config.is_hybrid else MAX_LONGFORM_SECONDS
-        limit = longest if limit is None else min(limit, longest)
-        if not _is_real(duration):
-            raise InvalidOptionError(f"duration must be a number of seconds, found {duration!r}")
-        if duration <= 0 or duration > limit + 1e-9:
-            raise InvalidOptionError(f"duration must be in (0, {limit:g}] s (the longest this model generates, "
-                                     f"or the configured limit), found {duration}")
-        if int(duration * self.frame_rate) < max(self.config.span_len, 1):
-            raise InvalidOptionError(f"duration {duration} s is shorter than one span of {self.config.span_len} frames")
-        return float(duration)
+        return opts.check_duration(duration, self.config, self.frame_rate, self.max_duration, limit)
 
     def window_count(self, duration: float) -> int:
         """How many windows a plain generation of `duration` seconds decodes (1 within
@@ -354,8 +294,7 @@ class MAGNeT:
         return len(generate.plan_windows(self.config, self.params, frames, window, self._stride_frames()))
 
     def _stride_frames(self) -> int:
-        stride = self.extend_stride if self.extend_stride is not None else DEFAULT_STRIDE_FRACTION * self.max_duration
-        return int(round(stride * self.frame_rate))
+        return opts.stride_frames(self.extend_stride, self.max_duration, self.frame_rate)
 
     @property
     def frames(self) -> int:
@@ -376,7 +315,7 @@ class MAGNeT:
         Long-form: a `duration` past `max_duration` is decoded window by window (each window
         advances `extend_stride` seconds; the rest of it is the previous window's tail, kept
         fixed). A row's description may then be a list with one text per window."""
-        descriptions, per_window = _window_texts(descriptions)
+        descriptions, per_window = req.window_texts(descriptions)
         return self._generate(descriptions, None, progress, return_tokens, seed,
                               hybrid_prefix_seconds=hybrid_prefix_seconds, on_prefix=on_prefix,
                               window_texts=per_window)
@@ -388,20 +327,11 @@ class MAGNeT:
         ('chunk', wav) as each long-form window is decoded (the chunks joined are the whole
         clip, within 1e-4 of decoding it at once: `StreamDecoder`), then ('full', wav) when
         the clip is done. Generation runs on a worker thread; an error there is raised here."""
-        descriptions, per_window = _window_texts(descriptions)
-        return _stream(lambda put: self._generate(
+        descriptions, per_window = req.window_texts(descriptions)
+        return streaming.stream(lambda put: self._generate(
             descriptions, None, progress, False, seed, hybrid_prefix_seconds=hybrid_prefix_seconds,
-            on_prefix=lambda w: put(("prefix", w)), window_texts=per_window, on_event=self._chunker(put)))
-
-    def _chunker(self, put) -> events.Listener:
-        """A listener that decodes each long-form window's new frames as it is final."""
-        stream = StreamDecoder(self.codec)
-
-        def listen(event: events.Event) -> None:
-            if isinstance(event, events.WindowReady):
-                for wav in stream.window(event):
-                    put(("chunk", wav))
-        return listen
+            on_prefix=lambda w: put(("prefix", w)), window_texts=per_window,
+            on_event=streaming.chunker(self.codec, put)))
 
     # ------------------------------------------------------------------ infill
     def generate_infill(self, audio, sample_rate: tp.Optional[int], regions: tp.Sequence[tp.Tuple[float, float]],
@@ -433,7 +363,7 @@ class MAGNeT:
                                progress: tp.Union[bool, Progress] = False):
         """As `generate_infill`, on a worker thread: yields ('full', wav) when done (an error is raised here)."""
         request = self._infill_request(audio, sample_rate, regions, descriptions, seed)   # bad input: raised now
-        return _stream(lambda put: self._infill(request, progress)[0])
+        return streaming.stream(lambda put: self._infill(request, progress)[0])
 
     def _infill(self, request, progress, on_event: tp.Optional[events.Listener] = None):
         """Run a checked infill request (`_infill_request`) -> (audio, codes)."""
@@ -448,88 +378,49 @@ class MAGNeT:
                     params: tp.Optional[DecodingParams] = None) -> "generate.Plan":
         """The plan of infilling `regions` (seconds) of a `frames`-frame clip (see generate_infill)."""
         params = self.params if params is None else params
-        if isinstance(regions, (str, bytes)) or not isinstance(regions, tp.Sequence) or not regions:
-            raise RegionError(f"regions must be a non-empty list of (start, end) seconds, found {regions!r}")
-        clip = frames / self.frame_rate
-        spans = []
-        for region in regions:
-            if not isinstance(region, tp.Sequence) or len(region) != 2 or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in region):
-                raise RegionError(f"a region is a (start, end) pair of seconds, found {region!r}")
-            start, end = region
-            if not 0 <= start < end or end > clip + 1e-9:
-                raise RegionError(f"region ({start}, {end}) s must satisfy 0 <= start < end <= {clip:g} s "
-                                  "(the clip's length)")
-            spans.append((int(math.floor(start * self.frame_rate)), min(int(math.ceil(end * self.frame_rate)), frames)))
+        spans = req.region_frames(regions, frames, self.frame_rate)
         _, fixed = generate.snap_regions(self.config, params, frames, spans)
         return generate.plan(self.config, params, batch=batch, frames=frames, fixed=fixed, engine=self.engine,
-                             rescored=self.rescorer is not None and self.rescore.weight != 1.0,
                              rescore_fill=self.rescore.fill)
 
     def _infill_request(self, audio, sample_rate, regions, descriptions, seed, params=None):
         """Checks and encodes an infill request -> (codes [B, K, T], descriptions, plan, seeds)."""
         if params is not None:
-            if not isinstance(params, DecodingParams):
-                raise InvalidOptionError(f"params must be a DecodingParams, found {type(params).__name__}")
-            params.validate(self.config.n_q, card=self.config.card)
+            opts.check_params(params, self.config)
         if isinstance(audio, (str, os.PathLike)):
             from magnet_engine.audio import read_audio
             audio, file_rate = read_audio(audio)
             sample_rate = file_rate if sample_rate is None else sample_rate
-        if not isinstance(audio, torch.Tensor) or audio.dim() not in (2, 3) or not audio.is_floating_point() \
-                or audio.shape[-1] == 0:
-            raise InvalidInputError("audio must be a float waveform [B, C, samples] or [C, samples], or a file path; "
-                                    f"found {type(audio).__name__} {tuple(getattr(audio, 'shape', ()))}")
-        if audio.dim() == 2:
-            audio = audio[None]
-        if not torch.isfinite(audio).all():
-            raise InvalidInputError("audio holds NaN or inf samples")
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
-            raise InvalidInputError(f"sample_rate must be a positive int, found {sample_rate!r}")
-        if audio.shape[-1] / sample_rate > self.max_duration + 1e-9:
-            raise InvalidInputError(f"the clip is {audio.shape[-1] / sample_rate:g} s, longer than the model's "
-                                    f"{self.max_duration:g} s window: cut it to the part to edit (infill does not "
-                                    "window a clip)")
-        if descriptions is None:
-            descriptions = [None] * audio.shape[0]
-        descriptions = check_descriptions(descriptions)
-        if len(descriptions) != audio.shape[0]:
-            raise InvalidInputError(f"{len(descriptions)} descriptions for a batch of {audio.shape[0]} clips")
-        wav = self.codec.preprocess_prompt(audio.to(self.device), sample_rate)
-        with torch.no_grad():
-            codes = self.codec.encode(wav)                                     # [B, K, T]
+        codes, descriptions = self._encode_clip(audio, sample_rate, descriptions, "audio", "sample_rate",
+                                                max_seconds=self.max_duration)
         frames = min(codes.shape[-1], int(self.max_duration * self.frame_rate))
         codes = codes[..., :frames]
-        the_plan = self.infill_plan(frames, regions, batch=audio.shape[0], params=params)
-        return codes, descriptions, the_plan, self._seeds(seed, audio.shape[0])
+        the_plan = self.infill_plan(frames, regions, batch=codes.shape[0], params=params)
+        return codes, descriptions, the_plan, req.row_seeds(seed, codes.shape[0])
+
+    def _encode_clip(self, audio, sample_rate, descriptions, what: str, rate_name: str,
+                     max_seconds: tp.Optional[float] = None) -> tp.Tuple[torch.Tensor, tp.List[tp.Optional[str]]]:
+        """The one check and encode of a waveform clip (a continuation prompt, an infill clip)
+        and its descriptions -> (codes [B, K, T] at the codec's rate, descriptions). what /
+        rate_name: the caller's argument names, for the errors."""
+        audio = req.check_clip(audio, sample_rate, what, rate_name, max_seconds)
+        descriptions = req.clip_descriptions(descriptions, audio.shape[0])
+        wav = self.codec.preprocess_prompt(audio.to(self.device), sample_rate)
+        with torch.no_grad():
+            return self.codec.encode(wav), descriptions
 
     def generate_unconditional(self, num_samples: int, progress: tp.Union[bool, Progress] = False,
                                return_tokens: bool = False, seed: tp.Union[int, tp.Sequence[int], None] = None):
         """Audio without text: every condition row is the null condition."""
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise InvalidInputError(f"num_samples must be an int >= 1, found {num_samples!r}")
-        return self._generate([None] * num_samples, None, progress, return_tokens, seed)
+        return self._generate([None] * req.check_num_samples(num_samples), None, progress, return_tokens, seed)
 
     def generate_continuation(self, prompt: torch.Tensor, prompt_sample_rate: int,
                               descriptions: tp.Optional[tp.Sequence[tp.Optional[str]]] = None,
                               progress: tp.Union[bool, Progress] = False, return_tokens: bool = False,
                               seed: tp.Union[int, tp.Sequence[int], None] = None):
         """Continue a waveform prompt [B, C, samples] or [C, samples]; its frames stay fixed."""
-        if not isinstance(prompt, torch.Tensor) or prompt.dim() not in (2, 3) or not prompt.is_floating_point():
-            raise InvalidInputError("prompt must be a float waveform tensor [B, C, samples] or [C, samples], "
-                                    f"found {type(prompt).__name__} {getattr(prompt, 'shape', '')}")
-        if prompt.dim() == 2:
-            prompt = prompt[None]
-        if isinstance(prompt_sample_rate, bool) or not isinstance(prompt_sample_rate, int) or prompt_sample_rate <= 0:
-            raise InvalidInputError(f"prompt_sample_rate must be a positive int, found {prompt_sample_rate!r}")
-        if descriptions is None:
-            descriptions = [None] * prompt.shape[0]
-        descriptions = check_descriptions(descriptions)
-        if len(descriptions) != prompt.shape[0]:
-            raise InvalidInputError(f"{len(descriptions)} descriptions for a prompt batch of {prompt.shape[0]}")
-        wav = self.codec.preprocess_prompt(prompt.to(self.device), prompt_sample_rate)
-        with torch.no_grad():
-            prompt_codes = self.codec.encode(wav)
+        prompt_codes, descriptions = self._encode_clip(prompt, prompt_sample_rate, descriptions, "prompt",
+                                                       "prompt_sample_rate")
         return self._generate(descriptions, prompt_codes, progress, return_tokens, seed)
 
     def generate_tokens(self, descriptions: tp.Sequence[tp.Optional[str]], prompt_codes: tp.Optional[torch.Tensor] = None,
@@ -547,9 +438,7 @@ class MAGNeT:
         (hybrid decoding: the decoded AR prefix audio, before the tail)."""
         descriptions = check_descriptions(descriptions)
         if params is not None:
-            if not isinstance(params, DecodingParams):
-                raise InvalidOptionError(f"params must be a DecodingParams, found {type(params).__name__}")
-            params.validate(self.config.n_q, card=self.config.card)
+            opts.check_params(params, self.config)
         if duration is not None:
             duration = self.check_duration(duration)
         if prompt_codes is not None:
@@ -573,19 +462,8 @@ class MAGNeT:
 
     # --------------------------------------------------------------- internals
     def _check_prompt_codes(self, codes: torch.Tensor, batch: int, duration: tp.Optional[float] = None) -> torch.Tensor:
-        k = self.config.n_q
         duration = self.duration if duration is None else duration
-        frames = int(duration * self.frame_rate)
-        if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[:2] != (batch, k) \
-                or codes.dtype not in (torch.int64, torch.int32):
-            raise InvalidInputError(f"prompt codes must be an integer tensor [{batch}, {k}, P], "
-                                    f"found {getattr(codes, 'dtype', type(codes))} {tuple(getattr(codes, 'shape', ()))}")
-        if codes.shape[-1] >= frames:
-            raise InvalidInputError(f"prompt has {codes.shape[-1]} frames; it must be shorter than the "
-                                    f"{frames} frames of a {duration} s generation")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.card):
-            raise InvalidInputError(f"prompt codes must lie in [0, {self.config.card - 1}], found "
-                                    f"[{int(codes.min())}, {int(codes.max())}]")
+        codes = req.check_prompt_codes(codes, batch, self.config, int(duration * self.frame_rate), duration)
         return codes.to(self.device, torch.long)
 
     def _progress_for(self, progress: tp.Union[bool, Progress]) -> tp.Union[bool, Progress]:
@@ -604,35 +482,19 @@ class MAGNeT:
                 wav = self.codec.decode(tokens)
         return (wav, tokens) if return_tokens else wav
 
-    def _seeds(self, seed, batch: int) -> tp.List[int]:
-        """One seed per row: an int seeds row b with seed + b; a list gives each row its own.
-        A row's draws depend only on its seed, so batching never changes a row's sample.
-        None draws the rows' seeds from torch's default generator, so that, as with audiocraft,
-        torch.manual_seed(n) before a call reproduces it."""
-        if seed is None:
-            seed = torch.randint(0, 2 ** 62, (batch,), dtype=torch.int64).tolist()
-        if isinstance(seed, (list, tuple)):
-            seeds = list(seed)
-        else:
-            seeds = [seed + b for b in range(batch)] if isinstance(seed, int) and not isinstance(seed, bool) else None
-        if seeds is None or len(seeds) != batch or any(
-                isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63 - batch for s in seeds):
-            raise InvalidOptionError(f"seed must be an int >= 0 or a list of {batch} such ints, found {seed!r}")
-        return seeds
-
     def _tokens(self, descriptions, prompt_codes, progress, seed, hybrid_prefix_seconds=None,
                 on_prefix=None, params: tp.Optional[DecodingParams] = None,
                 duration: tp.Optional[float] = None, on_event: tp.Optional[events.Listener] = None,
                 window_texts=None, infill: tp.Optional[tp.Tuple["generate.Plan", torch.Tensor]] = None) -> torch.Tensor:
         """window_texts: [B][windows] texts (long-form, one per window); infill: (its plan, the clip's codes)."""
-        seeds = self._seeds(seed, len(descriptions))
+        seeds = req.row_seeds(seed, len(descriptions))
         params = self.params if params is None else params
         duration = self.duration if duration is None else duration
         options = self.hybrid
         if hybrid_prefix_seconds is not None:
             options = dataclasses.replace(options, prefix_seconds=hybrid_prefix_seconds).validate()
         if hybrid_prefix_seconds is not None or duration != self.duration:
-            self._check_hybrid(options, self.prefix_model, duration)
+            opts.check_hybrid(self.config, self.frame_rate, options, self.prefix_model is not None, duration)
         rescorer = None
         if self.rescorer is not None and self.rescore.weight != 1.0:
             rescorer = BoundRescorer(self.rescorer, self.rescore, descriptions)
@@ -646,21 +508,15 @@ class MAGNeT:
                 self.config, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
                 prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1],
                 prefix_frames=self.prefix_frames(min(duration, self.max_duration), options), hybrid=options,
-                prefix_cfg=self.prefix_model.cfg if two_model else None, rescored=rescorer is not None,
+                prefix_cfg=self.prefix_model.cfg if two_model else None,
                 rescore_fill=self.rescore.fill, engine=self.engine, window_frames=window,
                 stride_frames=self._stride_frames())
         if window_texts is not None and len(window_texts[0]) != len(the_plan.phases):
             raise InvalidInputError(f"{len(window_texts[0])} texts per row for {len(the_plan.phases)} windows")
-        listeners = [on_event] if on_event is not None else []
-        bar = None
-        if callable(progress):
-            listeners.append(events.progress_listener(progress))
-        elif progress:
-            bar = _progress_bar(the_plan.total_steps)
-            listeners.append(bar)
-        if on_prefix is not None:
-            listeners.append(lambda e: on_prefix(self.codec.decode(e.codes)) if isinstance(e, events.PrefixReady)
-                             else None)
+        bar = streaming.ProgressBar(the_plan.total_steps) if progress and not callable(progress) else None
+        listener = streaming.fan_out([
+            on_event, events.progress_listener(progress) if callable(progress) else bar,
+            streaming.prefix_audio(self.codec, on_prefix) if on_prefix is not None else None])
         try:
             with torch.no_grad():
                 cond = self.conditioner.encode(descriptions).embeds.to(self.device)
@@ -677,7 +533,7 @@ class MAGNeT:
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(seeds[0])
                 return generate.run(the_plan, self._models(the_plan), cond, seeds=seeds, prompt=prompt_codes,
-                                    canvas=canvas, ar_cond=ar_cond, hook=rescorer, listener=_fan_out(listeners),
+                                    canvas=canvas, ar_cond=ar_cond, hook=rescorer, listener=listener,
                                     generator=generator)
         finally:
             if bar is not None:
@@ -714,16 +570,7 @@ class MAGNeT:
         for (name, _), external in self._external.items():
             components[f"external_lm:{name}"] = external.lm
             components[f"external_conditioner:{name}"] = external.conditioner
-        seen: tp.Set[int] = set()
-        weights = {key: weight_bytes(module, seen) for key, module in components.items()}
-        stats: tp.Dict[str, tp.Any] = {"weights_bytes": weights, "weights_total_bytes": sum(weights.values()),
-                                       "device": str(self.device), **_process_memory()}
-        if self.device.type == "cuda":
-            stats.update(cuda_allocated_bytes=torch.cuda.memory_allocated(self.device),
-                         cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device),
-                         cuda_reserved_bytes=torch.cuda.memory_reserved(self.device),
-                         cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device))
-        return stats
+        return memory_stats(components, self.device)
 
     def _models(self, the_plan: "generate.Plan") -> "generate.Models":
         """The runtimes a plan runs on, built on first use and kept."""
@@ -746,109 +593,3 @@ class MAGNeT:
             self._runtime = Runtime(self._lm, precision=self.precision, compile=self.compile,
                                     cuda_graphs=self.cuda_graphs)
         return self._runtime
-
-
-def _check_engine(engine: str) -> None:
-    if engine not in ENGINES:
-        raise InvalidOptionError(f"engine must be one of {ENGINES}, found {engine!r}")
-
-
-def _choose_precision(engine: str, precision: tp.Optional[str], device: torch.device,
-                      cfg: ModelConfig) -> PrecisionChoice:
-    """The fast runtime's precision (`engine.precision.choose_precision`); the reference loop
-    runs fp32 whatever is asked, as before."""
-    _check_engine(engine)
-    if engine == "reference":
-        if precision is not None and precision not in CHOICES:
-            raise InvalidOptionError(f"precision must be one of {list(CHOICES)}, found {precision!r}")
-        return PrecisionChoice("fp32", precision or AUTO, "fp32: the reference loop runs fp32")
-    return choose_precision(precision, device, cfg.dim, cfg.ffn_dim)
-
-
-def _process_memory() -> tp.Dict[str, int]:
-    """rss_bytes and peak_rss_bytes of this process (VmRSS / VmHWM); peak only where there is no /proc."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
-                      if line.startswith(("VmRSS", "VmHWM")))
-        return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024,
-                "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024}
-    except (OSError, KeyError, ValueError):
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
-        return {"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}
-
-
-def _window_texts(descriptions) -> tp.Tuple[tp.List[tp.Optional[str]], tp.Optional[tp.List[tp.List[tp.Optional[str]]]]]:
-    """Descriptions whose rows may be lists of one text per long-form window ->
-    (the first window's texts, every row's per-window texts or None when none is a list)."""
-    if isinstance(descriptions, (str, bytes)) or not isinstance(descriptions, tp.Sequence) or not any(
-            isinstance(d, (list, tuple)) for d in descriptions):
-        return check_descriptions(descriptions), None
-    rows = [list(d) if isinstance(d, (list, tuple)) else None for d in descriptions]
-    counts = {len(r) for r in rows if r is not None}
-    if None in rows or len(counts) != 1 or 0 in counts:
-        raise InvalidInputError("per-window descriptions: every row must be a non-empty list, all of one length "
-                                "(one text per window)")
-    per_window = [check_descriptions(r) for r in rows]
-    return [r[0] for r in per_window], per_window
-
-
-def _stream(work: tp.Callable[[tp.Callable], torch.Tensor]) -> tp.Iterator[tp.Tuple[str, torch.Tensor]]:
-    """Run work(put) on a worker thread; yield what it puts, then ('full', its result). An
-    error in the worker is raised in the consumer."""
-    import queue
-    results: "queue.Queue" = queue.Queue()
-
-    def run():
-        try:
-            results.put(("full", work(results.put)))
-        except BaseException as exc:  # handed to the consumer
-            results.put(("error", exc))
-
-    thread = threading.Thread(target=run, name="magnet-generate", daemon=True)
-    thread.start()
-    while True:
-        kind, value = results.get()
-        if kind == "error":
-            raise value
-        yield kind, value
-        if kind == "full":
-            thread.join()
-            return
-
-
-def _is_real(value) -> bool:
-    """A finite real number (numpy scalars included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _plain_number(value: tp.Union[int, float]) -> tp.Union[int, float]:
-    """Python int / float kept as given (audiocraft keeps 10 as 10); numpy scalars -> float."""
-    return value if type(value) in (int, float) else float(value)
-
-
-def _fan_out(listeners: tp.List[events.Listener]) -> tp.Optional[events.Listener]:
-    if not listeners:
-        return None
-    if len(listeners) == 1:
-        return listeners[0]
-
-    def listen(event: events.Event) -> None:
-        for listener in listeners:
-            listener(event)
-    return listen
-
-
-class _progress_bar:
-    """progress=True: a tqdm bar over every step of the run (AR steps included)."""
-
-    def __init__(self, total: int):
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="step", desc="decoding")
-
-    def __call__(self, event: events.Event) -> None:
-        if isinstance(event, (events.ARStep, events.StageStep)):
-            self.bar.update(event.done - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()

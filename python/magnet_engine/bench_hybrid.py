@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from magnet_engine.bench import DEFAULT_OUT, _git_commit, _percentile, _sync, machine_info, write_report
+from magnet_engine.bench_common import DEFAULT_OUT, git_commit, machine_info, percentile, sync, write_report
 from magnet_engine.demo import PRESETS, build_once
 from magnet_engine.engine import checkpoint as ckpt
 
@@ -177,26 +177,26 @@ def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tu
 
     def listen(event) -> None:
         if isinstance(event, events.Started):
-            _sync(device)
+            sync(device)
             marks["start"] = time.perf_counter()
         elif isinstance(event, events.PrefixReady):
-            _sync(device)
+            sync(device)
             marks["ar_done"] = time.perf_counter()
             wav = model.codec.decode(event.codes)
-            _sync(device)
+            sync(device)
             marks["first_audio"] = time.perf_counter()
             info["prefix_audio_s"] = wav.shape[-1] / model.sample_rate
 
     rescoring = model.rescorer is not None and model.rescore.weight != 1.0
     timer = _ForwardTimer(model.rescorer.runtime, device) if rescoring else contextlib.nullcontext()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with timer:
         tokens = model.generate_tokens(descriptions, seed=seed, on_event=listen)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     model.decode(tokens)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     ms = lambda a, b: (b - a) * 1e3  # noqa: E731
     prefix_decode = ms(marks["ar_done"], marks["first_audio"]) if "ar_done" in marks else 0.0
@@ -223,14 +223,14 @@ def api_run(model, descriptions: tp.List[str], seed: int) -> tp.Tuple[torch.Tens
     got: tp.List[torch.Tensor] = []
     t0 = time.perf_counter()
     _, tokens = model.generate(descriptions, seed=seed, return_tokens=True, on_prefix=got.append)
-    _sync(model.device)
+    sync(model.device)
     elapsed = (time.perf_counter() - t0) * 1e3
     return tokens, (got[0].shape[-1] / model.sample_rate if got else None), elapsed
 
 
 # ------------------------------------------------------------------------ summary
 def _stats(values: tp.Sequence[float]) -> dict:
-    return {"p50": _percentile(values, 0.5), "p95": _percentile(values, 0.95), "all": list(values)}
+    return {"p50": percentile(values, 0.5), "p95": percentile(values, 0.95), "all": list(values)}
 
 
 def summarise(case: Case, samples: tp.List[dict], model, args) -> dict:
@@ -411,7 +411,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                   f"e2e {sample['end_to_end_ms'] / 1e3:.2f} s{extra}", flush=True)
 
     report = {
-        "benchmark": "hybrid", "machine": machine_info(device), "versions": _versions(), "git_commit": _git_commit(),
+        "benchmark": "hybrid", "machine": machine_info(device), "versions": _versions(), "git_commit": git_commit(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "architecture": {"name": args.arch, **BENCH_ARCHS[args.arch], "segment_duration": segment,
                          "t5": PRESETS[_PRESET_OF[args.arch]]["t5"],

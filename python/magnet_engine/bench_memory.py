@@ -39,11 +39,9 @@ CACHES = ("warm", "cold")
 # ------------------------------------------------------------------- measuring (in the child)
 def _status() -> tp.Dict[str, int]:
     """Resident set now and at its peak, anonymous and file-backed, in bytes (Linux /proc)."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
+    from magnet_engine.memory import proc_status
+
+    fields = proc_status("VmRSS", "VmHWM", "RssAnon", "RssFile")
     return {"rss": fields["VmRSS"], "peak_rss": fields["VmHWM"], "rss_anon": fields["RssAnon"],
             "rss_file": fields["RssFile"]}
 
@@ -233,7 +231,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
     import torch
 
-    from magnet_engine.bench import _git_commit, machine_info, write_report
+    from magnet_engine.bench_common import git_commit, machine_info, write_report
     from magnet_engine.engine.precision import cpu_info
     from magnet_engine.demo import cached_demo_model
 
@@ -242,7 +240,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                                     else ["fp32", "int8"] + (["bf16"] if cpu_info().native_bf16 else []))
     directory = Path(args.model) if args.model else cached_demo_model(args.cache_dir, args.arch)
     threads = args.threads or torch.get_num_threads()
-    run = {"label": args.label or _git_commit(), "git_commit": _git_commit(),
+    run = {"label": args.label or git_commit(), "git_commit": git_commit(),
            "code_dir": str(args.code_dir) if args.code_dir else None, "model": str(directory),
            "arch": None if args.model else args.arch, "cases": []}
     for precision in precisions:

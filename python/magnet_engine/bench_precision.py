@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from magnet_engine.bench import DEFAULT_OUT, _git_commit, _percentile, gemm_rate, machine_info, step_flops, write_report
+from magnet_engine.bench_common import (DEFAULT_OUT, gemm_rate, git_commit, machine_info, percentile, step_flops,
+                                        write_report)
 from magnet_engine.engine.precision import AUTO_CANDIDATES, cpu_info
 
 
@@ -75,7 +76,7 @@ def speed(args) -> int:
             model.set_generation_params(duration=args.duration, decoding_steps=args.decoding_steps)
     texts = [f"benchmark description number {i} with synths and drums" for i in range(args.batch)]
     timings = _timed_rounds(models, texts, args.runs, args.warmup, args.seed)
-    report = {"benchmark": "precision_speed", "machine": machine_info(torch.device("cpu")), "git_commit": _git_commit(),
+    report = {"benchmark": "precision_speed", "machine": machine_info(torch.device("cpu")), "git_commit": git_commit(),
               "model": directory, "duration": args.duration, "batch": args.batch,
               "decoding_steps": list(models[names[0]].params.decoding_steps),
               "choices": {n: m.precision_choice.as_dict() for n, m in models.items()}, "cases": {}}
@@ -123,7 +124,7 @@ def _timed_rounds(models: tp.Dict[str, tp.Any], texts, runs: int, warmup: int, s
                 samples[name].append(((time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3))
 
     def summary(values: tp.List[float]) -> dict:
-        return {"p50": _percentile(values, 0.5), "min": min(values), "all": values}
+        return {"p50": percentile(values, 0.5), "min": min(values), "all": values}
     return {name: {"tokens_ms": summary([w for w, _ in s]), "tokens_cpu_ms": summary([c for _, c in s])}
             for name, s in samples.items()}
 
@@ -207,7 +208,7 @@ def quality(args) -> int:
     cond = reference.conditioner.encode(texts).embeds     # [2B, S, D]: the texts, then the null rows
     canvases = _canvases(reference, args.batch, args.masked, args.seed)
     report = {"benchmark": "precision_quality", "machine": machine_info(torch.device("cpu")),
-              "git_commit": _git_commit(), "model": directory, "duration": args.duration, "batch": args.batch,
+              "git_commit": git_commit(), "model": directory, "duration": args.duration, "batch": args.batch,
               "masked_fraction": args.masked, "params": {"temperature": reference.params.temperature,
                                                          "top_p": reference.params.top_p,
                                                          "cfg": [reference.params.max_cfg_coef,

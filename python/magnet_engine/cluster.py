@@ -55,7 +55,6 @@ from magnet_engine.server.app import create_app
 from magnet_engine.server.batcher import BatchKey, Job, QueueFull, canvas_snapshot, step_data
 from magnet_engine.server.metrics import Metrics
 from magnet_engine.server.schema import ApiError, Settings, api_error_from
-from magnet_engine.server.serve import SETTING_ARGS, build_parser
 
 APP_NAME = "magnet"
 MODEL_DEPLOYMENT = "MagnetModel"
@@ -563,9 +562,12 @@ def parse_autoscale(text: str) -> tp.Tuple[int, int]:
     return low, high
 
 
-def main(argv: tp.Sequence[str]) -> int:
-    """`magnet-engine serve --ray ...`: deploy the application and serve until interrupted."""
-    parser = build_parser()
+def main(argv: tp.Sequence[str], parser: argparse.ArgumentParser, setting_args: tp.Sequence[str]) -> int:
+    """`magnet-engine serve --ray ...`: deploy the application and serve until interrupted.
+
+    parser: `magnet-engine serve`'s own (the Ray flags are added to it), setting_args: its
+    flags that are `Settings` fields; `server.serve.main` hands both over with the argv, so
+    the two modules do not import each other."""
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
     prog = "magnet-engine serve --ray"
@@ -573,7 +575,7 @@ def main(argv: tp.Sequence[str]) -> int:
         autoscale = None if args.autoscale is None else parse_autoscale(args.autoscale)
         if args.replicas < 1 or args.retries < 0:
             raise ValueError(f"--replicas must be >= 1 and --retries >= 0, found {args.replicas} and {args.retries}")
-        settings = Settings(**{name: getattr(args, name) for name in SETTING_ARGS})
+        settings = Settings(**{name: getattr(args, name) for name in setting_args})
     except (ValueError, MagnetEngineError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

@@ -1,37 +1,11 @@
-"""Typed errors. Each says what was expected and what was found."""
+"""The typed errors, where users import them (`from magnet_engine.errors import ...`).
 
+They are defined in the engine (`magnet_engine.engine.errors`) so the engine and kernels raise
+them without importing the public surface; this module only re-exports them.
+"""
+from magnet_engine.engine.errors import (CheckpointError, ConfigError, DependencyError, InvalidInputError,
+                                         InvalidOptionError, MagnetEngineError, ModelNotFoundError,
+                                         NumericalError, RegionError)
 
-class MagnetEngineError(Exception):
-    """Base class of every error magnet_engine raises on purpose."""
-
-
-class ModelNotFoundError(MagnetEngineError, FileNotFoundError):
-    """Unknown model id, or a directory / file that does not exist."""
-
-
-class CheckpointError(MagnetEngineError, ValueError):
-    """A checkpoint file that is truncated, corrupt, not plain tensors, or has bad keys."""
-
-
-class ConfigError(MagnetEngineError, ValueError):
-    """A checkpoint config (xp.cfg) that is missing fields or describes an unsupported model."""
-
-
-class InvalidInputError(MagnetEngineError, ValueError):
-    """A bad argument from the caller: descriptions, duration, prompt, codes."""
-
-
-class InvalidOptionError(MagnetEngineError, ValueError):
-    """A decoding option outside its domain (e.g. top_p outside (0, 1])."""
-
-
-class NumericalError(MagnetEngineError, RuntimeError):
-    """NaN or inf where a probability or logit was expected."""
-
-
-class DependencyError(MagnetEngineError, ImportError):
-    """An optional dependency needed for the requested path is not installed."""
-
-
-class RegionError(InvalidInputError):
-    """Infill regions that are empty, outside the clip, or cover all of it."""
+__all__ = ["MagnetEngineError", "ModelNotFoundError", "CheckpointError", "ConfigError", "InvalidInputError",
+           "InvalidOptionError", "NumericalError", "DependencyError", "RegionError"]

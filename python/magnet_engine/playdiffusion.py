@@ -14,7 +14,6 @@ magnet_engine error before any work, and nothing is written.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import typing as tp
 from pathlib import Path
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
+from magnet_engine.engine import graphs
+from magnet_engine.engine.files import atomic_write
 from magnet_engine.engine.playdiffusion.unmasking import UnmaskOptions
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 
@@ -89,21 +90,12 @@ def read_audio_uri(uri: str) -> tuple[torch.Tensor, int]:
 
 
 def write_pcm16(path, pcm: np.ndarray, sample_rate: int) -> Path:
-    """int16 [N] -> 16-bit WAV at path, atomically (a temporary file, then a rename)."""
+    """int16 [N] -> 16-bit WAV at path, atomically (`files.atomic_write`: nothing half-written,
+    an existing file's mode kept, a path that is not a regular file refused)."""
     import soundfile as sf
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, pcm, sample_rate, subtype="PCM_16", format="WAV")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an output file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: sf.write(tmp, pcm, sample_rate, subtype="PCM_16", format="WAV"),
+                        suffix=".wav")
 
 
 def wav_bytes_pcm16(pcm: np.ndarray, sample_rate: int) -> bytes:
@@ -152,8 +144,7 @@ class PlayDiffusion:
         except TypeError as e:
             raise InvalidOptionError(f"unknown quirk fix: {e}") from None
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if cuda_graphs and torch.device(device).type != "cuda":
-            raise InvalidOptionError(f"cuda_graphs=True needs a CUDA device, found {device!r}")
+        graphs.check_device(cuda_graphs, device)     # before the weights are loaded
         if precision is None or isinstance(precision, str):
             named = {None: Precision(), "fp32": Precision(), "int8": Precision(inpainter="int8")}
             if precision not in named:

@@ -184,7 +184,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             print(f"magnet-engine serve --ray: needs Ray Serve (pip install magnet-engine[cluster]): {exc}",
                   file=sys.stderr)
             return 2
-        return cluster_main(argv)
+        return cluster_main(argv, build_parser(), SETTING_ARGS)   # serve's flags, so cluster imports no serve
     args = build_parser().parse_args(argv)
     note = ""
     try:
