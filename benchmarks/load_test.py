@@ -533,7 +533,7 @@ RAY_RESULTS = Path(__file__).resolve().parent / "results" / "load_test_ray_cpu.j
 def start_ray_server(args, replicas: int, cpus_per_replica: float) -> tuple[subprocess.Popen, str]:
     """`magnet-engine serve --ray` on a local Ray instance; returns once every replica is running."""
     port = free_port()
-    cmd = [sys.executable, "-m", "magnet_engine.server", "--ray", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "magnet_engine", "serve", "--ray", "--host", "127.0.0.1", "--port", str(port),
            "--engine", args.engine, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
            "--queue-size", str(args.queue_size), "--replicas", str(replicas),
            "--cpus-per-replica", str(cpus_per_replica), "--gpus-per-replica", "0"]

@@ -86,9 +86,9 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
     (["--autoscale", "3:1"], "0 <= MIN <= MAX"), (["--autoscale", "2"], "MIN:MAX (two integers)"),
     (["--replicas", "0"], "--replicas must be >= 1"), (["--max-batch", "0"], "max_batch must be >= 1")])
 def test_serve_ray_refuses_bad_flags_before_starting_ray(argv, message, capsys):
-    from magnet_engine.server import main
+    from magnet_engine.cli import main
 
-    assert main(["--ray", *argv]) == 2
+    assert main(["serve", "--ray", *argv]) == 2
     assert message in capsys.readouterr().err and not ray.is_initialized()
 
 

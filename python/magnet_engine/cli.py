@@ -303,12 +303,30 @@ def build_edit_parser() -> argparse.ArgumentParser:
     return e
 
 
+def serve_on_ray(argv: tp.List[str]) -> int:
+    """`serve --ray`: the same routes on Ray Serve replicas. Decided here, above both: the
+    cluster runs the server's app, so the server cannot hand over to the cluster itself."""
+    from magnet_engine.server.serve import SETTING_ARGS, build_parser
+
+    try:
+        from magnet_engine.cluster import main as cluster_main
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("ray"):
+            raise
+        print(f"magnet-engine serve --ray: needs Ray Serve (pip install magnet-engine[cluster]): {exc}",
+              file=sys.stderr)
+        return 2
+    return cluster_main(argv, build_parser(), SETTING_ARGS)
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     from magnet_engine.errors import MagnetEngineError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # serve and bench own their flags: hand them over before argparse reads any of them.
     handoff = {"serve": "magnet_engine.server", "bench": "magnet_engine.bench", "speech": "magnet_engine.speech_cli"}
+    if argv[:1] == ["serve"] and "--ray" in argv[1:]:
+        return serve_on_ray(argv[1:])
     if argv[:1] and argv[0] in handoff:
         import importlib
         return importlib.import_module(handoff[argv[0]]).main(argv[1:])

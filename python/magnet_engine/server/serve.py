@@ -175,16 +175,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     from magnet_engine.server.app import create_app
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--ray" in argv:   # the same routes on Ray Serve replicas (magnet_engine.cluster)
-        try:
-            from magnet_engine.cluster import main as cluster_main
-        except ModuleNotFoundError as exc:
-            if not (exc.name or "").startswith("ray"):
-                raise
-            print(f"magnet-engine serve --ray: needs Ray Serve (pip install magnet-engine[cluster]): {exc}",
-                  file=sys.stderr)
-            return 2
-        return cluster_main(argv, build_parser(), SETTING_ARGS)   # serve's flags, so cluster imports no serve
+    if "--ray" in argv:   # `magnet-engine serve --ray` (cli.serve) hands Ray its own way: cluster sits above server
+        print("magnet-engine serve --ray: run it as `magnet-engine serve --ray ...`", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     note = ""
     try:
