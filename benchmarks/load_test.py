@@ -89,6 +89,14 @@ def percentile(values, q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "magnet_engine.server", "--host", "127.0.0.1", "--port", str(port),
@@ -260,11 +268,7 @@ def run(args, max_batch: int, clients: int) -> dict:
         usage = {"before": before, "after": after}
         return summarise(records, wall_s, args, max_batch, clients, server_batch_histogram(url), usage)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 # ------------------------------------------------------------------------------ --malformed-fraction
@@ -471,11 +475,7 @@ def run_hostile(args, clients: int) -> dict:
         usage["after_settle"] = process_usage(server.pid)
         alive = httpx.get(f"{url}/healthz", timeout=5).status_code == 200
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     by_route: dict = {}
     for r in records:
         cell = by_route.setdefault(r["kind"], {}).setdefault("hostile" if r["hostile"] else "valid", {})

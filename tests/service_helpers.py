@@ -55,3 +55,19 @@ def sse_events(lines: tp.Union[str, tp.Iterable[str]]) -> tp.List[tp.Tuple[str, 
             if kind in ("done", "error"):
                 break
     return seen
+
+
+def answer_is_sane(client, r) -> None:
+    """A 200 carries a WAV (or a zip of them); anything else is a 4xx in the service's error
+    shape; the server lives."""
+    import soundfile as sf
+
+    if r.status_code == 200:
+        assert r.headers["content-type"] in ("audio/wav", "application/zip")
+        if r.headers["content-type"] == "audio/wav":
+            assert sf.read(io.BytesIO(r.content))[0].size > 0
+    else:
+        assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+        error = r.json()["error"]
+        assert error["status"] == r.status_code and error["type"] and error["message"]
+    assert client.get("/healthz").json()["status"] == "ok"

@@ -5,17 +5,16 @@ then property-based requests (hypothesis) against a real uvicorn. Every answer m
 Generation is kept cheap: at most 0.3 s of audio and 2 steps per codebook, so the valid
 requests hypothesis stumbles on cost a fraction of a second each on CPU.
 """
-import io
 import json
 
 import httpx
 import pytest
-import soundfile as sf
 from hypothesis import example, HealthCheck, given, settings as hyp_settings, strategies as st
 
 from magnet_engine.api import MAGNeT
 from magnet_engine.demo import build_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app
+from service_helpers import answer_is_sane
 
 LIMITS = dict(max_duration=0.3, max_decoding_steps=2, max_batch=2, max_text_chars=40, queue_size=4,
               request_timeout_s=20, max_body_bytes=8192)
@@ -32,17 +31,6 @@ def server(tmp_path_factory):
         yield client
 
 
-def answer_is_sane(client: httpx.Client, r: httpx.Response) -> None:
-    """A 200 carries a WAV; anything else is a 4xx in the service's error shape; the server lives."""
-    if r.status_code == 200:
-        assert r.headers["content-type"] in ("audio/wav", "application/zip")
-        if r.headers["content-type"] == "audio/wav":
-            assert sf.read(io.BytesIO(r.content))[0].size > 0
-    else:
-        assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
-        error = r.json()["error"]
-        assert error["status"] == r.status_code and error["type"] and error["message"]
-    assert client.get("/healthz").json()["status"] == "ok"
 
 
 def post_raw(client, body: bytes, content_type: str = "application/json") -> httpx.Response:

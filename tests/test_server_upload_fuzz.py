@@ -23,6 +23,7 @@ from magnet_engine.demo import build_random_model
 from magnet_engine.server.routes.edit import EditLimits
 from magnet_engine.engine.playdiffusion.random_weights import write_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app
+from service_helpers import answer_is_sane
 from magnet_engine.server.routes.speech import SpeechLimits
 
 RSS_GROWTH_MIB = 300   # over the whole run; one leaked decode of an unbounded upload is gigabytes
@@ -52,15 +53,6 @@ def server(tmp_path_factory):
             assert rss_mib() - before < RSS_GROWTH_MIB, f"RSS grew from {before:.0f} MiB to {rss_mib():.0f} MiB"
 
 
-def answer_is_sane(client: httpx.Client, r: httpx.Response) -> None:
-    if r.status_code == 200:
-        assert r.headers["content-type"] == "audio/wav"
-        assert sf.read(io.BytesIO(r.content))[0].size > 0
-    else:
-        assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
-        error = r.json()["error"]
-        assert error["status"] == r.status_code and error["type"] and error["message"]
-    assert client.get("/healthz").json()["status"] == "ok"
 
 
 # ---------------------------------------------------------------- strategies

@@ -52,7 +52,7 @@ from magnet_engine.engine import events
 from magnet_engine.engine.conditioning import TextConditioner
 from magnet_engine.errors import MagnetEngineError
 from magnet_engine.server.app import create_app
-from magnet_engine.server.batcher import BatchKey, Job, QueueFull, canvas_snapshot, step_data
+from magnet_engine.server.batcher import BatchKey, Job, QueueFull, canvas_snapshot, rows_per_batch, step_data
 from magnet_engine.server.metrics import Metrics
 from magnet_engine.server.schema import ApiError, Settings, api_error_from
 
@@ -153,7 +153,7 @@ class MagnetModel:
         self.model = spec.load()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # The reference loop's rows are not batch-invariant (one generator for all rows).
-        self.max_batch = 1 if self.model.engine == "reference" else max_batch
+        self.max_batch = rows_per_batch(self.model.engine, max_batch)
         # @serve.batch hands over up to two batches' worth of waiting rows, so that rows of equal
         # key find each other among more than one batch's worth, as in the single-process
         # batcher's whole queue; each generate_tokens call still takes at most max_batch.
@@ -293,7 +293,7 @@ class RayBatcher:
         self.handle = handle.options(stream=True)
         self.settings, self.retries = settings, retries
         self.metrics = Metrics(self.queue_depth, lambda: self.running)
-        self.max_batch = 1 if card.engine == "reference" else settings.max_batch
+        self.max_batch = rows_per_batch(card.engine, settings.max_batch)
         self.jobs: tp.Dict[Job, _Rows] = {}
         self.waiting_jobs = 0                      # jobs with a row no replica has started
         self.batch_seconds = 1.0                   # moving average, for Retry-After
