@@ -266,3 +266,27 @@ def test_default_precision_on_cuda_is_mixed_fp16():
     p = generate.plan(lm.cfg, DecodingParams(decoding_steps=(3, 2, 2, 2)), batch=1, frames=30)
     codes = generate.run(p, generate.Models(runtime=runtime), _cond(lm, 1).to(cuda), seeds=[0])
     assert codes.shape == (1, 4, 30) and (codes < lm.cfg.card).all()
+
+
+def test_precision_benchmarks_run_and_report(tiny_dir, tmp_path):
+    """`bench --precisions` and `bench --quality` end to end on the tiny model: the JSON names the
+    CPU, each candidate's timing and what auto chose; fp32 against itself would be exact, the
+    low precisions are not."""
+    import json
+
+    from magnet_engine.bench import main as bench_main
+
+    speed = tmp_path / "speed.json"
+    assert bench_main(["--precisions", "--model", str(tiny_dir), "--duration", "0.5", "--decoding-steps", "2", "1",
+                       "1", "1", "--runs", "1", "--warmup", "0", "--candidates", "fp32", "int8", "auto",
+                       "--out", str(speed)]) == 0
+    report = json.loads(speed.read_text())
+    assert set(report["cases"]) == {"fp32", "int8", "auto"} and report["choices"]["auto"]["precision"] == "fp32"
+    assert report["cases"]["int8"]["runs_precision"] == "int8" and report["cases"]["fp32"]["tokens_cpu_ms"]["p50"] > 0
+    assert "cpu_isa" in report["machine"] and "capability" in report["machine"]["cpu_isa"]
+    quality = tmp_path / "quality.json"
+    assert bench_main(["--quality", "--model", str(tiny_dir), "--duration", "0.5", "--candidates", "int8",
+                       "--out", str(quality)]) == 0
+    figures = json.loads(quality.read_text())["against_fp32"]["int8"]
+    assert 0 < figures["logit_error_in_std"]["p50"] < figures["logit_error_in_std"]["max"]
+    assert 0.5 < figures["greedy_agreement"] < 1 and 0 < figures["sampling_tv"]["cfg_max"]["mean"] < 1

@@ -23,6 +23,7 @@ import torch
 
 from magnet_engine.bench_common import (DEFAULT_OUT, gemm_rate, git_commit, machine_info, run_cases, step_flops,
                                         write_report)
+from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.precision import CHOICES
 
 VARIANTS = ("eager", "compile", "graphs", "compile+graphs")
@@ -64,7 +65,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["eager"],
                    help="fast-runtime variants timed side by side: eager, compile (the whole step through "
                         "torch.compile), graphs (CUDA graphs), compile+graphs")
-    p.add_argument("--decoding-steps", type=int, nargs="+", default=[20, 10, 10, 10])
+    p.add_argument("--decoding-steps", type=int, nargs="+", default=list(DecodingParams().decoding_steps))
     p.add_argument("--compile", action="store_true", help="torch.compile the fast runtime (warm-up compiles)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

@@ -45,6 +45,8 @@ import torch
 from magnet_engine.bench_common import DEFAULT_OUT, git_commit, machine_info, percentile, sync, write_report
 from magnet_engine.demo import PRESETS, build_once
 from magnet_engine.engine import checkpoint as ckpt
+from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.precision import CHOICES
 
 # A reduced architecture for a 2-core CPU (magnet-small at 5 s takes minutes per run there).
 BENCH_ARCHS: tp.Dict[str, dict] = {"mid": dict(dim=512, num_heads=8, num_layers=8), **ckpt.ARCHITECTURES}
@@ -346,8 +348,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine"))
     p.add_argument("--device", default=None)
     p.add_argument("--duration", type=float, default=5.0, help="seconds of audio per generation")
-    p.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CPU, fp16 on CUDA)")
-    p.add_argument("--decoding-steps", type=int, nargs=4, default=[20, 10, 10, 10])
+    p.add_argument("--precision", default=None, choices=CHOICES,
+                   help="default: auto on CPU (what this CPU runs fastest), fp16 on CUDA")
+    p.add_argument("--decoding-steps", type=int, nargs=4, default=list(DecodingParams().decoding_steps))
     p.add_argument("--prefixes", type=float, nargs="+", default=[1.0, 3.0], help="hybrid AR prefix lengths (s)")
     p.add_argument("--bidirectional-prefix", type=float, default=None,
                    help="prefix (s) also run with bidirectional prefix attention (default: the largest "
@@ -374,7 +377,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.precision = args.precision or ("fp16" if device.type == "cuda" else "bf16")
+    args.precision = args.precision or ("fp16" if device.type == "cuda" else "auto")
     segment = max(10.0, float(args.duration))
     t_build = time.perf_counter()
     root = build_models(args.cache_dir, args.arch, segment)
@@ -387,7 +390,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         configure(models[case.model], case, args)
     cfg = models["magnet"].config
     print(f"{args.arch}: dim {cfg.dim}, {cfg.num_heads} heads, {cfg.num_layers} layers; {args.duration:g} s = "
-          f"{models['magnet'].frames} frames, {args.precision}, {device}, {torch.get_num_threads()} threads; "
+          f"{models['magnet'].frames} frames, {models['magnet'].precision_choice.reason}, {device}, {torch.get_num_threads()} threads; "
           f"models in {root} ({build_s:.0f} s to build/find)", flush=True)
 
     descriptions = [DESCRIPTION]
@@ -413,6 +416,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     report = {
         "benchmark": "hybrid", "machine": machine_info(device), "versions": _versions(), "git_commit": git_commit(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "precision_choice": models["magnet"].precision_choice.as_dict(),
         "architecture": {"name": args.arch, **BENCH_ARCHS[args.arch], "segment_duration": segment,
                          "t5": PRESETS[_PRESET_OF[args.arch]]["t5"],
                          "codec_filters": PRESETS[_PRESET_OF[args.arch]]["codec_filters"]},
