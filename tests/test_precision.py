@@ -289,4 +289,4 @@ def test_precision_benchmarks_run_and_report(tiny_dir, tmp_path):
                        "--out", str(quality)]) == 0
     figures = json.loads(quality.read_text())["against_fp32"]["int8"]
     assert 0 < figures["logit_error_in_std"]["p50"] < figures["logit_error_in_std"]["max"]
-    assert 0.5 < figures["greedy_agreement"] < 1 and 0 < figures["sampling_tv"]["cfg_max"]["mean"] < 1
+    assert 0.5 < figures["greedy_agreement"] <= 1 and 0 < figures["sampling_tv"]["cfg_max"]["mean"] < 1
