@@ -178,22 +178,21 @@ def choose_precision(requested: tp.Optional[str], device: torch.device, dim: int
 def _measured(dim: int, ffn_dim: int, candidates: tp.Tuple[str, ...], threads: int,
               capability: str) -> tp.Tuple[tp.Tuple[str, float], ...]:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(AUTO_ROWS, dim, generator=gen)
+    x, h = torch.randn(AUTO_ROWS, dim, generator=gen), torch.randn(AUTO_ROWS, ffn_dim, generator=gen)
+    inputs = (x, x, h)                                                     # each weight's input rows
     weights = [torch.randn(3 * dim, dim, generator=gen) / dim ** 0.5,      # packed q|k|v
                torch.randn(ffn_dim, dim, generator=gen) / dim ** 0.5,      # linear1
                torch.randn(dim, ffn_dim, generator=gen) / ffn_dim ** 0.5]  # linear2
-    qmax = int8_kernels.weight_qmax()
     runs: tp.Dict[str, tp.Callable[[], None]] = {}
     if "fp32" in candidates:
-        runs["fp32"] = lambda: [F.linear(x if w.shape[1] == dim else h, w) for w, h in
-                                zip(weights, (x, x, torch.empty(AUTO_ROWS, ffn_dim)))]
+        runs["fp32"] = lambda: [F.linear(a, w) for a, w in zip(inputs, weights)]
     if "bf16" in candidates:
-        xb, hb, wb = x.bfloat16(), torch.zeros(AUTO_ROWS, ffn_dim, dtype=torch.bfloat16), [w.bfloat16() for w in weights]
-        runs["bf16"] = lambda: [F.linear(xb if w.shape[1] == dim else hb, w) for w in wb]
+        pairs = [(a.bfloat16(), w.bfloat16()) for a, w in zip(inputs, weights)]
+        runs["bf16"] = lambda: [F.linear(a, w) for a, w in pairs]
     if "int8" in candidates:
-        h = torch.zeros(AUTO_ROWS, ffn_dim)
-        packed = [int8_kernels.quantize_weight(w, qmax) for w in weights]
-        runs["int8"] = lambda: [int8_kernels.int8_linear(x if q.shape[1] == dim else h, q, s) for q, s in packed]
+        qmax = int8_kernels.weight_qmax()
+        packed = [(a, *int8_kernels.quantize_weight(w, qmax)) for a, w in zip(inputs, weights)]
+        runs["int8"] = lambda: [int8_kernels.int8_linear(a, q, s) for a, q, s in packed]
     best = {name: float("inf") for name in runs}
     with torch.inference_mode():
         for name, run in runs.items():   # warm-up: first-call allocations and oneDNN primitive creation
