@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from magnet_engine.bench_common import (DEFAULT_OUT, gemm_rate, git_commit, machine_info, run_cases, step_flops,
+from magnet_engine.bench_common import (DEFAULT_OUT, gemm_rate, git_commit, machine_info, run_cases, tokens_flops,
                                         write_report)
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.precision import CHOICES
@@ -109,13 +109,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                 case["speedup_tokens_p50_by_variant"] = {
                     v: ref["tokens_ms"]["p50"] / timings[v]["tokens_ms"]["p50"] for v in args.variants}
             cfg = model.config
-            flops = 0.0
-            from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
-            kept, _, to_gen = spans_to_generate(model.frames, 0, cfg.span_len, True)
-            for stage, n in enumerate(model.params.decoding_steps):
-                sched = stage_schedule(n, to_gen, model.params)
-                for m in sched.num_masked:
-                    flops += step_flops(cfg, batch, kept, model.lm.module.window(stage), m * cfg.span_len)
+            flops, kept = tokens_flops(model, batch)
             case["tokens_tflop"] = flops / 1e12
             case["achieved_tflops"] = flops / (fast["tokens_ms"]["p50"] / 1e3) / 1e12
             case["gemm_tflops_same_shapes"] = gemm_rate(cfg.dim, cfg.ffn_dim, 2 * batch * kept, precision, device) / 1e12

@@ -81,6 +81,20 @@ def step_flops(cfg, batch: int, frames: int, window: tp.Optional[int], gathered:
     return (n - 1) * self_attn + self_attn_l0 + n * (cross + ffn) + head
 
 
+def tokens_flops(model, batch: int) -> tp.Tuple[float, int]:
+    """(matrix FLOPs of one generation's decoding steps, frames kept) for a loaded MAGNeT at its
+    current generation params: `step_flops` summed over the schedule's steps."""
+    from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
+
+    cfg = model.config
+    kept, _, to_gen = spans_to_generate(model.frames, 0, cfg.span_len, True)
+    flops = 0.0
+    for stage, n in enumerate(model.params.decoding_steps):
+        for m in stage_schedule(n, to_gen, model.params).num_masked:
+            flops += step_flops(cfg, batch, kept, model.lm.module.window(stage), m * cfg.span_len)
+    return flops, kept
+
+
 def gemm_rate(d: int, ffn: int, rows: int, precision: str, device: torch.device, repeats: int = 5) -> float:
     """FLOP/s (int8: OP/s) of plain linear layers with the transformer's shapes (rows x D @
     D x 3D, D x 4D, 4D x D) in `precision`'s matmul arithmetic; int8 through the engine's

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from magnet_engine.bench_common import (DEFAULT_OUT, gemm_rate, git_commit, machine_info, percentile, step_flops,
+from magnet_engine.bench_common import (DEFAULT_OUT, gemm_rate, git_commit, machine_info, percentile, tokens_flops,
                                         write_report)
 from magnet_engine.engine.precision import AUTO_CANDIDATES, cpu_info
 
@@ -54,18 +54,6 @@ def _candidates(requested: tp.Optional[tp.Sequence[str]]) -> tp.List[str]:
     return names
 
 
-def _tokens_flops(model, batch: int) -> float:
-    from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
-
-    cfg = model.config
-    kept, _, to_gen = spans_to_generate(model.frames, 0, cfg.span_len, True)
-    flops = 0.0
-    for stage, n in enumerate(model.params.decoding_steps):
-        for m in stage_schedule(n, to_gen, model.params).num_masked:
-            flops += step_flops(cfg, batch, kept, model._lm.window(stage), m * cfg.span_len)
-    return flops
-
-
 def speed(args) -> int:
     directory = _model_dir(args)
     names = _candidates(args.candidates)
@@ -84,8 +72,8 @@ def speed(args) -> int:
     for name, model in models.items():
         t = timings[name]["tokens_ms"]["p50"]
         cfg = model.config
-        kept = model.frames // cfg.span_len * cfg.span_len
-        rate = _tokens_flops(model, args.batch) / (t / 1e3)
+        flops, kept = tokens_flops(model, args.batch)
+        rate = flops / (t / 1e3)
         gemm = gemm_rate(cfg.dim, cfg.ffn_dim, 2 * args.batch * kept, model.precision, torch.device("cpu"))
         case = {"runs_precision": model.precision, "tokens_ms": timings[name]["tokens_ms"],
                 "tokens_cpu_ms": timings[name]["tokens_cpu_ms"], "achieved_gop_s": rate / 1e9,
