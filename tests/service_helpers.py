@@ -71,3 +71,17 @@ def answer_is_sane(client, r) -> None:
         error = r.json()["error"]
         assert error["status"] == r.status_code and error["type"] and error["message"]
     assert client.get("/healthz").json()["status"] == "ok"
+
+
+def tiny_models(tmp_path_factory, name: str):
+    """(MAGNeT, PlayDiffusion): tiny random models for the upload routes' tests, a 1 s window and
+    steps 2 1 1 1, so a valid edit finishes in well under a second."""
+    from magnet_engine import MAGNeT, PlayDiffusion
+    from magnet_engine.demo import build_random_model
+    from magnet_engine.engine.playdiffusion.random_weights import write_random_model
+
+    model = MAGNeT.from_pretrained(build_random_model(tmp_path_factory.mktemp(f"{name}-magnet"), "tiny", duration=1),
+                                   device="cpu")
+    model.set_generation_params(decoding_steps=[2, 1, 1, 1])
+    speech = PlayDiffusion(str(write_random_model(tmp_path_factory.mktemp(f"{name}-pd"), "tiny", seed=1)), device="cpu")
+    return model, speech

@@ -18,12 +18,9 @@ import pytest
 import soundfile as sf
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from magnet_engine import MAGNeT, PlayDiffusion
-from magnet_engine.demo import build_random_model
 from magnet_engine.server.routes.edit import EditLimits
-from magnet_engine.engine.playdiffusion.random_weights import write_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app
-from service_helpers import answer_is_sane
+from service_helpers import answer_is_sane, tiny_models
 from magnet_engine.server.routes.speech import SpeechLimits
 
 RSS_GROWTH_MIB = 300   # over the whole run; one leaked decode of an unbounded upload is gigabytes
@@ -38,10 +35,7 @@ def rss_mib() -> float:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model = MAGNeT.from_pretrained(build_random_model(tmp_path_factory.mktemp("fuzz-edit"), "tiny", duration=1),
-                                   device="cpu")
-    model.set_generation_params(decoding_steps=[2, 1, 1, 1])
-    speech = PlayDiffusion(str(write_random_model(tmp_path_factory.mktemp("fuzz-pd"), "tiny", seed=1)), device="cpu")
+    model, speech = tiny_models(tmp_path_factory, "fuzz")
     app = create_app(model, Settings(max_text_chars=40, max_decoding_steps=2, queue_size=4, request_timeout_s=30,
                                      body_timeout_s=5, body_idle_timeout_s=2),
                      speech=speech, edit_limits=EditLimits(max_upload_bytes=300_000),

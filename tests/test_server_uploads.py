@@ -17,13 +17,11 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from magnet_engine import MAGNeT, PlayDiffusion
-from magnet_engine.demo import build_random_model
 from magnet_engine.server.routes.edit import EditLimits
-from magnet_engine.engine.playdiffusion.random_weights import write_random_model
 from magnet_engine.server import BackgroundServer, Settings, create_app
 from magnet_engine.server.routes.speech import NATIVE_RATES, SpeechLimits, make_speech_router
 from magnet_engine.server.routes.stream import StreamLimits
+from service_helpers import tiny_models
 
 WORDS = [{"word": "hello", "start": 0.05, "end": 0.3}, {"word": "there", "start": 0.35, "end": 0.6},
          {"word": "world", "start": 0.65, "end": 0.95}]
@@ -34,11 +32,7 @@ SETTINGS = Settings(max_text_chars=50, max_decoding_steps=20, body_timeout_s=3, 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    model = MAGNeT.from_pretrained(build_random_model(tmp_path_factory.mktemp("uploads"), "tiny", duration=1),
-                                   device="cpu")
-    model.set_generation_params(decoding_steps=[2, 1, 1, 1])
-    speech = PlayDiffusion(str(write_random_model(tmp_path_factory.mktemp("pd"), "tiny", seed=1)), device="cpu")
-    return model, speech
+    return tiny_models(tmp_path_factory, "uploads")
 
 
 def make_app(models):
