@@ -8,4 +8,5 @@ PYBIND11_MODULE(_C, m) {
     register_sampling(m);
     register_masking(m);
     register_attention(m);
+    register_int8(m);
 }

@@ -8,6 +8,7 @@
 void register_sampling(pybind11::module_& m);
 void register_masking(pybind11::module_& m);
 void register_attention(pybind11::module_& m);
+void register_int8(pybind11::module_& m);
 
 // Typed view of a numpy buffer (a zero-copy view of a CPU torch tensor): checks the dtype,
 // the rank and that the last dimension is contiguous, so a wrong tensor raises instead of

@@ -38,6 +38,36 @@ def test_int8_linear_equals_its_exact_twin(shape, n, bias):
     torch.testing.assert_close(y, int8.int8_linear_reference(x, q, s, b), rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.skipif(int8._cpp() is None, reason="the C++ extension is not built")
+@pytest.mark.parametrize("rows,cols,n", [(1, 1, 3), (6, 67, 9), (300, 1024, 40)])
+def test_cpp_quantize_and_rescale_are_the_torch_passes_bitwise(rows, cols, n):
+    """The C++ passes around the int8 product (csrc/int8.cpp) round exactly as the torch ones,
+    ties to even, zero and non-finite tokens included, so the int8 path is one function
+    whichever runs."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, cols + 3, generator=gen)[:, 3:] * 5    # a strided view, as a sliced activation
+    if rows > 1:
+        x[1] = 0.0                                                 # an all-zero token: the smallest scale
+        x[2, cols // 2] = float("nan")                             # a NaN token: NaN scale, NaN outputs
+        x[3, 0] = float("inf")                                   # inf / inf: a NaN code, 0 as torch casts it
+        x[4, :-1] = torch.arange(cols - 1) % 9 - 3.5               # scale exactly 1 (max 127): halves
+        x[4, -1] = 127.0                                           # round half to even, as torch.round
+    module = int8._cpp()
+    q_cpp, s_cpp = int8._quantize_rows_cpp(module, x.contiguous())
+    q, s = int8.quantize_rows(x)
+    finite = ~s[:, 0].isnan()
+    assert torch.equal(s_cpp.isnan(), s.isnan()) and torch.equal(s_cpp[finite], s[finite])
+    assert torch.equal(q_cpp[finite], q[finite])   # a NaN token's codes are unspecified: its scale decides
+    acc = torch.randint(-2 ** 20, 2 ** 20, (rows, n), generator=gen, dtype=torch.int32)
+    scale, bias = torch.rand(n, generator=gen), torch.randn(n, generator=gen)
+    for b in (bias, None):
+        expected = int8.rescale(acc.clone(), s, scale, b)
+        got = int8._rescale_cpp(module, acc.clone(), s, scale, b)
+        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
+        if rows > 1:
+            assert bool(got[2].isnan().all())
+
+
 def test_weight_range_is_exact_on_this_dispatch():
     """weight_qmax() is the widest weight range whose products this CPU's int8 path computes
     exactly: the worst case (|x| = 127 everywhere, both signs) at that range must be exact."""
