@@ -294,6 +294,12 @@ SPAN_SCORINGS = ("max", "prod")
 MAX_DECODING_STEPS = 1000   # per codebook
 MAX_CFG_COEF = 1e4
 
+# Seeds key the sampler's counter-based streams, one int64 per row (kernels/rng.py): a row's
+# seed lies in [0, SEED_LIMIT). A caller's seed, or one drawn for it, lies below MAX_SEED, so
+# that row b of a batch, seeded with seed + b, stays in range whatever the batch.
+SEED_LIMIT = 2 ** 63
+MAX_SEED = 2 ** 62
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodingParams:

@@ -36,7 +36,7 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import reference
-from magnet_engine.engine.config import DecodingParams, ModelConfig, check_same_codes
+from magnet_engine.engine.config import SEED_LIMIT, DecodingParams, ModelConfig, check_same_codes
 from magnet_engine.engine.errors import InvalidOptionError, RegionError
 from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, delayed_length,
                                          frames_with_prefix, plan_hybrid, revert_delayed, tail_forward)
@@ -46,7 +46,7 @@ from magnet_engine.engine.playdiffusion.unmasking import Draws
 from magnet_engine.engine.schedule import span_fixed, spans_to_generate
 from magnet_engine.kernels import masking
 
-# Long-form windows after the first draw with seed + i·WINDOW_SEED_STEP (mod 2^63), so that
+# Long-form windows after the first draw with seed + i·WINDOW_SEED_STEP (mod SEED_LIMIT), so that
 # a window's draws are not the previous window's replayed on a shifted canvas.
 WINDOW_SEED_STEP = 0x9E3779B97F4A7C15
 
@@ -285,7 +285,7 @@ def snap_regions(cfg: ModelConfig, params: DecodingParams, frames: int,
 
 def window_seeds(seeds: tp.Sequence[int], index: int) -> tp.List[int]:
     """The seeds of long-form window `index` (window 0: the rows' own)."""
-    return [(s + index * WINDOW_SEED_STEP) % 2 ** 63 for s in seeds]
+    return [(s + index * WINDOW_SEED_STEP) % SEED_LIMIT for s in seeds]
 
 
 def _check_intervals(fixed: tp.Sequence[tp.Tuple[int, int]], kept: int) -> Intervals:
