@@ -34,6 +34,9 @@ from magnet_engine.errors import InvalidInputError, InvalidOptionError
 from magnet_engine.memory import memory_stats
 from magnet_engine.streaming import Progress
 
+# set_generation_params' defaults: the option dataclasses', never restated
+_DECODING, _HYBRID, _AR, _RESCORE = DecodingParams(), HybridOptions(), ARParams(), RescoreOptions()
+
 
 class MAGNeT:
     """A loaded MAGNeT model: LM, text conditioner and EnCodec, plus generation params."""
@@ -200,17 +203,22 @@ class MAGNeT:
         self._progress_callback = progress_callback
 
     # ------------------------------------------------------------- parameters
-    def set_generation_params(self, use_sampling: bool = True, top_k: int = 0, top_p: float = 0.9,
-                              temperature: float = 3.0, max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
-                              decoding_steps: tp.Sequence[int] = (20, 10, 10, 10),
-                              span_arrangement: str = "nonoverlap", duration: tp.Optional[float] = None,
-                              span_scoring: str = "max", anneal_temp: bool = True, *,
-                              hybrid_prefix_seconds: tp.Optional[float] = None, hybrid_handoff: str = "staircase",
-                              hybrid_prefix_attention: str = "cached", prefix_model=None,
-                              ar_use_sampling: bool = True, ar_top_k: int = 250, ar_top_p: float = 0.0,
-                              ar_temperature: float = 1.0, ar_cfg_coef: tp.Optional[float] = None,
-                              rescorer=None, rescore_weight: float = 1.0, rescore_temperature: str = "tempered",
-                              rescore_fill: str = "special", rescore_cfg_coef: tp.Optional[float] = None) -> None:
+    def set_generation_params(self, use_sampling: bool = _DECODING.use_sampling, top_k: int = _DECODING.top_k,
+                              top_p: float = _DECODING.top_p, temperature: float = _DECODING.temperature,
+                              max_cfg_coef: float = _DECODING.max_cfg_coef,
+                              min_cfg_coef: float = _DECODING.min_cfg_coef,
+                              decoding_steps: tp.Sequence[int] = _DECODING.decoding_steps,
+                              span_arrangement: str = _DECODING.span_arrangement, duration: tp.Optional[float] = None,
+                              span_scoring: str = _DECODING.span_scoring, anneal_temp: bool = _DECODING.anneal_temp, *,
+                              hybrid_prefix_seconds: tp.Optional[float] = _HYBRID.prefix_seconds,
+                              hybrid_handoff: str = _HYBRID.handoff,
+                              hybrid_prefix_attention: str = _HYBRID.prefix_attention, prefix_model=None,
+                              ar_use_sampling: bool = _AR.use_sampling, ar_top_k: int = _AR.top_k,
+                              ar_top_p: float = _AR.top_p, ar_temperature: float = _AR.temperature,
+                              ar_cfg_coef: tp.Optional[float] = None, rescorer=None,
+                              rescore_weight: float = _RESCORE.weight, rescore_temperature: str = _RESCORE.temperature,
+                              rescore_fill: str = _RESCORE.fill,
+                              rescore_cfg_coef: tp.Optional[float] = _RESCORE.cfg_coef) -> None:
         """Set decoding options; names and defaults as audiocraft's MAGNeT (docs/model.md §6).
 
         `duration` (seconds): None keeps the current one (audiocraft's MAGNeT takes no duration
