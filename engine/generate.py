@@ -9,7 +9,7 @@
              hybrid=HybridOptions())                                 #  MAGNeT checkpoint)
     p = plan(cfg, params, batch=1, frames=500, prefix_frames=150,    # two-model hybrid (a
              hybrid=HybridOptions(), prefix_cfg=musicgen.cfg)        #  MusicGen prefix)
-    codes = run(p, models, cond, seeds=[0], listener=print)
+    codes = run(p, runtimes.models(p), cond, seeds=[0], listener=print)
 
 A plan is host data only (no tensors): the AR phase (steps, sequence length), the masked
 phase (frames kept, steps per stage, the fixed cells of each codebook as frame intervals)
@@ -19,7 +19,9 @@ of length len_k of codebook k, infill every frame outside the regions, and a lon
 window (`Plan.phases`, one MaskedPhase each) the previous window's tail. `run` walks it and reports typed events (`events.py`):
 `Started`, an `ARStep` per AR step, `PrefixReady` when a hybrid prefix is final, a `StageStep` per masked
 step, a `WindowReady` when a window's frames are final (every plan has at least one window),
-`Done` at the end. The API, the CLI, the server and every benchmark call these two.
+`Done` at the end. The API, the CLI, the server and every benchmark call these two. The
+rules the API checks its options by before it keeps them are asked here too (`check_prefix`,
+`check_engine`), and which runtimes a plan runs on is picked here (`Runtimes.models`).
 Rescoring is not a mode: it is a confidence hook passed to `run` (`rescoring.BoundRescorer`).
 
 PlayDiffusion's unmasking (speech inpainting, TTS) plans with its model, in
@@ -37,9 +39,10 @@ import torch
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import reference
 from magnet_engine.engine.config import SEED_LIMIT, DecodingParams, ModelConfig, check_same_codes
+from magnet_engine.engine.decoding import Runtime
 from magnet_engine.engine.errors import InvalidOptionError, RegionError
-from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, delayed_length,
-                                         frames_with_prefix, plan_hybrid, revert_delayed, tail_forward)
+from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, check_tail,
+                                         delayed_length, plan_hybrid, revert_delayed, tail_forward)
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.playdiffusion.plan import SpeechPlan, run_speech
 from magnet_engine.engine.playdiffusion.unmasking import Draws
@@ -177,10 +180,8 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         if not bool((free > 0).all()):
             raise InvalidOptionError("infill: every cell is fixed, nothing to decode")
         return Plan("infill", engine, batch, frames, params, None, phase)
+    check_prefix(cfg, frames, prefix_frames, prefix_cfg)
     if not prefix_frames:
-        if cfg.pattern != "parallel":
-            raise InvalidOptionError(f"a {cfg.pattern}-layout (hybrid-MAGNeT) checkpoint decodes with an AR prefix: "
-                                     "prefix_frames must be >= 1")
         mode = "prompt" if prompt_frames else "plain"
         return Plan(mode, engine, batch, frames, params, None,
                     MaskedPhase(kept, steps, _prefixes((prompt_frames,) * cfg.n_q)))
@@ -188,9 +189,6 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         raise InvalidOptionError("hybrid decoding runs on the fast engine only")
     hybrid = (hybrid or HybridOptions()).validate()
     if prefix_cfg is None:
-        if not cfg.is_hybrid:
-            raise InvalidOptionError("an AR prefix on a plain MAGNeT needs a prefix model (MusicGen / AudioGen): "
-                                     "the two-model hybrid")
         if rescore_fill == "greedy":
             raise InvalidOptionError("rescore_fill='greedy' is not supported with hybrid decoding (the delay "
                                      "layout puts each head's frames on other rows); use 'special'")
@@ -199,12 +197,33 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         return Plan("hybrid", engine, batch, frames, params, ar,
                     MaskedPhase(tail.frames, steps, _prefixes(tail.prompt_lens), tail))
     check_same_codes(prefix_cfg, cfg, "prefix model")
-    frames_with_prefix(cfg, frames, prefix_frames, params)
     # the staircase completed into a rectangle: max(d) extra steps fix F frames of every codebook
     ar = ARPhase("prefix", prefix_frames + prefix_cfg.max_delay, delayed_length(prefix_frames, prefix_cfg.delays),
                  prefix_frames, hybrid.ar)
     return Plan("two_model", engine, batch, frames, params, ar,
                 MaskedPhase(kept, steps, _prefixes((prefix_frames,) * cfg.n_q)))
+
+
+def check_prefix(cfg: ModelConfig, frames: int, prefix_frames: int,
+                 prefix_cfg: tp.Optional[ModelConfig] = None) -> None:
+    """The rules of an AR prefix of `prefix_frames` in a `frames`-frame clip (prefix_cfg: a
+    prefix model's config): `plan` applies them, the API asks them of its options before it
+    keeps them. A hybrid-MAGNeT checkpoint makes its own prefix, of at least one frame; a
+    plain MAGNeT takes one only from a prefix model (MusicGen / AudioGen: the two-model
+    hybrid); the prefix leaves at least one span to masked decoding (`hybrid.check_tail`)."""
+    if prefix_cfg is not None and cfg.is_hybrid:
+        raise InvalidOptionError("prefix_model is for a plain MAGNeT (two-model hybrid); this hybrid-MAGNeT "
+                                 "checkpoint makes its own prefix")
+    if cfg.pattern != "parallel" and prefix_frames < 1:
+        raise InvalidOptionError(f"a {cfg.pattern}-layout (hybrid-MAGNeT) checkpoint decodes with an AR prefix: "
+                                 f"hybrid_prefix_seconds must be at least one frame (1/{cfg.frame_rate:g} s), "
+                                 f"found {prefix_frames} frames")
+    if not prefix_frames:
+        return
+    if prefix_cfg is None and not cfg.is_hybrid:
+        raise InvalidOptionError("an AR prefix (hybrid_prefix_seconds) on a plain MAGNeT needs a prefix model "
+                                 "(prefix_model=<MusicGen / AudioGen checkpoint>): the two-model hybrid")
+    check_tail(cfg, frames, prefix_frames)
 
 
 def check_engine(engine: str) -> str:
@@ -304,14 +323,50 @@ def _check_intervals(fixed: tp.Sequence[tp.Tuple[int, int]], kept: int) -> Inter
 
 @dataclasses.dataclass
 class Models:
-    """What `run` executes a plan with. runtime: the fast masked runtime (`decoding.Runtime`);
-    lm: the fp32 LM (the reference engine's); ar: the AR runtime of the prefix phase (hybrid:
-    the same LM's, two-model: the prefix model's); speech: PlayDiffusion's unmasking runtime
+    """What `run` executes a plan with (`Runtimes.models` picks them for a MAGNeT plan).
+    runtime: the fast masked runtime (`decoding.Runtime`); lm: the fp32 LM (the reference
+    engine's); ar: the AR runtime of the prefix phase (hybrid: the same LM's, two-model: the
+    prefix model's); speech: PlayDiffusion's unmasking runtime
     (`playdiffusion.unmasking.SpeechRuntime`, speech plans)."""
-    runtime: tp.Any = None
+    runtime: tp.Optional[Runtime] = None
     lm: tp.Optional[MagnetLM] = None
     ar: tp.Optional[ARRuntime] = None
     speech: tp.Any = None
+
+
+class Runtimes:
+    """The runtimes of one MAGNeT LM, each built on first use and kept (they hold its static
+    step states): the fast masked runtime, which casts the LM in place to `precision`; the AR
+    runtime over that same LM (a hybrid checkpoint's prefix); the fp32 LM of the reference
+    engine, from `reference_lm`. `models(plan)` picks those the plan runs on."""
+
+    def __init__(self, lm: MagnetLM, precision: str, reference_lm: tp.Callable[[], MagnetLM], *,
+                 compile: bool = False, cuda_graphs: bool = False):
+        self._lm, self._precision, self._reference_lm = lm, precision, reference_lm
+        self._compile, self._cuda_graphs = compile, cuda_graphs
+        self._masked: tp.Optional[Runtime] = None
+        self._ar: tp.Optional[ARRuntime] = None
+
+    def masked(self) -> Runtime:
+        if self._masked is None:
+            self._masked = Runtime(self._lm, precision=self._precision, compile=self._compile,
+                                   cuda_graphs=self._cuda_graphs)
+        return self._masked
+
+    def models(self, p: Plan, prefix: tp.Optional[ARRuntime] = None) -> Models:
+        """What `run` executes plan `p` with. prefix: the prefix model's AR runtime (two-model)."""
+        if p.engine == "reference":
+            return Models(lm=self._reference_lm())
+        runtime, ar = self.masked(), None
+        if p.ar is not None and p.ar.model == "self":
+            if self._ar is None:
+                self._ar = ARRuntime(runtime.lm, runtime.dtype, cuda_graphs=self._cuda_graphs)
+            ar = self._ar
+        elif p.ar is not None:
+            if prefix is None:
+                raise InvalidOptionError("a two-model plan runs its AR phase on the prefix model: pass its runtime")
+            ar = prefix
+        return Models(runtime=runtime, ar=ar)
 
 
 @torch.no_grad()

@@ -166,16 +166,14 @@ def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tu
     import contextlib
 
     from magnet_engine.engine import events
-    from magnet_engine.engine.hybrid import plan_hybrid
 
     device = model.device
     marks: tp.Dict[str, float] = {}
     info: tp.Dict[str, tp.Any] = {"loadavg_1m": _loadavg()}
     prefix_frames = model.prefix_frames(options=model.hybrid)
-    if model.config.is_hybrid:   # rows each masked step recomputes: query_start..seq_len
-        plan = plan_hybrid(model.config, model.frames, prefix_frames, model.params, model.hybrid.handoff,
-                           model.hybrid.prefix_attention)
-        info.update(recomputed_rows=plan.seq_len - plan.query_start, sequence_rows=plan.seq_len)
+    tail = model.plan().masked.tail
+    if tail is not None:   # hybrid: the rows each masked step recomputes, query_start..seq_len
+        info.update(recomputed_rows=tail.seq_len - tail.query_start, sequence_rows=tail.seq_len)
 
     def listen(event) -> None:
         if isinstance(event, events.Started):

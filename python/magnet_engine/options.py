@@ -2,9 +2,9 @@
 raises `InvalidOptionError` naming what was expected and found, and changes nothing.
 
 The rules themselves live in the engine (`DecodingParams.validate`, `HybridOptions.validate`,
-`generate.check_engine`, `precision.choose_precision`); what is here is the API's own layer
-over them: durations and the long-form stride in seconds, audiocraft's `generation_params`
-mapping, the hybrid prefix in seconds, the precision of the reference engine.
+`generate.check_prefix`, `generate.check_engine`, `precision.choose_precision`); what is here
+is the API's own layer over them: durations and the long-form stride in seconds, audiocraft's
+`generation_params` mapping, the precision of the reference engine.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import torch
 
 from magnet_engine.engine import generate
 from magnet_engine.engine.config import DecodingParams, ModelConfig
-from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, HybridOptions
 from magnet_engine.engine.precision import AUTO, CHOICES, PrecisionChoice, choose_precision
 from magnet_engine.errors import InvalidOptionError
 
@@ -125,29 +124,3 @@ def stride_frames(extend_stride: tp.Optional[float], max_duration: float, frame_
     """Frames between long-form windows: `extend_stride`, or DEFAULT_STRIDE_FRACTION of the window."""
     stride = extend_stride if extend_stride is not None else DEFAULT_STRIDE_FRACTION * max_duration
     return int(round(stride * frame_rate))
-
-
-def prefix_frames(cfg: ModelConfig, frame_rate: float, options: HybridOptions, clip_seconds: float) -> int:
-    """Frames of the AR prefix; 0 when decoding is not hybrid. A hybrid checkpoint's default is
-    DEFAULT_PREFIX_SECONDS, or half of a shorter clip."""
-    seconds = options.prefix_seconds
-    if seconds is None:
-        seconds = min(DEFAULT_PREFIX_SECONDS, clip_seconds / 2) if cfg.is_hybrid else 0.0
-    return int(round(seconds * frame_rate))
-
-
-def check_hybrid(cfg: ModelConfig, frame_rate: float, options: HybridOptions, two_model: bool,
-                 duration: float) -> None:
-    """The hybrid prefix in seconds against the checkpoint and the clip: what `generate.plan`
-    is then asked in frames. two_model: a prefix model (MusicGen / AudioGen) is set."""
-    frames = prefix_frames(cfg, frame_rate, options, duration)
-    total = int(duration * frame_rate)
-    if cfg.is_hybrid and frames < 1:
-        raise InvalidOptionError("a hybrid-MAGNeT checkpoint decodes with an AR prefix: hybrid_prefix_seconds "
-                                 f"must be at least one frame (1/{frame_rate:g} s), found {options.prefix_seconds}")
-    if frames and not cfg.is_hybrid and not two_model:
-        raise InvalidOptionError("hybrid_prefix_seconds on a plain MAGNeT needs prefix_model=<MusicGen / "
-                                 "AudioGen checkpoint> (the two-model hybrid)")
-    if frames and frames + cfg.span_len > total:
-        raise InvalidOptionError(f"the AR prefix ({frames} frames) must leave at least one span of the "
-                                 f"{total}-frame clip to masked decoding")
