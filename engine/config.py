@@ -167,10 +167,6 @@ class ModelConfig:
     def mask_id(self) -> int:
         return self.card
 
-    @property
-    def max_frames(self) -> int:
-        return int(self.frame_rate * self.segment_duration)
-
     @classmethod
     def from_xp_cfg(cls, cfg, frame_rate: tp.Optional[int] = None) -> "ModelConfig":
         """Build from a parsed xp.cfg. `frame_rate` comes from the codec (the loader's rule);

@@ -46,7 +46,7 @@ from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, Hyb
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.playdiffusion.plan import SpeechPlan, run_speech
 from magnet_engine.engine.playdiffusion.unmasking import Draws
-from magnet_engine.engine.schedule import span_fixed, spans_to_generate
+from magnet_engine.engine.schedule import kept_frames, span_fixed
 from magnet_engine.kernels import masking
 
 # Long-form windows after the first draw with seed + i·WINDOW_SEED_STEP (mod SEED_LIMIT), so that
@@ -159,7 +159,7 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
     check_engine(engine)
     steps = tuple(params.decoding_steps)
     layout = masking.mode(cfg.span_len, params.span_arrangement)
-    kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
+    kept = kept_frames(frames, cfg.span_len, params.span_arrangement)
     if prefix_frames and prompt_frames:
         raise InvalidOptionError("hybrid decoding and a prompt are exclusive: the AR prefix is the prompt")
     if fixed is not None and (prompt_frames or prefix_frames):
@@ -239,18 +239,17 @@ def plan_windows(cfg: ModelConfig, params: DecodingParams, frames: int, window_f
     window_frames long (span-trimmed); its frames before the previous window's end are fixed
     (that window's tail), the rest are new. The last window is shorter when the clip ends
     earlier; a window that would add nothing after trimming is not made."""
-    chunked = masking.mode(cfg.span_len, params.span_arrangement) == "chunk"
     if stride_frames is None or not 1 <= stride_frames < window_frames:
         raise InvalidOptionError(f"long-form decoding needs a stride of 1 to {window_frames - 1} frames "
                                  f"(extend_stride below the window), found {stride_frames}")
-    if spans_to_generate(window_frames, 0, cfg.span_len, chunked)[0] - (window_frames - stride_frames) < 1:
+    if kept_frames(window_frames, cfg.span_len, params.span_arrangement) - (window_frames - stride_frames) < 1:
         raise InvalidOptionError(f"a stride of {stride_frames} frames adds nothing to a {window_frames}-frame "
                                  "window after span trimming")
     steps = tuple(params.decoding_steps)
     windows: tp.List[MaskedPhase] = []
     start, end = 0, 0
     while True:
-        length = spans_to_generate(min(window_frames, frames - start), 0, cfg.span_len, chunked)[0]
+        length = kept_frames(min(window_frames, frames - start), cfg.span_len, params.span_arrangement)
         if start + length <= max(end, prompt_frames):
             break
         fixed = max(end - start, prompt_frames if start == 0 else 0)
@@ -270,9 +269,8 @@ def snap_regions(cfg: ModelConfig, params: DecodingParams, frames: int,
     sorted, disjoint and within the kept frames T'. In 'nonoverlap' the regions are widened
     outward to whole chunks (a region's frames are then decoded with their chunk's
     neighbours); overlapping or touching regions are merged. fixed: the complement."""
-    chunked = masking.mode(cfg.span_len, params.span_arrangement) == "chunk"
-    kept = spans_to_generate(frames, 0, cfg.span_len, chunked)[0]
-    unit = cfg.span_len if chunked else 1
+    kept = kept_frames(frames, cfg.span_len, params.span_arrangement)
+    unit = cfg.span_len if masking.mode(cfg.span_len, params.span_arrangement) == "chunk" else 1
     snapped = []
     for start, end in regions:
         if not 0 <= start < end <= frames:

@@ -47,7 +47,7 @@ from magnet_engine.engine import graphs
 from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampling_options
 from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.engine.model import KVCache, MagnetLM
-from magnet_engine.engine.schedule import spans_to_generate
+from magnet_engine.engine.schedule import kept_frames
 from magnet_engine.kernels import backend, masking, sampling
 
 HANDOFFS = ("staircase", "rectangle")
@@ -322,7 +322,7 @@ def plan_hybrid(cfg: ModelConfig, frames: int, prefix_frames: int, params: Decod
     check_handoff(handoff, prefix_attention)
     check_tail(cfg, frames, prefix_frames)
     layout = masking.mode(cfg.span_len, params.span_arrangement)
-    kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
+    kept = kept_frames(frames, cfg.span_len, params.span_arrangement)
     delays = cfg.delays
     if handoff == "staircase":
         steps, lens = prefix_frames, tuple(max(prefix_frames - d, 0) for d in delays)

@@ -30,6 +30,7 @@ from magnet_engine.engine.hybrid import ARParams, HybridOptions
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.precision import PRECISIONS, PrecisionChoice, cast_for_precision
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
+from magnet_engine.engine.schedule import duration_frames
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 from magnet_engine.memory import memory_stats
 from magnet_engine.streaming import Progress
@@ -255,7 +256,7 @@ class MAGNeT:
         ar = ARParams(use_sampling=ar_use_sampling, top_k=ar_top_k, top_p=ar_top_p, temperature=ar_temperature,
                       cfg_coef=ar_cfg_coef)
         hybrid = HybridOptions(hybrid_prefix_seconds, hybrid_handoff, hybrid_prefix_attention, ar).validate()
-        generate.check_prefix(self.config, int(new_duration * self.frame_rate),
+        generate.check_prefix(self.config, duration_frames(new_duration, self.frame_rate),
                               self.prefix_frames(new_duration, hybrid), None if prefix is None else prefix.cfg)
         scorer = self._external_lm(rescorer) if rescorer is not None else None
         self.params, self.hybrid, self.rescore = params, hybrid, rescore
@@ -294,7 +295,7 @@ class MAGNeT:
     def window_count(self, duration: float) -> int:
         """How many windows a plain generation of `duration` seconds decodes (1 within
         max_duration; long-form advances extend_stride per window)."""
-        frames, window = int(duration * self.frame_rate), int(self.max_duration * self.frame_rate)
+        frames, window = duration_frames(duration, self.frame_rate), duration_frames(self.max_duration, self.frame_rate)
         if frames <= window:
             return 1
         return len(generate.plan_windows(self.config, self.params, frames, window, self._stride_frames()))
@@ -305,7 +306,7 @@ class MAGNeT:
     @property
     def frames(self) -> int:
         """T = ⌊duration · frame_rate⌋, as the original's max_gen_len."""
-        return int(self.duration * self.frame_rate)
+        return duration_frames(self.duration, self.frame_rate)
 
     def plan(self, batch: int = 1, duration: tp.Optional[float] = None, *, prompt_frames: int = 0,
              params: tp.Optional[DecodingParams] = None,
@@ -317,12 +318,12 @@ class MAGNeT:
         options = self.hybrid if options is None else options
         duration = self.duration if duration is None else duration
         return generate.plan(
-            self.config, params, batch=batch, frames=int(duration * self.frame_rate),
+            self.config, params, batch=batch, frames=duration_frames(duration, self.frame_rate),
             prompt_frames=prompt_frames, hybrid=options,
             prefix_frames=self.prefix_frames(min(duration, self.max_duration), options),
             prefix_cfg=None if self.prefix_model is None else self.prefix_model.cfg,
             rescore_fill=self.rescore.fill, engine=self.engine,
-            window_frames=int(self.max_duration * self.frame_rate), stride_frames=self._stride_frames())
+            window_frames=duration_frames(self.max_duration, self.frame_rate), stride_frames=self._stride_frames())
 
     # ------------------------------------------------------------- generation
     def generate(self, descriptions: tp.Sequence[tp.Optional[str]], progress: tp.Union[bool, Progress] = False,
@@ -416,7 +417,7 @@ class MAGNeT:
             sample_rate = file_rate if sample_rate is None else sample_rate
         codes, descriptions = self._encode_clip(audio, sample_rate, descriptions, "audio", "sample_rate",
                                                 max_seconds=self.max_duration)
-        frames = min(codes.shape[-1], int(self.max_duration * self.frame_rate))
+        frames = min(codes.shape[-1], duration_frames(self.max_duration, self.frame_rate))
         codes = codes[..., :frames]
         the_plan = self.infill_plan(frames, regions, batch=codes.shape[0], params=params)
         return codes, descriptions, the_plan, req.row_seeds(seed, codes.shape[0])
@@ -486,7 +487,7 @@ class MAGNeT:
     # --------------------------------------------------------------- internals
     def _check_prompt_codes(self, codes: torch.Tensor, batch: int, duration: tp.Optional[float] = None) -> torch.Tensor:
         duration = self.duration if duration is None else duration
-        codes = req.check_prompt_codes(codes, batch, self.config, int(duration * self.frame_rate), duration)
+        codes = req.check_prompt_codes(codes, batch, self.config, duration_frames(duration, self.frame_rate), duration)
         return codes.to(self.device, torch.long)
 
     def _progress_for(self, progress: tp.Union[bool, Progress]) -> tp.Union[bool, Progress]:

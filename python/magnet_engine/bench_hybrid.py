@@ -247,7 +247,7 @@ def summarise(case: Case, samples: tp.List[dict], model, args) -> dict:
     for key in ("prefix_frames", "prefix_audio_s", "rescore_calls", "recomputed_rows", "sequence_rows"):
         if key in samples[0]:
             out[key] = samples[0][key]
-    audio_s = model.frames // model.config.span_len * model.config.span_len / model.frame_rate
+    audio_s = model.plan().out_frames / model.frame_rate
     out["audio_seconds"] = audio_s
     out["real_time_factor"] = audio_s / (out["end_to_end_ms"]["p50"] / 1e3)
     return out

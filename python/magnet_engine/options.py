@@ -19,6 +19,7 @@ import torch
 from magnet_engine.engine import generate
 from magnet_engine.engine.config import DecodingParams, ModelConfig
 from magnet_engine.engine.precision import AUTO, CHOICES, PrecisionChoice, choose_precision
+from magnet_engine.engine.schedule import duration_frames
 from magnet_engine.errors import InvalidOptionError
 
 # Long-form: the default stride is this fraction of the window (18 s of a 30 s window, as
@@ -90,7 +91,7 @@ def check_max_duration(value, cfg: ModelConfig, frame_rate: float) -> tp.Union[i
     if not is_real(value) or not 0 < value <= trained + 1e-9:
         raise InvalidOptionError(f"max_duration must be a number of seconds in (0, {trained:g}] (the model's "
                                  f"trained length), found {value!r}")
-    if int(value * frame_rate) < max(cfg.span_len, 1):
+    if duration_frames(value, frame_rate) < max(cfg.span_len, 1):
         raise InvalidOptionError(f"max_duration {value} s is shorter than one span of {cfg.span_len} frames")
     return plain_number(value)
 
@@ -107,7 +108,7 @@ def check_duration(duration, cfg: ModelConfig, frame_rate: float, max_duration: 
     if duration <= 0 or duration > limit + 1e-9:
         raise InvalidOptionError(f"duration must be in (0, {limit:g}] s (the longest this model generates, "
                                  f"or the configured limit), found {duration}")
-    if int(duration * frame_rate) < max(cfg.span_len, 1):
+    if duration_frames(duration, frame_rate) < max(cfg.span_len, 1):
         raise InvalidOptionError(f"duration {duration} s is shorter than one span of {cfg.span_len} frames")
     return float(duration)
 
