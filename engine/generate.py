@@ -165,7 +165,7 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
     if fixed is not None and (prompt_frames or prefix_frames):
         raise InvalidOptionError("infill fixes its own cells: no prompt or AR prefix with it")
     if window_frames is not None and frames > window_frames:
-        if prefix_frames or fixed is not None or cfg.pattern != "parallel":
+        if prefix_frames or fixed is not None or not decodes_long_form(cfg):
             raise InvalidOptionError("long-form decoding (frames past the window) does not combine with hybrid "
                                      "decoding or infill")
         windows = plan_windows(cfg, params, frames, window_frames, stride_frames, prompt_frames)
@@ -224,6 +224,12 @@ def check_prefix(cfg: ModelConfig, frames: int, prefix_frames: int,
         raise InvalidOptionError("an AR prefix (hybrid_prefix_seconds) on a plain MAGNeT needs a prefix model "
                                  "(prefix_model=<MusicGen / AudioGen checkpoint>): the two-model hybrid")
     check_tail(cfg, frames, prefix_frames)
+
+
+def decodes_long_form(cfg: ModelConfig) -> bool:
+    """Whether a checkpoint decodes past its window, window by window: a parallel-layout MAGNeT
+    does; a hybrid one (delay layout) decodes one window, its AR prefix then its tail."""
+    return cfg.pattern == "parallel"
 
 
 def check_engine(engine: str) -> str:

@@ -2,9 +2,10 @@
 raises `InvalidOptionError` naming what was expected and found, and changes nothing.
 
 The rules themselves live in the engine (`DecodingParams.validate`, `HybridOptions.validate`,
-`generate.check_prefix`, `generate.check_engine`, `precision.choose_precision`); what is here
-is the API's own layer over them: durations and the long-form stride in seconds, audiocraft's
-`generation_params` mapping, the precision of the reference engine.
+`generate.check_prefix`, `generate.decodes_long_form`, `generate.check_engine`,
+`precision.choose_precision`); what is here is the API's own layer over them: durations and
+the long-form stride in seconds, audiocraft's `generation_params` mapping, the precision of
+the reference engine.
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def check_duration(duration, cfg: ModelConfig, frame_rate: float, max_duration: 
     """A duration in seconds against the longest this model generates (and `limit`, e.g. a
     server's cap). A plain MAGNeT generates past `max_duration` window by window (long-form,
     up to MAX_LONGFORM_SECONDS); a hybrid one stays within it."""
-    longest = max_duration if cfg.is_hybrid else MAX_LONGFORM_SECONDS
+    longest = MAX_LONGFORM_SECONDS if generate.decodes_long_form(cfg) else max_duration
     limit = longest if limit is None else min(limit, longest)
     if not is_real(duration):
         raise InvalidOptionError(f"duration must be a number of seconds, found {duration!r}")
