@@ -35,7 +35,7 @@ from magnet_engine.errors import InvalidInputError, InvalidOptionError
 from magnet_engine.memory import memory_stats
 from magnet_engine.streaming import Progress
 
-# set_generation_params' defaults: the option dataclasses', never restated
+# set_generation_params' defaults, read from the option dataclasses: a default changed there changes here
 _DECODING, _HYBRID, _AR, _RESCORE = DecodingParams(), HybridOptions(), ARParams(), RescoreOptions()
 
 
