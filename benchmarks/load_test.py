@@ -60,6 +60,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.generate import ENGINES
+from magnet_engine.engine.schedule import duration_frames
 from magnet_engine.server.schema import Settings
 
 PROMPTS = [
@@ -229,7 +230,7 @@ def summarise(records: list, wall_s: float, args, max_batch: int, clients: int, 
     generated = [r for r in ok if r["kind"] == "generate"]
     for r in generated:
         batch_hist[str(r["batch_size"])] = batch_hist.get(str(r["batch_size"]), 0) + 1
-    audio_s = len(ok) * int(args.duration * 50) / 50  # frames at 50 Hz, as the model counts them
+    audio_s = len(ok) * duration_frames(args.duration, 50) / 50  # the served models' codecs run at 50 Hz
 
     def med(key, rows=generated):
         return round(statistics.median(r[key] for r in rows), 1) if rows else None

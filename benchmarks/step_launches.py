@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from magnet_engine.bench_common import machine_info, write_report
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
+from magnet_engine.engine.schedule import duration_frames
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -85,7 +86,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     directory = args.model or cached_demo_model(args.cache_dir, args.arch)
     model = MAGNeT.from_pretrained(directory, device=device, precision=args.precision)
-    frames = int(min(args.duration, model.max_duration) * model.frame_rate)
+    frames = duration_frames(min(args.duration, model.max_duration), model.frame_rate)
     params = DecodingParams()
     with torch.no_grad():
         cond = model.conditioner.encode(["launch count"]).embeds.to(device)

@@ -167,10 +167,6 @@ class ModelConfig:
     def mask_id(self) -> int:
         return self.card
 
-    @property
-    def max_frames(self) -> int:
-        return int(self.frame_rate * self.segment_duration)
-
     @classmethod
     def from_xp_cfg(cls, cfg, frame_rate: tp.Optional[int] = None) -> "ModelConfig":
         """Build from a parsed xp.cfg. `frame_rate` comes from the codec (the loader's rule);
@@ -293,6 +289,12 @@ SPAN_SCORINGS = ("max", "prod")
 # precision logits into inf and NaN; the published schedule runs from 10 down to 1.
 MAX_DECODING_STEPS = 1000   # per codebook
 MAX_CFG_COEF = 1e4
+
+# Seeds key the sampler's counter-based streams, one int64 per row (kernels/rng.py): a row's
+# seed lies in [0, SEED_LIMIT). A caller's seed, or one drawn for it, lies below MAX_SEED, so
+# that row b of a batch, seeded with seed + b, stays in range whatever the batch.
+SEED_LIMIT = 2 ** 63
+MAX_SEED = 2 ** 62
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.precision import PRECISIONS, cast_for_precision, check_precision
-from magnet_engine.engine.schedule import span_fixed, spans_to_generate, stage_schedule
+from magnet_engine.engine.schedule import kept_frames, span_fixed, stage_schedule
 from magnet_engine.kernels import attention as attn_kernels
 from magnet_engine.kernels import backend, masking, sampling
 
@@ -310,7 +310,7 @@ class Runtime:
         if len(seeds) != batch:
             raise InvalidOptionError(f"expected {batch} seeds (one per row), found {len(seeds)}")
         layout = masking.mode(cfg.span_len, params.span_arrangement)
-        kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
+        kept = kept_frames(frames, cfg.span_len, params.span_arrangement)
         span_len = cfg.span_len if layout != "token" else 1
         canvas, fixed = fixed_cells(cfg.n_q, cfg.mask_id, batch, kept, prompt, prompt_lens, canvas, fixed)
         fixed_spans = span_fixed(fixed, cfg.span_len, layout)          # [K, n] bool, on the host

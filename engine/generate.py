@@ -9,7 +9,7 @@
              hybrid=HybridOptions())                                 #  MAGNeT checkpoint)
     p = plan(cfg, params, batch=1, frames=500, prefix_frames=150,    # two-model hybrid (a
              hybrid=HybridOptions(), prefix_cfg=musicgen.cfg)        #  MusicGen prefix)
-    codes = run(p, models, cond, seeds=[0], listener=print)
+    codes = run(p, runtimes.models(p), cond, seeds=[0], listener=print)
 
 A plan is host data only (no tensors): the AR phase (steps, sequence length), the masked
 phase (frames kept, steps per stage, the fixed cells of each codebook as frame intervals)
@@ -19,7 +19,9 @@ of length len_k of codebook k, infill every frame outside the regions, and a lon
 window (`Plan.phases`, one MaskedPhase each) the previous window's tail. `run` walks it and reports typed events (`events.py`):
 `Started`, an `ARStep` per AR step, `PrefixReady` when a hybrid prefix is final, a `StageStep` per masked
 step, a `WindowReady` when a window's frames are final (every plan has at least one window),
-`Done` at the end. The API, the CLI, the server and every benchmark call these two.
+`Done` at the end. The API, the CLI, the server and every benchmark call these two. The
+rules the API checks its options by before it keeps them are asked here too (`check_prefix`,
+`check_engine`), and which runtimes a plan runs on is picked here (`Runtimes.models`).
 Rescoring is not a mode: it is a confidence hook passed to `run` (`rescoring.BoundRescorer`).
 
 PlayDiffusion's unmasking (speech inpainting, TTS) plans with its model, in
@@ -36,17 +38,18 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import reference
-from magnet_engine.engine.config import DecodingParams, ModelConfig, check_same_codes
+from magnet_engine.engine.config import SEED_LIMIT, DecodingParams, ModelConfig, check_same_codes
+from magnet_engine.engine.decoding import Runtime
 from magnet_engine.engine.errors import InvalidOptionError, RegionError
-from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, delayed_length,
-                                         frames_with_prefix, plan_hybrid, revert_delayed, tail_forward)
+from magnet_engine.engine.hybrid import (ARParams, ARRuntime, HybridOptions, HybridPlan, check_tail,
+                                         delayed_length, plan_hybrid, revert_delayed, tail_forward)
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.playdiffusion.plan import SpeechPlan, run_speech
 from magnet_engine.engine.playdiffusion.unmasking import Draws
-from magnet_engine.engine.schedule import span_fixed, spans_to_generate
+from magnet_engine.engine.schedule import kept_frames, span_fixed
 from magnet_engine.kernels import masking
 
-# Long-form windows after the first draw with seed + i·WINDOW_SEED_STEP (mod 2^63), so that
+# Long-form windows after the first draw with seed + i·WINDOW_SEED_STEP (mod SEED_LIMIT), so that
 # a window's draws are not the previous window's replayed on a shifted canvas.
 WINDOW_SEED_STEP = 0x9E3779B97F4A7C15
 
@@ -156,13 +159,13 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
     check_engine(engine)
     steps = tuple(params.decoding_steps)
     layout = masking.mode(cfg.span_len, params.span_arrangement)
-    kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
+    kept = kept_frames(frames, cfg.span_len, params.span_arrangement)
     if prefix_frames and prompt_frames:
         raise InvalidOptionError("hybrid decoding and a prompt are exclusive: the AR prefix is the prompt")
     if fixed is not None and (prompt_frames or prefix_frames):
         raise InvalidOptionError("infill fixes its own cells: no prompt or AR prefix with it")
     if window_frames is not None and frames > window_frames:
-        if prefix_frames or fixed is not None or cfg.pattern != "parallel":
+        if prefix_frames or fixed is not None or not decodes_long_form(cfg):
             raise InvalidOptionError("long-form decoding (frames past the window) does not combine with hybrid "
                                      "decoding or infill")
         windows = plan_windows(cfg, params, frames, window_frames, stride_frames, prompt_frames)
@@ -177,10 +180,8 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         if not bool((free > 0).all()):
             raise InvalidOptionError("infill: every cell is fixed, nothing to decode")
         return Plan("infill", engine, batch, frames, params, None, phase)
+    check_prefix(cfg, frames, prefix_frames, prefix_cfg)
     if not prefix_frames:
-        if cfg.pattern != "parallel":
-            raise InvalidOptionError(f"a {cfg.pattern}-layout (hybrid-MAGNeT) checkpoint decodes with an AR prefix: "
-                                     "prefix_frames must be >= 1")
         mode = "prompt" if prompt_frames else "plain"
         return Plan(mode, engine, batch, frames, params, None,
                     MaskedPhase(kept, steps, _prefixes((prompt_frames,) * cfg.n_q)))
@@ -188,9 +189,6 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         raise InvalidOptionError("hybrid decoding runs on the fast engine only")
     hybrid = (hybrid or HybridOptions()).validate()
     if prefix_cfg is None:
-        if not cfg.is_hybrid:
-            raise InvalidOptionError("an AR prefix on a plain MAGNeT needs a prefix model (MusicGen / AudioGen): "
-                                     "the two-model hybrid")
         if rescore_fill == "greedy":
             raise InvalidOptionError("rescore_fill='greedy' is not supported with hybrid decoding (the delay "
                                      "layout puts each head's frames on other rows); use 'special'")
@@ -199,12 +197,39 @@ def plan(cfg: ModelConfig, params: DecodingParams, *, batch: int, frames: int, p
         return Plan("hybrid", engine, batch, frames, params, ar,
                     MaskedPhase(tail.frames, steps, _prefixes(tail.prompt_lens), tail))
     check_same_codes(prefix_cfg, cfg, "prefix model")
-    frames_with_prefix(cfg, frames, prefix_frames, params)
     # the staircase completed into a rectangle: max(d) extra steps fix F frames of every codebook
     ar = ARPhase("prefix", prefix_frames + prefix_cfg.max_delay, delayed_length(prefix_frames, prefix_cfg.delays),
                  prefix_frames, hybrid.ar)
     return Plan("two_model", engine, batch, frames, params, ar,
                 MaskedPhase(kept, steps, _prefixes((prefix_frames,) * cfg.n_q)))
+
+
+def check_prefix(cfg: ModelConfig, frames: int, prefix_frames: int,
+                 prefix_cfg: tp.Optional[ModelConfig] = None) -> None:
+    """The rules of an AR prefix of `prefix_frames` in a `frames`-frame clip (prefix_cfg: a
+    prefix model's config): `plan` applies them, the API asks them of its options before it
+    keeps them. A hybrid-MAGNeT checkpoint makes its own prefix, of at least one frame; a
+    plain MAGNeT takes one only from a prefix model (MusicGen / AudioGen: the two-model
+    hybrid); the prefix leaves at least one span to masked decoding (`hybrid.check_tail`)."""
+    if prefix_cfg is not None and cfg.is_hybrid:
+        raise InvalidOptionError("prefix_model is for a plain MAGNeT (two-model hybrid); this hybrid-MAGNeT "
+                                 "checkpoint makes its own prefix")
+    if cfg.pattern != "parallel" and prefix_frames < 1:
+        raise InvalidOptionError(f"a {cfg.pattern}-layout (hybrid-MAGNeT) checkpoint decodes with an AR prefix: "
+                                 f"hybrid_prefix_seconds must be at least one frame (1/{cfg.frame_rate:g} s), "
+                                 f"found {prefix_frames} frames")
+    if not prefix_frames:
+        return
+    if prefix_cfg is None and not cfg.is_hybrid:
+        raise InvalidOptionError("an AR prefix (hybrid_prefix_seconds) on a plain MAGNeT needs a prefix model "
+                                 "(prefix_model=<MusicGen / AudioGen checkpoint>): the two-model hybrid")
+    check_tail(cfg, frames, prefix_frames)
+
+
+def decodes_long_form(cfg: ModelConfig) -> bool:
+    """Whether a checkpoint decodes past its window, window by window: a parallel-layout MAGNeT
+    does; a hybrid one (delay layout) decodes one window, its AR prefix then its tail."""
+    return cfg.pattern == "parallel"
 
 
 def check_engine(engine: str) -> str:
@@ -220,18 +245,17 @@ def plan_windows(cfg: ModelConfig, params: DecodingParams, frames: int, window_f
     window_frames long (span-trimmed); its frames before the previous window's end are fixed
     (that window's tail), the rest are new. The last window is shorter when the clip ends
     earlier; a window that would add nothing after trimming is not made."""
-    chunked = masking.mode(cfg.span_len, params.span_arrangement) == "chunk"
     if stride_frames is None or not 1 <= stride_frames < window_frames:
         raise InvalidOptionError(f"long-form decoding needs a stride of 1 to {window_frames - 1} frames "
                                  f"(extend_stride below the window), found {stride_frames}")
-    if spans_to_generate(window_frames, 0, cfg.span_len, chunked)[0] - (window_frames - stride_frames) < 1:
+    if kept_frames(window_frames, cfg.span_len, params.span_arrangement) - (window_frames - stride_frames) < 1:
         raise InvalidOptionError(f"a stride of {stride_frames} frames adds nothing to a {window_frames}-frame "
                                  "window after span trimming")
     steps = tuple(params.decoding_steps)
     windows: tp.List[MaskedPhase] = []
     start, end = 0, 0
     while True:
-        length = spans_to_generate(min(window_frames, frames - start), 0, cfg.span_len, chunked)[0]
+        length = kept_frames(min(window_frames, frames - start), cfg.span_len, params.span_arrangement)
         if start + length <= max(end, prompt_frames):
             break
         fixed = max(end - start, prompt_frames if start == 0 else 0)
@@ -251,9 +275,8 @@ def snap_regions(cfg: ModelConfig, params: DecodingParams, frames: int,
     sorted, disjoint and within the kept frames T'. In 'nonoverlap' the regions are widened
     outward to whole chunks (a region's frames are then decoded with their chunk's
     neighbours); overlapping or touching regions are merged. fixed: the complement."""
-    chunked = masking.mode(cfg.span_len, params.span_arrangement) == "chunk"
-    kept = spans_to_generate(frames, 0, cfg.span_len, chunked)[0]
-    unit = cfg.span_len if chunked else 1
+    kept = kept_frames(frames, cfg.span_len, params.span_arrangement)
+    unit = cfg.span_len if masking.mode(cfg.span_len, params.span_arrangement) == "chunk" else 1
     snapped = []
     for start, end in regions:
         if not 0 <= start < end <= frames:
@@ -285,7 +308,7 @@ def snap_regions(cfg: ModelConfig, params: DecodingParams, frames: int,
 
 def window_seeds(seeds: tp.Sequence[int], index: int) -> tp.List[int]:
     """The seeds of long-form window `index` (window 0: the rows' own)."""
-    return [(s + index * WINDOW_SEED_STEP) % 2 ** 63 for s in seeds]
+    return [(s + index * WINDOW_SEED_STEP) % SEED_LIMIT for s in seeds]
 
 
 def _check_intervals(fixed: tp.Sequence[tp.Tuple[int, int]], kept: int) -> Intervals:
@@ -304,14 +327,50 @@ def _check_intervals(fixed: tp.Sequence[tp.Tuple[int, int]], kept: int) -> Inter
 
 @dataclasses.dataclass
 class Models:
-    """What `run` executes a plan with. runtime: the fast masked runtime (`decoding.Runtime`);
-    lm: the fp32 LM (the reference engine's); ar: the AR runtime of the prefix phase (hybrid:
-    the same LM's, two-model: the prefix model's); speech: PlayDiffusion's unmasking runtime
+    """What `run` executes a plan with (`Runtimes.models` picks them for a MAGNeT plan).
+    runtime: the fast masked runtime (`decoding.Runtime`); lm: the fp32 LM (the reference
+    engine's); ar: the AR runtime of the prefix phase (hybrid: the same LM's, two-model: the
+    prefix model's); speech: PlayDiffusion's unmasking runtime
     (`playdiffusion.unmasking.SpeechRuntime`, speech plans)."""
-    runtime: tp.Any = None
+    runtime: tp.Optional[Runtime] = None
     lm: tp.Optional[MagnetLM] = None
     ar: tp.Optional[ARRuntime] = None
     speech: tp.Any = None
+
+
+class Runtimes:
+    """The runtimes of one MAGNeT LM, each built on first use and kept (they hold its static
+    step states): the fast masked runtime, which casts the LM in place to `precision`; the AR
+    runtime over that same LM (a hybrid checkpoint's prefix); the fp32 LM of the reference
+    engine, from `reference_lm`. `models(plan)` picks those the plan runs on."""
+
+    def __init__(self, lm: MagnetLM, precision: str, reference_lm: tp.Callable[[], MagnetLM], *,
+                 compile: bool = False, cuda_graphs: bool = False):
+        self._lm, self._precision, self._reference_lm = lm, precision, reference_lm
+        self._compile, self._cuda_graphs = compile, cuda_graphs
+        self._masked: tp.Optional[Runtime] = None
+        self._ar: tp.Optional[ARRuntime] = None
+
+    def masked(self) -> Runtime:
+        if self._masked is None:
+            self._masked = Runtime(self._lm, precision=self._precision, compile=self._compile,
+                                   cuda_graphs=self._cuda_graphs)
+        return self._masked
+
+    def models(self, p: Plan, prefix: tp.Optional[ARRuntime] = None) -> Models:
+        """What `run` executes plan `p` with. prefix: the prefix model's AR runtime (two-model)."""
+        if p.engine == "reference":
+            return Models(lm=self._reference_lm())
+        runtime, ar = self.masked(), None
+        if p.ar is not None and p.ar.model == "self":
+            if self._ar is None:
+                self._ar = ARRuntime(runtime.lm, runtime.dtype, cuda_graphs=self._cuda_graphs)
+            ar = self._ar
+        elif p.ar is not None:
+            if prefix is None:
+                raise InvalidOptionError("a two-model plan runs its AR phase on the prefix model: pass its runtime")
+            ar = prefix
+        return Models(runtime=runtime, ar=ar)
 
 
 @torch.no_grad()

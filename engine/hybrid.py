@@ -47,7 +47,7 @@ from magnet_engine.engine import graphs
 from magnet_engine.engine.config import DecodingParams, ModelConfig, check_sampling_options
 from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.engine.model import KVCache, MagnetLM
-from magnet_engine.engine.schedule import spans_to_generate
+from magnet_engine.engine.schedule import kept_frames
 from magnet_engine.kernels import backend, masking, sampling
 
 HANDOFFS = ("staircase", "rectangle")
@@ -269,13 +269,25 @@ class HybridOptions:
         s = self.prefix_seconds
         if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0):
             raise InvalidOptionError(f"hybrid_prefix_seconds must be None or a number >= 0, found {s!r}")
-        if self.handoff not in HANDOFFS:
-            raise InvalidOptionError(f"hybrid_handoff must be one of {HANDOFFS}, found {self.handoff!r}")
-        if self.prefix_attention not in PREFIX_ATTENTIONS:
-            raise InvalidOptionError(f"hybrid_prefix_attention must be one of {PREFIX_ATTENTIONS}, "
-                                     f"found {self.prefix_attention!r}")
+        check_handoff(self.handoff, self.prefix_attention)
         self.ar.validate()
         return self
+
+    def prefix_frames(self, cfg: ModelConfig, frame_rate: float, clip_seconds: float) -> int:
+        """Frames of the AR prefix of a `clip_seconds` clip; 0 when decoding is not hybrid. A
+        hybrid checkpoint's default is DEFAULT_PREFIX_SECONDS, or half of a shorter clip."""
+        seconds = self.prefix_seconds
+        if seconds is None:
+            seconds = min(DEFAULT_PREFIX_SECONDS, clip_seconds / 2) if cfg.is_hybrid else 0.0
+        return int(round(seconds * frame_rate))
+
+
+def check_handoff(handoff: str, prefix_attention: str) -> None:
+    if handoff not in HANDOFFS:
+        raise InvalidOptionError(f"hybrid_handoff must be one of {HANDOFFS}, found {handoff!r}")
+    if prefix_attention not in PREFIX_ATTENTIONS:
+        raise InvalidOptionError(f"hybrid_prefix_attention must be one of {PREFIX_ATTENTIONS}, "
+                                 f"found {prefix_attention!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,25 +308,21 @@ class HybridPlan:
         return min(self.prompt_lens)
 
 
-def frames_with_prefix(cfg: ModelConfig, frames: int, prefix_frames: int, params: DecodingParams) -> int:
-    """Frames T' kept by masked decoding, checking that an AR prefix of `prefix_frames` leaves a tail."""
-    layout = masking.mode(cfg.span_len, params.span_arrangement)
-    kept = spans_to_generate(frames, 0, cfg.span_len, layout == "chunk")[0]
-    if not 1 <= prefix_frames < kept:
-        raise InvalidOptionError(f"the AR prefix must be 1 to {kept - 1} frames of the {kept}-frame clip, "
+def check_tail(cfg: ModelConfig, frames: int, prefix_frames: int) -> None:
+    """An AR prefix of `prefix_frames` leaves at least one span of a `frames`-frame clip to
+    masked decoding (so at least one frame past it is kept, whatever the arrangement)."""
+    if not 1 <= prefix_frames <= frames - cfg.span_len:
+        raise InvalidOptionError(f"the AR prefix must be 1 to {frames - cfg.span_len} frames, leaving at least one "
+                                 f"span ({cfg.span_len} frames) of the {frames}-frame clip to masked decoding; "
                                  f"found {prefix_frames}")
-    return kept
 
 
 def plan_hybrid(cfg: ModelConfig, frames: int, prefix_frames: int, params: DecodingParams,
                 handoff: str = "staircase", prefix_attention: str = "cached") -> HybridPlan:
-    if handoff not in HANDOFFS:
-        raise InvalidOptionError(f"hybrid hand-off must be one of {HANDOFFS}, found {handoff!r}")
-    if prefix_attention not in PREFIX_ATTENTIONS:
-        raise InvalidOptionError(f"hybrid prefix attention must be one of {PREFIX_ATTENTIONS}, "
-                                 f"found {prefix_attention!r}")
+    check_handoff(handoff, prefix_attention)
+    check_tail(cfg, frames, prefix_frames)
     layout = masking.mode(cfg.span_len, params.span_arrangement)
-    kept = frames_with_prefix(cfg, frames, prefix_frames, params)
+    kept = kept_frames(frames, cfg.span_len, params.span_arrangement)
     delays = cfg.delays
     if handoff == "staircase":
         steps, lens = prefix_frames, tuple(max(prefix_frames - d, 0) for d in delays)

@@ -1,4 +1,5 @@
-"""Per-step decoding tables, computed on the host before the loop (docs/model.md §6).
+"""Per-step decoding tables, computed on the host before the loop (docs/model.md §6), and
+the frame counts they run over: the frames a duration asks for, the frames span trimming keeps.
 
 The original computes these inside the loop with a device sync per step; here they are
 made once, with the same fp32 torch ops so that every value is bitwise the same:
@@ -18,6 +19,7 @@ import typing as tp
 import torch
 
 from magnet_engine.engine.config import DecodingParams
+from magnet_engine.kernels import masking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +49,17 @@ def stage_schedule(n_steps: int, spans_to_generate: int, params: DecodingParams)
     )
 
 
-def spans_to_generate(frames: int, prompt_frames: int, span_len: int, chunked: bool) -> tp.Tuple[int, int, int]:
-    """(frames kept T', spans in the row n, spans to generate G) for a stage."""
-    if chunked:
-        n = frames // span_len
-        return span_len * n, n, n - prompt_frames // span_len
-    return frames, frames, frames - prompt_frames
+def duration_frames(seconds: float, frame_rate: float) -> int:
+    """T = ⌊seconds · frame_rate⌋: the frames a duration asks for (the original's max_gen_len)."""
+    return int(seconds * frame_rate)
+
+
+def kept_frames(frames: int, span_len: int, arrangement: str) -> int:
+    """T': the frames a T-frame generation keeps. 'nonoverlap' decodes whole spans and drops
+    the last T mod span_len frames (span trimming, as the original); 'stride1' keeps T."""
+    if masking.mode(span_len, arrangement) == "chunk":
+        return frames // span_len * span_len
+    return frames
 
 
 def span_fixed(fixed: torch.Tensor, span_len: int, layout: str) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from magnet_engine.engine import checkpoint as ckpt
 from magnet_engine.engine import random_weights
 from magnet_engine.engine.config import ModelConfig, parse_yaml_config
+from magnet_engine.engine.schedule import duration_frames
 from magnet_engine.errors import CheckpointError, ConfigError, ModelNotFoundError
 
 
@@ -35,7 +36,8 @@ def test_fixture_checkpoint_config(fixtures):
     loaded = ckpt.read_lm_package(pkg, frame_rate=50)
     cfg = loaded.cfg
     assert (cfg.dim, cfg.num_heads, cfg.num_layers, cfg.n_q, cfg.card) == (64, 4, 3, 4, 2048)
-    assert (cfg.span_len, cfg.subcodes_context, cfg.segment_duration, cfg.max_frames) == (3, 5, 10, 500)
+    assert (cfg.span_len, cfg.subcodes_context, cfg.segment_duration) == (3, 5, 10)
+    assert duration_frames(cfg.segment_duration, cfg.frame_rate) == 500    # the trained window
     assert loaded.output_proj[0].shape == (64, 32)
 
 

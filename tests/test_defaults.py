@@ -1,9 +1,10 @@
-"""One source per default: the command lines, the server's request schema and the load test
-take their decoding defaults from the engine's option dataclasses (DecodingParams, ARParams,
+"""One source per default: the API's set_generation_params, the command lines, the server's
+request schema and the load test take their decoding defaults from the engine's option dataclasses (DecodingParams, ARParams,
 HybridOptions, RescoreOptions, UnmaskOptions) and the service's limits from theirs. A literal
 restated in one of them, and later changed in one place only, fails here."""
 import dataclasses
 import importlib.util
+import inspect
 import json
 import types
 from pathlib import Path
@@ -28,6 +29,23 @@ def dataclass_generation_params() -> dict:
             "ar_cfg_coef": None,   # None: the checkpoint's inference_coef, not ARParams' placeholder
             "rescorer": None, "rescore_weight": res.weight, "rescore_temperature": res.temperature,
             "rescore_fill": res.fill, "rescore_cfg_coef": res.cfg_coef}
+
+
+def test_set_generation_params_defaults_are_the_dataclasses(tiny_dir):
+    """The signature shows the dataclasses' defaults (audiocraft's names and order), and a call
+    with none given sets exactly the dataclasses' options."""
+    from magnet_engine.api import MAGNeT
+
+    signature = inspect.signature(MAGNeT.set_generation_params).parameters
+    defaults = {name: p.default for name, p in signature.items() if name != "self"}
+    assert defaults == {**dataclass_generation_params(), "ar_use_sampling": hybrid.ARParams().use_sampling}
+
+    model = MAGNeT.from_pretrained(tiny_dir, device="cpu")
+    model.set_generation_params(decoding_steps=[2, 1, 1, 1], top_k=5, hybrid_handoff="rectangle", rescore_weight=0.5)
+    model.set_generation_params()
+    assert model.params == DecodingParams() and model.rescore == rescoring.RescoreOptions()
+    ar = hybrid.ARParams(cfg_coef=model.config.cfg_coef)   # the checkpoint's inference_coef
+    assert model.hybrid == dataclasses.replace(hybrid.HybridOptions(), ar=ar)
 
 
 def parsed(argv):

@@ -63,6 +63,47 @@ def test_plan_of_each_masked_mode():
         generate.plan(hy_lm.cfg, params, batch=1, frames=36, prefix_frames=9, engine="reference")
 
 
+def test_the_prefix_rules_are_check_prefix_and_the_plan_applies_them():
+    """One statement of the AR prefix rules (`check_prefix`, which the API asks before it keeps
+    its options); `plan` refuses by it, with its words."""
+    magnet, hy, mg = tiny_lm(seed=1).cfg, ar_lm("hybrid").cfg, ar_lm("musicgen", seed=2).cfg
+    params = DecodingParams(decoding_steps=(4, 2, 2, 2))
+    cases = [(hy, 36, 9, mg, "prefix_model is for a plain MAGNeT"),
+             (hy, 36, 0, None, "at least one frame"),
+             (magnet, 30, 7, None, "needs a prefix model"),
+             (magnet, 30, 30 - magnet.span_len + 1, mg, "at least one span"),
+             (hy, 36, 36 - hy.span_len + 1, None, "at least one span")]
+    for cfg, frames, prefix, prefix_cfg, message in cases:
+        with pytest.raises(InvalidOptionError, match=message):
+            generate.check_prefix(cfg, frames, prefix, prefix_cfg)
+        with pytest.raises(InvalidOptionError, match=message):
+            generate.plan(cfg, params, batch=1, frames=frames, prefix_frames=prefix, prefix_cfg=prefix_cfg)
+    last = 30 - magnet.span_len                                   # exactly one span left to decode
+    generate.check_prefix(magnet, 30, last, mg)
+    assert generate.plan(magnet, params, batch=1, frames=30, prefix_frames=last, prefix_cfg=mg).mode == "two_model"
+    assert generate.plan(magnet, params, batch=1, frames=30, prefix_cfg=mg).mode == "plain"   # no prefix asked
+
+
+def test_runtimes_give_each_plan_what_it_runs_on_built_once():
+    magnet, hy_lm, reference_lm = tiny_lm(seed=1), ar_lm("hybrid", seed=3), tiny_lm(seed=2)
+    params = DecodingParams(decoding_steps=(3, 2, 2, 2))
+    runtimes = generate.Runtimes(magnet, "fp32", lambda: reference_lm)
+    plain = runtimes.models(generate.plan(magnet.cfg, params, batch=1, frames=30))
+    assert isinstance(plain.runtime, Runtime) and plain.ar is None and plain.runtime is runtimes.masked()
+    reference = runtimes.models(generate.plan(magnet.cfg, params, batch=1, frames=30, engine="reference"))
+    assert reference.lm is reference_lm and reference.runtime is None
+    two = generate.plan(magnet.cfg, params, batch=1, frames=30, prefix_frames=7, prefix_cfg=ar_lm("musicgen").cfg)
+    with pytest.raises(InvalidOptionError, match="prefix model"):
+        runtimes.models(two)
+    prefix = hybrid.ARRuntime(ar_lm("musicgen"))
+    assert runtimes.models(two, prefix).ar is prefix
+    hy_runtimes = generate.Runtimes(hy_lm, "fp32", lambda: hy_lm)
+    hy = generate.plan(hy_lm.cfg, params, batch=1, frames=36, prefix_frames=9)
+    first = hy_runtimes.models(hy)
+    assert isinstance(first.ar, hybrid.ARRuntime) and first.ar.lm is first.runtime.lm   # the same LM's
+    assert hy_runtimes.models(hy).ar is first.ar
+
+
 def test_plan_of_infill():
     lm = tiny_lm(seed=1)
     params = DecodingParams(decoding_steps=(3, 2, 2, 2))

@@ -145,7 +145,7 @@ def test_handoff_plan(handoff, steps, lens):
     assert hybrid.plan_hybrid(lm.cfg, 50, 10, DecodingParams(), handoff, "bidirectional").query_start == 0
     with pytest.raises(InvalidOptionError, match="prefix"):
         hybrid.plan_hybrid(lm.cfg, 50, 48, DecodingParams(), handoff)
-    with pytest.raises(InvalidOptionError, match="hand-off"):
+    with pytest.raises(InvalidOptionError, match="hybrid_handoff"):
         hybrid.plan_hybrid(lm.cfg, 50, 10, DecodingParams(), "triangle")
 
 

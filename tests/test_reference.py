@@ -6,7 +6,7 @@ import torch
 
 from magnet_engine.engine import reference
 from magnet_engine.engine.config import DecodingParams
-from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
+from magnet_engine.engine.schedule import duration_frames, kept_frames, stage_schedule
 
 from test_model import tiny_lm
 
@@ -66,10 +66,11 @@ def test_schedule_matches_spec_examples():
 
 
 def test_frames_for_10s_and_30s():
-    assert spans_to_generate(500, 0, 3, True) == (498, 166, 166)        # 9.96 s
-    assert spans_to_generate(1500, 0, 3, True) == (1500, 500, 500)
-    assert spans_to_generate(500, 0, 3, False) == (500, 500, 500)       # stride1 keeps T
-    assert spans_to_generate(100, 20, 3, True) == (99, 33, 27)
+    assert duration_frames(10, 50) == 500 and duration_frames(0.93, 50) == 46   # ⌊d · fps⌋
+    assert kept_frames(500, 3, "nonoverlap") == 498                     # 9.96 s
+    assert kept_frames(1500, 3, "nonoverlap") == 1500
+    assert kept_frames(500, 3, "stride1") == 500                        # stride1 keeps T
+    assert kept_frames(100, 1, "nonoverlap") == 100                     # span 1: every frame a span
 
 
 def _cond(lm, batch, seed=0):

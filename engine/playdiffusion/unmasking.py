@@ -39,6 +39,7 @@ import torch
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import graphs
+from magnet_engine.engine.config import MAX_SEED
 from magnet_engine.engine.errors import InvalidOptionError
 from magnet_engine.engine.playdiffusion.inpainter import Inpainter
 from magnet_engine.kernels import backend, rng
@@ -387,7 +388,7 @@ class SpeechRuntime:
         if self.device.type == "cpu":
             st.rng_state.copy_((gen or torch.default_generator).get_state())
             return "generator"
-        st.seed.copy_(torch.randint(0, 2 ** 62, (), generator=gen, device=self.device))
+        st.seed.copy_(torch.randint(0, MAX_SEED, (), generator=gen, device=self.device))
         return "keyed"
 
     @torch.no_grad()

@@ -26,13 +26,17 @@ from magnet_engine.engine import events, generate, graphs
 from magnet_engine.engine.codec import Codec
 from magnet_engine.engine.conditioning import TextConditioner, check_descriptions
 from magnet_engine.engine.config import DecodingParams, ModelConfig, cfg_get
-from magnet_engine.engine.hybrid import ARParams, ARRuntime, HybridOptions
+from magnet_engine.engine.hybrid import ARParams, HybridOptions
 from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.precision import PRECISIONS, PrecisionChoice, cast_for_precision
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
+from magnet_engine.engine.schedule import duration_frames
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 from magnet_engine.memory import memory_stats
 from magnet_engine.streaming import Progress
+
+# set_generation_params' defaults, read from the option dataclasses: a default changed there changes here
+_DECODING, _HYBRID, _AR, _RESCORE = DecodingParams(), HybridOptions(), ARParams(), RescoreOptions()
 
 
 class MAGNeT:
@@ -75,8 +79,8 @@ class MAGNeT:
         self.t5_source: tp.Optional[str] = None              # where the T5 came from (shared with external LMs)
         self._external: tp.Dict[tp.Tuple[str, str], ExternalLM] = {}
         self._lock = threading.Lock()
-        self._runtime = None     # the fast runtime, built on first use
-        self._ar_runtime = None  # a hybrid checkpoint's AR runtime, built on first use
+        self._runtimes = generate.Runtimes(lm, self.precision, self.reference_lm, compile=compile,
+                                           cuda_graphs=cuda_graphs)   # each built on first use
         self.source: tp.Optional[Path] = None    # the checkpoint directory, to reload fp32 weights from
         self._reference_lm: tp.Optional[MagnetLM] = None
 
@@ -200,17 +204,22 @@ class MAGNeT:
         self._progress_callback = progress_callback
 
     # ------------------------------------------------------------- parameters
-    def set_generation_params(self, use_sampling: bool = True, top_k: int = 0, top_p: float = 0.9,
-                              temperature: float = 3.0, max_cfg_coef: float = 10.0, min_cfg_coef: float = 1.0,
-                              decoding_steps: tp.Sequence[int] = (20, 10, 10, 10),
-                              span_arrangement: str = "nonoverlap", duration: tp.Optional[float] = None,
-                              span_scoring: str = "max", anneal_temp: bool = True, *,
-                              hybrid_prefix_seconds: tp.Optional[float] = None, hybrid_handoff: str = "staircase",
-                              hybrid_prefix_attention: str = "cached", prefix_model=None,
-                              ar_use_sampling: bool = True, ar_top_k: int = 250, ar_top_p: float = 0.0,
-                              ar_temperature: float = 1.0, ar_cfg_coef: tp.Optional[float] = None,
-                              rescorer=None, rescore_weight: float = 1.0, rescore_temperature: str = "tempered",
-                              rescore_fill: str = "special", rescore_cfg_coef: tp.Optional[float] = None) -> None:
+    def set_generation_params(self, use_sampling: bool = _DECODING.use_sampling, top_k: int = _DECODING.top_k,
+                              top_p: float = _DECODING.top_p, temperature: float = _DECODING.temperature,
+                              max_cfg_coef: float = _DECODING.max_cfg_coef,
+                              min_cfg_coef: float = _DECODING.min_cfg_coef,
+                              decoding_steps: tp.Sequence[int] = _DECODING.decoding_steps,
+                              span_arrangement: str = _DECODING.span_arrangement, duration: tp.Optional[float] = None,
+                              span_scoring: str = _DECODING.span_scoring, anneal_temp: bool = _DECODING.anneal_temp, *,
+                              hybrid_prefix_seconds: tp.Optional[float] = _HYBRID.prefix_seconds,
+                              hybrid_handoff: str = _HYBRID.handoff,
+                              hybrid_prefix_attention: str = _HYBRID.prefix_attention, prefix_model=None,
+                              ar_use_sampling: bool = _AR.use_sampling, ar_top_k: int = _AR.top_k,
+                              ar_top_p: float = _AR.top_p, ar_temperature: float = _AR.temperature,
+                              ar_cfg_coef: tp.Optional[float] = None, rescorer=None,
+                              rescore_weight: float = _RESCORE.weight, rescore_temperature: str = _RESCORE.temperature,
+                              rescore_fill: str = _RESCORE.fill,
+                              rescore_cfg_coef: tp.Optional[float] = _RESCORE.cfg_coef) -> None:
         """Set decoding options; names and defaults as audiocraft's MAGNeT (docs/model.md §6).
 
         `duration` (seconds): None keeps the current one (audiocraft's MAGNeT takes no duration
@@ -247,11 +256,9 @@ class MAGNeT:
         ar = ARParams(use_sampling=ar_use_sampling, top_k=ar_top_k, top_p=ar_top_p, temperature=ar_temperature,
                       cfg_coef=ar_cfg_coef)
         hybrid = HybridOptions(hybrid_prefix_seconds, hybrid_handoff, hybrid_prefix_attention, ar).validate()
-        if prefix is not None and self.config.is_hybrid:
-            raise InvalidOptionError("prefix_model is for a plain MAGNeT (two-model hybrid); this hybrid-MAGNeT "
-                                     "checkpoint makes its own prefix")
+        generate.check_prefix(self.config, duration_frames(new_duration, self.frame_rate),
+                              self.prefix_frames(new_duration, hybrid), None if prefix is None else prefix.cfg)
         scorer = self._external_lm(rescorer) if rescorer is not None else None
-        opts.check_hybrid(self.config, self.frame_rate, hybrid, prefix is not None, new_duration)
         self.params, self.hybrid, self.rescore = params, hybrid, rescore
         self.prefix_model, self.rescorer = prefix, scorer
         if duration is not None:
@@ -275,8 +282,8 @@ class MAGNeT:
 
     def prefix_frames(self, duration: tp.Optional[float] = None, options: tp.Optional[HybridOptions] = None) -> int:
         """Frames of the AR prefix for the current settings; 0 when decoding is not hybrid."""
-        return opts.prefix_frames(self.config, self.frame_rate, options or self.hybrid,
-                                  self.duration if duration is None else duration)
+        return (options or self.hybrid).prefix_frames(self.config, self.frame_rate,
+                                                      self.duration if duration is None else duration)
 
     def check_duration(self, duration: float, limit: tp.Optional[float] = None) -> float:
         """Validate a duration in seconds against the longest this model generates (and `limit`,
@@ -288,7 +295,7 @@ class MAGNeT:
     def window_count(self, duration: float) -> int:
         """How many windows a plain generation of `duration` seconds decodes (1 within
         max_duration; long-form advances extend_stride per window)."""
-        frames, window = int(duration * self.frame_rate), int(self.max_duration * self.frame_rate)
+        frames, window = duration_frames(duration, self.frame_rate), duration_frames(self.max_duration, self.frame_rate)
         if frames <= window:
             return 1
         return len(generate.plan_windows(self.config, self.params, frames, window, self._stride_frames()))
@@ -299,7 +306,24 @@ class MAGNeT:
     @property
     def frames(self) -> int:
         """T = ⌊duration · frame_rate⌋, as the original's max_gen_len."""
-        return int(self.duration * self.frame_rate)
+        return duration_frames(self.duration, self.frame_rate)
+
+    def plan(self, batch: int = 1, duration: tp.Optional[float] = None, *, prompt_frames: int = 0,
+             params: tp.Optional[DecodingParams] = None,
+             options: tp.Optional[HybridOptions] = None) -> "generate.Plan":
+        """The plan `generate` runs for `batch` rows of `duration` seconds with the current
+        settings (engine, decoding, hybrid, rescoring, long-form windows): `generate.plan`,
+        asked in this model's frames. params / options: a call's own instead of the instance's."""
+        params = self.params if params is None else params
+        options = self.hybrid if options is None else options
+        duration = self.duration if duration is None else duration
+        return generate.plan(
+            self.config, params, batch=batch, frames=duration_frames(duration, self.frame_rate),
+            prompt_frames=prompt_frames, hybrid=options,
+            prefix_frames=self.prefix_frames(min(duration, self.max_duration), options),
+            prefix_cfg=None if self.prefix_model is None else self.prefix_model.cfg,
+            rescore_fill=self.rescore.fill, engine=self.engine,
+            window_frames=duration_frames(self.max_duration, self.frame_rate), stride_frames=self._stride_frames())
 
     # ------------------------------------------------------------- generation
     def generate(self, descriptions: tp.Sequence[tp.Optional[str]], progress: tp.Union[bool, Progress] = False,
@@ -393,7 +417,7 @@ class MAGNeT:
             sample_rate = file_rate if sample_rate is None else sample_rate
         codes, descriptions = self._encode_clip(audio, sample_rate, descriptions, "audio", "sample_rate",
                                                 max_seconds=self.max_duration)
-        frames = min(codes.shape[-1], int(self.max_duration * self.frame_rate))
+        frames = min(codes.shape[-1], duration_frames(self.max_duration, self.frame_rate))
         codes = codes[..., :frames]
         the_plan = self.infill_plan(frames, regions, batch=codes.shape[0], params=params)
         return codes, descriptions, the_plan, req.row_seeds(seed, codes.shape[0])
@@ -463,7 +487,7 @@ class MAGNeT:
     # --------------------------------------------------------------- internals
     def _check_prompt_codes(self, codes: torch.Tensor, batch: int, duration: tp.Optional[float] = None) -> torch.Tensor:
         duration = self.duration if duration is None else duration
-        codes = req.check_prompt_codes(codes, batch, self.config, int(duration * self.frame_rate), duration)
+        codes = req.check_prompt_codes(codes, batch, self.config, duration_frames(duration, self.frame_rate), duration)
         return codes.to(self.device, torch.long)
 
     def _progress_for(self, progress: tp.Union[bool, Progress]) -> tp.Union[bool, Progress]:
@@ -488,29 +512,18 @@ class MAGNeT:
                 window_texts=None, infill: tp.Optional[tp.Tuple["generate.Plan", torch.Tensor]] = None) -> torch.Tensor:
         """window_texts: [B][windows] texts (long-form, one per window); infill: (its plan, the clip's codes)."""
         seeds = req.row_seeds(seed, len(descriptions))
-        params = self.params if params is None else params
-        duration = self.duration if duration is None else duration
         options = self.hybrid
         if hybrid_prefix_seconds is not None:
             options = dataclasses.replace(options, prefix_seconds=hybrid_prefix_seconds).validate()
-        if hybrid_prefix_seconds is not None or duration != self.duration:
-            opts.check_hybrid(self.config, self.frame_rate, options, self.prefix_model is not None, duration)
         rescorer = None
         if self.rescorer is not None and self.rescore.weight != 1.0:
             rescorer = BoundRescorer(self.rescorer, self.rescore, descriptions)
-        two_model = self.prefix_model is not None and not self.config.is_hybrid
         if infill is not None:
             the_plan, canvas = infill
         else:
             canvas = None
-            window = int(self.max_duration * self.frame_rate)
-            the_plan = generate.plan(
-                self.config, params, batch=len(descriptions), frames=int(duration * self.frame_rate),
-                prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1],
-                prefix_frames=self.prefix_frames(min(duration, self.max_duration), options), hybrid=options,
-                prefix_cfg=self.prefix_model.cfg if two_model else None,
-                rescore_fill=self.rescore.fill, engine=self.engine, window_frames=window,
-                stride_frames=self._stride_frames())
+            the_plan = self.plan(len(descriptions), duration, params=params, options=options,
+                                 prompt_frames=0 if prompt_codes is None else prompt_codes.shape[-1])
         if window_texts is not None and len(window_texts[0]) != len(the_plan.phases):
             raise InvalidInputError(f"{len(window_texts[0])} texts per row for {len(the_plan.phases)} windows")
         bar = streaming.ProgressBar(the_plan.total_steps) if progress and not callable(progress) else None
@@ -526,13 +539,15 @@ class MAGNeT:
                     if rescorer is not None:   # each window scored against its own text
                         rescorer = [BoundRescorer(self.rescorer, self.rescore, t) for t in texts]
                 ar_cond = None
-                if two_model:
+                if the_plan.mode == "two_model":
                     ar_cond = self.prefix_model.conditioner.encode(descriptions).embeds.to(self.device)
                 generator = None
                 if self.engine == "reference":
                     generator = torch.Generator(device=self.device)
                     generator.manual_seed(seeds[0])
-                return generate.run(the_plan, self._models(the_plan), cond, seeds=seeds, prompt=prompt_codes,
+                prefix = None if self.prefix_model is None else self.prefix_model.runtime
+                models = self._runtimes.models(the_plan, prefix)
+                return generate.run(the_plan, models, cond, seeds=seeds, prompt=prompt_codes,
                                     canvas=canvas, ar_cond=ar_cond, hook=rescorer, listener=listener,
                                     generator=generator)
         finally:
@@ -572,24 +587,6 @@ class MAGNeT:
             components[f"external_conditioner:{name}"] = external.conditioner
         return memory_stats(components, self.device)
 
-    def _models(self, the_plan: "generate.Plan") -> "generate.Models":
-        """The runtimes a plan runs on, built on first use and kept."""
-        if the_plan.engine == "reference":
-            return generate.Models(lm=self.reference_lm())
-        runtime = self._fast_runtime()
-        ar = None
-        if the_plan.mode == "hybrid":
-            if self._ar_runtime is None:
-                self._ar_runtime = ARRuntime(runtime.lm, runtime.dtype, cuda_graphs=self.cuda_graphs)
-            ar = self._ar_runtime
-        elif the_plan.mode == "two_model":
-            ar = self.prefix_model.runtime
-        return generate.Models(runtime=runtime, ar=ar)
-
     def _fast_runtime(self):
         """The fast runtime (built on first use; it casts the engine LM in place to its precision)."""
-        if self._runtime is None:
-            from magnet_engine.engine.decoding import Runtime
-            self._runtime = Runtime(self._lm, precision=self.precision, compile=self.compile,
-                                    cuda_graphs=self.cuda_graphs)
-        return self._runtime
+        return self._runtimes.masked()

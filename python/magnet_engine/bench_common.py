@@ -84,10 +84,12 @@ def step_flops(cfg, batch: int, frames: int, window: tp.Optional[int], gathered:
 def tokens_flops(model, batch: int) -> tp.Tuple[float, int]:
     """(matrix FLOPs of one generation's decoding steps, frames kept) for a loaded MAGNeT at its
     current generation params: `step_flops` summed over the schedule's steps."""
-    from magnet_engine.engine.schedule import spans_to_generate, stage_schedule
+    from magnet_engine.engine.schedule import stage_schedule
+    from magnet_engine.kernels.masking import num_spans
 
     cfg = model.config
-    kept, _, to_gen = spans_to_generate(model.frames, 0, cfg.span_len, True)
+    kept = model.plan(batch).masked.kept
+    to_gen = num_spans(kept, cfg.span_len, model.params.span_arrangement)
     flops = 0.0
     for stage, n in enumerate(model.params.decoding_steps):
         for m in stage_schedule(n, to_gen, model.params).num_masked:
@@ -188,5 +190,5 @@ def run_cases(contenders: tp.Sequence[tp.Tuple[str, tp.Any, str]], descriptions,
             if i >= warmup:
                 samples[name].append(result)
     model = contenders[0][1]
-    audio_s = model.frames // model.config.span_len * model.config.span_len / model.frame_rate
+    audio_s = model.plan().out_frames / model.frame_rate
     return {name: summary(engine, samples[name], audio_s) for name, _, engine in contenders}

@@ -166,16 +166,14 @@ def timed_run(model, case: Case, descriptions: tp.List[str], seed: int) -> tp.Tu
     import contextlib
 
     from magnet_engine.engine import events
-    from magnet_engine.engine.hybrid import plan_hybrid
 
     device = model.device
     marks: tp.Dict[str, float] = {}
     info: tp.Dict[str, tp.Any] = {"loadavg_1m": _loadavg()}
     prefix_frames = model.prefix_frames(options=model.hybrid)
-    if model.config.is_hybrid:   # rows each masked step recomputes: query_start..seq_len
-        plan = plan_hybrid(model.config, model.frames, prefix_frames, model.params, model.hybrid.handoff,
-                           model.hybrid.prefix_attention)
-        info.update(recomputed_rows=plan.seq_len - plan.query_start, sequence_rows=plan.seq_len)
+    tail = model.plan().masked.tail
+    if tail is not None:   # hybrid: the rows each masked step recomputes, query_start..seq_len
+        info.update(recomputed_rows=tail.seq_len - tail.query_start, sequence_rows=tail.seq_len)
 
     def listen(event) -> None:
         if isinstance(event, events.Started):
@@ -249,7 +247,7 @@ def summarise(case: Case, samples: tp.List[dict], model, args) -> dict:
     for key in ("prefix_frames", "prefix_audio_s", "rescore_calls", "recomputed_rows", "sequence_rows"):
         if key in samples[0]:
             out[key] = samples[0][key]
-    audio_s = model.frames // model.config.span_len * model.config.span_len / model.frame_rate
+    audio_s = model.plan().out_frames / model.frame_rate
     out["audio_seconds"] = audio_s
     out["real_time_factor"] = audio_s / (out["end_to_end_ms"]["p50"] / 1e3)
     return out

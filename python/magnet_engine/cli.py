@@ -134,10 +134,12 @@ def _checked_outputs(args, n: int) -> tp.List[Path]:
 
 
 def _draw_seed(args) -> None:
-    """No --seed: one from the OS, below the server's seed bound (the API would draw from torch's
+    """No --seed: one from the OS, below MAX_SEED as any caller's (the API would draw from torch's
     default generator, which starts the same in every process)."""
+    from magnet_engine.engine.config import MAX_SEED
+
     if args.seed is None:
-        args.seed = secrets.randbelow(2 ** 62)
+        args.seed = secrets.randbelow(MAX_SEED)
 
 
 def _generate(model, args, paths: tp.List[Path]) -> tp.Tuple[tp.List[Path], float]:

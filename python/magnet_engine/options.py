@@ -2,9 +2,10 @@
 raises `InvalidOptionError` naming what was expected and found, and changes nothing.
 
 The rules themselves live in the engine (`DecodingParams.validate`, `HybridOptions.validate`,
-`generate.check_engine`, `precision.choose_precision`); what is here is the API's own layer
-over them: durations and the long-form stride in seconds, audiocraft's `generation_params`
-mapping, the hybrid prefix in seconds, the precision of the reference engine.
+`generate.check_prefix`, `generate.decodes_long_form`, `generate.check_engine`,
+`precision.choose_precision`); what is here is the API's own layer over them: durations and
+the long-form stride in seconds, audiocraft's `generation_params` mapping, the precision of
+the reference engine.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 
 from magnet_engine.engine import generate
 from magnet_engine.engine.config import DecodingParams, ModelConfig
-from magnet_engine.engine.hybrid import DEFAULT_PREFIX_SECONDS, HybridOptions
 from magnet_engine.engine.precision import AUTO, CHOICES, PrecisionChoice, choose_precision
+from magnet_engine.engine.schedule import duration_frames
 from magnet_engine.errors import InvalidOptionError
 
 # Long-form: the default stride is this fraction of the window (18 s of a 30 s window, as
@@ -91,7 +92,7 @@ def check_max_duration(value, cfg: ModelConfig, frame_rate: float) -> tp.Union[i
     if not is_real(value) or not 0 < value <= trained + 1e-9:
         raise InvalidOptionError(f"max_duration must be a number of seconds in (0, {trained:g}] (the model's "
                                  f"trained length), found {value!r}")
-    if int(value * frame_rate) < max(cfg.span_len, 1):
+    if duration_frames(value, frame_rate) < max(cfg.span_len, 1):
         raise InvalidOptionError(f"max_duration {value} s is shorter than one span of {cfg.span_len} frames")
     return plain_number(value)
 
@@ -101,14 +102,14 @@ def check_duration(duration, cfg: ModelConfig, frame_rate: float, max_duration: 
     """A duration in seconds against the longest this model generates (and `limit`, e.g. a
     server's cap). A plain MAGNeT generates past `max_duration` window by window (long-form,
     up to MAX_LONGFORM_SECONDS); a hybrid one stays within it."""
-    longest = max_duration if cfg.is_hybrid else MAX_LONGFORM_SECONDS
+    longest = MAX_LONGFORM_SECONDS if generate.decodes_long_form(cfg) else max_duration
     limit = longest if limit is None else min(limit, longest)
     if not is_real(duration):
         raise InvalidOptionError(f"duration must be a number of seconds, found {duration!r}")
     if duration <= 0 or duration > limit + 1e-9:
         raise InvalidOptionError(f"duration must be in (0, {limit:g}] s (the longest this model generates, "
                                  f"or the configured limit), found {duration}")
-    if int(duration * frame_rate) < max(cfg.span_len, 1):
+    if duration_frames(duration, frame_rate) < max(cfg.span_len, 1):
         raise InvalidOptionError(f"duration {duration} s is shorter than one span of {cfg.span_len} frames")
     return float(duration)
 
@@ -125,29 +126,3 @@ def stride_frames(extend_stride: tp.Optional[float], max_duration: float, frame_
     """Frames between long-form windows: `extend_stride`, or DEFAULT_STRIDE_FRACTION of the window."""
     stride = extend_stride if extend_stride is not None else DEFAULT_STRIDE_FRACTION * max_duration
     return int(round(stride * frame_rate))
-
-
-def prefix_frames(cfg: ModelConfig, frame_rate: float, options: HybridOptions, clip_seconds: float) -> int:
-    """Frames of the AR prefix; 0 when decoding is not hybrid. A hybrid checkpoint's default is
-    DEFAULT_PREFIX_SECONDS, or half of a shorter clip."""
-    seconds = options.prefix_seconds
-    if seconds is None:
-        seconds = min(DEFAULT_PREFIX_SECONDS, clip_seconds / 2) if cfg.is_hybrid else 0.0
-    return int(round(seconds * frame_rate))
-
-
-def check_hybrid(cfg: ModelConfig, frame_rate: float, options: HybridOptions, two_model: bool,
-                 duration: float) -> None:
-    """The hybrid prefix in seconds against the checkpoint and the clip: what `generate.plan`
-    is then asked in frames. two_model: a prefix model (MusicGen / AudioGen) is set."""
-    frames = prefix_frames(cfg, frame_rate, options, duration)
-    total = int(duration * frame_rate)
-    if cfg.is_hybrid and frames < 1:
-        raise InvalidOptionError("a hybrid-MAGNeT checkpoint decodes with an AR prefix: hybrid_prefix_seconds "
-                                 f"must be at least one frame (1/{frame_rate:g} s), found {options.prefix_seconds}")
-    if frames and not cfg.is_hybrid and not two_model:
-        raise InvalidOptionError("hybrid_prefix_seconds on a plain MAGNeT needs prefix_model=<MusicGen / "
-                                 "AudioGen checkpoint> (the two-model hybrid)")
-    if frames and frames + cfg.span_len > total:
-        raise InvalidOptionError(f"the AR prefix ({frames} frames) must leave at least one span of the "
-                                 f"{total}-frame clip to masked decoding")

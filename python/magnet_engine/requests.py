@@ -11,7 +11,7 @@ import typing as tp
 import torch
 
 from magnet_engine.engine.conditioning import check_descriptions
-from magnet_engine.engine.config import ModelConfig
+from magnet_engine.engine.config import MAX_SEED, SEED_LIMIT, ModelConfig
 from magnet_engine.errors import InvalidInputError, InvalidOptionError, RegionError
 
 Texts = tp.List[tp.Optional[str]]
@@ -46,13 +46,13 @@ def row_seeds(seed, batch: int) -> tp.List[int]:
     None draws the rows' seeds from torch's default generator, so that, as with audiocraft,
     torch.manual_seed(n) before a call reproduces it."""
     if seed is None:
-        seed = torch.randint(0, 2 ** 62, (batch,), dtype=torch.int64).tolist()
+        seed = torch.randint(0, MAX_SEED, (batch,), dtype=torch.int64).tolist()
     if isinstance(seed, (list, tuple)):
         seeds = list(seed)
     else:
         seeds = [seed + b for b in range(batch)] if isinstance(seed, int) and not isinstance(seed, bool) else None
     if seeds is None or len(seeds) != batch or any(
-            isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63 - batch for s in seeds):
+            isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < SEED_LIMIT - batch for s in seeds):
         raise InvalidOptionError(f"seed must be an int >= 0 or a list of {batch} such ints, found {seed!r}")
     return seeds
 

@@ -12,10 +12,10 @@ import typing as tp
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from magnet_engine.engine.config import MAX_DECODING_STEPS, SPAN_ARRANGEMENTS, SPAN_SCORINGS, DecodingParams
+from magnet_engine.engine.config import (MAX_DECODING_STEPS, MAX_SEED, SPAN_ARRANGEMENTS, SPAN_SCORINGS,
+                                         DecodingParams)
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 
-MAX_SEED = 2 ** 62  # the API needs seed + row < 2**63; a request has far fewer rows than this margin
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 # The fields every JSON body with a seed or an id declares, so that each bound is stated once.
