@@ -161,12 +161,10 @@ def _remask_triton(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.
 
 # ----------------------------------------------------------------------------- C++
 def _remask_cpp(codes, scores, num_masked, layout, span_len, prompt_len, mask_id):
-    if num_masked.dim():
-        raise NotImplementedError("remask: a count per row is not implemented in C++ yet (impl='torch')")
     masked = torch.empty(scores.shape, dtype=torch.bool)
     backend.cpp_module().remask(
-        codes.numpy(), scores.numpy(), int(num_masked), layout, span_len, prompt_len, mask_id,
-        masked.numpy(),
+        codes.numpy(), scores.numpy(), num_masked.numpy() if num_masked.dim() else int(num_masked), layout,
+        span_len, prompt_len, mask_id, masked.numpy(),
     )
     return masked
 

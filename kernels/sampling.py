@@ -280,20 +280,23 @@ def _sample_triton(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_co
 
 # ----------------------------------------------------------------------------- C++
 def _sample_cpp(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p, use_sampling=None):
-    if mode == PER_ROW or cfg_coef.dim() or temperature.dim() or offset.dim():
-        raise NotImplementedError("sample_tokens: per-row values are not implemented in C++ yet (impl='torch')")
     # numpy has no bf16: the C++ kernel reads fp32 (a copy only for fp16 / bf16 logits).
     cond = cond.float()
     uncond = None if uncond is None else uncond.float()
     n_rows = cond.shape[0]
     tokens = torch.empty(n_rows, dtype=torch.int64)
     prob = torch.empty(n_rows, dtype=torch.float32)
-    # Reading a CPU scalar is a memory load, not a device sync. A [N] seed goes as an array.
+    if mode == PER_ROW:
+        options = (use_sampling.numpy(), top_k.numpy(), top_p.numpy())
+    else:  # the kernel derives the mode by the same precedence
+        options = (mode != GREEDY, top_k, top_p)
+
+    def value(x):  # reading a CPU scalar is a memory load, not a device sync; [N] goes as an array
+        return x.numpy() if x.dim() else x.item()
+
     backend.cpp_module().sample_tokens(
-        cond.numpy(), None if uncond is None else uncond.numpy(),
-        float(cfg_coef), float(temperature), mode, top_k, top_p,
-        seed.numpy() if seed.dim() else int(seed), int(offset),
-        None if row_ids is None else row_ids.numpy(), tokens.numpy(), prob.numpy(),
+        cond.numpy(), None if uncond is None else uncond.numpy(), value(cfg_coef), value(temperature), *options,
+        value(seed), value(offset), None if row_ids is None else row_ids.numpy(), tokens.numpy(), prob.numpy(),
     )
     return tokens, prob
 
