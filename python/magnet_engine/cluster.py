@@ -50,9 +50,10 @@ from magnet_engine.api import MAGNeT
 from magnet_engine.audio import wav_bytes
 from magnet_engine.engine import events
 from magnet_engine.engine.conditioning import TextConditioner
+from magnet_engine.engine.config import rows_per_batch
 from magnet_engine.errors import MagnetEngineError
 from magnet_engine.server.app import create_app
-from magnet_engine.server.batcher import BatchKey, Job, QueueFull, canvas_snapshot, rows_per_batch, step_data
+from magnet_engine.server.batcher import BatchKey, Job, QueueFull, canvas_snapshot, step_data
 from magnet_engine.server.metrics import Metrics
 from magnet_engine.server.schema import ApiError, Settings, api_error_from
 

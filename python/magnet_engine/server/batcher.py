@@ -40,17 +40,12 @@ import torch
 
 from magnet_engine.audio import wav_bytes
 from magnet_engine.engine import events
-from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.config import DecodingParams, rows_per_batch
 from magnet_engine.server.metrics import Metrics
 from magnet_engine.server.progress import ProgressChannel, ProgressHub
 from magnet_engine.server.schema import REQUEST_ID_PATTERN, ApiError, Settings, api_error_from
 
 REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-def rows_per_batch(engine: tp.Optional[str], max_batch: int) -> int:
-    """How many rows one generation may batch on `engine`: the reference loop draws every row
-    from one generator seeded with the first row's seed, so its rows are not batch-invariant
-    and it generates one row at a time; the fast runtime takes up to `max_batch`."""
-    return 1 if engine == "reference" else max_batch
 
 
 HTTP_ERROR_TYPES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 408: "RequestTimeout",
