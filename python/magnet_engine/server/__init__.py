@@ -10,9 +10,25 @@
     app.py       the service (create_app): worker, error handlers, limits; mounts routes/
     routes/      one router per route family: generate, progress, edit, stream, speech
     serve.py     uvicorn with the HTTP limits, `magnet-engine serve`, BackgroundServer
-"""
-from magnet_engine.server.app import create_app
-from magnet_engine.server.schema import Settings, text_token_count
-from magnet_engine.server.serve import BackgroundServer, main
 
-__all__ = ["create_app", "Settings", "BackgroundServer", "main", "text_token_count"]
+The names below are imported on first use (PEP 562), so importing one module of the package
+(the batcher in a test, say) does not import the app and its routers.
+"""
+import importlib
+
+_WHERE = {"create_app": "app", "Settings": "schema", "text_token_count": "schema",
+          "BackgroundServer": "serve", "main": "serve"}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
