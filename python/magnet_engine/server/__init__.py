@@ -4,15 +4,18 @@
     magnet-engine serve --model facebook/magnet-small-10secs --max-batch 8
 
     schema.py    limits (Settings), request body, validation, the one error shape
+    models.py    what the service runs on (Models) and how to load it (ModelSpec: every load option)
+    runner.py    runs work on the models: the batching policy, cancellation, run events (no HTTP)
+    batcher.py   the bounded queue and the one worker thread that runs every route's jobs
+    jobs.py      a request as a job (Job, Task), what its run events do to it, Jobs: the routes' side
     metrics.py   Prometheus metrics (prometheus_client)
     progress.py  per-request progress streams (server-sent events)
-    batcher.py   the bounded queue and the one worker every route's jobs run on (Jobs: the routes' side)
     app.py       the service (create_app): worker, error handlers, limits; mounts routes/
     routes/      one router per route family: generate, progress, edit, stream, speech
     serve.py     uvicorn with the HTTP limits, `magnet-engine serve`, BackgroundServer
 
 The names below are imported on first use (PEP 562), so importing one module of the package
-(the batcher in a test, say) does not import the app and its routers.
+(the runner on a Ray replica, the batcher in a test) does not import the app and its routers.
 """
 import importlib
 
