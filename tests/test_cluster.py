@@ -33,7 +33,8 @@ from magnet_engine.demo import build_random_model  # noqa: E402
 from magnet_engine.engine.config import DecodingParams  # noqa: E402
 from magnet_engine.server.routes.stream import StreamLimits  # noqa: E402
 from magnet_engine.server import Settings, create_app, text_token_count  # noqa: E402
-from service_helpers import FAST, assert_same_audio, metric, solo_wav, sse_events  # noqa: E402
+from service_helpers import (FAST, SPEECH_WORDS, assert_same_audio, metric, solo_wav, speech_edit_request,  # noqa: E402
+                             sse_events)
 
 pytestmark = pytest.mark.ray
 
@@ -47,17 +48,10 @@ def spec(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def speech_dir(tmp_path_factory):
-    from magnet_engine.engine.playdiffusion.random_weights import write_random_model
-
-    return write_random_model(tmp_path_factory.mktemp("speech"), "tiny", seed=1)
-
-
-@pytest.fixture(scope="module")
-def speech_model(speech_dir):
+def speech_model(tiny_speech_dir):
     from magnet_engine import PlayDiffusion
 
-    return PlayDiffusion(str(speech_dir), device="cpu")
+    return PlayDiffusion(str(tiny_speech_dir), device="cpu")
 
 
 def free_port() -> int:
@@ -71,11 +65,11 @@ URL = f"http://127.0.0.1:{PORT}"
 
 
 @pytest.fixture(scope="module")
-def cluster(spec, speech_dir):
+def cluster(spec, tiny_speech_dir):
     """Ray with 2 CPUs: one per model replica (each with a speech model); the ingress takes none."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(application(dataclasses.replace(spec, speech=str(speech_dir)), SETTINGS, replicas=2,
+    serve.run(application(dataclasses.replace(spec, speech=str(tiny_speech_dir)), SETTINGS, replicas=2,
                           limits={"stream_limits": StreamLimits(max_duration=40)}),
               name=APP_NAME, route_prefix="/")
     yield
@@ -308,22 +302,17 @@ def test_edit_stream_and_speech_edit_through_the_ingress(cluster, tiny_model, sp
     assert requests.post(f"{URL}/v1/stream", json={"duration": 41}, timeout=10).status_code == 422
 
     # a speech edit on the replicas' speech model
-    buf = io.BytesIO()
-    sf.write(buf, (0.1 * np.random.RandomState(0).randn(2 * 16000)).astype(np.float32), 16000, format="WAV")
-    words = [{"word": "hello", "start": 0.10, "end": 0.50}, {"word": "there", "start": 0.55, "end": 0.90},
-             {"word": "world", "start": 1.00, "end": 1.60}]
-    form = dict(input_text="hello there world", output_text="hello big world", word_times=json.dumps(words),
-                num_steps="3", seed="4")
-    spoken = requests.post(f"{URL}/v1/speech/edit", data=form, files={"audio": ("in.wav", buf.getvalue(), "audio/wav")},
+    audio, form = speech_edit_request()
+    spoken = requests.post(f"{URL}/v1/speech/edit", data=form, files={"audio": ("in.wav", audio, "audio/wav")},
                            timeout=HTTP_TIMEOUT_S)
     assert spoken.status_code == 200 and spoken.headers["content-type"] == "audio/wav", spoken.text
-    wave = torch.from_numpy(sf.read(io.BytesIO(buf.getvalue()), dtype="float32")[0][None].copy())
-    local = speech_model.inpaint_audio(wave, 16000, dict(input_text="hello there world", output_text="hello big world",
-                                                         input_word_times=words, num_steps=3), seed=4)
+    wave = torch.from_numpy(sf.read(io.BytesIO(audio), dtype="float32")[0][None].copy())
+    local = speech_model.inpaint_audio(wave, 16000, dict(input_text=form["input_text"], output_text=form["output_text"],
+                                                         input_word_times=SPEECH_WORDS, num_steps=3), seed=4)
     assert int(spoken.headers["x-units"]) == local.units.numel() and sf.read(io.BytesIO(spoken.content))[0].size
     assert requests.get(f"{URL}/v1/speech/edit/defaults", timeout=10).json()["num_steps"] > 0
     bad = requests.post(f"{URL}/v1/speech/edit", data={**form, "num_steps": "0"},
-                        files={"audio": ("in.wav", buf.getvalue(), "audio/wav")}, timeout=HTTP_TIMEOUT_S)
+                        files={"audio": ("in.wav", audio, "audio/wav")}, timeout=HTTP_TIMEOUT_S)
     assert bad.status_code == 422
 
     for route, status in (("edit", 200), ("edit", 409), ("edit", 400), ("stream", 202), ("stream", 422),
@@ -428,11 +417,20 @@ def test_replica_killed_in_the_middle_of_an_edit(cluster, tiny_model):
     never hung, never a half-made clip."""
     before = set(model_replica_actors())
     clip, steps = tone(5.0), (40, 40, 40, 40)
-    with cf.ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(post_edit, clip, [[0.5, 4.5]], seed="9", decoding_steps=json.dumps(steps))
-        kill_the_busy_replica(before)
-        r = answer.result()
+
+    def kill_at_its_first_step():   # not before: a call no replica has started is re-routed by Serve itself
+        with requests.get(f"{URL}/v1/progress/kill-edit", stream=True, timeout=HTTP_TIMEOUT_S) as progress:
+            for line in progress.iter_lines(decode_unicode=True):
+                if line.startswith("event: step"):
+                    return kill_the_busy_replica(before)
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        killer = pool.submit(kill_at_its_first_step)
+        time.sleep(0.5)
+        r = post_edit(clip, [[0.5, 4.5]], seed="9", decoding_steps=json.dumps(steps), request_id="kill-edit")
+        killer.result()
     wait_for_recovery(before)
+    print(f"\nreplica killed mid-edit: {r.status_code}, retries {r.headers.get('x-row-retries')}")
     if r.status_code == 200:
         assert r.headers["x-row-retries"] == "1"
         assert_same_audio(r.content, solo_edit(tiny_model, clip, [(0.5, 4.5)], None, 9, steps))
@@ -452,6 +450,7 @@ def test_replica_killed_in_the_middle_of_a_stream(cluster, tiny_model):
     wait_for_recovery(before)
     kinds = [kind for kind, _ in seen]
     chunks = [data["index"] for kind, data in seen if kind == "chunk"]
+    print(f"\nreplica killed mid-stream: {len(chunks)} chunks, then {seen[-1]}")
     assert chunks == list(range(len(chunks))) and kinds[-1] in ("done", "error")
     if kinds[-1] == "done":
         joined, whole = joined_chunks(seen), solo_stream(tiny_model, "rain", 5, 30, (10, 5, 5, 5))

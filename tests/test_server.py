@@ -373,15 +373,13 @@ def test_serve_command_reports_a_missing_model(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
-def test_serve_loads_through_the_one_loader_with_every_option(tiny_dir, tmp_path_factory):
+def test_serve_loads_through_the_one_loader_with_every_option(tiny_dir, tiny_speech_dir):
     """`serve`'s flags become a ModelSpec (the loader every Ray replica uses too), and each load
     option reaches the loaded models; the routes' limits come with them."""
-    from magnet_engine.engine.playdiffusion.random_weights import write_random_model
     from magnet_engine.server.serve import build_parser, options
 
-    speech_dir = write_random_model(tmp_path_factory.mktemp("loader-pd"), "tiny", seed=1)
     opts = options(build_parser().parse_args(["--model", str(tiny_dir), "--device", "cpu", "--precision", "fp32",
-                                              "--compile", "--speech", str(speech_dir), "--max-stream-duration",
+                                              "--compile", "--speech", str(tiny_speech_dir), "--max-stream-duration",
                                               "30", "--max-edit-upload-bytes", "1000", "--queue-size", "3"]))
     assert (opts.spec.compile, opts.spec.cuda_graphs, opts.spec.precision) == (True, False, "fp32")
     assert opts.settings.queue_size == 3 and opts.settings.note == ""
