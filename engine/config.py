@@ -358,3 +358,11 @@ class DecodingParams:
         if unknown:
             raise InvalidOptionError(f"unknown decoding option(s): {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
+
+
+def rows_per_batch(engine: tp.Optional[str], max_batch: int) -> int:
+    """How many rows one generation may batch on `engine` (the names of generate.ENGINES): the
+    reference loop draws every row from one generator seeded with the first row's seed, so its
+    rows are not batch-invariant and it generates one row at a time; the fast runtime takes up to
+    `max_batch`. The serving layers ask here."""
+    return 1 if engine == "reference" else max_batch

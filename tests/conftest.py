@@ -66,6 +66,15 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_speech_dir(tmp_path_factory):
+    """A random-weight PlayDiffusion directory (the six upstream files) of the tiny preset,
+    read-only for the tests that share it."""
+    from magnet_engine.engine.playdiffusion.random_weights import write_random_model
+
+    return write_random_model(tmp_path_factory.mktemp("tiny-speech"), "tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     """The tiny model loaded on the fast engine, shared by the service tests (each sets its
     decoding options before it compares against the API)."""

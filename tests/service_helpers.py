@@ -73,6 +73,22 @@ def answer_is_sane(client, r) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
 
 
+SPEECH_WORDS = [{"word": "hello", "start": 0.10, "end": 0.50}, {"word": "there", "start": 0.55, "end": 0.90},
+                {"word": "world", "start": 1.00, "end": 1.60}]
+
+
+def speech_edit_request() -> tp.Tuple[bytes, dict]:
+    """(a 2 s noise recording at 16 kHz as WAV, the form fields of a POST /v1/speech/edit on it)."""
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, (0.1 * np.random.RandomState(0).randn(2 * 16000)).astype(np.float32), 16000, format="WAV")
+    form = dict(input_text="hello there world", output_text="hello big world", word_times=json.dumps(SPEECH_WORDS),
+                num_steps="3", seed="4")
+    return buf.getvalue(), form
+
+
 def tiny_models(tmp_path_factory, name: str):
     """(MAGNeT, PlayDiffusion): tiny random models for the upload routes' tests, a 1 s window and
     steps 2 1 1 1, so a valid edit finishes in well under a second."""

@@ -2,18 +2,25 @@
 random model behind MagnetIngress, the single-process server's HTTP API over loopback.
 
 One application serves the whole module (replicas take tens of seconds to start on 2 cores);
-the tests run in file order: spread and equality, the API's other routes, a replica killed
-under load, autoscaling 1 -> 2 -> 1, and last a model that fails to load.
+the tests run in file order: spread and equality, the API's other routes (edit, stream and
+speech edit included, and their queue bound, timeout and cancellation on an application of
+their own), a replica killed under load, in the middle of an edit and of a stream, autoscaling
+1 -> 2 -> 1, and last a model that fails to load.
 """
 import concurrent.futures as cf
+import dataclasses
 import io
 import json
 import socket
 import time
+import types
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
+import torch
 
 ray = pytest.importorskip("ray", reason="the [cluster] extra (ray[serve]) is not installed")
 import requests  # noqa: E402  (ray[serve] brings it)
@@ -24,8 +31,10 @@ from magnet_engine.audio import wav_bytes  # noqa: E402
 from magnet_engine.cluster import APP_NAME, MODEL_DEPLOYMENT, ModelSpec, application, deployment_error  # noqa: E402
 from magnet_engine.demo import build_random_model  # noqa: E402
 from magnet_engine.engine.config import DecodingParams  # noqa: E402
-from magnet_engine.server import Settings, text_token_count  # noqa: E402
-from service_helpers import FAST, assert_same_audio, solo_wav, sse_events  # noqa: E402
+from magnet_engine.server.routes.stream import StreamLimits  # noqa: E402
+from magnet_engine.server import Settings, create_app, text_token_count  # noqa: E402
+from service_helpers import (FAST, SPEECH_WORDS, assert_same_audio, metric, solo_wav, speech_edit_request,  # noqa: E402
+                             sse_events)
 
 pytestmark = pytest.mark.ray
 
@@ -36,6 +45,13 @@ HTTP_TIMEOUT_S = 90   # a request with no answer by then counts as hung
 @pytest.fixture(scope="module")
 def spec(tiny_dir):
     return ModelSpec(model=str(tiny_dir), device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def speech_model(tiny_speech_dir):
+    from magnet_engine import PlayDiffusion
+
+    return PlayDiffusion(str(tiny_speech_dir), device="cpu")
 
 
 def free_port() -> int:
@@ -49,11 +65,13 @@ URL = f"http://127.0.0.1:{PORT}"
 
 
 @pytest.fixture(scope="module")
-def cluster(spec):
-    """Ray with 2 CPUs: one per model replica; the ingress takes none."""
+def cluster(spec, tiny_speech_dir):
+    """Ray with 2 CPUs: one per model replica (each with a speech model); the ingress takes none."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(application(spec, SETTINGS, replicas=2), name=APP_NAME, route_prefix="/")
+    serve.run(application(dataclasses.replace(spec, speech=str(tiny_speech_dir)), SETTINGS, replicas=2,
+                          limits={"stream_limits": StreamLimits(max_duration=40)}),
+              name=APP_NAME, route_prefix="/")
     yield
     serve.shutdown()
     ray.shutdown()
@@ -61,6 +79,54 @@ def cluster(spec):
 
 def post(**body):
     return requests.post(f"{URL}/v1/generate", json={**FAST, **body}, timeout=HTTP_TIMEOUT_S)
+
+
+def tone(seconds: float, rate: int = 32000) -> bytes:
+    t = torch.arange(int(rate * seconds)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * torch.sin(2 * torch.pi * 220 * t)).numpy(), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def post_edit(clip: bytes, regions, base: str = URL, **fields):
+    return requests.post(f"{base}/v1/edit", files={"audio": ("clip.wav", clip, "audio/wav")},
+                         data={"regions": json.dumps(regions), **fields}, timeout=HTTP_TIMEOUT_S)
+
+
+def solo_edit(model, clip: bytes, regions, description, seed, steps) -> bytes:
+    """The same edit through the API, in this process."""
+    wave = torch.from_numpy(sf.read(io.BytesIO(clip), dtype="float32")[0][None].copy())   # [1, samples]
+    wav = model.generate_infill(wave, model.sample_rate, regions, [description], seed=seed,
+                                params=DecodingParams(decoding_steps=steps))
+    return wav_bytes(wav[0], model.sample_rate)
+
+
+def stream_events(run_id: str, on_first_chunk=None):
+    """The SSE events of a streamed run, read as they arrive; on_first_chunk() runs when the
+    first chunk is announced."""
+    def lines(answer):
+        called = False
+        for line in answer.iter_lines(decode_unicode=True):
+            if line.startswith("event: chunk") and on_first_chunk is not None and not called:
+                called = True
+                on_first_chunk()
+            yield line
+    with requests.get(f"{URL}/v1/stream/{run_id}/events", stream=True, timeout=HTTP_TIMEOUT_S) as answer:
+        return sse_events(lines(answer))
+
+
+def joined_chunks(events) -> np.ndarray:
+    parts = [sf.read(io.BytesIO(requests.get(f"{URL}{data['url']}", timeout=10).content))[0]
+             for kind, data in events if kind == "chunk"]
+    return np.concatenate(parts)
+
+
+def solo_stream(model, text, seed, duration, steps) -> np.ndarray:
+    tokens = model.generate_tokens([text], seed=seed, duration=duration, params=DecodingParams(decoding_steps=steps))
+    return model.decode(tokens)[0, 0].clamp(-1, 1).numpy()
+
+
+SERVICE = types.SimpleNamespace(get=lambda path: requests.get(f"{URL}{path}", timeout=10))   # for metric()
 
 
 def model_replicas() -> dict:
@@ -90,6 +156,38 @@ def test_serve_ray_refuses_bad_flags_before_starting_ray(argv, message, capsys):
 
     assert main(["serve", "--ray", *argv]) == 2
     assert message in capsys.readouterr().err and not ray.is_initialized()
+
+
+def test_serve_ray_keeps_every_load_option(tiny_dir, tmp_path, monkeypatch):
+    """`serve --ray` reads its flags as `serve` does (server.serve.options): every load option
+    reaches the replicas' ModelSpec (--compile and --cuda-graphs were once accepted and dropped),
+    and the routes' limits reach the ingress."""
+    from magnet_engine import cluster
+    from magnet_engine.cli import main
+
+    deployed = {}
+
+    class Deployed(Exception):
+        pass
+
+    def application(spec, settings, **options):
+        deployed.update(spec=spec, settings=settings, **options)
+        raise Deployed()
+    monkeypatch.setattr(cluster, "application", application)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+    with pytest.raises(Deployed):
+        main(["serve", "--ray", "--model", str(tiny_dir), "--device", "cpu", "--precision", "fp32", "--compile",
+              "--cuda-graphs", "--speech", str(tmp_path), "--engine", "reference", "--t5", "t5-small",
+              "--cpus-per-replica", "2", "--max-stream-duration", "30", "--max-edit-upload-bytes", "1000",
+              "--queue-size", "5"])
+    assert deployed["spec"] == ModelSpec(model=str(tiny_dir), t5="t5-small", device="cpu", engine="reference",
+                                         precision="fp32", compile=True, cuda_graphs=True, speech=str(tmp_path),
+                                         cache_dir=deployed["spec"].cache_dir, threads=2)
+    assert deployed["settings"].queue_size == 5
+    assert deployed["limits"]["stream_limits"].max_duration == 30
+    assert deployed["limits"]["edit_limits"].max_upload_bytes == 1000
 
 
 def test_config_file_is_a_valid_serve_config():
@@ -161,6 +259,99 @@ def test_same_routes_and_progress_through_the_ingress(cluster, tiny_model):
     assert 'magnet_requests_total{route="generate",status="200"}' in metrics and "magnet_batches_total" in metrics
 
 
+def test_edit_stream_and_speech_edit_through_the_ingress(cluster, tiny_model, speech_model):
+    """Every route of the single-process server is mounted on the ingress and runs on the
+    replicas: /v1/model lists the same endpoints, an edit, a streamed run and a speech edit
+    answer what the API answers in this process, with their progress, request ids and metrics."""
+    info = requests.get(f"{URL}/v1/model", timeout=10).json()
+    one_process = create_app(tiny_model, Settings(), speech=speech_model).openapi()["paths"]
+    assert info["endpoints"] == sorted(path for path in one_process if path.startswith("/v1/"))
+    assert {"/v1/edit", "/v1/stream", "/v1/speech/edit"} <= set(info["endpoints"])
+    assert info["limits"]["max_stream_duration"] == 40 and "/v1/speech/edit" in info["limits"]["routes"]
+
+    # an edit, its progress followed from before the POST
+    clip = tone(1.0)
+    with cf.ThreadPoolExecutor(1) as pool:
+        progress = pool.submit(requests.get, f"{URL}/v1/progress/ray-edit", timeout=HTTP_TIMEOUT_S)
+        time.sleep(0.5)
+        edited = post_edit(clip, [[0.2, 0.5]], description="a fill", seed="3", decoding_steps="[3, 2, 2, 2]",
+                           request_id="ray-edit")
+        events = sse_events(progress.result().text)
+    assert edited.status_code == 200 and edited.headers["content-type"] == "audio/wav"
+    assert edited.headers["x-replica-id"] and edited.headers["x-row-retries"] == "0"
+    assert_same_audio(edited.content, solo_edit(tiny_model, clip, [(0.2, 0.5)], "a fill", 3, (3, 2, 2, 2)))
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "queued" and kinds[-1] == "done" and "step" in kinds
+    started = dict(events)["started"]
+    assert started["kind"] == "edit" and started["replica"] == edited.headers["x-replica-id"]
+    assert any("canvas" in data for kind, data in events if kind == "step")
+    again = post_edit(clip, [[0.2, 0.5]], request_id="ray-edit")
+    assert again.status_code == 409 and again.json()["error"]["type"] == "Conflict"
+    assert post_edit(b"RIFF....WAVEnope", [[0.2, 0.5]]).status_code == 400     # the ingress reads the upload
+
+    # a streamed run: 2 windows of the 10 s model, its chunks joined are the clip
+    run = requests.post(f"{URL}/v1/stream", json={"description": "a", "duration": 12, "seed": 4,
+                                                  "decoding_steps": [2, 1, 1, 1], "request_id": "ray-stream"},
+                        timeout=HTTP_TIMEOUT_S)
+    assert run.status_code == 202 and run.json()["id"] == "ray-stream"
+    seen = stream_events("ray-stream")
+    assert [kind for kind, _ in seen][-1] == "done" and seen[-1][1]["chunks"] == len(seen) - 1 >= 2
+    assert [data["index"] for kind, data in seen if kind == "chunk"] == list(range(len(seen) - 1))
+    joined, whole = joined_chunks(seen), solo_stream(tiny_model, "a", 4, 12, (2, 1, 1, 1))
+    assert joined.shape == whole.shape and abs(joined - whole).max() <= 1e-4 + 1 / 32767
+    assert requests.post(f"{URL}/v1/stream", json={"duration": 41}, timeout=10).status_code == 422
+
+    # a speech edit on the replicas' speech model
+    audio, form = speech_edit_request()
+    spoken = requests.post(f"{URL}/v1/speech/edit", data=form, files={"audio": ("in.wav", audio, "audio/wav")},
+                           timeout=HTTP_TIMEOUT_S)
+    assert spoken.status_code == 200 and spoken.headers["content-type"] == "audio/wav", spoken.text
+    wave = torch.from_numpy(sf.read(io.BytesIO(audio), dtype="float32")[0][None].copy())
+    local = speech_model.inpaint_audio(wave, 16000, dict(input_text=form["input_text"], output_text=form["output_text"],
+                                                         input_word_times=SPEECH_WORDS, num_steps=3), seed=4)
+    assert int(spoken.headers["x-units"]) == local.units.numel() and sf.read(io.BytesIO(spoken.content))[0].size
+    assert requests.get(f"{URL}/v1/speech/edit/defaults", timeout=10).json()["num_steps"] > 0
+    bad = requests.post(f"{URL}/v1/speech/edit", data={**form, "num_steps": "0"},
+                        files={"audio": ("in.wav", audio, "audio/wav")}, timeout=HTTP_TIMEOUT_S)
+    assert bad.status_code == 422
+
+    for route, status in (("edit", 200), ("edit", 409), ("edit", 400), ("stream", 202), ("stream", 422),
+                          ("speech_edit", 200), ("speech_edit", 422)):
+        assert metric(SERVICE, "magnet_requests_total", route=route, status=status) >= 1, (route, status)
+    for kind in ("edit", "stream", "speech_edit"):
+        assert metric(SERVICE, "magnet_tasks_total", kind=kind) >= 1, kind
+    assert metric(SERVICE, "magnet_request_duration_seconds_count", route="stream") >= 1   # at the run's end
+
+
+def test_queue_bound_timeout_and_cancellation_hold_for_edits_on_ray(cluster, spec):
+    """An application with a queue of 1 and a 3 s timeout: of three long edits at once, those
+    beyond the bound get 503 + Retry-After, the others 504; each timed-out edit stops on its
+    replica within a step (a short request right after is answered in time)."""
+    strict = Settings(max_batch=4, queue_size=1, request_timeout_s=3, max_wait_ms=0)
+    # no CPU of its own: the main application's two replicas hold the cluster's two
+    serve.run(application(spec, strict, replicas=1, cpus_per_replica=0), name="strict", route_prefix="/strict")
+    base = f"{URL}/strict"
+    clip = tone(5.0)
+    try:
+        with cf.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda i: post_edit(clip, [[0.5, 4.5]], base, seed=str(i),
+                                                        decoding_steps="[100, 100, 100, 100]"), range(3)))
+        statuses = sorted(r.status_code for r in answers)
+        assert 503 in statuses and set(statuses) <= {503, 504}, statuses
+        for r in answers:
+            kind = r.json()["error"]["type"]
+            assert kind == ("QueueFull" if r.status_code == 503 else "Timeout")
+            assert r.status_code == 504 or int(r.headers["retry-after"]) >= 1
+        quick = requests.post(f"{base}/v1/generate", json={**FAST, "description": "piano"}, timeout=HTTP_TIMEOUT_S)
+        assert quick.status_code == 200, quick.text
+        service = types.SimpleNamespace(get=lambda path: requests.get(f"{base}{path}", timeout=10))
+        assert metric(service, "magnet_requests_total", route="edit", status=503) >= 1
+        assert metric(service, "magnet_cancelled_total") == statuses.count(504)
+        assert metric(service, "magnet_queue_depth") == 0
+    finally:
+        serve.delete("strict")
+
+
 def busy_replica(names, rows: int = 2):
     """The first of the named replica actors found with at least `rows` requests in flight."""
     actors = [ray.get_actor(name, namespace="serve") for name in names]
@@ -210,6 +401,62 @@ def test_replica_killed_under_load(cluster, tiny_model):
         else:
             assert r.status_code == 503 and r.json()["error"]["type"] == "ReplicaFailed"
     assert counts["200"] >= 24 - 2 * SETTINGS.max_batch   # at most the dead replica's rows in flight fail
+
+
+def kill_the_busy_replica(before):
+    ray.kill(busy_replica(sorted(before), rows=1), no_restart=True)
+
+
+def wait_for_recovery(before) -> None:
+    wait_for(lambda: model_replicas() == {"RUNNING": 2} and len(set(model_replica_actors()) - before) == 1,
+             120, "MagnetModel back to 2 replicas")
+
+
+def test_replica_killed_in_the_middle_of_an_edit(cluster, tiny_model):
+    """The edit is sent again to the other replica (its seed fixes the clip) or answered 503;
+    never hung, never a half-made clip."""
+    before = set(model_replica_actors())
+    clip, steps = tone(5.0), (40, 40, 40, 40)
+
+    def kill_at_its_first_step():   # not before: a call no replica has started is re-routed by Serve itself
+        with requests.get(f"{URL}/v1/progress/kill-edit", stream=True, timeout=HTTP_TIMEOUT_S) as progress:
+            for line in progress.iter_lines(decode_unicode=True):
+                if line.startswith("event: step"):
+                    return kill_the_busy_replica(before)
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        killer = pool.submit(kill_at_its_first_step)
+        time.sleep(0.5)
+        r = post_edit(clip, [[0.5, 4.5]], seed="9", decoding_steps=json.dumps(steps), request_id="kill-edit")
+        killer.result()
+    wait_for_recovery(before)
+    print(f"\nreplica killed mid-edit: {r.status_code}, retries {r.headers.get('x-row-retries')}")
+    if r.status_code == 200:
+        assert r.headers["x-row-retries"] == "1"
+        assert_same_audio(r.content, solo_edit(tiny_model, clip, [(0.5, 4.5)], None, 9, steps))
+    else:
+        assert r.status_code == 503 and r.json()["error"]["type"] == "ReplicaFailed", r.text
+
+
+def test_replica_killed_in_the_middle_of_a_stream(cluster, tiny_model):
+    """Killed after the first chunk: the run goes on on the other replica, the chunks already
+    delivered are not sent twice and the whole is the clip; or it ends with `error`
+    ReplicaFailed. Either way the event stream ends."""
+    before = set(model_replica_actors())
+    body = {"description": "rain", "duration": 30, "seed": 5, "decoding_steps": [10, 5, 5, 5],
+            "request_id": "ray-kill-stream"}
+    assert requests.post(f"{URL}/v1/stream", json=body, timeout=HTTP_TIMEOUT_S).status_code == 202
+    seen = stream_events("ray-kill-stream", on_first_chunk=lambda: kill_the_busy_replica(before))
+    wait_for_recovery(before)
+    kinds = [kind for kind, _ in seen]
+    chunks = [data["index"] for kind, data in seen if kind == "chunk"]
+    print(f"\nreplica killed mid-stream: {len(chunks)} chunks, then {seen[-1]}")
+    assert chunks == list(range(len(chunks))) and kinds[-1] in ("done", "error")
+    if kinds[-1] == "done":
+        joined, whole = joined_chunks(seen), solo_stream(tiny_model, "rain", 5, 30, (10, 5, 5, 5))
+        assert joined.shape == whole.shape and abs(joined - whole).max() <= 1e-4 + 1 / 32767
+    else:
+        assert seen[-1][1]["type"] == "ReplicaFailed"
 
 
 @pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")

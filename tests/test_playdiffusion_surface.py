@@ -21,10 +21,8 @@ FAST = dict(num_steps=4)  # the surface tests check plumbing, not the 30-step lo
 
 
 @pytest.fixture(scope="module")
-def pd_dir(tmp_path_factory):
-    from magnet_engine.engine.playdiffusion.random_weights import write_random_model
-
-    return write_random_model(tmp_path_factory.mktemp("pd_tiny"), "tiny", seed=1)
+def pd_dir(tiny_speech_dir):
+    return tiny_speech_dir
 
 
 @pytest.fixture(scope="module")

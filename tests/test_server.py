@@ -373,6 +373,22 @@ def test_serve_command_reports_a_missing_model(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_serve_loads_through_the_one_loader_with_every_option(tiny_dir, tiny_speech_dir):
+    """`serve`'s flags become a ModelSpec (the loader every Ray replica uses too), and each load
+    option reaches the loaded models; the routes' limits come with them."""
+    from magnet_engine.server.serve import build_parser, options
+
+    opts = options(build_parser().parse_args(["--model", str(tiny_dir), "--device", "cpu", "--precision", "fp32",
+                                              "--compile", "--speech", str(tiny_speech_dir), "--max-stream-duration",
+                                              "30", "--max-edit-upload-bytes", "1000", "--queue-size", "3"]))
+    assert (opts.spec.compile, opts.spec.cuda_graphs, opts.spec.precision) == (True, False, "fp32")
+    assert opts.settings.queue_size == 3 and opts.settings.note == ""
+    assert opts.routes["stream_limits"].max_duration == 30 and opts.routes["edit_limits"].max_upload_bytes == 1000
+    models = opts.spec.load()
+    assert models.music.compile and models.music.precision == "fp32" and str(models.music.device) == "cpu"
+    assert models.speech is not None and models.speech.sample_rate > 0
+
+
 def test_hybrid_checkpoint_served_with_prefix_progress(tmp_path_factory, tiny_model):
     """A hybrid-MAGNeT checkpoint served: the AR prefix steps count in the progress, the
     decoded prefix is announced (SSE "prefix") and served at /v1/prefix/<id> before the clip

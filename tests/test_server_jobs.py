@@ -24,7 +24,7 @@ from magnet_engine.api import MAGNeT
 from magnet_engine.demo import build_random_model
 from magnet_engine.engine.events import StageStep
 from magnet_engine.server import BackgroundServer, Settings, create_app
-from service_helpers import metric, sse_events, wait_until
+from service_helpers import metric, speech_edit_request, sse_events, wait_until
 
 GEN = {"duration": 0.3, "decoding_steps": [50, 1, 1, 1], "description": "warm piano"}
 EDIT_STEPS = json.dumps([50, 50, 50, 50])
@@ -234,20 +234,14 @@ def test_stream_runs_wait_in_the_same_queue(held):
     assert [k for k, _ in seen] == ["chunk"] * 5 + ["done"]
 
 
-def test_speech_edits_wait_in_the_same_queue(held, tmp_path_factory):
+def test_speech_edits_wait_in_the_same_queue(held, tiny_speech_dir):
     """The speech model is a separate object, but its edits share the worker (the CPU is the
     shared resource): behind a busy worker one waits in the queue, the next is refused."""
     from magnet_engine import PlayDiffusion
-    from magnet_engine.engine.playdiffusion.random_weights import write_random_model
 
-    speech = PlayDiffusion(str(write_random_model(tmp_path_factory.mktemp("pd"), "tiny", seed=1)), device="cpu")
-    buf = io.BytesIO()
-    sf.write(buf, (0.1 * np.random.RandomState(0).randn(2 * 16000)).astype(np.float32), 16000, format="WAV")
-    words = [{"word": "hello", "start": 0.10, "end": 0.50}, {"word": "there", "start": 0.55, "end": 0.90},
-             {"word": "world", "start": 1.00, "end": 1.60}]
-    form = dict(input_text="hello there world", output_text="hello big world", word_times=json.dumps(words),
-                num_steps="3", seed="4")
-    post = lambda: client.post("/v1/speech/edit", data=form, files={"audio": ("in.wav", buf.getvalue(), "audio/wav")})
+    speech = PlayDiffusion(str(tiny_speech_dir), device="cpu")
+    audio, form = speech_edit_request()
+    post = lambda: client.post("/v1/speech/edit", data=form, files={"audio": ("in.wav", audio, "audio/wav")})
     held.gate.clear()
     with TestClient(create_app(held, Settings(max_batch=1, queue_size=1, max_wait_ms=0), speech=speech)) as client:
         with cf.ThreadPoolExecutor(2) as pool:

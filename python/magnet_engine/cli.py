@@ -308,7 +308,7 @@ def build_edit_parser() -> argparse.ArgumentParser:
 def serve_on_ray(argv: tp.List[str]) -> int:
     """`serve --ray`: the same routes on Ray Serve replicas. Decided here, above both: the
     cluster runs the server's app, so the server cannot hand over to the cluster itself."""
-    from magnet_engine.server.serve import SETTING_ARGS, build_parser
+    from magnet_engine.server.serve import build_parser, options
 
     try:
         from magnet_engine.cluster import main as cluster_main
@@ -318,7 +318,7 @@ def serve_on_ray(argv: tp.List[str]) -> int:
         print(f"magnet-engine serve --ray: needs Ray Serve (pip install magnet-engine[cluster]): {exc}",
               file=sys.stderr)
         return 2
-    return cluster_main(argv, build_parser(), SETTING_ARGS)
+    return cluster_main(argv, build_parser(), options)
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:

@@ -15,11 +15,11 @@ Endpoints:
 
 Every POST body is read and parsed by one layer (server.body): size caps enforced while reading
 (413), body and idle timeouts (408), multipart parsed as it arrives, form fields checked as a
-JSON body's are. Every POST is a job of the one worker (batcher.Batcher): one queue bound (503 + Retry-After),
-one timeout (504), cancellation between decoding steps when the client leaves or times out,
-request ids owned by their first POST (409), metrics by route. Every error, from a route or
-from the framework (404, 405, 422, 413 ...), is answered as {"error": {"status", "type",
-"message"}} (schema.ApiError).
+JSON body's are. Every POST is a job (server.jobs) of the worker (batcher.Batcher; on Ray,
+cluster.RayBatcher): one queue bound (503 + Retry-After), one timeout (504), cancellation between
+decoding steps when the client leaves or times out, request ids owned by their first POST (409),
+metrics by route. Every error, from a route or from the framework (404, 405, 422, 413 ...), is
+answered as {"error": {"status", "type", "message"}} (schema.ApiError).
 """
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from magnet_engine.server.batcher import HTTP_ERROR_TYPES, Batcher, Jobs
+from magnet_engine.server.batcher import Batcher
+from magnet_engine.server.jobs import HTTP_ERROR_TYPES, Jobs
+from magnet_engine.server.models import Models
 from magnet_engine.server.progress import ProgressHub
 from magnet_engine.server.routes.edit import EditLimits, edit_router
 from magnet_engine.server.routes.generate import generate_router
@@ -70,13 +72,14 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
                edit_limits=None, stream_limits=None, speech_limits=None) -> FastAPI:
     """The service around a loaded MAGNeT (anything with its interface); starts the worker on startup.
 
-    batcher_factory(model, settings): what runs the jobs, with Batcher's interface (default:
-    Batcher, one worker thread on this process's model; magnet_engine.cluster passes one that
-    sends rows to Ray Serve replicas, which serves /v1/generate only). speech: a PlayDiffusion
-    to serve POST /v1/speech/edit with; its edits run on the same worker, in the same queue.
-    edit_limits / stream_limits / speech_limits: those routers' own limits (EditLimits ...)."""
+    batcher_factory(models, settings): what runs the jobs, with Batcher's interface (default:
+    Batcher, one worker thread on this process's models; magnet_engine.cluster passes one that
+    sends every job's entries to Ray Serve replicas, `model` and `speech` then being their
+    cards). speech: a PlayDiffusion to serve POST /v1/speech/edit with; its edits run on the same
+    worker, in the same queue. edit_limits / stream_limits / speech_limits: those routers' own
+    limits (EditLimits ...)."""
     settings = settings or Settings()
-    batcher = (batcher_factory or Batcher)(model, settings)
+    batcher = (batcher_factory or Batcher)(Models(model, speech), settings)
     metrics = batcher.metrics
     hub = ProgressHub(settings.progress_ttl_s)
     jobs = Jobs(batcher, hub, settings)
@@ -107,13 +110,21 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
 
     app.include_router(generate_router(model, jobs))
     app.include_router(progress_router(jobs))
+    edit_limits = edit_limits or EditLimits()
+    stream_limits = stream_limits or StreamLimits()
+    route_limits = {"/v1/edit": dataclasses.asdict(edit_limits), "/v1/stream": dataclasses.asdict(stream_limits)}
+    app.include_router(edit_router(model, edit_limits, jobs=jobs))
+    app.include_router(stream_router(model, stream_limits, jobs=jobs))
+    if speech is not None:
+        speech_limits = speech_limits or SpeechLimits()
+        route_limits["/v1/speech/edit"] = dataclasses.asdict(speech_limits)
+        app.include_router(make_speech_router(speech, speech_limits, jobs=jobs))
 
     @app.get("/v1/model")
-    async def get_model():   # "endpoints": what is mounted, the optional edit/stream/speech routers included
+    async def get_model():   # "endpoints": what is mounted (the speech router only with a speech model)
         info = {**model_info(model, settings, batcher.max_batch),
                 "endpoints": sorted(path for path in app.openapi()["paths"] if path.startswith("/v1/"))}
-        if stream_max is not None:
-            info["limits"]["max_stream_duration"] = stream_max
+        info["limits"]["max_stream_duration"] = stream_limits.max_duration
         info["limits"]["routes"] = route_limits    # each mounted upload/stream route's own limits
         return info
 
@@ -131,18 +142,5 @@ def create_app(model, settings: tp.Optional[Settings] = None, batcher_factory=No
     async def index():
         return FileResponse(STATIC_DIR / "index.html")
 
-    stream_max = None   # POST /v1/stream's duration limit, when it is mounted
-    route_limits: tp.Dict[str, dict] = {}
-    if getattr(batcher, "runs_tasks", False):   # the Ray batcher runs generate rows only
-        edit_limits = edit_limits or EditLimits()
-        app.include_router(edit_router(model, edit_limits, jobs=jobs))
-        stream_limits = stream_limits or StreamLimits()
-        stream_max = stream_limits.max_duration
-        route_limits.update({"/v1/edit": dataclasses.asdict(edit_limits), "/v1/stream": dataclasses.asdict(stream_limits)})
-        app.include_router(stream_router(model, stream_limits, jobs=jobs))
-        if speech is not None:
-            speech_limits = speech_limits or SpeechLimits()
-            route_limits["/v1/speech/edit"] = dataclasses.asdict(speech_limits)
-            app.include_router(make_speech_router(speech, speech_limits, jobs=jobs))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -25,7 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from magnet_engine.errors import InvalidInputError
-from magnet_engine.server.batcher import ClientGone
+from magnet_engine.server.jobs import ClientGone
 from magnet_engine.server.schema import ApiError, Settings, loads_json
 
 CLOSE = {"Connection": "close"}   # a refused body is not read to its end: the connection cannot be reused

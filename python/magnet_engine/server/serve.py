@@ -20,6 +20,7 @@ from magnet_engine.demo import DEFAULT_CACHE
 from magnet_engine.engine.generate import ENGINES
 from magnet_engine.engine.precision import CHOICES
 from magnet_engine.errors import MagnetEngineError
+from magnet_engine.server.models import DEMO_NOTE, ModelSpec
 from magnet_engine.server.routes.edit import EditLimits
 from magnet_engine.server.routes.stream import StreamLimits
 from magnet_engine.server.schema import ApiError, Settings
@@ -170,8 +171,27 @@ SETTING_ARGS = ("max_batch", "max_wait_ms", "queue_size", "max_text_chars", "max
                 "body_timeout_s", "body_idle_timeout_s", "keepalive_timeout_s", "max_connections")
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """What `magnet-engine serve`'s flags ask for, in one process or on Ray (`serve --ray`)."""
+
+    spec: ModelSpec                  # how the models load
+    settings: Settings               # the service's limits
+    routes: tp.Dict[str, tp.Any]     # create_app's edit_limits and stream_limits
+
+
+def options(args: argparse.Namespace) -> ServeOptions:
+    """The parsed flags of `build_parser()` as options; InvalidOptionError for a bad limit."""
+    spec = ModelSpec(model=args.model, t5=args.t5, device=args.device, engine=args.engine, precision=args.precision,
+                     compile=args.compile, cuda_graphs=args.cuda_graphs, speech=args.speech,
+                     cache_dir=str(Path(args.cache_dir).expanduser()))
+    settings = Settings(**{name: getattr(args, name) for name in SETTING_ARGS}, note=spec.note)
+    routes = dict(edit_limits=EditLimits(max_upload_bytes=args.max_edit_upload_bytes),
+                  stream_limits=StreamLimits(max_duration=args.max_stream_duration))
+    return ServeOptions(spec, settings, routes)
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
-    from magnet_engine.api import MAGNeT
     from magnet_engine.server.app import create_app
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -179,38 +199,17 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print("magnet-engine serve --ray: run it as `magnet-engine serve --ray ...`", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    note = ""
     try:
-        settings = Settings(**{name: getattr(args, name) for name in SETTING_ARGS})
-        if args.model is None:
-            from magnet_engine.demo import cached_demo_model
-
-            note = "Demo model with random (untrained) weights: it makes noise, not music."
-            print(f"magnet-engine serve: no --model given. {note} Pass --model for a real checkpoint.")
-            directory = cached_demo_model(args.cache_dir, "tiny")
-            model = MAGNeT.from_pretrained(directory, device=args.device, t5=args.t5, engine=args.engine,
-                                           precision=args.precision, compile=args.compile,
-                                           cuda_graphs=args.cuda_graphs, name="demo-tiny (random weights)")
-        else:
-            model = MAGNeT.get_pretrained(args.model, device=args.device, t5=args.t5, engine=args.engine,
-                                          precision=args.precision, compile=args.compile,
-                                          cuda_graphs=args.cuda_graphs)
+        opts = options(args)
+        if opts.spec.model is None:
+            print(f"magnet-engine serve: no --model given. {DEMO_NOTE} Pass --model for a real checkpoint.")
+        models = opts.spec.load()
     except MagnetEngineError as exc:
         print(f"magnet-engine serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    speech = None
-    if args.speech is not None:
-        from magnet_engine.playdiffusion import PlayDiffusion
-
-        try:
-            speech = PlayDiffusion(args.speech, device=args.device)
-        except MagnetEngineError as exc:
-            print(f"magnet-engine serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 2
-    # /v1/edit, /v1/stream (and /v1/speech/edit with a speech model): jobs of the same worker and queue
-    app = create_app(model, dataclasses.replace(settings, note=note), speech=speech,
-                     edit_limits=EditLimits(max_upload_bytes=args.max_edit_upload_bytes),
-                     stream_limits=StreamLimits(max_duration=args.max_stream_duration))
+    # every route (/v1/speech/edit with a speech model) a job of the same worker and queue
+    app = create_app(models.music, opts.settings, speech=models.speech, **opts.routes)
+    model = models.music
     print(f"magnet-engine serve: {model.name} on {model.device} ({model.engine}); http://{args.host}:{args.port}/",
           flush=True)
     uvicorn.Server(uvicorn_config(app, args.host, args.port)).run()

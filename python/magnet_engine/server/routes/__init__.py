@@ -6,7 +6,9 @@
     stream.py     POST /v1/stream and its events and chunks (long-form, window by window)
     speech.py     POST /v1/speech/edit (PlayDiffusion)
 
-A router takes what it serves (the model, its limits) and the service's `Jobs` (server.batcher);
-it imports the layers below it (server.batcher, body, schema, progress; the public surface and
-the engine), never server.app, so app.py imports them at its top.
+A router takes what it serves (the model, its limits) and the service's `Jobs` (server.jobs);
+it imports the layers below it (server.jobs, runner, body, schema, progress; the public surface
+and the engine), never server.app, so app.py imports them at its top. What a route runs on the
+model is data (a server.runner.Work, or generate rows), so it runs wherever the model is: on
+this process's worker, or on a Ray replica.
 """

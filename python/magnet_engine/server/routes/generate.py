@@ -1,7 +1,7 @@
 """`POST /v1/generate`: descriptions -> audio/wav (one) | application/zip of wavs (several).
 
-The JSON body is `schema.GenerateRequest`; its rows join the worker's batches by `BatchKey`
-(server.batcher), and the answer carries the run's timing in X-* headers.
+The JSON body is `schema.GenerateRequest`; its rows (server.jobs.Job) join the runner's batches
+by `BatchKey` (server.runner), and the answer carries the run's timing in X-* headers.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from magnet_engine.audio import wav_bytes
-from magnet_engine.server.batcher import BatchKey, Job, Jobs
 from magnet_engine.server.body import read_json_body
+from magnet_engine.server.jobs import Job, Jobs
+from magnet_engine.server.runner import BatchKey
 from magnet_engine.server.schema import GenerateRequest, parse_body, parse_request, text_token_count
 
 
@@ -61,7 +62,7 @@ def generate_router(model, jobs: Jobs) -> APIRouter:
                   "batches": len(job.batch_sizes), "seed": seed}
         headers = {"X-Request-Id": request_id, "X-Seed": str(seed), "X-Queue-Wait-Ms": str(timing["queue_ms"]),
                    "X-Tokens-Ms": str(timing["tokens_ms"]), "X-Codec-Ms": str(timing["codec_ms"]),
-                   "X-Batch-Size": str(timing["batch_size"]), "X-Batches": str(timing["batches"])}
+                   "X-Batch-Size": str(timing["batch_size"]), "X-Batches": str(timing["batches"]), **job.headers}
         jobs.succeeded("generate", arrived, channel, timing)
         if len(blobs) == 1:
             return Response(blobs[0], media_type="audio/wav", headers=headers)

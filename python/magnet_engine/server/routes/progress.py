@@ -10,7 +10,7 @@ import time
 from fastapi import APIRouter
 from fastapi.responses import Response, StreamingResponse
 
-from magnet_engine.server.batcher import REQUEST_ID, Jobs
+from magnet_engine.server.jobs import REQUEST_ID, Jobs
 from magnet_engine.server.progress import TERMINAL_EVENTS, sse
 from magnet_engine.server.schema import REQUEST_ID_PATTERN, ApiError
 

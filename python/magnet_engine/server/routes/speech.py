@@ -25,9 +25,10 @@ A clip at 16, 24 or 48 kHz goes to the model as it is (the pipeline's own resamp
 first converted to 48 kHz with soxr, whose cost does not depend on the rate.
 
 The speech model is a separate object, but the CPU (or GPU) is shared: an edit is a job of the
-service's one worker (server.batcher.Task), run alone, in the same bounded queue as every
-other request (503 + Retry-After when full), under the same timeout (504); a client that
-leaves or times out stops it after the current unmasking step.
+service's worker (server.jobs.Task), its `SpeechEditWork` run alone where the models are (this
+process, or a Ray replica), in the same bounded queue as every other request (503 + Retry-After
+when full), under the same timeout (504); a client that leaves or times out stops it after the
+current unmasking step.
 """
 
 import asyncio
@@ -37,10 +38,14 @@ import threading
 import time
 import typing as tp
 
+import torch
+
 from magnet_engine.audio import AudioLimits, AudioTooLongError, read_audio_upload, resample
 from magnet_engine.errors import InvalidInputError, InvalidOptionError, MagnetEngineError
-from magnet_engine.server.batcher import Jobs, Task, jobs_finder
 from magnet_engine.server.body import FormSpec, read_form
+from magnet_engine.server.jobs import Jobs, Task, jobs_finder
+from magnet_engine.server.models import Models
+from magnet_engine.server.runner import Work
 from magnet_engine.server.schema import check_seed, check_text
 
 NATIVE_RATES = (16000, 24000, 48000)   # rates whose ratios to 16 and 24 kHz are small
@@ -76,22 +81,68 @@ def receptive_field(model) -> int:
     return field
 
 
+@dataclasses.dataclass(frozen=True)
+class SpeechCard:
+    """What the route reads from a PlayDiffusion, without its weights (a Ray ingress's view of
+    the replicas' speech model)."""
+
+    receptive_field: int
+
+    @classmethod
+    def of(cls, model) -> "SpeechCard":
+        return model if isinstance(model, SpeechCard) else cls(receptive_field(model))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechAnswer:
+    wav: bytes            # 16-bit PCM WAV at the vocoder's rate
+    units: int
+    timings: dict         # phase -> seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechEditWork(Work):
+    """One speech edit, run where the speech model is; its errors are the 4xx they mean."""
+
+    kind: tp.ClassVar[str] = "speech_edit"
+    canvas: tp.ClassVar[bool] = False
+    wave: torch.Tensor    # [C, N] float32
+    sample_rate: int
+    edit: tp.Any          # playdiffusion.InpaintInput
+    seed: tp.Optional[int]
+
+    def run(self, models, listen, emit) -> SpeechAnswer:
+        from fastapi import HTTPException
+
+        from magnet_engine.playdiffusion import wav_bytes_pcm16
+
+        try:
+            result = models.speech.inpaint_audio(self.wave, self.sample_rate, self.edit, seed=self.seed,
+                                                 listener=listen)
+        except InvalidOptionError as e:
+            raise HTTPException(422, str(e)) from None
+        except (InvalidInputError, MagnetEngineError) as e:
+            raise HTTPException(400, f"{type(e).__name__}: {e}") from None
+        return SpeechAnswer(wav_bytes_pcm16(result.pcm, result.sample_rate), int(result.units.numel()),
+                            {k: round(v, 4) for k, v in result.timings.items()})
+
+
 def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), jobs: tp.Optional[Jobs] = None):
-    """model: a magnet_engine.PlayDiffusion (or anything with its `inpaint_audio`); jobs: the
-    service's worker (see server.batcher.jobs_finder)."""
+    """model: a magnet_engine.PlayDiffusion (or anything with its `inpaint_audio`; a Ray ingress
+    passes its SpeechCard); jobs: the service's worker (see server.jobs.jobs_finder)."""
     from fastapi import APIRouter, HTTPException, Request
     from fastapi.responses import Response
 
-    from magnet_engine.playdiffusion import BaseInput, InpaintInput, wav_bytes_pcm16
+    from magnet_engine.playdiffusion import BaseInput, InpaintInput
 
     router = APIRouter()
     pending = threading.BoundedSemaphore(limits.max_pending)
-    service_for = jobs_finder(jobs)
+    service_for = jobs_finder(jobs, Models(None, model))
     spec = FormSpec(files={"audio": limits.max_upload_bytes}, fields=FIELDS,
                     max_field_bytes=max(64 * 1024, 4 * limits.max_text_chars))
     audio_limits = AudioLimits(limits.max_audio_seconds, limits.min_sample_rate, limits.max_sample_rate,
                                limits.max_channels)
-    shortest = receptive_field(model)
+    shortest = SpeechCard.of(model).receptive_field
 
     def decode(data: bytes):
         """Upload bytes -> ([C, N] float32, rate) at a rate the pipeline resamples cheaply; on a thread."""
@@ -106,15 +157,6 @@ def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), job
         if sr not in NATIVE_RATES:
             wave, sr = resample(wave, sr, CONVERT_TO), CONVERT_TO
         return wave, sr
-
-    def inpaint(wave, sr, request, seed, listener):
-        """On the worker: the edit, its errors as the 4xx they mean."""
-        try:
-            return model.inpaint_audio(wave, sr, request, seed=seed, listener=listener)
-        except InvalidOptionError as e:
-            raise HTTPException(422, str(e)) from None
-        except (InvalidInputError, MagnetEngineError) as e:
-            raise HTTPException(400, f"{type(e).__name__}: {e}") from None
 
     openapi = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["audio", "input_text", "output_text", "word_times"],
@@ -147,10 +189,8 @@ def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), job
             if not pending.acquire(blocking=False):
                 raise HTTPException(429, "busy: too many speech edits in flight, retry later")
             acquired = True
-            task = Task(request_id, "speech_edit", lambda listen: inpaint(wave, sr, edit, seed, listen),
-                        asyncio.get_running_loop(), channel)
-            result = await service.run(request, task)
-            blob = await asyncio.to_thread(wav_bytes_pcm16, result.pcm, result.sample_rate)
+            task = Task(request_id, SpeechEditWork(wave, sr, edit, seed), asyncio.get_running_loop(), channel)
+            answer = await service.run(request, task)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is answered as JSON (a client gone: 499)
@@ -160,10 +200,10 @@ def make_speech_router(model: tp.Any, limits: SpeechLimits = SpeechLimits(), job
                 pending.release()
         timing = {"queue_ms": round(task.queue_ms, 1), "run_ms": round(task.run_ms, 1)}
         service.succeeded("speech_edit", arrived, channel, timing)
-        return Response(blob, media_type="audio/wav",
-                        headers={"X-Units": str(int(result.units.numel())),
-                                 "X-Timings": json.dumps({k: round(v, 4) for k, v in result.timings.items()}),
-                                 "X-Request-Id": request_id, "X-Queue-Wait-Ms": str(timing["queue_ms"])})
+        return Response(answer.wav, media_type="audio/wav",
+                        headers={"X-Units": str(answer.units), "X-Timings": json.dumps(answer.timings),
+                                 "X-Request-Id": request_id, "X-Queue-Wait-Ms": str(timing["queue_ms"]),
+                                 **task.headers})
 
     # The defaults the form falls back to, for clients: one place (the input model).
     @router.get("/v1/speech/edit/defaults")

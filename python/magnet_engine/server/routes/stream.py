@@ -14,13 +14,15 @@ playable after the first window, not the whole clip. Durations up to the router'
 `max_duration` (a server-configured limit; the model's own cap is MAX_LONGFORM_SECONDS). At
 most `max_jobs` runs are kept; finished ones are dropped after `ttl_s`.
 
-A run is a job of the service's one worker (server.batcher.Task), run alone: it waits in
-the same bounded queue as every other request (503 + Retry-After when full), and stops
-after the current decoding step when it outlives the service's request timeout times its window count (its events
-end with `error` {type: "Timeout"}) or when every consumer of its events has left for
-`STREAM_GRACE_S` (`error` {type: "TaskCancelled"}; status 499 on its progress stream, as a
-request whose client left). Its chunks reach the event stream as
-each window is final, while it runs. A `request_id` names the run (its id, and its progress
+A run is a job of the service's worker (server.jobs.Task), its `StreamWork` run alone: it waits
+in the same bounded queue as every other request (503 + Retry-After when full), and stops
+after the current decoding step when it outlives the service's request timeout times its
+window count (its events end with `error` {type: "Timeout"}) or when every consumer of its
+events has left for `STREAM_GRACE_S` (`error` {type: "TaskCancelled"}; status 499 on its
+progress stream, as a request whose client left): `follow` watches it on the event loop.
+Its chunks reach the event stream as each window is final, while it runs. Without a seed one is
+drawn here, so a run sent again (its Ray replica died) makes the same chunks, and those already
+delivered are not repeated. A `request_id` names the run (its id, and its progress
 on GET /v1/progress/{id}); 409 when in use. The POST body is read under the service's body
 limits (server.body: 413 over `max_body_bytes`, 408 when slow, 415 for a non-JSON type) and
 its description checked as /v1/generate checks one. Bad input: 400 / 422 JSON errors, 404 for
@@ -32,6 +34,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import secrets
 import threading
 import time
 import typing as tp
@@ -44,8 +47,11 @@ from pydantic import BaseModel, ConfigDict
 from magnet_engine.audio import wav_bytes
 from magnet_engine.engine import events
 from magnet_engine.engine.codec import StreamDecoder
-from magnet_engine.server.batcher import Jobs, Task, jobs_finder
+from magnet_engine.engine.config import DecodingParams
 from magnet_engine.server.body import read_json_body
+from magnet_engine.server.jobs import Jobs, Task, error_answer, jobs_finder
+from magnet_engine.server.models import Models
+from magnet_engine.server.runner import Chunk, Work
 from magnet_engine.server.schema import ApiError, RequestId, Seed, check_text, parse_json_body
 
 STREAM_GRACE_S = 5.0   # a run whose event consumers all left is stopped this long after (a reload reconnects)
@@ -87,14 +93,21 @@ class _Run:
     stopped: tp.Optional[tp.Tuple[str, str]] = None   # why the worker was told to stop: (type, message)
 
     def wanted(self) -> bool:
-        """Asked by the worker between steps: False past the timeout, or once every consumer of
-        the events left more than STREAM_GRACE_S ago."""
+        """False past the timeout, or once every consumer of the events left more than
+        STREAM_GRACE_S ago (then `stopped` says which)."""
         now = time.monotonic()
         if now - self.arrived > self.timeout_s:
             self.stopped = ("Timeout", f"run not finished within {self.timeout_s:g} s")
         elif self.left_at is not None and now - self.left_at >= STREAM_GRACE_S:
             self.stopped = ("TaskCancelled", "every consumer of the run's events left")
         return self.stopped is None
+
+    def add(self, chunk: Chunk) -> None:
+        with self.changed:
+            if chunk.index == len(self.chunks):   # a run sent again repeats the chunks it already sent
+                self.chunks.append(chunk.wav)
+                self.seconds.append(chunk.seconds)
+                self.changed.notify_all()
 
     def end(self, kind: str, payload: dict) -> None:
         with self.changed:
@@ -103,47 +116,72 @@ class _Run:
                 self.changed.notify_all()
 
 
-def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optional[Jobs] = None) -> APIRouter:
-    """A router streaming long-form generations of `model` (a loaded `MAGNeT`); jobs: the
-    service's worker (see server.batcher.jobs_finder)."""
-    router = APIRouter()
-    runs: tp.Dict[str, _Run] = {}
-    lock = threading.Lock()
-    service_for = jobs_finder(jobs)
+@dataclasses.dataclass(frozen=True)
+class StreamWork(Work):
+    """A long-form run, run where the model is: a Chunk of audio as each window is final (the
+    whole clip, one window long, as one chunk); its result the chunks' count and seconds."""
 
-    def work(service: Jobs, run: _Run, channel, text, duration, seed, params, on_event: events.Listener) -> dict:
-        """On the worker: the run, its chunks published as each window is final; it ends the
-        event stream itself (nobody awaits a run: its POST was answered 202)."""
+    kind: tp.ClassVar[str] = "stream"
+    text: tp.Optional[str]
+    duration: float
+    seed: int
+    params: DecodingParams
+
+    def run(self, models, listen, emit) -> dict:
+        model = models.music
         rate = model.sample_rate
         decoder = StreamDecoder(model.codec)
+        seconds: tp.List[float] = []
 
-        def add(wav: torch.Tensor) -> None:
+        def add(wav: torch.Tensor) -> None:   # [1, C, samples]
             if wav.shape[-1]:
-                with run.changed:
-                    run.chunks.append(wav_bytes(wav[0], rate))
-                    run.seconds.append(wav.shape[-1] / rate)
-                    run.changed.notify_all()
+                seconds.append(wav.shape[-1] / rate)
+                emit(Chunk(len(seconds) - 1, wav_bytes(wav[0], rate), seconds[-1]))
 
-        def listen(event: events.Event) -> None:
-            on_event(event)     # the worker's: progress, and a cancelled or unwanted run stops here
+        def on_event(event: events.Event) -> None:
+            listen(event)     # progress, and a cancelled run stops here
             if isinstance(event, events.WindowReady):
                 for wav in decoder.window(event):
                     add(wav)
-        try:
-            tokens = model.generate_tokens([text], seed=seed, params=params, duration=duration, on_event=listen)
-            if not run.chunks:                      # one window: the whole clip is the one chunk
-                add(model.decode(tokens))
-        except Exception as exc:   # reported on the event stream, and raised to the worker
-            kind, message = run.stopped or (type(exc).__name__, str(exc))
-            run.end("error", {"type": kind, "message": message})
-            channel.publish("error", {"status": STOPPED_STATUS.get(kind, 500), "type": kind, "message": message})
-            service.metrics.outcome("stream", error=kind)
-            raise
+        tokens = model.generate_tokens([self.text], seed=self.seed, params=self.params, duration=self.duration,
+                                       on_event=on_event)
+        if not seconds:                      # one window: the whole clip is the one chunk
+            add(model.decode(tokens))
+        return {"chunks": len(seconds), "seconds": sum(seconds)}
+
+
+async def follow(service: Jobs, run: _Run, task: Task, channel) -> None:
+    """A run, from the event loop, until it ends: stops it when it is no longer wanted (its
+    timeout, its consumers gone), then reports how it ended on its event stream, its progress
+    stream and in the metrics (nobody awaits a run: its POST was answered 202)."""
+    while not task.future.done() and run.wanted():
+        await asyncio.wait([task.future], timeout=0.2)
+    if run.stopped is not None:
+        service.batcher.cancel(task)                   # the run stops after its current step
+        kind, message = run.stopped
+        status = STOPPED_STATUS[kind]
+    elif task.future.exception() is not None:
+        err = error_answer(task.future.exception())
+        kind, message, status = err.kind, err.message, err.status
+    else:
         payload = {"chunks": len(run.chunks), "seconds": sum(run.seconds)}
         run.end("done", payload)
         channel.publish("done", payload)
         service.metrics.outcome("stream", seconds=time.monotonic() - run.arrived)
-        return payload
+        return
+    run.end("error", {"type": kind, "message": message})
+    channel.publish("error", {"status": status, "type": kind, "message": message})
+    service.metrics.outcome("stream", error=kind)
+
+
+def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optional[Jobs] = None) -> APIRouter:
+    """A router streaming long-form generations of `model` (a loaded `MAGNeT`, or a Ray ingress's
+    card of it); jobs: the service's worker (see server.jobs.jobs_finder)."""
+    router = APIRouter()
+    runs: tp.Dict[str, _Run] = {}
+    followers: tp.Set[asyncio.Task] = set()     # held: the loop keeps only weak references
+    lock = threading.Lock()
+    service_for = jobs_finder(jobs, Models(model))
 
     @router.post("/v1/stream", status_code=202, openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": StreamRequest.model_json_schema()}}}})
@@ -174,13 +212,14 @@ def stream_router(model, limits: StreamLimits = StreamLimits(), jobs: tp.Optiona
                     del runs[min(old, key=lambda k: runs[k].ended_at)]
                 # the request timeout bounds one generation of the window's length: a run gets it per window
                 run = _Run(arrived=arrived, timeout_s=service.settings.request_timeout_s * model.window_count(duration))
-                task = Task(run_id, "stream", lambda listen: work(service, run, channel, body.description, duration,
-                                                                   body.seed, params, listen),
-                            asyncio.get_running_loop(), channel, wanted=run.wanted, mask_id=model.config.card)
-                # nobody awaits a run's future: mark its outcome seen (the event stream reports it)
-                task.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+                seed = secrets.randbelow(2 ** 31) if body.seed is None else body.seed
+                task = Task(run_id, StreamWork(body.description, duration, seed, params),
+                            asyncio.get_running_loop(), channel, on_chunk=run.add)
                 service.submit(task)            # 503 + Retry-After when the queue is full
                 runs[run_id] = run
+            follower = asyncio.get_running_loop().create_task(follow(service, run, task, channel))
+            followers.add(follower)
+            follower.add_done_callback(followers.discard)
         except Exception as exc:  # noqa: BLE001 - every failure is answered as JSON
             return service.failed("stream", exc, channel)
         service.metrics.request_done(202, route="stream")   # the run's own outcome: latency / errors at its end
