@@ -25,7 +25,10 @@ Layouts. `mode(span_len, arrangement)` picks one of three (the reference's rule)
 remask (in place on `stage_codes` [B, T] int64, last dimension contiguous; a view of the
 canvas row such as `X[:, s]` is fine):
 - chunk / token: choose, per batch row, the `num_masked` spans with the highest score
-  (`num_masked`: 0-d int64 tensor, clamped to [0, n]); stride1: run the LPS search with it.
+  (`num_masked`: int64 tensor, 0-d for every row or [B] for one count per row, e.g. rows
+  of different requests at different steps; clamped to [0, n]); stride1: run the LPS
+  search with the row's count. Rows are independent: row b in the batch equals, bit for
+  bit, row b alone with the 0-d count num_masked[b].
 - Write `mask_id` on every frame of the chosen spans except frames t < prompt_len. The
   canvas holds the prompt there (it is written before decoding and never overwritten), so
   skipping them is the reference's "mask, then restore the prompt".
@@ -38,8 +41,9 @@ canvas row such as `X[:, s]` is fine):
 
 Tie order (higher score first; NaN counts as the largest, as in torch.topk):
 - torch, CPU tensors: `span_scores.topk(num_masked)` itself, exactly the original
-  implementation's choice under ties (the fixtures depend on it). `int(num_masked)` is a
-  read of host memory, not a device sync.
+  implementation's choice under ties (the fixtures depend on it); with a count per row, one
+  topk per distinct count on its rows (topk treats rows independently). Reading the counts
+  is a read of host memory, not a device sync.
 - C++: ATen's CPU topk algorithm re-run (std::partial_sort / std::nth_element on (value,
   index) pairs, value-only comparator): the same set as torch.topk, checked on rows of ties.
 - torch on CUDA tensors, and Triton: rank selection, lowest index first among ties, without
@@ -144,6 +148,8 @@ def _remask_launch(codes, scores, num_masked, masked, layout, span_len, prompt_l
 
 def _remask_triton(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.Tensor, layout: int,
                    span_len: int, prompt_len: int, mask_id: int) -> torch.Tensor:
+    if num_masked.dim():
+        raise NotImplementedError("remask: a count per row is not implemented in Triton yet (impl='torch')")
     batch, n = scores.shape
     masked = torch.empty(batch, n, dtype=torch.bool, device=codes.device)
     if batch > 0 and n > 0:
@@ -155,6 +161,8 @@ def _remask_triton(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.
 
 # ----------------------------------------------------------------------------- C++
 def _remask_cpp(codes, scores, num_masked, layout, span_len, prompt_len, mask_id):
+    if num_masked.dim():
+        raise NotImplementedError("remask: a count per row is not implemented in C++ yet (impl='torch')")
     masked = torch.empty(scores.shape, dtype=torch.bool)
     backend.cpp_module().remask(
         codes.numpy(), scores.numpy(), int(num_masked), layout, span_len, prompt_len, mask_id,
@@ -172,11 +180,20 @@ def _rank(values: torch.Tensor) -> torch.Tensor:
 
 
 def _topk_spans(scores: torch.Tensor, num_masked: torch.Tensor) -> torch.Tensor:
-    """[B, n] bool: the num_masked highest scores of each row (tie order: module docstring)."""
+    """[B, n] bool: the num_masked (0-d, or [B]: one per row) highest scores of each row
+    (tie order: module docstring)."""
     if scores.device.type == "cpu":
-        k = min(max(int(num_masked), 0), scores.shape[1])
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=-1).indices, True)
-    return _rank(scores) < num_masked
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        if num_masked.dim() == 0:
+            k = min(max(int(num_masked), 0), scores.shape[1])
+            return chosen.scatter_(1, scores.topk(k, dim=-1).indices, True)
+        # torch.topk treats rows independently: one call per distinct count, on its rows.
+        counts = num_masked.clamp(0, scores.shape[1])
+        for k in counts.unique().tolist():
+            rows = (counts == k).nonzero()[:, 0]
+            chosen[rows] = chosen[rows].scatter_(1, scores[rows].topk(k, dim=-1).indices, True)
+        return chosen
+    return _rank(scores) < num_masked.reshape(-1, 1)
 
 
 def _round_half_even(total: torch.Tensor) -> torch.Tensor:
@@ -186,7 +203,8 @@ def _round_half_even(total: torch.Tensor) -> torch.Tensor:
 
 
 def _lps_frames(scores: torch.Tensor, num_masked: torch.Tensor, span_len: int) -> torch.Tensor:
-    """[B, T] bool, the least-probable-span search of docs/model.md §7 for every row at once.
+    """[B, T] bool, the least-probable-span search of docs/model.md §7 for every row at once
+    (num_masked: 0-d, or [B]: one per row).
 
     Sync-free: the reference's data-dependent while loop runs a fixed number of times
     (enough for any T) with rows that have finished frozen, keeping the last cover evaluated.
@@ -205,7 +223,7 @@ def _lps_frames(scores: torch.Tensor, num_masked: torch.Tensor, span_len: int) -
             covered[:, shift:shift + n_spans] |= starts
         return covered
 
-    n = torch.clamp(num_masked, min=span_len).expand(batch, 1)
+    n = torch.clamp(num_masked, min=span_len).reshape(-1, 1).expand(batch, 1)
     lo = n // span_len
     hi = n - span_len + 1
     mid = _round_half_even(lo + hi)
@@ -298,7 +316,7 @@ def remask(
     """Mask the num_masked highest-scoring spans of one stage in place; see the module docstring.
 
     stage_codes: [B, T] int64 (modified in place); span_scores: [B, n] fp32;
-    num_masked: 0-d int64 -> masked [B, n] bool.
+    num_masked: 0-d int64 (every row) or [B] int64 (one count per row) -> masked [B, n] bool.
     """
     layout = mode(span_len, arrangement)
     if stage_codes.dim() != 2 or stage_codes.dtype != torch.int64 or stage_codes.stride(-1) != 1:
@@ -309,12 +327,13 @@ def remask(
     if span_scores.shape != (batch, n) or span_scores.dtype != torch.float32:
         raise ValueError(f"remask: span_scores must be [{batch}, {n}] fp32 for {layout} mode with T={frames}, "
                          f"found {span_scores.dtype} shape {tuple(span_scores.shape)}")
-    if num_masked.dim() != 0 or num_masked.dtype != torch.int64:
-        raise ValueError(f"remask: num_masked must be a 0-d int64 tensor, found {num_masked.dtype} "
-                         f"of shape {tuple(num_masked.shape)}")
+    if num_masked.shape not in ((), (batch,)) or num_masked.dtype != torch.int64:
+        raise ValueError(f"remask: num_masked must be a 0-d or [B] int64 tensor (B = {batch}), found "
+                         f"{num_masked.dtype} of shape {tuple(num_masked.shape)}")
     impls = backend.pick(impl, stage_codes.device)
     chosen = impls.remask_stride1 if layout == "stride1" else impls.remask
     scores = span_scores.contiguous()
+    num_masked = num_masked.contiguous()
     code = _MODE_CODE[layout]
     if chosen == "triton":
         return backend.call(_remask_triton_op, _remask_triton, stage_codes, scores, num_masked, code, span_len,
@@ -343,13 +362,21 @@ def span_scores(
 
 
 def initial_span_scores(
-    batch: int, frames: int, *, span_len: int, arrangement: str, prompt_len: int, device: torch.device | str
+    batch: int, frames: int, *, span_len: int, arrangement: str, prompt_len: int | torch.Tensor,
+    device: torch.device | str
 ) -> torch.Tensor:
     """Scores at a stage's start: [B, n] fp32 zeros, DONT_REMASK on the prompt's spans
-    (prompt_len // L whole chunks in chunk mode, prompt_len frames otherwise)."""
+    (prompt_len // L whole chunks in chunk mode, prompt_len frames otherwise). prompt_len:
+    an int (every row), or a [B] int64 tensor on `device` (one prompt length per row)."""
     layout = mode(span_len, arrangement)
     n = num_spans(frames, span_len, arrangement)
     n_prompt = prompt_len // span_len if layout == "chunk" else prompt_len
+    if isinstance(prompt_len, torch.Tensor):
+        if prompt_len.shape != (batch,) or prompt_len.dtype != torch.int64:
+            raise ValueError(f"initial_span_scores: prompt_len must be an int or a [B] int64 tensor (B = {batch}), "
+                             f"found {prompt_len.dtype} of shape {tuple(prompt_len.shape)}")
+        prompt = torch.arange(n, device=device) < n_prompt[:, None]
+        return torch.where(prompt, DONT_REMASK, torch.zeros(batch, n, dtype=torch.float32, device=device))
     scores = torch.zeros(batch, n, dtype=torch.float32, device=device)
     scores[:, :n_prompt] = DONT_REMASK
     return scores

@@ -5,9 +5,9 @@ Contract
     uniform(seed, offset, index) -> float32 in (0, 1)
 
 - `seed`, `offset`: int64 keys, given as int64 tensors on the data's device so a decoding
-  step reads them without a host sync and can be captured in a CUDA graph. `offset` is
-  0-d; `seed` is 0-d or any shape broadcastable against `index` (e.g. [N, 1] against
-  [N, C]: one seed per row). The engine keeps a request's seed fixed for its generation
+  step reads them without a host sync and can be captured in a CUDA graph. Each is 0-d or
+  any shape broadcastable against `index` (e.g. [N, 1] against [N, C]: one seed, or one
+  offset, per row). The engine keeps a request's seed fixed for its generation
   and gives every sampling call its own `offset` (e.g. the global step counter).
 - `index`: the element's flat position, `row_id * card + col`, taken mod 2**32 (rows up to
   2**21 are distinct at card 2048). A draw depends only on (seed, offset, index), never on
@@ -64,7 +64,7 @@ if triton is not None:
     @triton.jit
     def rng_key(seed_ptr, offset_ptr):
         """(k1, k2) uint32 from the int64 seed and offset at these pointers. For a per-row
-        seed, pass the row's element (seed_ptr + row): the key is derived once per row."""
+        seed or offset, pass the row's element (seed_ptr + row): the key is derived once per row."""
         seed = tl.load(seed_ptr)
         offset = tl.load(offset_ptr)
         k1 = mix32((seed & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
@@ -96,7 +96,7 @@ def mix32_(x: torch.Tensor) -> torch.Tensor:
 
 
 def rng_key_torch(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k1, k2) as int64 tensors of seed's shape (offset is 0-d) holding uint32 values."""
+    """(k1, k2) as int64 tensors of seed's and offset's broadcast shape holding uint32 values."""
     k1 = mix32_((seed & MASK32) ^ KEY_SALT1)
     k1 = mix32_(k1 ^ ((seed >> 32) & MASK32))
     k1 = mix32_(k1 ^ (offset & MASK32))
@@ -105,9 +105,9 @@ def rng_key_torch(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tenso
 
 
 def uniform(seed: torch.Tensor, offset: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """seed: int64, 0-d or broadcastable against index (e.g. [N, 1] vs [N, C]); offset: 0-d
-    int64; index: int64 tensor -> float32 in (0, 1), of the broadcast shape. The keys are
-    derived once per seed element, then broadcast over the index."""
+    """seed, offset: int64, 0-d or broadcastable against index (e.g. [N, 1] vs [N, C]);
+    index: int64 tensor -> float32 in (0, 1), of the broadcast shape. The keys are derived
+    once per (seed, offset) element, then broadcast over the index."""
     k1, k2 = rng_key_torch(seed, offset)
     h = mix32_((index & MASK32) ^ k1)
     h ^= k2

@@ -9,25 +9,42 @@ Contract
 - `cond_logits`, `uncond_logits`: [N, C] fp32 / fp16 / bf16 (N rows = the flattened
   (batch, frame) positions to sample, possibly a subset; C = card). Loaded, then computed
   in fp32. `uncond_logits=None` means no CFG (a coefficient of exactly 1): l = cond.
-- `cfg_coef`, `temperature`: 0-d fp32 tensors on the logits' device; the caller clamps the
-  temperature to >= 0.01 (the reference's `max(t, 1e-2)`).
+- `cfg_coef`, `temperature`: fp32 tensors on the logits' device, 0-d (every row) or [N]
+  (one per row); the caller clamps the temperature to >= 0.01 (the reference's
+  `max(t, 1e-2)`). A coefficient of exactly 1 means no CFG for that row, uncond given or
+  not: a batch mixing CFG and no-CFG rows passes `uncond_logits` for every row and 1.0 as
+  the no-CFG rows' coefficient.
+- `use_sampling`, `top_k`, `top_p`: a bool, an int >= 0 and a float >= 0 for every row,
+  or all three as [N] tensors on the logits' device (bool, int64, fp32: one set of options
+  per row, each row's mode chosen by `sampling_mode`'s precedence). Per-row values are not
+  checked (that would need a device sync): a negative top_k or top_p acts as 0.
 - `seed`, `offset`: int64 tensors on the logits' device, the keys of the RNG
-  (kernels/rng.py). `offset` is 0-d; `seed` is 0-d (one seed for every row) or [N] (one
-  seed per row, e.g. per request of a batch). `row_ids`: [N] int64 global row positions
-  (None: 0..N-1). Element (i, j) draws `uniform(seed_i, offset, row_ids[i] * C + j)`, with
-  seed_i = seed[i] for a [N] seed and seed for a 0-d one, so a row's draw depends only on
-  its own (seed_i, offset, row_ids[i]), never on which other rows, or seeds, share the
-  call. A [N] seed whose entries all equal s draws exactly as the 0-d seed s.
+  (kernels/rng.py), each 0-d (every row) or [N] (one per row: a request's seed, its own
+  step counter). `row_ids`: [N] int64 global row positions (None: 0..N-1). Element (i, j)
+  draws `uniform(seed_i, offset_i, row_ids[i] * C + j)`, with seed_i = seed[i] for a [N]
+  seed and seed for a 0-d one (offset_i likewise).
+- Rows are independent: row i's (token, prob) depends only on its own logits, g, t,
+  options, seed_i, offset_i and row_ids[i], never on which other rows share the call. Within
+  one implementation a row sampled in a batch of per-row options equals, bit for bit, the
+  same row sampled alone with its values as 0-d tensors and scalar options (with
+  `uncond_logits=None` where its coefficient is 1); a [N] tensor whose entries all equal v
+  samples exactly as the 0-d v.
 - Returns `tokens` [N] int64 and `prob` [N] fp32.
 - `impl`: an Impls from `backend.resolve` (what the engine passes: nothing is looked up in
   a traced step), or "triton" / "cpp" / "torch" / None, resolved per call.
 - Torch ops: `magnet_engine::sample_tokens(cond, uncond, cfg_coef, temperature, seed,
-  offset, row_ids, mode, top_k, top_p, impl)` (impl 'cpp' or 'torch') and
-  `magnet_engine::sample_tokens_triton(...)` (the same without impl; a triton_op), both
-  returning (tokens, prob); `mode` is sampling_mode(...).
+  offset, row_ids, mode, top_k, top_p, impl)` (impl 'cpp' or 'torch'; `mode` is
+  sampling_mode(...)) and `magnet_engine::sample_tokens_rows(..., row_ids, use_sampling,
+  top_k, top_p, impl)` (per-row options as tensors), with the Triton twins
+  `magnet_engine::sample_tokens_triton` / `sample_tokens_rows_triton` (the same without
+  impl; triton_ops), all returning (tokens, prob). The scalar-options op keeps one mode per
+  call, a compile-time constant of the Triton kernel; the per-row op branches per row.
 
 Semantics (fp32, in this order, as the reference):
-    l  = u + (c - u) * g             # and l = u where c == u, so -inf in both halves stays -inf
+    l  = c                           if g == 1 (u + (c - u) * 1 rounds: it differs from c in
+                                     # about a third of random fp32 pairs)
+         u                           where c == u (so -inf in both halves stays -inf)
+         u + (c - u) * g             otherwise
     pi = softmax(l / t)
     not use_sampling : y = argmax l (first index of the max),     p = pi[y]
     top_p > 0        : nucleus,                                   p = pi[y] (full pi)
@@ -73,6 +90,7 @@ if triton is not None:
     from magnet_engine.kernels.rng import rng_key, uniform_triton
 
 GREEDY, TOP_P, TOP_K, CATEGORICAL = 0, 1, 2, 3
+PER_ROW = 4  # not a mode: each row's mode, top_k and top_p are read from [N] tensors
 BISECT_STEPS = 31  # probabilities lie in [0, 1]: bit patterns in [0, 0x3F800000] < 2**30
 
 
@@ -85,6 +103,12 @@ def sampling_mode(use_sampling: bool, top_k: int, top_p: float) -> int:
     if top_k > 0:
         return TOP_K
     return CATEGORICAL
+
+
+def sampling_modes(use_sampling: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[N] int64: `sampling_mode` of every row of per-row options ([N] bool / int64 / fp32)."""
+    return torch.where(~use_sampling, GREEDY,
+                       torch.where(top_p > 0, TOP_P, torch.where(top_k > 0, TOP_K, CATEGORICAL)))
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -230,10 +254,19 @@ def _sample_launch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, t
     return (n_rows,), args, meta
 
 
+def _sample_rows_triton(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
+                        temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                        row_ids: tp.Optional[torch.Tensor], use_sampling: torch.Tensor, top_k: torch.Tensor,
+                        top_p: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    raise NotImplementedError("sample_tokens: per-row options are not implemented in Triton yet (impl='torch')")
+
+
 def _sample_triton(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
                    temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
                    row_ids: tp.Optional[torch.Tensor], mode: int, top_k: int, top_p: float
                    ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    if cfg_coef.dim() or temperature.dim() or offset.dim():
+        raise NotImplementedError("sample_tokens: per-row values are not implemented in Triton yet (impl='torch')")
     n_rows = cond.shape[0]
     tokens = torch.empty(n_rows, dtype=torch.int64, device=cond.device)
     prob = torch.empty(n_rows, dtype=torch.float32, device=cond.device)
@@ -246,7 +279,9 @@ def _sample_triton(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_co
 
 
 # ----------------------------------------------------------------------------- C++
-def _sample_cpp(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p):
+def _sample_cpp(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p, use_sampling=None):
+    if mode == PER_ROW or cfg_coef.dim() or temperature.dim() or offset.dim():
+        raise NotImplementedError("sample_tokens: per-row values are not implemented in C++ yet (impl='torch')")
     # numpy has no bf16: the C++ kernel reads fp32 (a copy only for fp16 / bf16 logits).
     cond = cond.float()
     uncond = None if uncond is None else uncond.float()
@@ -264,8 +299,9 @@ def _sample_cpp(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode
 
 
 # ----------------------------------------------------------------------------- torch
-def _nucleus_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """[N, C] bool: the reference's nucleus (sort, cumsum), extended to whole tie groups."""
+def _nucleus_keep(probs: torch.Tensor, top_p: tp.Union[float, torch.Tensor]) -> torch.Tensor:
+    """[N, C] bool: the reference's nucleus (sort, cumsum), extended to whole tie groups.
+    top_p: a float, or [N, 1] fp32 (one per row; compared in fp32 either way)."""
     probs_sort = torch.sort(probs, dim=-1, descending=True).values
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     drop = probs_sum - probs_sort > top_p
@@ -275,19 +311,30 @@ def _nucleus_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs >= threshold
 
 
-def _sample_torch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p):
-    """The plain twin: torch ops as the reference writes them, the keyed RNG for the draw."""
-    n_rows, card = cond.shape
+def _cfg_mix(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor) -> torch.Tensor:
+    """fp32 l of the module docstring; cfg_coef 0-d or [N, 1]."""
     cond = cond.float()
     if uncond is None:
-        logits = cond
-    else:
-        uncond = uncond.float()
-        logits = torch.where(cond == uncond, uncond, uncond + (cond - uncond) * cfg_coef)
-    probs = torch.softmax(logits / temperature, dim=-1)
+        return cond
+    uncond = uncond.float()
+    mixed = torch.where(cond == uncond, uncond, uncond + (cond - uncond) * cfg_coef)
+    return torch.where(cfg_coef == 1, cond, mixed)  # u + (c - u) * 1 rounds away from c
+
+
+def _sample_torch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p, use_sampling=None):
+    """The plain twin: torch ops as the reference writes them, the keyed RNG for the draw.
+    mode GREEDY..CATEGORICAL with int top_k / float top_p, or PER_ROW with [N] use_sampling,
+    top_k and top_p; a [N] cfg_coef / temperature / offset applies row by row."""
+    n_rows, card = cond.shape
+    # A per-row value becomes an [N, 1] column; a 0-d one stays 0-d, as the ops always ran.
+    g = cfg_coef.reshape(-1, 1) if cfg_coef.dim() else cfg_coef
+    t = temperature.reshape(-1, 1) if temperature.dim() else temperature
+    logits = _cfg_mix(cond, uncond, g)
+    probs = torch.softmax(logits / t, dim=-1)
+    greedy = logits.argmax(dim=-1)
 
     if mode == GREEDY:
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy
         prob = probs.gather(-1, tokens[:, None])[:, 0]
     else:
         if mode == TOP_P:
@@ -295,17 +342,27 @@ def _sample_torch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mo
         elif mode == TOP_K:
             kth = torch.topk(probs, min(top_k, card), dim=-1).values[:, -1:]
             kept = probs >= kth
+        elif mode == PER_ROW:
+            modes = sampling_modes(use_sampling, top_k, top_p)[:, None]
+            # The k-th largest value is the same whether topk or a sort finds it.
+            kth = torch.sort(probs, dim=-1, descending=True).values.gather(-1, top_k.clamp(1, card)[:, None] - 1)
+            kept = torch.where(modes == TOP_P, _nucleus_keep(probs, top_p[:, None]),
+                               torch.where(modes == TOP_K, probs >= kth, True))
         else:
             kept = torch.ones_like(probs, dtype=torch.bool)
         if row_ids is None:
             row_ids = torch.arange(n_rows, device=cond.device)
         index = row_ids[:, None] * card + torch.arange(card, device=cond.device)
-        # [1, 1] (0-d seed) or [N, 1] (per row): one key per seed element, broadcast over C.
-        exponential = -torch.log(rng.uniform(seed.reshape(-1, 1), offset, index))
+        # [1, 1] (0-d) or [N, 1] (per row) keys, broadcast over C.
+        exponential = -torch.log(rng.uniform(seed.reshape(-1, 1), offset.reshape(-1, 1), index))
         tokens = torch.where(kept, probs / exponential, -1.0).argmax(dim=-1)
+        if mode == PER_ROW:
+            tokens = torch.where(modes[:, 0] == GREEDY, greedy, tokens)
         prob = probs.gather(-1, tokens[:, None])[:, 0]
         if mode == TOP_K:
             prob = prob / (probs * kept.float()).sum(dim=-1)
+        elif mode == PER_ROW:
+            prob = torch.where(modes[:, 0] == TOP_K, prob / (probs * kept.float()).sum(dim=-1), prob)
 
     l_max = logits.max(dim=-1).values  # NaN if the row holds one
     invalid = ~torch.isfinite(l_max)
@@ -326,7 +383,13 @@ def _sample_host(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef
     return _HOST_IMPLS[impl](cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p)
 
 
-_sample_op = torch.library.custom_op("magnet_engine::sample_tokens", _sample_host, mutates_args=())
+def _sample_rows_host(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
+                      temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                      row_ids: tp.Optional[torch.Tensor], use_sampling: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor, impl: str) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    """_sample_host with per-row options ([N] bool, int64, fp32)."""
+    return _HOST_IMPLS[impl](cond, uncond, cfg_coef, temperature, seed, offset, row_ids, PER_ROW, top_k, top_p,
+                             use_sampling)
 
 
 def _sample_fake(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p, impl=None):
@@ -334,11 +397,26 @@ def _sample_fake(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mod
     return cond.new_empty(n_rows, dtype=torch.int64), cond.new_empty(n_rows, dtype=torch.float32)
 
 
+_sample_op = torch.library.custom_op("magnet_engine::sample_tokens", _sample_host, mutates_args=())
 _sample_op.register_fake(_sample_fake)
+_sample_rows_op = torch.library.custom_op("magnet_engine::sample_tokens_rows", _sample_rows_host, mutates_args=())
+_sample_rows_op.register_fake(_sample_fake)
 
 if triton is not None:
     _sample_triton_op = backend.register_triton_op(
         "magnet_engine::sample_tokens_triton", _sample_kernel, _sample_triton, mutates_args=(), fake=_sample_fake)
+    _sample_rows_triton_op = backend.register_triton_op(
+        "magnet_engine::sample_tokens_rows_triton", _sample_kernel, _sample_rows_triton, mutates_args=(),
+        fake=_sample_fake)
+
+
+def _check_row_tensor(name: str, value: torch.Tensor, dtype: torch.dtype, n_rows: int, scalar_ok: bool) -> None:
+    shapes = ((), (n_rows,)) if scalar_ok else ((n_rows,),)
+    if not isinstance(value, torch.Tensor) or value.dtype != dtype or tuple(value.shape) not in shapes:
+        found = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        kind = str(dtype).removeprefix("torch.")
+        expected = f"a 0-d or [N] {kind} tensor" if scalar_ok else f"an [N] {kind} tensor"
+        raise ValueError(f"sample_tokens: {name} must be {expected} (N = {n_rows}), found {found}")
 
 
 def sample_tokens(
@@ -347,9 +425,9 @@ def sample_tokens(
     cfg_coef: torch.Tensor,
     temperature: torch.Tensor,
     *,
-    use_sampling: bool,
-    top_k: int,
-    top_p: float,
+    use_sampling: bool | torch.Tensor,
+    top_k: int | torch.Tensor,
+    top_p: float | torch.Tensor,
     seed: torch.Tensor,
     offset: torch.Tensor,
     row_ids: torch.Tensor | None = None,
@@ -357,8 +435,9 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; see the module docstring for the full contract.
 
-    cond_logits / uncond_logits: [N, C] fp32|fp16|bf16; cfg_coef, temperature: 0-d fp32;
-    seed: 0-d or [N] int64; offset: 0-d int64; row_ids: [N] int64 or None
+    cond_logits / uncond_logits: [N, C] fp32|fp16|bf16; cfg_coef, temperature: 0-d or [N]
+    fp32; use_sampling / top_k / top_p: bool / int / float, or [N] bool / int64 / fp32;
+    seed, offset: 0-d or [N] int64; row_ids: [N] int64 or None
     -> (tokens [N] int64, prob [N] fp32).
     """
     if cond_logits.dim() != 2:
@@ -366,25 +445,35 @@ def sample_tokens(
     if uncond_logits is not None and uncond_logits.shape != cond_logits.shape:
         raise ValueError(f"sample_tokens: uncond_logits shape {tuple(uncond_logits.shape)} "
                          f"!= cond_logits shape {tuple(cond_logits.shape)}")
+    n_rows = cond_logits.shape[0]
     for name, value, dtype in (("cfg_coef", cfg_coef, torch.float32), ("temperature", temperature, torch.float32),
-                               ("offset", offset, torch.int64)):
-        if value.dim() != 0 or value.dtype != dtype:
-            raise ValueError(f"sample_tokens: {name} must be a 0-d {dtype} tensor, "
-                             f"found {value.dtype} of shape {tuple(value.shape)}")
-    if seed.dtype != torch.int64 or (seed.dim() != 0 and seed.shape != cond_logits.shape[:1]):
-        raise ValueError(f"sample_tokens: seed must be a 0-d or [N] int64 tensor (N = {cond_logits.shape[0]}), "
-                         f"found {seed.dtype} of shape {tuple(seed.shape)}")
+                               ("seed", seed, torch.int64), ("offset", offset, torch.int64)):
+        _check_row_tensor(name, value, dtype, n_rows, scalar_ok=True)
     if row_ids is not None and (row_ids.shape != cond_logits.shape[:1] or row_ids.dtype != torch.int64):
         raise ValueError(f"sample_tokens: row_ids must be [N] int64, found {row_ids.dtype} {tuple(row_ids.shape)}")
-    if top_k < 0 or top_p < 0:
+    per_row = [isinstance(v, torch.Tensor) for v in (use_sampling, top_k, top_p)]
+    if any(per_row) and not all(per_row):
+        raise ValueError(f"sample_tokens: use_sampling, top_k and top_p must be all Python scalars or all [N] "
+                         f"tensors, found {', '.join(type(v).__name__ for v in (use_sampling, top_k, top_p))}")
+    if all(per_row):
+        for name, value, dtype in (("use_sampling", use_sampling, torch.bool), ("top_k", top_k, torch.int64),
+                                   ("top_p", top_p, torch.float32)):
+            _check_row_tensor(name, value, dtype, n_rows, scalar_ok=False)
+    elif top_k < 0 or top_p < 0:
         raise ValueError(f"sample_tokens: top_k and top_p must be >= 0, found top_k={top_k}, top_p={top_p}")
-    mode = sampling_mode(use_sampling, top_k, top_p)
     chosen = backend.pick(impl, cond_logits.device).sample_tokens
     cond_logits = cond_logits.contiguous()
     uncond_logits = None if uncond_logits is None else uncond_logits.contiguous()
     row_ids = None if row_ids is None else row_ids.contiguous()
-    seed = seed.contiguous()
-    args = (cond_logits, uncond_logits, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, float(top_p))
+    tensors = tuple(v.contiguous() for v in (cfg_coef, temperature, seed, offset))
+    if all(per_row):
+        options = tuple(v.contiguous() for v in (use_sampling, top_k, top_p))
+        op, fn = (_sample_rows_triton_op, _sample_rows_triton) if chosen == "triton" else (_sample_rows_op,
+                                                                                          _sample_rows_host)
+    else:
+        options = (sampling_mode(use_sampling, top_k, top_p), top_k, float(top_p))
+        op, fn = (_sample_triton_op, _sample_triton) if chosen == "triton" else (_sample_op, _sample_host)
+    args = (cond_logits, uncond_logits, *tensors, row_ids, *options)
     if chosen == "triton":
-        return backend.call(_sample_triton_op, _sample_triton, *args)
-    return backend.call(_sample_op, _sample_host, *args, chosen)
+        return backend.call(op, fn, *args)
+    return backend.call(op, fn, *args, chosen)
