@@ -137,7 +137,8 @@ def test_a_cfg_one_row_would_differ_if_the_mix_rounded(runtime, monkeypatch):
 def test_rows_of_every_option_duration_and_text_length_share_a_batch(runtime, arrangements):
     """Different options, step counts, seeds, durations (padding) and text lengths (masked
     cross-attention keys) in one batch: tokens and every step's canvas equal the solo runs';
-    a row's padded frames hold PAD_CODE at every step (never masked, never sampled)."""
+    a row's padded frames hold PAD_CODE at every step (never masked, never sampled) and its
+    padded spans score -inf (never chosen, whatever the search)."""
     lm = runtime.lm
     frames = [30, 24, 13, 19]
     texts = [6, 4, 6, 3]
@@ -147,9 +148,10 @@ def test_rows_of_every_option_duration_and_text_length_share_a_batch(runtime, ar
                 for i, (name, params) in enumerate(OPTIONS.items())]
     padding_ok = []
 
-    def check_padding(slots):
+    def check_padding(slots):   # and no span there: -inf ranks below every real span, DONT_REMASK ones included
         for slot, row in slots._rows.items():
             padding_ok.append(bool((slots.state.codes[slot, :, row.frames:] == PAD_CODE).all()))
+            padding_ok.append(bool((slots.state.scores[slot, row.spans:] == -torch.inf).all()))
     results, events, _, shapes = serve(SlotRuntime(runtime, rows=4, frames=30, text_len=8), requests, check_padding)
     assert all(s.masked and s.text_masked for s in shapes) and padding_ok and all(padding_ok)
     assert any(len(s.stages) > 1 for s in shapes)        # rows at different stages in one forward
@@ -188,6 +190,25 @@ def test_masked_forward_is_each_rows_solo_forward(runtime):
         slots.step()
         step += 1
     assert seen == {True, False} and worst[False] == 0.0 and 0.0 < worst[True] <= LOGITS_ATOL, worst
+
+
+def test_a_padded_row_is_remasked_on_its_own_spans(runtime, monkeypatch):
+    """On the CPU, torch.topk's choice among tied span scores depends on the row's length, and
+    the solo run ranks the row's own spans: here greedy 'prod' scores tie at exactly 0 (p̂ = 1)
+    and the padded row, re-masked on the batch's width instead (`alone` emptied), drops
+    another of the tied chunks than its solo run."""
+    lm = runtime.lm
+    params = DecodingParams(use_sampling=False, temperature=0.5, max_cfg_coef=10.0, span_scoring="prod",
+                            decoding_steps=(2, 1, 5, 5))
+    requests = [Request("padded", cond(lm, 0), 24, params, 0),
+                Request("full", cond(lm, 100), 30, params.replace(decoding_steps=(2, 2, 2, 2)), 1)]
+    results, _, _, shapes = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), requests)
+    assert any(s.alone for s in shapes)
+    assert_solo(runtime, requests, results)
+    shape = SlotRuntime.shape
+    monkeypatch.setattr(SlotRuntime, "shape", lambda self: dataclasses.replace(shape(self), alone=()))
+    results, _, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), requests)
+    assert not torch.equal(results["padded"].codes, solo(runtime, requests[0])[0])
 
 
 def test_a_row_joins_mid_run_at_another_stage(runtime):
