@@ -86,12 +86,23 @@ struct Lps {
     }
 };
 
-void remask(py::array codes, py::array scores, int64_t num_masked, int arrangement, int64_t span_len,
+void remask(py::array codes, py::array scores, py::object num_masked, int arrangement, int64_t span_len,
             int64_t prompt_len, int64_t mask_id, py::array masked) {
     const auto cd = buffer_of<int64_t>(codes, "stage_codes", 2);
     const auto sc = buffer_of<float>(scores, "span_scores", 2);
     const auto out = buffer_of<bool>(masked, "masked", 2);
     const int64_t B = cd.rows, T = cd.cols, n = sc.cols;
+    // num_masked: an int (every row) or a [B] int64 array (one count per row).
+    int64_t count = 0;
+    const int64_t* counts = nullptr;
+    if (py::isinstance<py::array>(num_masked)) {
+        auto counts_array = num_masked.cast<py::array>();
+        const auto nb = buffer_of<int64_t>(counts_array, "num_masked", 1);
+        if (nb.cols != B) throw py::value_error("num_masked: expected an int or one count per row");
+        counts = nb.data;
+    } else {
+        count = num_masked.cast<int64_t>();
+    }
     const int64_t L = arrangement == TOKEN ? 1 : span_len;
     if (arrangement < CHUNK || arrangement > TOKEN) throw py::value_error("arrangement: expected 0..2");
     if (sc.rows != B || out.rows != B || out.cols != n) throw py::value_error("span_scores/masked: shape mismatch");
@@ -109,8 +120,9 @@ void remask(py::array codes, py::array scores, int64_t num_masked, int arrangeme
             const float* s = sc.data + b * sc.row_stride;
             int64_t* y = cd.data + b * cd.row_stride;
             bool* m = out.data + b * out.row_stride;
-            if (arrangement == STRIDE1) lps.run(s, T, L, num_masked, chosen.data());
-            else topk_choice(s, n, num_masked, queue, chosen.data());
+            const int64_t k = counts != nullptr ? counts[b] : count;
+            if (arrangement == STRIDE1) lps.run(s, T, L, k, chosen.data());
+            else topk_choice(s, n, k, queue, chosen.data());
             // Span j covers frames [j*L, j*L + L) (L = 1 in token modes, where spans are
             // frames). Prompt frames are never written: the canvas already holds the prompt
             // there, so this equals the reference's mask-then-restore.
@@ -130,7 +142,8 @@ void remask(py::array codes, py::array scores, int64_t num_masked, int arrangeme
 void register_masking(py::module_& m) {
     m.def("remask", &remask,
           "kernels/masking.py remask on numpy views: writes mask_id into stage_codes [B, T] int64 in place and "
-          "the masked spans into masked [B, n] bool. arrangement: 0 nonoverlap chunks, 1 stride1, 2 token.",
+          "the masked spans into masked [B, n] bool. arrangement: 0 nonoverlap chunks, 1 stride1, 2 token. "
+          "num_masked: an int, or a [B] int64 array (one count per row).",
           py::arg("stage_codes"), py::arg("span_scores"), py::arg("num_masked"), py::arg("arrangement"),
           py::arg("span_len"), py::arg("prompt_len"), py::arg("mask_id"), py::arg("masked"));
 }

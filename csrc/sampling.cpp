@@ -192,10 +192,40 @@ void sample_row(const float* cond, const float* uncond, int64_t C, float g, floa
     }
 }
 
-void sample_tokens(py::array cond, py::object uncond, float cfg_coef, float temperature, int mode,
-                   int64_t top_k, float top_p, py::object seed, int64_t offset, py::object row_ids,
-                   py::array tokens, py::array prob) {
+inline int sampling_mode(bool use_sampling, int64_t top_k, float top_p) {  // kernels/sampling.py's precedence
+    if (!use_sampling) return GREEDY;
+    if (top_p > 0.f) return TOP_P;
+    if (top_k > 0) return TOP_K;
+    return CATEGORICAL;
+}
+
+// One value for every row (a Python scalar) or one per row (an [N] array), read once per row.
+template <typename T>
+struct PerRow {
+    T value{};
+    const T* data = nullptr;  // into the caller's array, alive for the call
+    T operator[](int64_t r) const { return data != nullptr ? data[r] : value; }
+};
+
+template <typename T>
+PerRow<T> per_row(py::object x, const char* name, int64_t n_rows) {
+    PerRow<T> p;
+    if (py::isinstance<py::array>(x)) {
+        auto a = x.cast<py::array>();
+        const auto b = buffer_of<T>(a, name, 1);
+        if (b.cols != n_rows) throw py::value_error(std::string(name) + ": expected a scalar or one value per row");
+        p.data = b.data;
+    } else {
+        p.value = x.cast<T>();
+    }
+    return p;
+}
+
+void sample_tokens(py::array cond, py::object uncond, py::object cfg_coef, py::object temperature,
+                   py::object use_sampling, py::object top_k, py::object top_p, py::object seed, py::object offset,
+                   py::object row_ids, py::array tokens, py::array prob) {
     const auto c = buffer_of<float>(cond, "cond", 2);
+    const int64_t n_rows = c.rows, C = c.cols, stride = c.row_stride;
     const float* u = nullptr;
     if (!uncond.is_none()) {
         auto uncond_array = uncond.cast<py::array>();
@@ -211,23 +241,20 @@ void sample_tokens(py::array cond, py::object uncond, float cfg_coef, float temp
         if (rb.cols != c.rows) throw py::value_error("row_ids: expected one id per row");
         rid = rb.data;
     }
-    // seed: an int (one key for the call) or an [N] int64 array (one key per row).
-    const int64_t* seeds = nullptr;
-    RngKey key{};
-    if (py::isinstance<py::array>(seed)) {
-        auto seed_array = seed.cast<py::array>();
-        const auto sb = buffer_of<int64_t>(seed_array, "seed", 1);
-        if (sb.cols != c.rows) throw py::value_error("seed: expected an int or one seed per row");
-        seeds = sb.data;
-    } else {
-        key = rng_key(seed.cast<int64_t>(), offset);
-    }
+    const auto g = per_row<float>(cfg_coef, "cfg_coef", n_rows);
+    const auto t = per_row<float>(temperature, "temperature", n_rows);
+    const auto sampled = per_row<bool>(use_sampling, "use_sampling", n_rows);
+    const auto k = per_row<int64_t>(top_k, "top_k", n_rows);
+    const auto p = per_row<float>(top_p, "top_p", n_rows);
+    const auto seeds = per_row<int64_t>(seed, "seed", n_rows);
+    const auto offsets = per_row<int64_t>(offset, "offset", n_rows);
     const auto tok = buffer_of<int64_t>(tokens, "tokens", 1);
     const auto pr = buffer_of<float>(prob, "prob", 1);
     if (tok.cols != c.rows || pr.cols != c.rows) throw py::value_error("tokens/prob: expected one entry per row");
-    if (mode < GREEDY || mode > CATEGORICAL) throw py::value_error("mode: expected 0..3");
+    // A key for the whole call unless a seed or an offset varies by row.
+    const bool key_per_row = seeds.data != nullptr || offsets.data != nullptr;
+    const RngKey call_key = key_per_row ? RngKey{} : rng_key(seeds.value, offsets.value);
 
-    const int64_t n_rows = c.rows, C = c.cols, stride = c.row_stride;
     py::gil_scoped_release release;
     // A row costs ~10 us: a thread team only pays off for a few dozen rows (late decoding
     // steps sample a handful).
@@ -237,10 +264,12 @@ void sample_tokens(py::array cond, py::object uncond, float cfg_coef, float temp
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n_rows; ++r) {
             const uint64_t row_id = rid != nullptr ? static_cast<uint64_t>(rid[r]) : static_cast<uint64_t>(r);
-            const RngKey row_key = seeds != nullptr ? rng_key(seeds[r], offset) : key;  // once per row
-            sample_row(c.data + r * stride, u != nullptr ? u + r * stride : nullptr, C, cfg_coef, temperature,
-                       mode, top_k, top_p, row_key, row_id * static_cast<uint64_t>(C), pi.data(), work.data(),
-                       tok.data + r, pr.data + r);
+            const RngKey row_key = key_per_row ? rng_key(seeds[r], offsets[r]) : call_key;  // once per row
+            const float g_r = g[r];
+            // g == 1 is no CFG: c exactly, where u + (c - u) * 1 may round away from it.
+            const float* u_row = u != nullptr && g_r != 1.f ? u + r * stride : nullptr;
+            sample_row(c.data + r * stride, u_row, C, g_r, t[r], sampling_mode(sampled[r], k[r], p[r]), k[r], p[r],
+                       row_key, row_id * static_cast<uint64_t>(C), pi.data(), work.data(), tok.data + r, pr.data + r);
         }
     }
 }
@@ -250,8 +279,9 @@ void sample_tokens(py::array cond, py::object uncond, float cfg_coef, float temp
 void register_sampling(py::module_& m) {
     m.def("sample_tokens", &sample_tokens,
           "kernels/sampling.py sample_tokens on fp32 numpy views; writes tokens [N] int64 and prob [N] fp32. "
-          "mode: 0 greedy, 1 top-p, 2 top-k, 3 categorical. seed: an int, or an [N] int64 array (one per row).",
-          py::arg("cond"), py::arg("uncond"), py::arg("cfg_coef"), py::arg("temperature"), py::arg("mode"),
+          "cfg_coef, temperature, use_sampling, top_k, top_p, seed, offset: each a scalar (every row) or an [N] "
+          "array (float32, float32, bool, int64, float32, int64, int64: one per row).",
+          py::arg("cond"), py::arg("uncond"), py::arg("cfg_coef"), py::arg("temperature"), py::arg("use_sampling"),
           py::arg("top_k"), py::arg("top_p"), py::arg("seed"), py::arg("offset"), py::arg("row_ids"),
           py::arg("tokens"), py::arg("prob"));
     m.def(

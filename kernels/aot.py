@@ -48,8 +48,10 @@ class StepShapes:
     n_q: K; card: C; heads, head_dim: H, d of the self-attention; dtype: its operands';
     logits_dtype: the heads' output (fp32 in the engine); windows: the band per stage
     (None: full attention); span_len, arrangement: the masking layout; modes: the
-    sampling modes (sampling.GREEDY..CATEGORICAL); cfg: whether steps run with the
-    unconditional half (True), without (False: coefficient exactly 1), or both.
+    sampling modes (sampling.GREEDY..CATEGORICAL, one for the call; sampling.PER_ROW,
+    options, coefficients, temperatures and offsets per row, as a batch of requests
+    samples); cfg: whether steps run with the unconditional half (True), without (False:
+    coefficient exactly 1), or both.
     """
     batch: int
     frames: int
@@ -91,11 +93,19 @@ def launches(shapes: StepShapes, device: tp.Union[torch.device, str] = "cpu") ->
     row_ids = torch.zeros(rows, dtype=torch.int64, device=dev)
     tokens = torch.empty(rows, dtype=torch.int64, device=dev)
     prob = torch.empty(rows, dtype=torch.float32, device=dev)
+    # per row: cfg, temperature and top_p rows of one table; offsets, top_k, use_sampling
+    row_floats = torch.zeros(3, rows, dtype=torch.float32, device=dev)
+    row_offsets, row_top_k = torch.zeros(2, rows, dtype=torch.int64, device=dev)
+    row_sampled = torch.zeros(rows, dtype=torch.bool, device=dev)
     for mode in s.modes:
         for cfg in s.cfg:
+            if mode == sampling.PER_ROW:
+                values = (row_floats[0], row_floats[1], seeds, row_offsets)
+                options = (row_top_k, row_floats[2], row_sampled)
+            else:
+                values, options = (per_step[1], per_step[2], seeds, step_ids[1]), (5, 0.9)
             grid, args, meta = sampling._sample_launch(
-                logits[0], logits[1] if cfg else None, per_step[1], per_step[2], seeds, step_ids[1], row_ids,
-                tokens, prob, mode, 5, 0.9)
+                logits[0], logits[1] if cfg else None, *values, row_ids, tokens, prob, mode, *options)
             out.append(Launch(f"sample mode={mode} cfg={cfg} {s.logits_dtype} C={s.card}",
                               sampling._sample_kernel, grid, args, meta))
 
@@ -203,12 +213,13 @@ def _knob(knobs, name, value):
 # d = 64, W = 5; every int a multiple of 16 where the model gives one) and an odd plan where
 # no int or pointer is, so both sides of every alignment specialisation are compiled.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ALL_MODES = (sampling.GREEDY, sampling.TOP_P, sampling.TOP_K, sampling.CATEGORICAL)
+ALL_MODES = (sampling.GREEDY, sampling.TOP_P, sampling.TOP_K, sampling.CATEGORICAL, sampling.PER_ROW)
 
 
 def plans() -> tp.List[StepShapes]:
-    """fp32 logits (the engine's) in every sampling mode, with and without CFG; fp16/bf16
-    logits and attention operands in the nucleus mode (the dtype only changes the loads)."""
+    """fp32 logits (the engine's) in every sampling mode and per row, with and without CFG;
+    fp16/bf16 logits and attention operands in the nucleus mode (the dtype only changes the
+    loads)."""
     out = []
     for dtype in DTYPES:
         modes, cfg = (ALL_MODES, (True, False)) if dtype == torch.float32 else ((sampling.TOP_P,), (True,))

@@ -97,16 +97,18 @@ def num_spans(frames: int, span_len: int, arrangement: str) -> int:
 # ----------------------------------------------------------------------------- Triton
 if triton is not None:
 
-    # num_masked is a 0-d view `num_masked[i]` (alignment changes with i); prompt_len and
-    # mask_id are values (1 would specialise): no variant may appear mid-loop.
-    @triton.jit(do_not_specialize=("prompt_len", "mask_id"), do_not_specialize_on_alignment=("num_masked_ptr",))
+    # num_masked is a 0-d view `num_masked[i]` (alignment changes with i); prompt_len,
+    # mask_id and the stride are values (1 would specialise): no variant may appear mid-loop.
+    @triton.jit(do_not_specialize=("prompt_len", "mask_id", "num_masked_stride"),
+                do_not_specialize_on_alignment=("num_masked_ptr",))
     def _remask_kernel(
         codes_ptr, scores_ptr, num_masked_ptr, masked_ptr,
-        n, codes_row_stride, prompt_len, mask_id,
+        n, codes_row_stride, prompt_len, mask_id, num_masked_stride,
         SPAN_LEN: tl.constexpr, CHUNK: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
     ):
         """Grid (B, cdiv(n, BLOCK_J)). Span j is chosen iff its rank < num_masked, with
-        rank_j = #{i: s_i > s_j} + #{i < j: s_i == s_j} (NaN largest): lowest index first."""
+        rank_j = #{i: s_i > s_j} + #{i < j: s_i == s_j} (NaN largest): lowest index first.
+        num_masked_stride: 0 for one count for the batch, 1 for one per row."""
         b = tl.program_id(0).to(tl.int64)
         js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         j_in = js < n
@@ -121,7 +123,7 @@ if triton is not None:
             equal = (nan_i[None, :] & nan_j[:, None]) | (s_i[None, :] == s_j[:, None])
             before = (equal & (i_s[None, :] < js[:, None])) | greater
             rank += tl.sum((before & (i_s[None, :] < n)).to(tl.int32), axis=1)
-        chosen = (rank < tl.load(num_masked_ptr)) & j_in
+        chosen = (rank < tl.load(num_masked_ptr + b * num_masked_stride)) & j_in
 
         row = codes_ptr + b * codes_row_stride
         if CHUNK:
@@ -140,7 +142,7 @@ def _remask_launch(codes, scores, num_masked, masked, layout, span_len, prompt_l
     """(grid, args, constexprs) of the _remask_kernel launch (the op and kernels/aot.py)."""
     batch, n = scores.shape
     block_j = min(64, triton.next_power_of_2(n))
-    args = (codes, scores, num_masked, masked, n, codes.stride(0), prompt_len, mask_id)
+    args = (codes, scores, num_masked, masked, n, codes.stride(0), prompt_len, mask_id, 1 if num_masked.dim() else 0)
     meta = dict(SPAN_LEN=span_len if layout == CHUNK else 1, CHUNK=layout == CHUNK,
                 BLOCK_J=block_j, BLOCK_I=min(64, triton.next_power_of_2(n)))
     return (batch, triton.cdiv(n, block_j)), args, meta
@@ -148,8 +150,6 @@ def _remask_launch(codes, scores, num_masked, masked, layout, span_len, prompt_l
 
 def _remask_triton(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.Tensor, layout: int,
                    span_len: int, prompt_len: int, mask_id: int) -> torch.Tensor:
-    if num_masked.dim():
-        raise NotImplementedError("remask: a count per row is not implemented in Triton yet (impl='torch')")
     batch, n = scores.shape
     masked = torch.empty(batch, n, dtype=torch.bool, device=codes.device)
     if batch > 0 and n > 0:
@@ -161,12 +161,10 @@ def _remask_triton(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.
 
 # ----------------------------------------------------------------------------- C++
 def _remask_cpp(codes, scores, num_masked, layout, span_len, prompt_len, mask_id):
-    if num_masked.dim():
-        raise NotImplementedError("remask: a count per row is not implemented in C++ yet (impl='torch')")
     masked = torch.empty(scores.shape, dtype=torch.bool)
     backend.cpp_module().remask(
-        codes.numpy(), scores.numpy(), int(num_masked), layout, span_len, prompt_len, mask_id,
-        masked.numpy(),
+        codes.numpy(), scores.numpy(), num_masked.numpy() if num_masked.dim() else int(num_masked), layout,
+        span_len, prompt_len, mask_id, masked.numpy(),
     )
     return masked
 

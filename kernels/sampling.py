@@ -124,24 +124,99 @@ if triton is not None:
             logits = tl.where(logits == u, u, u + (logits - u) * g)
         return logits
 
+    @triton.jit
+    def _nucleus_threshold(cond_ptr, uncond_ptr, row_start, C, g, t, x_max, inv_z, top_p,
+                           HAS_UNCOND: tl.constexpr, BLOCK_C: tl.constexpr, BISECT: tl.constexpr):
+        """The smallest v with sum(pi > v) <= top_p; it is always a value of the row."""
+        lanes = tl.arange(0, BLOCK_C)
+        lo = 0
+        hi = inv_z.to(tl.int32, bitcast=True)  # the max has pi = inv_z
+        for _ in range(BISECT):
+            mid = (lo + hi) // 2
+            v = mid.to(tl.float32, bitcast=True)
+            mass = 0.0
+            for start in range(0, C, BLOCK_C):
+                logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, start + lanes, C, g, HAS_UNCOND)
+                pi = tl.exp(logits / t - x_max) * inv_z
+                mass += tl.sum(tl.where(pi > v, pi, 0.0), axis=0)
+            fits = mass <= top_p
+            hi = tl.where(fits, mid, hi)
+            lo = tl.where(fits, lo, mid + 1)
+        return hi.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _kth_largest(cond_ptr, uncond_ptr, row_start, C, g, t, x_max, inv_z, top_k,
+                     HAS_UNCOND: tl.constexpr, BLOCK_C: tl.constexpr, BISECT: tl.constexpr):
+        """The largest v with count(pi >= v) >= k, i.e. the k-th largest value (1 <= k <= C)."""
+        lanes = tl.arange(0, BLOCK_C)
+        lo = 0
+        hi = inv_z.to(tl.int32, bitcast=True)
+        for _ in range(BISECT):
+            mid = lo + (hi - lo + 1) // 2
+            v = mid.to(tl.float32, bitcast=True)
+            count = 0
+            for start in range(0, C, BLOCK_C):
+                cols = start + lanes
+                logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, cols, C, g, HAS_UNCOND)
+                pi = tl.exp(logits / t - x_max) * inv_z
+                count += tl.sum(((pi >= v) & (cols < C)).to(tl.int32), axis=0)
+            enough = count >= top_k
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        return lo.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _race(cond_ptr, uncond_ptr, row, row_start, C, g, t, x_max, inv_z, threshold, seed_ptr, offset_ptr,
+              row_ids_ptr, token, HAS_UNCOND: tl.constexpr, HAS_ROW_IDS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Exponential race over the kept set {pi >= threshold} -> (token, kept mass).
+        seed_ptr / offset_ptr: this row's seed and offset."""
+        k1, k2 = rng_key(seed_ptr, offset_ptr)
+        if HAS_ROW_IDS:
+            rng_row = tl.load(row_ids_ptr + row) * C
+        else:
+            rng_row = row_start
+        lanes = tl.arange(0, BLOCK_C)
+        best = -1.0
+        kept_mass = 0.0
+        for start in range(0, C, BLOCK_C):
+            cols = start + lanes
+            logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, cols, C, g, HAS_UNCOND)
+            pi = tl.exp(logits / t - x_max) * inv_z
+            kept = (pi >= threshold) & (cols < C)
+            u = uniform_triton(k1, k2, rng_row + cols)
+            race = tl.where(kept, pi / -tl.log(u), -1.0)
+            chunk_best = tl.max(race, axis=0)
+            chunk_arg = tl.argmax(race, axis=0)
+            better = chunk_best > best
+            token = tl.where(better, start + chunk_arg, token)
+            best = tl.where(better, chunk_best, best)
+            kept_mass += tl.sum(tl.where(kept, pi, 0.0), axis=0)
+        return token, kept_mass
+
     # The scalar operands are 0-d views such as `coefs[i]` whose 16-byte alignment changes
-    # with i, and top_k / seed_stride may be 1: specialising on either would compile a new
+    # with i, and top_k / the strides may be 1: specialising on either would compile a new
     # variant mid-loop (fatal inside a CUDA-graph capture). One load each: nothing to gain.
-    @triton.jit(do_not_specialize=("top_k", "seed_stride"),
-                do_not_specialize_on_alignment=("cfg_ptr", "temp_ptr", "seed_ptr", "offset_ptr", "row_ids_ptr"))
+    @triton.jit(do_not_specialize=("top_k", "cfg_stride", "temp_stride", "seed_stride", "offset_stride"),
+                do_not_specialize_on_alignment=("cfg_ptr", "temp_ptr", "seed_ptr", "offset_ptr", "row_ids_ptr",
+                                                "use_sampling_ptr", "top_k_ptr", "top_p_ptr"))
     def _sample_kernel(
         cond_ptr, uncond_ptr, cfg_ptr, temp_ptr, seed_ptr, offset_ptr, row_ids_ptr,
-        tokens_ptr, prob_ptr,
-        C, top_k, top_p, seed_stride,
+        use_sampling_ptr, top_k_ptr, top_p_ptr, tokens_ptr, prob_ptr,
+        C, top_k, top_p, cfg_stride, temp_stride, seed_stride, offset_stride,
         HAS_UNCOND: tl.constexpr, HAS_ROW_IDS: tl.constexpr, MODE: tl.constexpr,
         BLOCK_C: tl.constexpr, BISECT: tl.constexpr,
     ):
         """One program per row; every pass re-reads the row in BLOCK_C chunks.
-        seed_stride: 0 for a 0-d seed, 1 for one seed per row."""
+        *_stride: 0 for a 0-d value, 1 for one per row. MODE: GREEDY..CATEGORICAL for the
+        whole call (top_k <= C, top_p), or PER_ROW: each row's options at *_ptr + row."""
         row = tl.program_id(0).to(tl.int64)
         row_start = row * C
-        g = tl.load(cfg_ptr)
-        t = tl.load(temp_ptr)
+        g = tl.load(cfg_ptr + row * cfg_stride)
+        t = tl.load(temp_ptr + row * temp_stride)
+        if HAS_UNCOND:
+            # g == 1 is no CFG: mixing c with itself gives c exactly (l = u where c == u),
+            # where u + (c - u) * 1 may round away from c. Per row, at no cost per element.
+            uncond_ptr = tl.where(g == 1.0, cond_ptr, uncond_ptr)
         lanes = tl.arange(0, BLOCK_C)
 
         # Pass 1: max of l and its first index, and whether a NaN is present.
@@ -168,70 +243,44 @@ if triton is not None:
             logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, start + lanes, C, g, HAS_UNCOND)
             z += tl.sum(tl.exp(logits / t - x_max), axis=0)
         inv_z = 1.0 / z
-        pi_max_bits = inv_z.to(tl.int32, bitcast=True)
 
-        # Threshold: the kept set is {pi >= threshold}.
-        threshold = 0.0
-        if MODE == 1:
-            # nucleus: smallest v with sum(pi > v) <= top_p; it is always a value of the row.
-            lo = 0
-            hi = pi_max_bits
-            for _ in range(BISECT):
-                mid = (lo + hi) // 2
-                v = mid.to(tl.float32, bitcast=True)
-                mass = 0.0
-                for start in range(0, C, BLOCK_C):
-                    logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, start + lanes, C, g, HAS_UNCOND)
-                    pi = tl.exp(logits / t - x_max) * inv_z
-                    mass += tl.sum(tl.where(pi > v, pi, 0.0), axis=0)
-                fits = mass <= top_p
-                hi = tl.where(fits, mid, hi)
-                lo = tl.where(fits, lo, mid + 1)
-            threshold = hi.to(tl.float32, bitcast=True)
-        if MODE == 2:
-            # top-k: largest v with count(pi >= v) >= k, i.e. the k-th largest value.
-            lo = 0
-            hi = pi_max_bits
-            for _ in range(BISECT):
-                mid = lo + (hi - lo + 1) // 2
-                v = mid.to(tl.float32, bitcast=True)
-                count = 0
-                for start in range(0, C, BLOCK_C):
-                    cols = start + lanes
-                    logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, cols, C, g, HAS_UNCOND)
-                    pi = tl.exp(logits / t - x_max) * inv_z
-                    count += tl.sum(((pi >= v) & (cols < C)).to(tl.int32), axis=0)
-                enough = count >= top_k
-                lo = tl.where(enough, mid, lo)
-                hi = tl.where(enough, hi, mid - 1)
-            threshold = lo.to(tl.float32, bitcast=True)
-
-        # Pass 3: exponential race over the kept set (and the kept mass for top-k).
+        # The kept set {pi >= threshold}, then the race over it (and the kept mass for top-k).
+        row_seed_ptr = seed_ptr + row * seed_stride
+        row_offset_ptr = offset_ptr + row * offset_stride
         token = argmax
         kept_mass = 1.0
-        if MODE != 0:
-            k1, k2 = rng_key(seed_ptr + row * seed_stride, offset_ptr)  # this row's key
-            if HAS_ROW_IDS:
-                rng_row = tl.load(row_ids_ptr + row) * C
-            else:
-                rng_row = row_start
-            best = -1.0
-            kept_mass = 0.0
-            for start in range(0, C, BLOCK_C):
-                cols = start + lanes
-                logits = _mixed_logits(cond_ptr, uncond_ptr, row_start, cols, C, g, HAS_UNCOND)
-                pi = tl.exp(logits / t - x_max) * inv_z
-                kept = (pi >= threshold) & (cols < C)
-                u = uniform_triton(k1, k2, rng_row + cols)
-                race = tl.where(kept, pi / -tl.log(u), -1.0)
-                chunk_best = tl.max(race, axis=0)
-                chunk_arg = tl.argmax(race, axis=0)
-                better = chunk_best > best
-                token = tl.where(better, start + chunk_arg, token)
-                best = tl.where(better, chunk_best, best)
-                kept_mass += tl.sum(tl.where(kept, pi, 0.0), axis=0)
-            if MODE != 2:
-                kept_mass = 1.0
+        if MODE == 4:  # PER_ROW: the same steps, chosen at run time by the row's own mode
+            row_top_k = tl.minimum(tl.load(top_k_ptr + row), C)
+            row_top_p = tl.load(top_p_ptr + row)
+            row_mode = tl.where(tl.load(use_sampling_ptr + row) != 0,
+                                tl.where(row_top_p > 0, 1, tl.where(row_top_k > 0, 2, 3)), 0)
+            threshold = 0.0
+            if row_mode == 1:
+                threshold = _nucleus_threshold(cond_ptr, uncond_ptr, row_start, C, g, t, x_max, inv_z, row_top_p,
+                                               HAS_UNCOND, BLOCK_C, BISECT)
+            if row_mode == 2:
+                threshold = _kth_largest(cond_ptr, uncond_ptr, row_start, C, g, t, x_max, inv_z, row_top_k,
+                                         HAS_UNCOND, BLOCK_C, BISECT)
+            mass = 1.0
+            if row_mode != 0:
+                token, mass = _race(cond_ptr, uncond_ptr, row, row_start, C, g, t, x_max, inv_z, threshold,
+                                    row_seed_ptr, row_offset_ptr, row_ids_ptr, token, HAS_UNCOND, HAS_ROW_IDS,
+                                    BLOCK_C)
+            kept_mass = tl.where(row_mode == 2, mass, 1.0)
+        else:
+            threshold = 0.0
+            if MODE == 1:
+                threshold = _nucleus_threshold(cond_ptr, uncond_ptr, row_start, C, g, t, x_max, inv_z, top_p,
+                                               HAS_UNCOND, BLOCK_C, BISECT)
+            if MODE == 2:
+                threshold = _kth_largest(cond_ptr, uncond_ptr, row_start, C, g, t, x_max, inv_z, top_k,
+                                         HAS_UNCOND, BLOCK_C, BISECT)
+            if MODE != 0:
+                token, mass = _race(cond_ptr, uncond_ptr, row, row_start, C, g, t, x_max, inv_z, threshold,
+                                    row_seed_ptr, row_offset_ptr, row_ids_ptr, token, HAS_UNCOND, HAS_ROW_IDS,
+                                    BLOCK_C)
+                if MODE == 2:
+                    kept_mass = mass
 
         l_tok = _mixed_logits(cond_ptr, uncond_ptr, row_start, token, C, g, HAS_UNCOND)
         prob = tl.exp(l_tok / t - x_max) * inv_z / kept_mass
@@ -240,60 +289,74 @@ if triton is not None:
         tl.store(prob_ptr + row, tl.where(invalid, float("nan"), prob))
 
 
-def _sample_launch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, tokens, prob, mode, top_k, top_p):
+def _sample_launch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, tokens, prob, mode, top_k, top_p,
+                   use_sampling=None):
     """(grid, args, constexprs) of the _sample_kernel launch: shared by the op and the
-    compile-ahead check (kernels/aot.py), so both see the same signature."""
+    compile-ahead check (kernels/aot.py), so both see the same signature. mode: GREEDY..
+    CATEGORICAL with int top_k / float top_p, or PER_ROW with [N] use_sampling, top_k, top_p."""
     n_rows, card = cond.shape
+    if mode == PER_ROW:
+        options, top_k, top_p = (use_sampling, top_k, top_p), 0, 0.0
+    else:
+        options, top_k = (tokens, tokens, tokens), min(top_k, card)  # unused pointers
     args = (
         cond, cond if uncond is None else uncond, cfg_coef, temperature, seed, offset,
         tokens if row_ids is None else row_ids,  # unused pointer when HAS_ROW_IDS is False
-        tokens, prob, card, min(top_k, card), top_p, 1 if seed.dim() else 0,
+        *options, tokens, prob, card, top_k, top_p,
+        *(1 if v.dim() else 0 for v in (cfg_coef, temperature, seed, offset)),
     )
     meta = dict(HAS_UNCOND=uncond is not None, HAS_ROW_IDS=row_ids is not None, MODE=mode,
                 BLOCK_C=min(triton.next_power_of_2(card), 2048), BISECT=BISECT_STEPS)
     return (n_rows,), args, meta
 
 
-def _sample_rows_triton(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
-                        temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
-                        row_ids: tp.Optional[torch.Tensor], use_sampling: torch.Tensor, top_k: torch.Tensor,
-                        top_p: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    raise NotImplementedError("sample_tokens: per-row options are not implemented in Triton yet (impl='torch')")
+def _run_sample_kernel(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p,
+                       use_sampling=None):
+    n_rows = cond.shape[0]
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=cond.device)
+    prob = torch.empty(n_rows, dtype=torch.float32, device=cond.device)
+    if n_rows > 0:
+        grid, args, meta = _sample_launch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids,
+                                          tokens, prob, mode, top_k, top_p, use_sampling)
+        launch = wrap_triton(_sample_kernel) if torch.compiler.is_compiling() else _sample_kernel
+        launch[grid](*args, **meta)
+    return tokens, prob
 
 
 def _sample_triton(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
                    temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
                    row_ids: tp.Optional[torch.Tensor], mode: int, top_k: int, top_p: float
                    ) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    if cfg_coef.dim() or temperature.dim() or offset.dim():
-        raise NotImplementedError("sample_tokens: per-row values are not implemented in Triton yet (impl='torch')")
-    n_rows = cond.shape[0]
-    tokens = torch.empty(n_rows, dtype=torch.int64, device=cond.device)
-    prob = torch.empty(n_rows, dtype=torch.float32, device=cond.device)
-    if n_rows > 0:
-        grid, args, meta = _sample_launch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids,
-                                          tokens, prob, mode, top_k, top_p)
-        launch = wrap_triton(_sample_kernel) if torch.compiler.is_compiling() else _sample_kernel
-        launch[grid](*args, **meta)
-    return tokens, prob
+    return _run_sample_kernel(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p)
+
+
+def _sample_rows_triton(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg_coef: torch.Tensor,
+                        temperature: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+                        row_ids: tp.Optional[torch.Tensor], use_sampling: torch.Tensor, top_k: torch.Tensor,
+                        top_p: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
+    return _run_sample_kernel(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, PER_ROW, top_k, top_p,
+                              use_sampling)
 
 
 # ----------------------------------------------------------------------------- C++
 def _sample_cpp(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p, use_sampling=None):
-    if mode == PER_ROW or cfg_coef.dim() or temperature.dim() or offset.dim():
-        raise NotImplementedError("sample_tokens: per-row values are not implemented in C++ yet (impl='torch')")
     # numpy has no bf16: the C++ kernel reads fp32 (a copy only for fp16 / bf16 logits).
     cond = cond.float()
     uncond = None if uncond is None else uncond.float()
     n_rows = cond.shape[0]
     tokens = torch.empty(n_rows, dtype=torch.int64)
     prob = torch.empty(n_rows, dtype=torch.float32)
-    # Reading a CPU scalar is a memory load, not a device sync. A [N] seed goes as an array.
+    if mode == PER_ROW:
+        options = (use_sampling.numpy(), top_k.numpy(), top_p.numpy())
+    else:  # the kernel derives the mode by the same precedence
+        options = (mode != GREEDY, top_k, top_p)
+
+    def value(x):  # reading a CPU scalar is a memory load, not a device sync; [N] goes as an array
+        return x.numpy() if x.dim() else x.item()
+
     backend.cpp_module().sample_tokens(
-        cond.numpy(), None if uncond is None else uncond.numpy(),
-        float(cfg_coef), float(temperature), mode, top_k, top_p,
-        seed.numpy() if seed.dim() else int(seed), int(offset),
-        None if row_ids is None else row_ids.numpy(), tokens.numpy(), prob.numpy(),
+        cond.numpy(), None if uncond is None else uncond.numpy(), value(cfg_coef), value(temperature), *options,
+        value(seed), value(offset), None if row_ids is None else row_ids.numpy(), tokens.numpy(), prob.numpy(),
     )
     return tokens, prob
 
@@ -331,10 +394,9 @@ def _sample_torch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mo
     t = temperature.reshape(-1, 1) if temperature.dim() else temperature
     logits = _cfg_mix(cond, uncond, g)
     probs = torch.softmax(logits / t, dim=-1)
-    greedy = logits.argmax(dim=-1)
 
     if mode == GREEDY:
-        tokens = greedy
+        tokens = logits.argmax(dim=-1)
         prob = probs.gather(-1, tokens[:, None])[:, 0]
     else:
         if mode == TOP_P:
@@ -357,7 +419,7 @@ def _sample_torch(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mo
         exponential = -torch.log(rng.uniform(seed.reshape(-1, 1), offset.reshape(-1, 1), index))
         tokens = torch.where(kept, probs / exponential, -1.0).argmax(dim=-1)
         if mode == PER_ROW:
-            tokens = torch.where(modes[:, 0] == GREEDY, greedy, tokens)
+            tokens = torch.where(modes[:, 0] == GREEDY, logits.argmax(dim=-1), tokens)
         prob = probs.gather(-1, tokens[:, None])[:, 0]
         if mode == TOP_K:
             prob = prob / (probs * kept.float()).sum(dim=-1)
@@ -392,7 +454,7 @@ def _sample_rows_host(cond: torch.Tensor, uncond: tp.Optional[torch.Tensor], cfg
                              use_sampling)
 
 
-def _sample_fake(cond, uncond, cfg_coef, temperature, seed, offset, row_ids, mode, top_k, top_p, impl=None):
+def _sample_fake(cond, *_):  # both ops: the outputs depend on cond's shape and device only
     n_rows = cond.shape[0]
     return cond.new_empty(n_rows, dtype=torch.int64), cond.new_empty(n_rows, dtype=torch.float32)
 

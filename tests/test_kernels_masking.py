@@ -3,8 +3,9 @@ against a transcription of the reference, exact frame writes, and the span score
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, HealthCheck, settings, strategies as st
 
-from magnet_engine.kernels import masking
+from magnet_engine.kernels import backend, masking
 
 from kernel_helpers import skip_unless_available
 
@@ -275,9 +276,136 @@ def test_first_step_masks_every_generated_chunk_and_then_nests(impl):
 
 def test_rejects_bad_arguments():
     codes = _codes(2, 30)
+    for num_masked in (torch.tensor([3, 3, 3]), torch.tensor([[3], [3]]), torch.tensor([3, 3], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="num_masked must be a 0-d or \\[B\\] int64"):
+            masking.remask(codes, torch.rand(2, 10), num_masked, span_len=3, arrangement="nonoverlap", prompt_len=0,
+                           mask_id=MASK_ID, impl="torch")
     with pytest.raises(ValueError, match="span_scores"):
         _remask(codes, torch.rand(2, 30), 3, "torch")  # chunk mode wants [2, 10]
     with pytest.raises(ValueError, match="arrangement"):
         _remask(codes, torch.rand(2, 10), 3, "torch", arrangement="stride2")
     with pytest.raises(ValueError, match="int64"):
         _remask(codes.int(), torch.rand(2, 10), 3, "torch")
+
+
+# ----------------------------------------------------------------------------- a count per row
+LAYOUTS = [("nonoverlap", 3), ("token", 1), ("nonoverlap", 1), ("stride1", 3)]
+
+
+def _per_row_vs_alone(impl, scores, counts, span_len, arrangement, prompt_len, frames, seed=0):
+    """remask with one count per row against each row alone with its 0-d count: the codes
+    written and the masked spans equal, bit for bit."""
+    codes = _codes(scores.shape[0], frames, seed)
+    batch_codes = codes.clone()
+    masked = masking.remask(batch_codes, scores, counts, span_len=span_len, arrangement=arrangement,
+                            prompt_len=prompt_len, mask_id=MASK_ID, impl=impl)
+    for b in range(scores.shape[0]):
+        row_codes = codes[b:b + 1].clone()
+        row_masked = masking.remask(row_codes, scores[b:b + 1], counts[b], span_len=span_len,
+                                    arrangement=arrangement, prompt_len=prompt_len, mask_id=MASK_ID, impl=impl)
+        assert torch.equal(batch_codes[b], row_codes[0]), f"row {b} codes"
+        assert torch.equal(masked[b], row_masked[0]), f"row {b} masked"
+    return masked
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arrangement,span_len", LAYOUTS)
+def test_count_per_row_equals_each_row_alone(impl, arrangement, span_len):
+    """Rows of different requests at different steps share a call: row b re-masks exactly
+    as it would alone with num_masked[b], ties and NaN included (counts 0, 1, many, > n)."""
+    skip_unless_available(impl)
+    frames = 40
+    n = masking.num_spans(frames, span_len, arrangement)
+    scores = _tied_scores(5, n, seed=7, prompt_spans=2)
+    scores[3, 5] = float("nan")
+    counts = torch.tensor([0, 1, n // 2, 7, n + 3])
+    masked = _per_row_vs_alone(impl, scores, counts, span_len, arrangement, 2, frames)
+    if masking.mode(span_len, arrangement) == "chunk":
+        assert masked.sum(-1).tolist() == counts.clamp(max=n).tolist()
+
+
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+@pytest.mark.parametrize("arrangement,span_len", LAYOUTS)
+def test_count_per_row_matches_torch_reference(impl, arrangement, span_len):
+    """The scalar tie order per implementation (torch.topk on the CPU, C++ its twin,
+    Triton lowest index first) carries over to counts per row; stride1 and untied scores
+    agree everywhere."""
+    skip_unless_available(impl)
+    frames = 40
+    n = masking.num_spans(frames, span_len, arrangement)
+    scores = torch.rand(4, n, generator=torch.Generator().manual_seed(8))  # no ties
+    counts = torch.tensor([3, 0, n, 11])
+    codes, ref_codes = _codes(4, frames), _codes(4, frames)
+    masked = masking.remask(codes, scores, counts, span_len=span_len, arrangement=arrangement, prompt_len=2,
+                            mask_id=MASK_ID, impl=impl)
+    ref = masking.remask(ref_codes, scores, counts, span_len=span_len, arrangement=arrangement, prompt_len=2,
+                         mask_id=MASK_ID, impl="torch")
+    assert torch.equal(codes, ref_codes) and torch.equal(masked, ref)
+
+
+def test_count_per_row_sync_free_selection_used_on_cuda():
+    """The torch path's CUDA selection (rank < count) with a count per row: lowest index
+    first among ties, each row with its own count."""
+    scores = _tied_scores(4, 37, seed=9, prompt_spans=2)
+    counts = torch.tensor([0, 5, 36, 50])
+    selected = masking._rank(scores) < counts[:, None]
+    for b, k in enumerate(counts.tolist()):
+        assert torch.equal(selected[b], _lowest_index_first(scores[b:b + 1], min(k, 37))[0])
+
+
+@pytest.mark.parametrize("impl,examples", [("torch", 40), ("cpp", 60), ("triton", 8)])
+def test_count_per_row_property(impl, examples):
+    skip_unless_available(impl)
+
+    @settings(max_examples=examples, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(layout=st.sampled_from(LAYOUTS), frames=st.integers(1, 60), data_seed=st.integers(0, 2**16),
+           levels=st.integers(1, 4), counts=st.lists(st.integers(0, 70), min_size=1, max_size=5),
+           prompt_len=st.integers(0, 8))
+    def check(layout, frames, data_seed, levels, counts, prompt_len):
+        arrangement, span_len = layout
+        n = masking.num_spans(frames, span_len, arrangement)
+        scores = _tied_scores(len(counts), n, data_seed, levels=levels)
+        _per_row_vs_alone(impl, scores, torch.tensor(counts), span_len, arrangement, prompt_len, frames, data_seed)
+
+    check()
+
+
+def test_initial_span_scores_prompt_length_per_row():
+    lengths = [0, 8, 3, 50]
+    for arrangement, span_len in LAYOUTS:
+        options = dict(span_len=span_len, arrangement=arrangement, device="cpu")
+        per_row = masking.initial_span_scores(4, 50, prompt_len=torch.tensor(lengths), **options)
+        alone = torch.cat([masking.initial_span_scores(1, 50, prompt_len=p, **options) for p in lengths])
+        assert per_row.dtype == torch.float32 and torch.equal(per_row, alone)
+    with pytest.raises(ValueError, match="prompt_len must be an int or a \\[B\\] int64"):
+        masking.initial_span_scores(4, 50, prompt_len=torch.tensor([1, 2]), **options)
+
+
+def test_count_per_row_compiles_without_graph_breaks():
+    """remask with a count per row inside a traced step, per implementation: no graph
+    break, and compiled equals eager (codes written in place and the masked spans)."""
+    scores = _tied_scores(3, 12, seed=10, prompt_spans=1)
+    counts = torch.tensor([2, 0, 9])
+    for name in IMPLS:
+        if name == "cpp" and backend.cpp_module() is None or name == "triton" and not backend.triton_interpreted():
+            continue
+        impls = backend.resolve("cpu", name)
+
+        def step(canvas, scores, counts):
+            out = []
+            for stage, (arrangement, span_len) in enumerate([("nonoverlap", 3), ("token", 1), ("stride1", 3)]):
+                n = masking.num_spans(36, span_len, arrangement)
+                out.append(masking.remask(canvas[:, stage], scores.repeat(1, 3)[:, :n].contiguous(), counts,
+                                          span_len=span_len, arrangement=arrangement, prompt_len=2, mask_id=MASK_ID,
+                                          impl=impls))
+            return out + [canvas.clone()]
+
+        canvas = lambda: torch.randint(0, MASK_ID, (3, 3, 36), generator=torch.Generator().manual_seed(1))  # noqa: E731
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(step)(canvas(), scores, counts)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        eager = step(canvas(), scores, counts)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(canvas(), scores, counts)
+        for got, want in zip(compiled, eager, strict=True):
+            assert torch.equal(got, want), name

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, HealthCheck, settings, strategies as st
 
 from magnet_engine.kernels import backend, rng, sampling
 
@@ -32,7 +33,7 @@ MODES = {
 
 def _scalars(cfg=3.0, temp=1.5, seed=1234, offset=7):
     return dict(cfg_coef=torch.tensor(cfg), temperature=torch.tensor(temp),
-                seed=torch.tensor(seed, dtype=torch.int64), offset=torch.tensor(offset, dtype=torch.int64))
+                seed=torch.as_tensor(seed, dtype=torch.int64), offset=torch.as_tensor(offset, dtype=torch.int64))
 
 
 def _sample(cond, uncond, impl, mode="top_p", row_ids=None, **overrides):
@@ -360,3 +361,234 @@ def test_rejects_bad_arguments():
                                    top_p=0.9, seed=seed, offset=s["offset"])
     with pytest.raises(ValueError, match="impl"):
         _sample(cond, None, "cuda")
+
+
+# ----------------------------------------------------------------------------- per-row values
+# One row per (mode, CFG) combination a continuous batch mixes: coefficients of exactly 1
+# (no CFG) beside CFG rows, every mode, top_k beyond the card, rows at different steps.
+ROWS = [  # (cfg, temp, use_sampling, top_k, top_p, seed, offset)
+    (3.0, 1.5, True, 0, 0.9, 1234, 7),
+    (1.0, 0.7, True, 0, 0.9, -5, 0),
+    (2.5, 1.0, False, 0, 0.0, 2**63 - 1, 3),
+    (1.0, 1.0, False, 5, 0.8, 0, 19),
+    (10.0, 0.3, True, 5, 0.0, 99, 1),
+    (1.0, 2.0, True, 100, 0.0, 7, 2),       # top_k > C: every token kept
+    (3.0, 1.2, True, 0, 0.0, -(2**63), 7),  # categorical
+    (1.5, 0.9, True, 3, 0.5, 42, 11),       # top_p wins over top_k
+    (1.0, 0.01, True, 0, 0.0, 8, 4),
+]
+
+
+def _row_tensors(rows):
+    cfg, temp, use, top_k, top_p, seed, offset = zip(*rows)
+    return dict(cfg_coef=torch.tensor(cfg), temperature=torch.tensor(temp), use_sampling=torch.tensor(use),
+                top_k=torch.tensor(top_k), top_p=torch.tensor(top_p), seed=torch.tensor(seed),
+                offset=torch.tensor(offset))
+
+
+def _sample_rows(cond, uncond, impl, row_ids, values):
+    return sampling.sample_tokens(cond, uncond, values["cfg_coef"], values["temperature"],
+                                  use_sampling=values["use_sampling"], top_k=values["top_k"], top_p=values["top_p"],
+                                  seed=values["seed"], offset=values["offset"], row_ids=row_ids, impl=impl)
+
+
+def _sample_alone(cond_row, uncond_row, impl, row_id, row):
+    """One row with 0-d values and scalar options, as a request alone calls it (no uncond
+    half when its coefficient is 1)."""
+    cfg, temp, use, top_k, top_p, seed, offset = row
+    return sampling.sample_tokens(cond_row[None], None if cfg == 1.0 else uncond_row[None], torch.tensor(cfg),
+                                  torch.tensor(temp), use_sampling=use, top_k=top_k, top_p=top_p,
+                                  seed=torch.tensor(seed), offset=torch.tensor(offset), row_ids=row_id[None],
+                                  impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+def test_per_row_batch_equals_each_row_alone(impl):
+    """The continuous-batching invariant: a row's (token, prob) in a batch of per-row values
+    and options is, bit for bit, the row sampled alone with scalars."""
+    skip_unless_available(impl)
+    n, card = len(ROWS), 37
+    cond, uncond = _logits(n, card, seed=20, scale=1.0), _logits(n, card, seed=21, scale=1.0)
+    row_ids = torch.tensor([4, 0, 9, 2, 2, 7, 1, 3, 30])
+    tokens, prob = _sample_rows(cond, uncond, impl, row_ids, _row_tensors(ROWS))
+    assert tokens.dtype == torch.int64 and prob.dtype == torch.float32 and tokens.shape == prob.shape == (n,)
+    for i, row in enumerate(ROWS):
+        alone_tokens, alone_prob = _sample_alone(cond[i], uncond[i], impl, row_ids[i], row)
+        assert tokens[i] == alone_tokens[0], f"row {i}"
+        assert prob[i].view(torch.int32) == alone_prob[0].view(torch.int32), f"row {i}"
+
+
+@pytest.mark.parametrize("impl,shape", [("cpp", (len(ROWS), 37)), ("cpp", (len(ROWS), 2048)),
+                                        ("triton", (len(ROWS), 37))])
+def test_per_row_matches_torch_reference(impl, shape):
+    skip_unless_available(impl)
+    n, card = shape
+    cond, uncond = _logits(n, card, seed=22), _logits(n, card, seed=23)
+    values = _row_tensors(ROWS)
+    tokens, prob = _sample_rows(cond, uncond, impl, None, values)
+    ref_tokens, ref_prob = _sample_rows(cond, uncond, "torch", None, values)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(prob, ref_prob, rtol=PROB_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_per_row_values_all_equal_sample_as_the_scalars(impl, mode):
+    """[N] tensors whose entries all equal v (and per-row options all equal) draw exactly as
+    the 0-d v and the scalar options: the per-row path is the scalar path, row by row."""
+    skip_unless_available(impl)
+    n = 5
+    cond, uncond = _logits(n, 37, seed=24), _logits(n, 37, seed=25)
+    options = MODES[mode]
+    scalar = _sample(cond, uncond, impl, mode, cfg=3.0, temp=1.5, seed=1234, offset=7)
+    full = lambda v, dtype=None: torch.full((n,), v, dtype=dtype)  # noqa: E731
+    per_row = sampling.sample_tokens(
+        cond, uncond, full(3.0), full(1.5), use_sampling=full(options["use_sampling"]),
+        top_k=full(options["top_k"], torch.int64), top_p=full(options["top_p"], torch.float32),
+        seed=full(1234, torch.int64), offset=full(7, torch.int64), impl=impl)
+    assert torch.equal(per_row[0], scalar[0])
+    assert torch.equal(per_row[1].view(torch.int32), scalar[1].view(torch.int32))
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_cfg_coef_1_samples_the_cond_logits_exactly(impl, per_row):
+    """g == 1 means no CFG, uncond given or not: u + (c - u) * 1 is not c in fp32 (these
+    logits include a pair where it rounds to 0), so the kernels take c itself."""
+    skip_unless_available(impl)
+    n, card = 6, 37
+    cond, uncond = _logits(n, card, seed=26, scale=0.5), _logits(n, card, seed=27, scale=0.5)
+    cond[:, 3], uncond[:, 3] = 1e-8, 1.0  # (1e-8 - 1) + 1 == 0 in fp32
+    one = torch.tensor(1.0)
+    assert not torch.equal(uncond + (cond - uncond) * one, cond)
+    for mode in MODES:
+        options = MODES[mode]
+        if per_row:
+            options = dict(use_sampling=torch.full((n,), options["use_sampling"]),
+                           top_k=torch.full((n,), options["top_k"]), top_p=torch.full((n,), options["top_p"]))
+        coef = torch.ones(n) if per_row else one
+        got = sampling.sample_tokens(cond, uncond, coef, torch.tensor(0.8), seed=torch.tensor(5),
+                                     offset=torch.tensor(3), impl=impl, **options)
+        want = sampling.sample_tokens(cond, None, coef, torch.tensor(0.8), seed=torch.tensor(5),
+                                      offset=torch.tensor(3), impl=impl, **options)
+        assert torch.equal(got[0], want[0]), mode
+        assert torch.equal(got[1].view(torch.int32), want[1].view(torch.int32)), mode
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp", "triton"])
+def test_per_row_offset_is_each_rows_own_step(impl):
+    """Rows at different steps: row i with offset o_i draws as the whole call at offset o_i."""
+    skip_unless_available(impl)
+    n = 4
+    cond = _logits(n, 37, seed=28, scale=0.5)
+    offsets = torch.tensor([0, 5, 5, 2**40 + 1])
+    tokens, _ = _sample(cond, None, impl, "categorical", offset=offsets)
+    for i, offset in enumerate(offsets.tolist()):
+        assert tokens[i] == _sample(cond, None, impl, "categorical", offset=offset)[0][i]
+
+
+def test_per_row_options_rejected_unless_all_tensors_of_one_per_row():
+    cond = _logits(3, 37)
+    s = _scalars()
+
+    def call(**kw):
+        options = dict(use_sampling=torch.ones(3, dtype=torch.bool), top_k=torch.zeros(3, dtype=torch.int64),
+                       top_p=torch.full((3,), 0.9))
+        values = dict(cfg_coef=s["cfg_coef"], temperature=s["temperature"], seed=s["seed"], offset=s["offset"])
+        for k, v in kw.items():
+            (options if k in options else values)[k] = v
+        return sampling.sample_tokens(cond, None, values.pop("cfg_coef"), values.pop("temperature"), **values,
+                                      **options)
+
+    call()  # the valid per-row call
+    with pytest.raises(ValueError, match="all Python scalars or all \\[N\\] tensors"):
+        call(top_k=5)
+    with pytest.raises(ValueError, match="all Python scalars or all \\[N\\] tensors"):
+        call(use_sampling=True)
+    with pytest.raises(ValueError, match="top_k must be an \\[N\\] int64 tensor"):
+        call(top_k=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="top_p must be an \\[N\\] float32 tensor"):
+        call(top_p=torch.tensor(0.9))
+    with pytest.raises(ValueError, match="use_sampling must be an \\[N\\] bool tensor"):
+        call(use_sampling=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="temperature must be a 0-d or \\[N\\] float32"):
+        call(temperature=torch.ones(4))
+    with pytest.raises(ValueError, match="offset must be a 0-d or \\[N\\] int64"):
+        call(offset=torch.zeros(3, dtype=torch.int32))
+
+
+_ROW = st.tuples(
+    st.sampled_from([1.0, 0.5, 3.0, 10.0]),                 # cfg (1.0: no CFG)
+    st.sampled_from([0.01, 0.3, 1.0, 2.5]),                 # temperature
+    st.booleans(), st.integers(0, 50), st.sampled_from([0.0, 0.0, 0.1, 0.5, 0.9, 1.0]),
+    st.integers(-(2**63), 2**63 - 1), st.integers(0, 2**40),  # seed, offset
+)
+
+
+@pytest.mark.parametrize("impl,examples", [("torch", 40), ("cpp", 60), ("triton", 6)])
+def test_row_independence_property(impl, examples):
+    """Any mix of per-row values and options, any logits (ties and -inf included): each row
+    of the batch equals the row alone with scalars, bit for bit."""
+    skip_unless_available(impl)
+
+    @settings(max_examples=examples, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(rows=st.lists(_ROW, min_size=1, max_size=6), card=st.integers(1, 40), data_seed=st.integers(0, 2**16),
+           ties=st.booleans())
+    def check(rows, card, data_seed, ties):
+        n = len(rows)
+        cond, uncond = _logits(n, card, seed=data_seed), _logits(n, card, seed=data_seed + 1)
+        if ties:  # few distinct values, and -inf in both halves at a few places
+            cond, uncond = cond.round(), uncond.round()
+            cond[:, ::3], uncond[:, ::3] = float("-inf"), float("-inf")
+            cond[:, 0], uncond[:, 0] = 1.0, 0.5  # a finite column: the rows keep a distribution
+        row_ids = torch.randperm(3 * n, generator=torch.Generator().manual_seed(data_seed))[:n]
+        tokens, prob = _sample_rows(cond, uncond, impl, row_ids, _row_tensors(rows))
+        for i, row in enumerate(rows):
+            alone_tokens, alone_prob = _sample_alone(cond[i], uncond[i], impl, row_ids[i], row)
+            assert tokens[i] == alone_tokens[0], (i, row)
+            assert prob[i].view(torch.int32) == alone_prob[0].view(torch.int32), (i, row)
+
+    check()
+
+
+def test_per_row_step_compiles_without_graph_breaks():
+    """A continuous-batching step's sampling (per-row values and options) traces whole for
+    each implementation, and compiled equals eager bit for bit (tests/test_kernels_compile.py
+    does the same for the scalar calls)."""
+    n, card = len(ROWS), 37
+    cond, uncond = _logits(n, card, seed=29), _logits(n, card, seed=30)
+    values = _row_tensors(ROWS)
+    row_ids = torch.arange(n)
+    for name in ("torch", "cpp", "triton"):
+        if name == "cpp" and backend.cpp_module() is None or name == "triton" and not backend.triton_interpreted():
+            continue
+        impls = backend.resolve("cpu", name)
+
+        def step(cond, uncond, values, row_ids):
+            return _sample_rows(cond, uncond, impls, row_ids, values)
+
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(step)(cond, uncond, values, row_ids)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        eager = step(cond, uncond, values, row_ids)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(cond, uncond, values, row_ids)
+        for got, want in zip(compiled, eager, strict=True):
+            assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("name", ["torch", "cpp"])
+def test_per_row_fake_matches_real_layout(name):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    skip_unless_available(name)
+    n = len(ROWS)
+    v = _row_tensors(ROWS)
+    args = (_logits(n, 37), _logits(n, 37, seed=1), v["cfg_coef"], v["temperature"], v["seed"], v["offset"],
+            torch.arange(n), v["use_sampling"], v["top_k"], v["top_p"], name)
+    real = torch.ops.magnet_engine.sample_tokens_rows(*args)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.magnet_engine.sample_tokens_rows(*[mode.from_tensor(a) if isinstance(a, torch.Tensor)
+                                                            else a for a in args])
+    for got, want in zip(fake, real, strict=True):
+        assert (got.dtype, got.shape, got.stride()) == (want.dtype, want.shape, want.stride())

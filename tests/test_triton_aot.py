@@ -40,6 +40,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
         for name in KERNELS:  # both sides of the int / pointer alignment specialisation
             attrs = [r["attrs"] for r in compiled if r["kernel"] == name]
             assert len({json.dumps(a, sort_keys=True) for a in attrs}) >= 2, name
+        modes = {r["constexprs"]["MODE"] for r in compiled if r["kernel"] == "_sample_kernel"}
+        assert modes == {"0", "1", "2", "3", "4"}  # every mode for the call, and PER_ROW
     for r in report:
         assert 0 < r["registers"] <= 255, r
         if r["kernel"] == "_banded_attention_kernel":  # per-dtype blocks chosen not to spill
@@ -71,9 +73,13 @@ def keep_graph(gm, example_inputs):
 def step(cond, uncond, coef, temp, seed, offset, rows, canvas, scores, num_masked, q, k, v):
     tokens, prob = sampling.sample_tokens(cond, uncond, coef, temp, use_sampling=True, top_k=0, top_p=0.9,
                                           seed=seed, offset=offset, row_ids=rows, impl=impls)
+    n = cond.shape[0]  # per-row values and options, as a batch of requests samples
+    row_tokens, _ = sampling.sample_tokens(cond, uncond, coef.expand(n), temp.expand(n),
+                                           use_sampling=rows > 2, top_k=rows, top_p=temp.expand(n) - 1,
+                                           seed=seed, offset=rows, row_ids=rows, impl=impls)
     masked = masking.remask(canvas[:, 0], scores, num_masked, span_len=1, arrangement="token", prompt_len=0,
                             mask_id=99, impl=impls)
-    return tokens, prob, masked, attention.attention(q, k, v, 2, impl=impls)
+    return tokens, prob, row_tokens, masked, attention.attention(q, k, v, 2, impl=impls)
 
 
 qkv = torch.zeros(2, 40, 3, 2, 16).permute(2, 0, 3, 1, 4)
@@ -91,11 +97,12 @@ print(graphs[0].code)
 
 def test_triton_ops_trace_to_kernel_launches():
     """fullgraph=True (no break) and, after functionalisation, the launches themselves:
-    inductor sees the three kernels, not opaque calls."""
+    inductor sees the kernels (sampling with scalar and with per-row options, re-masking,
+    attention), not opaque calls."""
     done = _run(["-c", TRACE], timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     code = done.stdout
-    assert code.count("triton_kernel_wrapper_functional(") == 3, code
+    assert code.count("triton_kernel_wrapper_functional(") == 4, code
     assert "magnet_engine" not in code, code
 
 
@@ -124,25 +131,42 @@ def sample(i, shift=0):  # step i's scalars are 0-d views coefs[i], temps[i], of
     return aot.Launch(launch.label, launch.kernel, launch.grid, args, launch.meta)
 
 
-def remask(i):
-    launch = [l for l in aot.launches(shapes) if l.label.startswith("remask")][0]
-    num_masked = torch.arange(4)
-    args = launch.args[:2] + (num_masked[i],) + launch.args[3:6] + (i,) + launch.args[7:]  # prompt_len i
+def sample_rows(i):  # step i's per-row values are rows of tables: cfgs[i] is 16-byte aligned every 4th i
+    launch = [l for l in aot.launches(shapes) if l.label.startswith(f"sample mode={sampling.PER_ROW}")][0]
+    rows = launch.args[0].shape[0] + 1  # an odd row count: the alignment of table[i] changes with i
+    floats, ints = torch.ones(3, 4, rows), torch.ones(2, 4, rows, dtype=torch.int64)
+    flags = torch.ones(4, rows, dtype=torch.bool)
+    args = launch.args[:2] + (floats[0, i, 1:], floats[1, i, 1:]) + launch.args[4:5] + (ints[0, i, 1:],) \
+        + launch.args[6:7] + (flags[i, 1:], ints[1, i, 1:], floats[2, i, 1:]) + launch.args[10:]
     return aot.Launch(launch.label, launch.kernel, launch.grid, args, launch.meta)
 
 
-print(json.dumps({"sample": keys(sample), "remask": keys(remask),
-                  "sample_logits_shifted": keys(lambda i: sample(0, shift=i))}))
+def remask(i, per_row=False):
+    launch = [l for l in aot.launches(shapes) if l.label.startswith("remask")][0]
+    num_masked = torch.arange(4)
+    if per_row:  # one count per row: the same variant as one count for the batch
+        batch = launch.args[1].shape[0]
+        counts = torch.arange(4 * batch + 1)[1 + i * batch:1 + (i + 1) * batch]
+        args = launch.args[:2] + (counts,) + launch.args[3:8] + (1,)
+    else:
+        args = launch.args[:2] + (num_masked[i],) + launch.args[3:6] + (i,) + launch.args[7:]  # prompt_len i
+    return aot.Launch(launch.label, launch.kernel, launch.grid, args, launch.meta)
+
+
+print(json.dumps({"sample": keys(sample), "remask": keys(remask) + keys(lambda i: remask(i, per_row=True)),
+                  "sample_rows": keys(sample_rows), "sample_logits_shifted": keys(lambda i: sample(0, shift=i))}))
 """
 
 
 def test_steps_of_one_shape_share_one_variant():
     """The scalars of step i are 0-d views (coefs[i]: 16-byte aligned for every fourth i),
-    the prompt length may be 1: none of it selects a new variant. The logits' own alignment
-    still does (the control: the keys do see alignment)."""
+    the prompt length may be 1, per-row values are rows of tables at any alignment, a count
+    per row shares the count-per-batch variant: none of it selects a new variant. The
+    logits' own alignment still does (the control: the keys do see alignment)."""
     done = _run(["-c", STABLE], timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     keys = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(set(keys["sample"])) == 1
     assert len(set(keys["remask"])) == 1
+    assert len(set(keys["sample_rows"])) == 1
     assert len(set(keys["sample_logits_shifted"])) == 2  # aligned at shift 0, not at 1, 2, 3
