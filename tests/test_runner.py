@@ -14,7 +14,7 @@ from magnet_engine.engine.config import DecodingParams, rows_per_batch
 from magnet_engine.engine.events import StageStep
 from magnet_engine.server.batcher import EntryQueue
 from magnet_engine.server.models import Models
-from magnet_engine.server.runner import (BatchKey, Cancelled, Failed, Finished, GenerateRow, KeyedBatches, Runner,
+from magnet_engine.server.runner import (BatchKey, Begun, Cancelled, Failed, Finished, GenerateRow, KeyedBatches, Runner,
                                          Step, Work)
 
 KEY = BatchKey(DecodingParams(), 1.0, 3)
@@ -211,3 +211,83 @@ def test_the_runner_and_the_queue_import_no_http_and_the_server_package_is_lazy(
             "assert 'magnet_engine.server.app' in sys.modules and Settings().max_batch >= 1\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------ continuous batching
+class Arrivals(Entry):
+    """An entry that makes things happen at its `at`-th Step, on the runner's thread: more
+    entries arrive (`then`), or other entries' clients leave (`gone`). Deterministic: what
+    arrives is admitted at the next step boundary, or waits for the run to end (grouped)."""
+
+    def __init__(self, work, queue, tag, then=(), gone=(), at=1):
+        super().__init__(work, tag=tag)
+        self.queue, self.then, self.to_cancel, self.at = queue, list(then), list(gone), at
+
+    def emit(self, event):
+        super().emit(event)
+        if isinstance(event, Finished):   # which of the arrivals had begun before this row finished
+            self.joined = [isinstance(e.events[:1] and e.events[0], Begun) for e in self.then]
+        if isinstance(event, Step) and sum(isinstance(e, Step) for e in self.events) == self.at:
+            self.queue.put(self.then)
+            for other in self.to_cancel:
+                other.gone = True
+
+
+def tiny_key(model, text, duration=0.3, **params):
+    from magnet_engine.server.schema import text_token_count
+    return BatchKey(DecodingParams(**{"decoding_steps": [2, 1, 1, 1], **params}), duration,
+                    text_token_count(model, text))
+
+
+def run_until_done(runner, queue, entries, watch):
+    thread = serve(runner, queue)
+    while not all(e.events and isinstance(e.events[-1], (Finished, Failed, Cancelled)) for e in watch):
+        assert thread.is_alive(), "the runner died"
+        thread.join(0.01)
+    queue.close()
+    thread.join(30)
+    return [e.events[-1] for e in watch]
+
+
+def wavs(model, finished):
+    from magnet_engine.audio import wav_bytes
+    return [wav_bytes(f.result, model.sample_rate) if isinstance(f, Finished) else type(f).__name__ for f in finished]
+
+
+ROWS = [   # (text, seed, duration, options): options, durations and seeds all differ
+    ("warm piano", 7, 0.5, {}),
+    ("fast drums", 8, 0.3, {"use_sampling": False}),                                    # greedy
+    ("soft strings", 9, 0.4, {"temperature": 1.5, "top_k": 5, "decoding_steps": [3, 2, 1, 1]}),
+    ("warm piano", 10, 0.3, {"top_k": 0, "top_p": 0.9, "decoding_steps": [4, 2, 2, 1]}),
+]
+
+
+def arrivals(model, queue, rows, at=1):
+    """The first row queued at once, the others arriving at its `at`-th step."""
+    later = [Entry(GenerateRow(t, s, tiny_key(model, t, d, **o)), tag=f"r{i + 1}") for i, (t, s, d, o) in enumerate(rows[1:])]
+    t, s, d, o = rows[0]
+    first = Arrivals(GenerateRow(t, s, tiny_key(model, t, d, **o)), queue, "r0", then=later, at=at)
+    queue.put([first])
+    return [first] + later
+
+
+@pytest.mark.parametrize("batching", ["grouped", "continuous"])
+def test_a_row_arriving_mid_run_joins_it_and_each_gets_its_grouped_audio(tiny_model, batching):
+    """Rows of other options, durations and seeds arrive while the first runs: continuous
+    batching admits them at the next step boundary (their Begun before the first's Finished, a
+    batch of 4), grouped starts them after it. Either way each row's WAV is the same bytes:
+    a row's tokens depend on its seed and options only, greedy and sampled alike."""
+    queue = EntryQueue()
+    entries = arrivals(tiny_model, queue, ROWS)
+    done = run_until_done(Runner(Models(tiny_model), 4, 0, batching=batching), queue, entries, entries)
+    assert all(isinstance(f, Finished) for f in done)
+    continuous = batching == "continuous"
+    assert entries[0].joined == [continuous] * 3
+    assert max(e.events[0].batch_size for e in entries) == (4 if continuous else 1)
+    grouped_queue = EntryQueue()
+    alone = [Entry(GenerateRow(t, s, tiny_key(tiny_model, t, d, **o)), tag=f"r{i}") for i, (t, s, d, o) in enumerate(ROWS)]
+    grouped_queue.put(alone)
+    want = run_until_done(Runner(Models(tiny_model), 4, 0), grouped_queue, alone, alone)
+    assert wavs(tiny_model, done) == wavs(tiny_model, want)
+    steps = [sum(isinstance(e, Step) for e in entry.events) for entry in entries]
+    assert steps == [sum(o.get("decoding_steps", [2, 1, 1, 1])) for _, _, _, o in ROWS]   # every request's progress

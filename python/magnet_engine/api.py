@@ -587,6 +587,12 @@ class MAGNeT:
             components[f"external_conditioner:{name}"] = external.conditioner
         return memory_stats(components, self.device)
 
+    def slot_runtime(self, rows: int, text_len: int) -> "SlotRuntime":
+        """Slots (continuous batching, engine/slots.py) over the fast runtime: `rows` rows of up
+        to one window of frames and `text_len` text tokens each."""
+        from magnet_engine.engine.slots import SlotRuntime
+        return SlotRuntime(self._fast_runtime(), rows, duration_frames(self.max_duration, self.frame_rate), text_len)
+
     def _fast_runtime(self):
         """The fast runtime (built on first use; it casts the engine LM in place to its precision)."""
         return self._runtimes.masked()

@@ -157,13 +157,13 @@ class _Call:
 class MagnetModel:
     """The models on one device, run by the single-process server's runner. Deployed by `application`."""
 
-    def __init__(self, spec: ModelSpec, max_batch: int, max_wait_ms: float):
+    def __init__(self, spec: ModelSpec, max_batch: int, max_wait_ms: float, batching: str = "grouped"):
         self.models = spec.load()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # Calls wait here while a run goes on; when it ends, the runner's policy takes the next
         # run from every call that waited (rows of one key batched, as in one process).
         self.queue = EntryQueue()
-        runner = Runner(self.models, max_batch, max_wait_ms, name=self.replica_id)
+        runner = Runner(self.models, max_batch, max_wait_ms, name=self.replica_id, batching=batching)
         self.worker = threading.Thread(target=runner.serve, args=(self.queue,), name="magnet-runner", daemon=True)
         self.worker.start()
 
@@ -395,7 +395,7 @@ def application(spec: ModelSpec, settings: Settings, replicas: tp.Optional[int] 
         max_constructor_retry_count=1,
         graceful_shutdown_timeout_s=settings.request_timeout_s,
         **scaling,
-    ).bind(spec, settings.max_batch, settings.max_wait_ms)
+    ).bind(spec, settings.max_batch, settings.max_wait_ms, settings.batching)
     ingress = serve.deployment(serve.ingress()(MagnetIngress), name="MagnetIngress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return ingress.bind(model, settings, retries, limits)

@@ -75,7 +75,7 @@ class Batcher:
     def __init__(self, models, settings: Settings):
         self.settings = settings
         self.queue = EntryQueue()
-        self.runner = Runner(models, settings.max_batch, settings.max_wait_ms)
+        self.runner = Runner(models, settings.max_batch, settings.max_wait_ms, batching=settings.batching)
         self.max_batch = self.runner.max_batch
         self.metrics = Metrics(self.queue_depth, lambda: self.runner.running,
                                getattr(models.music, "memory_stats", None))

@@ -38,13 +38,19 @@ The policy is the one place that decides which entries run together, and the run
 it asks only when it has room. `KeyedBatches` (today's): with nothing running, the oldest
 entry and every waiting entry of its key up to max_batch, once max_batch are there or the
 oldest has waited max_wait_ms; work without a key alone, at once; nothing joins a running
-batch. A continuous-batching policy answers `choose` with `running` non-empty as well: the
-entries that join the running rows at the next step boundary, as many as there are free slots
-(rows with other parameters or durations included, when the engine takes per-row options).
-It plugs in here, with the engine call that admits rows between steps (engine/slots.py): the
-runner then pulls without blocking (`block=False`) from its step listener and hands the rows
-it gets to the engine; the sources, the entries, the events and everything above them (the
-batcher, the Ray replica and ingress) stay as they are.
+batch. `ContinuousBatches` (batching='continuous') answers `choose` with `running` non-empty
+as well: generate rows of plain masked decoding (the fast engine, a parallel-layout checkpoint,
+one window, no rescoring) run in one slot runtime (engine/slots.py), where rows of any options,
+durations and seeds advance together; at each step boundary the runner pulls without blocking
+and admits the oldest waiting entry while it is such a row and `SlotRuntime.fits` takes it
+(strict arrival order: a row that does not fit, or work of another kind, waits for the slots
+to drain, then runs as today). Each row leaves when its last step is done: decoded alone,
+Finished at once. Its events are a generate row's, with one Begun per admission (its `batch`
+a run number of its own, `batch_size` the rows in the slots after it joined), Step and Codec
+to the first live row of its request; a cancelled entry's slot is freed before the next step;
+a step that raises fails the rows in the slots. A row's tokens are its solo run's for its
+seed (engine/slots.py), which are the grouped run's, so both policies answer a request with
+the same audio (tests/test_runner.py).
 """
 from __future__ import annotations
 
@@ -230,6 +236,34 @@ class KeyedBatches:
         return [], remaining           # a submit or a cancel asks again sooner
 
 
+@dataclasses.dataclass(frozen=True)
+class ContinuousBatches:
+    """Rows that join a slot runtime between steps (see the module docstring). slotted(entry):
+    whether it is a row the slots run; fits(entry): whether the slots take it now."""
+
+    keyed: KeyedBatches
+    slotted: tp.Callable[[Entry], bool]
+    fits: tp.Callable[[Entry], bool]
+
+    def choose(self, waiting: tp.List[Entry], running: tp.Sequence[Entry], now: float) -> Choice:
+        if not waiting:
+            return [], None
+        first = waiting[0]
+        if running:   # oldest first: a row that does not fit now is not passed by later ones
+            return ([first], None) if self.slotted(first) and self.fits(first) else ([], None)
+        if self.slotted(first):   # companions join between steps: no reason to wait for them
+            return [first], None
+        return self.keyed.choose(waiting, running, now)
+
+
+BATCHING = ("grouped", "continuous")
+
+
+def _reports(live: dict, entry: Entry) -> bool:
+    """Whether `entry` is the first live slotted row of its request (it gets the request's Step and Codec)."""
+    return next(e for e, _, _ in sorted(live.values(), key=lambda v: v[1][1]) if e.tag == entry.tag) is entry
+
+
 # ------------------------------------------------------------------------------ runner
 class _Abandoned(Exception):
     """Every entry of the running batch was cancelled: stop generating."""
@@ -238,13 +272,22 @@ class _Abandoned(Exception):
 class Runner:
     """Runs entries on `models` (server.models.Models: the music model, the speech model), one
     run at a time, on the thread that calls `serve`. name: said in every Begun (a Ray replica's
-    id; '' in one process)."""
+    id; '' in one process). batching: 'grouped' (KeyedBatches) or 'continuous' (ContinuousBatches
+    over a slot runtime of max_batch rows, one window of frames, `text_len` text tokens)."""
 
-    def __init__(self, models, max_batch: int, max_wait_ms: float, name: str = ""):
+    def __init__(self, models, max_batch: int, max_wait_ms: float, name: str = "",
+                 batching: str = "grouped", text_len: int = 256):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, found {batching!r}")
         self.models = models
         # the reference engine's rows are not batch-invariant: it runs one at a time
         self.max_batch = rows_per_batch(getattr(models.music, "engine", None), max_batch)
         self.policy = KeyedBatches(self.max_batch, max_wait_ms / 1000)
+        self.slots = None                # the slot runtime, built on the first slotted row
+        self.text_len = text_len
+        self._plans: tp.Dict[BatchKey, tp.Optional[int]] = {}
+        if batching == "continuous":
+            self.policy = ContinuousBatches(self.policy, self._slotted, self._fits)
         self.name = name
         self.runs = 0
         self.running = 0                 # entries in the run going on now
@@ -257,7 +300,10 @@ class Runner:
             entries = source.pull(self.policy.choose, (), block=True)
             if entries is None:
                 return
-            self.run(entries)
+            if isinstance(self.policy, ContinuousBatches) and self._slotted(entries[0]):
+                self._run_slots(entries, source)
+            else:
+                self.run(entries)
 
     def run(self, entries: tp.List[Entry]) -> None:
         started = time.monotonic()
@@ -352,3 +398,116 @@ class Runner:
             entry.emit(Failed(exc))
             return
         entry.emit(Finished(result, batch, 1, {"run_ms": (time.monotonic() - started) * 1000}, lead=True))
+
+    # -------------------------------------------------------------------------- continuous
+    def _slot_frames(self, key: BatchKey) -> tp.Optional[int]:
+        """The frames a row of `key` decodes in the slots, or None when its plan is not one plain
+        masked window (the plan is the model's own, as generate_tokens would run it)."""
+        if key not in self._plans:
+            model, frames = self.models.music, None
+            if (getattr(model, "engine", None) == "fast" and model.config.pattern == "parallel"
+                    and (model.rescorer is None or model.rescore.weight == 1.0)):
+                plan = model.plan(1, key.duration, params=key.params)
+                if plan.mode == "plain" and plan.ar is None and len(plan.phases) == 1:
+                    frames = plan.phases[0].kept
+            self._plans[key] = frames
+        return self._plans[key]
+
+    def _slotted(self, entry: Entry) -> bool:
+        key = entry.work.key
+        return (isinstance(entry.work, GenerateRow) and key is not None and self._slot_frames(key) is not None
+                and (key.text_tokens or 1) <= self.text_len)
+
+    def _fits(self, entry: Entry) -> bool:
+        key = entry.work.key
+        return self.slots is None or self.slots.fits(self._slot_frames(key), key.params, key.text_tokens or 1)
+
+    def _slot_runtime(self):
+        if self.slots is None:
+            self.slots = self.models.music.slot_runtime(self.max_batch, self.text_len)
+        return self.slots
+
+    def _run_slots(self, first: tp.List[Entry], source: Source) -> None:
+        """Slotted rows until none is left: admit at step boundaries, step, finish each row as it
+        leaves (module docstring)."""
+        model, slots = self.models.music, self._slot_runtime()
+        mask_id = model.config.card
+        live: tp.Dict[int, tp.Tuple[Entry, tp.Tuple[str, int], float]] = {}   # slot -> entry, batch, admitted
+
+        def listener(entry: Entry) -> events.Listener:
+            def listen(event: events.Event) -> None:
+                data = step_data(event)
+                if data is None or not _reports(live, entry):
+                    return
+                watched = entry.watched() and getattr(event, "canvas", None) is not None
+                entry.emit(Step({**data, "canvas": canvas_snapshot(event, 0, mask_id)} if watched else data))
+            return listen
+
+        def admit(entry: Entry) -> None:
+            started = time.monotonic()
+            self.runs += 1
+            batch = (self.name, self.runs)
+            key = entry.work.key
+            try:
+                with torch.no_grad():   # [2, S, D]: the row's conditional, then null, as generate_tokens' rows
+                    cond = model.conditioner.encode([entry.work.text]).embeds.to(model.device)
+                slot = slots.admit(cond, self._slot_frames(key), key.params, entry.work.seed, listener(entry))
+            except Exception as exc:  # noqa: BLE001 - a row that cannot start fails alone
+                entry.emit(Failed(exc))
+                return
+            live[slot] = (entry, batch, started)
+            self.running = len(live)
+            entry.emit(Begun(batch, len(live), sum(e.tag == entry.tag for e, _, _ in live.values())))
+
+        def leave(slot: int, event: Event) -> None:
+            entry = live.pop(slot)[0]
+            entry.emit(event)
+
+        for entry in first:
+            admit(entry)
+        try:
+            while live:
+                for slot in [s for s, (e, _, _) in live.items() if e.cancelled()]:
+                    slots.cancel(slot)
+                    leave(slot, Cancelled())
+                while slots.free:
+                    more = source.pull(self.policy.choose, [e for e, _, _ in live.values()], block=False)
+                    if not more:
+                        break
+                    for entry in more:
+                        admit(entry)
+                if not live:
+                    break
+                try:
+                    done = slots.step()
+                except Exception as exc:  # noqa: BLE001 - a failed step fails the rows in the slots, not the runner
+                    for slot in list(live):
+                        slots.cancel(slot)
+                        leave(slot, Failed(exc))
+                    break
+                for row in done:
+                    self._finish(row, live, leave)
+                self.running = len(live)
+        finally:
+            self.running = 0
+            self.trim_heap()
+
+    def _finish(self, row, live, leave) -> None:
+        """A row that left the slots: its codes decoded alone, its entry Finished (or Failed)."""
+        entry, batch, started = live[row.slot]
+        if row.error is not None:
+            leave(row.slot, Failed(row.error))
+            return
+        tokens_done = time.monotonic()
+        if _reports(live, entry):
+            entry.emit(Codec())
+        try:
+            wav = self.models.music.decode(row.codes).cpu()                                    # [1, C, samples]
+        except Exception as exc:  # noqa: BLE001 - fails its row only
+            leave(row.slot, Failed(exc))
+            return
+        finished = time.monotonic()
+        timing = {"tokens_ms": (tokens_done - started) * 1000, "codec_ms": (finished - tokens_done) * 1000,
+                  "run_ms": (finished - started) * 1000}
+        self.run_seconds = 0.8 * self.run_seconds + 0.2 * (finished - started)
+        leave(row.slot, Finished(wav[0].clone(), batch, len(live), timing, lead=True))

@@ -39,6 +39,9 @@ class Settings:
 
     max_batch: int = 8               # rows per generation batch, and descriptions per request
     max_wait_ms: float = 20.0        # how long the oldest row waits for batch companions
+    # 'grouped': rows of equal options start together, nothing joins a running batch;
+    # 'continuous': plain generate rows join a running batch between steps (server.runner)
+    batching: str = "grouped"
     queue_size: int = 64             # requests waiting (not yet started) before 503
     max_text_chars: int = 500
     max_duration: tp.Optional[float] = None
@@ -60,6 +63,8 @@ class Settings:
                      "max_header_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise InvalidOptionError(f"{name} must be >= 1, found {getattr(self, name)}")
+        if self.batching not in ("grouped", "continuous"):
+            raise InvalidOptionError(f"batching must be 'grouped' or 'continuous', found {self.batching!r}")
         if not 1 <= self.max_decoding_steps <= MAX_DECODING_STEPS:
             raise InvalidOptionError(f"max_decoding_steps must be in [1, {MAX_DECODING_STEPS}] (the engine's "
                                      f"bound), found {self.max_decoding_steps}")
@@ -283,9 +288,10 @@ def model_info(model, settings: Settings, max_batch: int) -> dict:
         "defaults": {**dataclasses.asdict(DecodingParams()), "duration": check_duration(model, settings, None)},
         "choices": {"span_arrangement": list(SPAN_ARRANGEMENTS), "span_scoring": list(SPAN_SCORINGS)},
         "limits": {"max_descriptions": settings.max_batch, "max_text_chars": settings.max_text_chars,
-                   "max_batch": max_batch, "queue_size": settings.queue_size,
+                   "max_batch": max_batch, "batching": settings.batching, "queue_size": settings.queue_size,
                    "max_decoding_steps": settings.max_decoding_steps, "max_body_bytes": settings.max_body_bytes,
                    "request_timeout_s": settings.request_timeout_s, "body_timeout_s": settings.body_timeout_s,
                    "body_idle_timeout_s": settings.body_idle_timeout_s},
+        "batching": settings.batching,
         "note": settings.note,
     }

@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("limits")
     g.add_argument("--max-batch", type=int, default=d.max_batch, help="rows per batch and descriptions per request")
     g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a batch waits for companions")
+    g.add_argument("--batching", choices=("grouped", "continuous"), default=d.batching,
+                   help="grouped: rows of equal options start together and nothing joins a running batch; "
+                        "continuous: plain generate rows (fast engine, one window) of any options join the "
+                        "running rows between decoding steps and leave when done")
     g.add_argument("--queue-size", type=int, default=d.queue_size, help="waiting requests before 503")
     g.add_argument("--max-text-chars", type=int, default=d.max_text_chars)
     g.add_argument("--max-duration", type=float, default=None,
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SETTING_ARGS = ("max_batch", "max_wait_ms", "queue_size", "max_text_chars", "max_duration", "max_decoding_steps",
+SETTING_ARGS = ("max_batch", "max_wait_ms", "batching", "queue_size", "max_text_chars", "max_duration", "max_decoding_steps",
                 "request_timeout_s", "max_body_bytes", "max_headers", "max_header_bytes", "header_timeout_s",
                 "body_timeout_s", "body_idle_timeout_s", "keepalive_timeout_s", "max_connections")
 
