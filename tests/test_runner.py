@@ -291,3 +291,21 @@ def test_a_row_arriving_mid_run_joins_it_and_each_gets_its_grouped_audio(tiny_mo
     assert wavs(tiny_model, done) == wavs(tiny_model, want)
     steps = [sum(isinstance(e, Step) for e in entry.events) for entry in entries]
     assert steps == [sum(o.get("decoding_steps", [2, 1, 1, 1])) for _, _, _, o in ROWS]   # every request's progress
+
+
+def test_a_cancelled_row_leaves_its_slot_and_the_others_finish_as_grouped(tiny_model):
+    """The second row joins, then its client leaves after its first step: its slot is freed
+    before the next step (Cancelled), the first row finishes with its grouped audio."""
+    queue = EntryQueue()
+    (t, s, d, o), (t2, s2, d2, o2) = ROWS[0], ROWS[2]
+    second = Arrivals(GenerateRow(t2, s2, tiny_key(tiny_model, t2, d2, **o2)), queue, "b")
+    second.to_cancel = [second]
+    first = Arrivals(GenerateRow(t, s, tiny_key(tiny_model, t, d, **o)), queue, "a", then=[second])
+    queue.put([first])
+    runner = Runner(Models(tiny_model), 4, 0, batching="continuous")
+    done = run_until_done(runner, queue, [first, second], [first, second])
+    assert second.kinds() == ["Begun", "Step", "Cancelled"] and first.joined == [True]
+    assert isinstance(done[0], Finished) and runner.slots.active == 0
+    alone = Entry(GenerateRow(t, s, tiny_key(tiny_model, t, d, **o)))
+    Runner(Models(tiny_model), 4, 0).run([alone])
+    assert wavs(tiny_model, done[:1]) == wavs(tiny_model, alone.events[-1:])

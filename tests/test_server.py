@@ -92,6 +92,18 @@ def test_generate_returns_wav_with_timing_headers(tiny_model):
     assert r.content == solo_wav(tiny_model, "warm piano", 7)
 
 
+def test_continuous_batching_answers_with_the_solo_audio(tiny_model):
+    """--batching continuous: a generate request (here sampled, and a greedy one) gets the same
+    WAV bytes as the API alone; /v1/model says which batching runs."""
+    with serve(tiny_model, batching="continuous") as client:
+        assert client.get("/v1/model").json()["batching"] == "continuous"
+        sampled = post(client, description="warm piano", seed=7)
+        greedy = post(client, description="warm piano", seed=8, use_sampling=False)
+    assert sampled.status_code == 200 and greedy.status_code == 200
+    assert sampled.content == solo_wav(tiny_model, "warm piano", 7)
+    assert greedy.content == solo_wav(tiny_model, "warm piano", 8, use_sampling=False)
+
+
 def test_seed_is_drawn_when_absent_and_reported(tiny_model):
     with serve(tiny_model) as client:
         a, b = post(client, description="warm piano"), post(client, description="warm piano")
@@ -119,7 +131,7 @@ def test_model_info(tiny_model):
     assert info["max_duration"] == 2.0 and info["defaults"]["duration"] == 2.0
     assert info["defaults"]["decoding_steps"] == [20, 10, 10, 10] and info["defaults"]["top_p"] == 0.9
     assert info["choices"]["span_arrangement"] == ["nonoverlap", "stride1"]
-    assert info["limits"]["max_text_chars"] == 50
+    assert info["limits"]["max_text_chars"] == 50 and info["batching"] == "grouped"
     assert (info["precision"], info["compile"], info["cuda_graphs"]) == ("fp32", False, False)
     assert info["precision_choice"]["requested"] == "auto" and info["precision_choice"]["reason"].startswith("fp32")
     routes = info["limits"]["routes"]

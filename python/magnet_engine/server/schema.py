@@ -288,7 +288,7 @@ def model_info(model, settings: Settings, max_batch: int) -> dict:
         "defaults": {**dataclasses.asdict(DecodingParams()), "duration": check_duration(model, settings, None)},
         "choices": {"span_arrangement": list(SPAN_ARRANGEMENTS), "span_scoring": list(SPAN_SCORINGS)},
         "limits": {"max_descriptions": settings.max_batch, "max_text_chars": settings.max_text_chars,
-                   "max_batch": max_batch, "batching": settings.batching, "queue_size": settings.queue_size,
+                   "max_batch": max_batch, "queue_size": settings.queue_size,
                    "max_decoding_steps": settings.max_decoding_steps, "max_body_bytes": settings.max_body_bytes,
                    "request_timeout_s": settings.request_timeout_s, "body_timeout_s": settings.body_timeout_s,
                    "body_idle_timeout_s": settings.body_idle_timeout_s},
