@@ -404,6 +404,8 @@ class Runner:
         """The frames a row of `key` decodes in the slots, or None when its plan is not one plain
         masked window (the plan is the model's own, as generate_tokens would run it)."""
         if key not in self._plans:
+            if len(self._plans) >= 4096:   # keys are per-request options: bound the cache
+                self._plans.clear()
             model, frames = self.models.music, None
             if (getattr(model, "engine", None) == "fast" and model.config.pattern == "parallel"
                     and (model.rescorer is None or model.rescore.weight == 1.0)):
