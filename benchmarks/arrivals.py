@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from load_test import PROMPTS, free_port, percentile, process_usage, stop_server, wav_samples, write_json
+from load_test import PROMPTS, free_port, percentile, process_usage, stop_server, wait_healthy, wav_samples, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,19 +72,7 @@ def start(cmd_args: tp.List[str], model: tp.Optional[str], arch: str) -> tp.Tupl
         model = str(cached_demo_model(DEFAULT_CACHE, arch))
     cmd += ["--model", model] if model else []
     server = subprocess.Popen(cmd + cmd_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600   # a first run builds the demo model
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server {' '.join(cmd + cmd_args)} exited:\n{server.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("server did not become healthy in 600 s")
+    return server, wait_healthy(server, f"http://127.0.0.1:{port}", 600)
 
 
 async def first_step(client: httpx.AsyncClient, request_id: str, opened: asyncio.Event) -> tp.Optional[float]:
