@@ -34,9 +34,9 @@ from magnet_engine.engine import events as ev
 from magnet_engine.engine import graphs
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.errors import InvalidOptionError, NumericalError
-from magnet_engine.engine.model import MagnetLM
+from magnet_engine.engine.model import MagnetLM, SelfAttention
 from magnet_engine.engine.precision import PRECISIONS, cast_for_precision, check_precision
-from magnet_engine.engine.schedule import kept_frames, span_fixed, stage_schedule
+from magnet_engine.engine.schedule import kept_frames, span_fixed, stage_schedules
 from magnet_engine.kernels import attention as attn_kernels
 from magnet_engine.kernels import backend, masking, sampling
 
@@ -167,21 +167,7 @@ class Runtime:
     def _forward_hidden(self, codes: torch.Tensor, cross_kv, stage: int, cond_only: bool = False) -> torch.Tensor:
         """codes [B, K, T] -> final-layer output [2B, T, D] (cond rows first), pre out_norm;
         [B, T, D] of the conditional rows alone with cond_only (CFG coefficient exactly 1)."""
-        lm = self.lm
-        window = lm.window(stage)
-        layers = lm.transformer.layers
-        x = lm.embed(codes).to(self.dtype)                                   # [B, T, D]
-        if cond_only:
-            cross_kv = [(k[:x.shape[0]], v[:x.shape[0]]) for k, v in cross_kv]
-        first = layers[0]
-        x = x + first.self_attn.self_attend(first.norm1(x), window, self._attend)  # same for both halves
-        if not cond_only:
-            x = torch.cat([x, x])
-        x = first.cross_and_ffn(x, cross_kv[0])
-        for layer, kv in zip(layers[1:], cross_kv[1:]):
-            x = x + layer.self_attn.self_attend(layer.norm1(x), window, self._attend)
-            x = layer.cross_and_ffn(x, kv)
-        return x
+        return transformer_hidden(self.lm, codes, cross_kv, self.dtype, self.lm.window(stage), self._attend, cond_only)
 
     @torch.no_grad()
     def stage_logits(self, codes: torch.Tensor, cond: torch.Tensor, stage: int) -> torch.Tensor:
@@ -318,10 +304,8 @@ class Runtime:
 
         # ---- host: the whole schedule and every step's shape, before any device work
         shapes, coefs, temps, masked = [], [], [], []
-        for stage, n_steps in enumerate(params.decoding_steps):
-            if to_generate[stage] < 1:
-                raise InvalidOptionError(f"codebook {stage} has every cell fixed: nothing to decode")
-            sched = stage_schedule(n_steps, to_generate[stage], params)
+        for stage, sched in enumerate(stage_schedules(params, to_generate)):
+            n_steps = sched.steps
             coefs += sched.cfg_coef
             temps += sched.temperature
             masked += sched.num_masked
@@ -349,6 +333,32 @@ class Runtime:
                 k.copy_(k_new)
                 v.copy_(v_new)
         return st, shapes
+
+
+def transformer_hidden(lm: MagnetLM, codes: torch.Tensor, cross_kv, dtype: torch.dtype, window: tp.Optional[int],
+                       attend: SelfAttention, cond_only: bool = False,
+                       cross_mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The transformer of a masked step, both CFG halves: codes [B, K, T] -> final-layer output
+    [2B, T, D] (conditional rows first), pre out_norm; [B, T, D] of the conditional rows alone
+    with cond_only (CFG coefficient exactly 1). Layer 0's self-attention runs once for both
+    halves (they carry the same codes); `cross_kv` rows past B are null rows, whose
+    cross-attention is skipped when absent (`Layer.cross_and_ffn`). attend: the self-attention
+    (a kernel with `window`, or a masked attention that ignores it); cross_mask: one row per
+    row of `cross_kv`, or None (`Attention.cross_attend`)."""
+    layers = lm.transformer.layers
+    x = lm.embed(codes).to(dtype)                                        # [B, T, D]
+    if cond_only:
+        cross_kv = [(k[:x.shape[0]], v[:x.shape[0]]) for k, v in cross_kv]
+        cross_mask = None if cross_mask is None else cross_mask[:x.shape[0]]
+    first = layers[0]
+    x = x + first.self_attn.self_attend(first.norm1(x), window, attend)  # same for both halves
+    if not cond_only:
+        x = torch.cat([x, x])
+    x = first.cross_and_ffn(x, cross_kv[0], cross_mask)
+    for layer, kv in zip(layers[1:], cross_kv[1:]):
+        x = x + layer.self_attn.self_attend(layer.norm1(x), window, attend)
+        x = layer.cross_and_ffn(x, kv, cross_mask)
+    return x
 
 
 def fixed_cells(n_q: int, mask_id: int, batch: int, frames: int, prompt: tp.Optional[torch.Tensor] = None,

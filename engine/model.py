@@ -168,11 +168,14 @@ class Attention(nn.Module):
         v = self._project(memory, slice(2 * self.dim, None))
         return self._heads(k), self._heads(v)
 
-    def cross_attend(self, x: torch.Tensor, kv: tp.Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def cross_attend(self, x: torch.Tensor, kv: tp.Tuple[torch.Tensor, torch.Tensor],
+                     mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mask: None, or [B, 1, 1, S] bool (True = may attend) for keys that are not the row's
+        own text (rows of unequal text lengths sharing one key buffer, engine/slots.py)."""
         q = self._project(x, slice(0, self.dim))
-        # No key padding mask: padded text positions hold zero vectors and still take
-        # softmax mass, as in the reference (docs/model.md §3).
-        return self._merge(F.scaled_dot_product_attention(self._heads(q), *kv))
+        # No mask by default: the padding of a batch's own texts holds zero vectors and still
+        # takes softmax mass, as in the reference (docs/model.md §3).
+        return self._merge(F.scaled_dot_product_attention(self._heads(q), *kv, attn_mask=mask))
 
 
 class Layer(nn.Module):
@@ -195,16 +198,17 @@ class Layer(nn.Module):
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(F.gelu(self.linear1(x.to(input_dtype(self.linear1)))))
 
-    def cross_and_ffn(self, x: torch.Tensor, cross_kv) -> torch.Tensor:
+    def cross_and_ffn(self, x: torch.Tensor, cross_kv, cross_mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         """Cross-attention then FFN. When `cross_kv` holds fewer rows than x, the remaining
         rows are CFG null rows, whose cross-attention output is exactly zero (bias-free
-        projections of all-zero embeddings, docs/model.md §3): it is skipped for them."""
+        projections of all-zero embeddings, docs/model.md §3): it is skipped for them.
+        cross_mask: see `Attention.cross_attend`, one row per row of `cross_kv`."""
         b = cross_kv[0].shape[0]
         if b < x.shape[0]:
-            xc = x[:b] + self.cross_attention.cross_attend(self.norm_cross(x[:b]), cross_kv)
+            xc = x[:b] + self.cross_attention.cross_attend(self.norm_cross(x[:b]), cross_kv, cross_mask)
             x = torch.cat([xc, x[b:]])
         else:
-            x = x + self.cross_attention.cross_attend(self.norm_cross(x), cross_kv)
+            x = x + self.cross_attention.cross_attend(self.norm_cross(x), cross_kv, cross_mask)
         return x + self.ffn(self.norm2(x))
 
 

@@ -19,6 +19,7 @@ import typing as tp
 import torch
 
 from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.errors import InvalidOptionError
 from magnet_engine.kernels import masking
 
 
@@ -47,6 +48,17 @@ def stage_schedule(n_steps: int, spans_to_generate: int, params: DecodingParams)
         cfg_coef=tuple(p * params.max_cfg_coef + (1 - p) * params.min_cfg_coef for p in mask_p),
         temperature=tuple(max(t, 1e-2) for t in temps),
     )
+
+
+def stage_schedules(params: DecodingParams, to_generate: tp.Sequence[int]) -> tp.List[StageSchedule]:
+    """The schedule of every stage of a run; to_generate: spans to generate G per codebook
+    (fixed spans excluded)."""
+    out = []
+    for stage, n_steps in enumerate(params.decoding_steps):
+        if to_generate[stage] < 1:
+            raise InvalidOptionError(f"codebook {stage} has every cell fixed: nothing to decode")
+        out.append(stage_schedule(n_steps, to_generate[stage], params))
+    return out
 
 
 def duration_frames(seconds: float, frame_rate: float) -> int:

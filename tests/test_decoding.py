@@ -132,7 +132,7 @@ def test_hot_loop_reads_no_device_values():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 assert node.func.id not in {"int", "float", "bool"}, f"loop converts with {node.func.id}()"
     # the per-step scalars come from the host schedule built before the loop
-    assert "stage_schedule(" in inspect.getsource(decoding.Runtime.prepare)
+    assert "stage_schedules(" in inspect.getsource(decoding.Runtime.prepare)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -1,0 +1,364 @@
+"""The slot runtime (continuous batching) against its oracle, each row's solo `Runtime.generate`.
+
+Rows differ in every decoding option, duration, text length and seed, join while others run
+and leave when done; a row's tokens must equal its solo run's (docs/numerics.md §2). Where no
+padding is involved the arithmetic is the solo run's, so confidences are compared bit for bit
+too.
+"""
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+
+import pytest
+import torch
+import torch._dynamo
+
+from magnet_engine.engine import slots as slots_module
+from magnet_engine.engine.config import DecodingParams
+from magnet_engine.engine.decoding import Runtime
+from magnet_engine.engine.slots import MAX_PADDING, PAD_CODE, SlotRuntime
+from magnet_engine.errors import InvalidOptionError, NumericalError
+from magnet_engine.kernels import sampling
+
+from test_model import tiny_lm
+
+@pytest.fixture(scope="module", params=[None, "torch"], ids=["default", "torch"])
+def runtime(request):
+    """The model on the runtime's default kernels (C++ on this CPU) and on the torch twins."""
+    return Runtime(tiny_lm(seed=11, layers=2), impl=request.param)
+
+
+def cond(lm, seed, text=6):
+    """One row's condition [2, S, D]: the conditional row, then the null row."""
+    c = torch.randn(1, text, lm.cfg.dim, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([c, torch.zeros_like(c)])
+
+
+@dataclasses.dataclass
+class Request:
+    name: str
+    cond: torch.Tensor
+    frames: int
+    params: DecodingParams
+    seed: int
+    at: int = 0          # the step boundary at which it arrives
+
+
+def solo(runtime, req):
+    """The oracle: the request alone through Runtime.generate, with its step events."""
+    events = []
+    codes = runtime.generate(req.cond, req.frames, req.params, seeds=[req.seed], listener=lambda e: events.append(
+        (e.stage, e.step, e.steps, e.done, e.total, e.canvas.clone(), e.confidence.clone())))
+    return codes, events
+
+
+def serve(slots, requests, on_step=None):
+    """Admit each request at its step boundary (or the first after it with a free slot), step
+    until every row has left; -> (Finished by name, events by name, placed: name -> [slot, the
+    boundary it joined at, the step it left in], the shape of every step)."""
+    pending, results, events, placed, shapes, name_of = list(requests), {}, {}, {}, [], {}
+    step = 0
+    while pending or slots.active:
+        for req in [r for r in pending if r.at <= step]:
+            if not slots.free:
+                break
+            events[req.name] = []
+            def listen(e, n=req.name):
+                events[n].append((e.stage, e.step, e.steps, e.done, e.total, e.canvas.clone(), e.confidence.clone()))
+            slot = slots.admit(req.cond, req.frames, req.params, req.seed, listener=listen)
+            placed[req.name], name_of[slot] = [slot, step, None], req.name
+            pending.remove(req)
+        if slots.active:
+            shapes.append(slots.shape())
+            for done in slots.step():
+                name = name_of.pop(done.slot)
+                results[name], placed[name][2] = done, step
+            if on_step is not None:
+                on_step(slots)
+        step += 1
+    return results, events, placed, shapes
+
+
+def assert_solo(runtime, requests, results, events=None, bitwise=()):
+    for req in requests:
+        want, want_events = solo(runtime, req)
+        got = results[req.name]
+        assert got.error is None, (req.name, got.error)
+        assert torch.equal(got.codes, want), req.name
+        if events is not None:   # the same steps, the same canvases after each
+            assert [e[:5] for e in events[req.name]] == [e[:5] for e in want_events], req.name
+            assert all(torch.equal(a[5], b[5]) for a, b in zip(events[req.name], want_events)), req.name
+        if req.name in bitwise:
+            assert all(torch.equal(a[6], b[6]) for a, b in zip(events[req.name], want_events)), req.name
+
+
+STEPS = (3, 2, 2, 2)
+OPTIONS = {   # one row each of greedy, top-k, nucleus, categorical; CFG, temperature, scoring differ
+    "greedy": DecodingParams(use_sampling=False, max_cfg_coef=3.0, decoding_steps=STEPS),
+    "top_k": DecodingParams(top_p=0.0, top_k=5, temperature=1.5, span_scoring="prod", decoding_steps=STEPS),
+    "top_p": DecodingParams(top_p=0.8, decoding_steps=STEPS),
+    "cfg_one": DecodingParams(top_p=0.0, temperature=0.7, anneal_temp=False, max_cfg_coef=1.0, min_cfg_coef=1.0,
+                              decoding_steps=STEPS),
+}
+
+
+def test_rows_in_lockstep_without_padding_are_bit_for_bit_their_solo_runs(runtime):
+    """Same frames, text length and step counts: the kernel attention, no mask anywhere: tokens
+    and every step's confidences equal the solo runs' bit for bit. The CFG-1 row (solo: the
+    null half is skipped) must get exactly its conditional logits although its batch runs both
+    halves."""
+    lm = runtime.lm
+    requests = [Request(name, cond(lm, i), 30, params, 10 + i) for i, (name, params) in enumerate(OPTIONS.items())]
+    results, events, _, shapes = serve(SlotRuntime(runtime, rows=4, frames=30, text_len=6), requests)
+    assert not any(s.masked or s.text_masked for s in shapes) and all(s.with_cfg for s in shapes)
+    assert_solo(runtime, requests, results, events, bitwise=OPTIONS)
+
+
+def test_a_cfg_one_row_would_differ_if_the_mix_rounded(monkeypatch):
+    """The previous test can fail: with the plain mix u + (c - u) * 1 (which rounds) in place of
+    the kernel's exact g == 1 rule, the CFG-1 row's confidences leave its solo run's. (On the
+    torch twin, whose mix a test can replace; the C++ and Triton kernels hold the same rule,
+    test_kernels_sampling.py.)"""
+    runtime = Runtime(tiny_lm(seed=11, layers=2), impl="torch")
+    def rounding_mix(cond_logits, uncond_logits, g):
+        if uncond_logits is None:
+            return cond_logits.float()
+        c, u = cond_logits.float(), uncond_logits.float()
+        return torch.where(c == u, u, u + (c - u) * g)
+    lm = runtime.lm
+    requests = [Request("greedy", cond(lm, 0), 30, OPTIONS["greedy"], 10),
+                Request("cfg_one", cond(lm, 3), 30, OPTIONS["cfg_one"], 13)]
+    monkeypatch.setattr(sampling, "_cfg_mix", rounding_mix)
+    _, events, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), requests)
+    _, want = solo(runtime, requests[1])
+    assert not all(torch.equal(a[6], b[6]) for a, b in zip(events["cfg_one"], want))
+
+
+@pytest.mark.parametrize("arrangements", [("nonoverlap",) * 4, ("stride1",) * 4, ("nonoverlap", "stride1") * 2],
+                         ids=["nonoverlap", "stride1", "mixed"])
+def test_rows_of_every_option_duration_and_text_length_share_a_batch(runtime, arrangements):
+    """Different options, step counts, seeds, durations (padding) and text lengths (masked
+    cross-attention keys) in one batch: tokens and every step's canvas equal the solo runs';
+    a row's padded frames hold PAD_CODE at every step (never masked, never sampled) and its
+    padded spans score -inf (never chosen, whatever the search)."""
+    lm = runtime.lm
+    frames = [30, 24, 13, 19]
+    texts = [6, 4, 6, 3]
+    steps = [(3, 2, 2, 2), (4, 2, 1, 2), (2, 3, 2, 2), (3, 1, 3, 2)]
+    requests = [Request(name, cond(lm, i, texts[i]), frames[i],
+                        params.replace(decoding_steps=steps[i], span_arrangement=arrangements[i]), 20 + i)
+                for i, (name, params) in enumerate(OPTIONS.items())]
+    padding_ok = []
+
+    def check_padding(slots):   # and no span there: -inf ranks below every real span, DONT_REMASK ones included
+        for slot, row in slots._rows.items():
+            padding_ok.append(bool((slots.state.codes[slot, :, row.frames:] == PAD_CODE).all()))
+            padding_ok.append(bool((slots.state.scores[slot, row.spans:] == -torch.inf).all()))
+    results, events, _, shapes = serve(SlotRuntime(runtime, rows=4, frames=30, text_len=8), requests, check_padding)
+    assert all(s.masked and s.text_masked for s in shapes) and padding_ok and all(padding_ok)
+    assert any(len(s.stages) > 1 for s in shapes)        # rows at different stages in one forward
+    assert_solo(runtime, requests, results, events)
+
+
+LOGITS_ATOL = 1e-5   # masked SDPA vs the kernels: summation order only; measured max 3.4e-6 here
+
+
+def test_masked_forward_is_each_rows_solo_forward(runtime):
+    """The masks themselves: at every step of a run with rows of other lengths, texts and
+    stages, each row's logits (both CFG halves, every frame) equal its own forward alone
+    within fp32 summation order (docs/numerics.md §3); bit for bit while nothing is padded."""
+    lm = runtime.lm
+    requests = [Request("a", cond(lm, 1, text=6), 30, OPTIONS["top_p"].replace(decoding_steps=(4, 3, 3, 3)), 1),
+                Request("b", cond(lm, 2, text=3), 19, OPTIONS["greedy"].replace(span_arrangement="stride1"), 2, at=2),
+                Request("c", cond(lm, 3, text=5), 13, OPTIONS["top_k"], 3, at=4)]
+    slots = SlotRuntime(runtime, rows=4, frames=30, text_len=8)
+    by_slot = {}
+    worst, seen = {True: 0.0, False: 0.0}, set()
+
+    def compare(s):
+        masked = s.shape().masked
+        seen.add(masked)
+        for slot, logits in s.stage_logits().items():
+            row, req = s._rows[slot], by_slot[slot]
+            canvas = s.state.codes[slot:slot + 1, :, :row.frames]
+            want = runtime.stage_logits(canvas, req.cond, row.steps[row.done].stage)
+            worst[masked] = max(worst[masked], float((logits - want).abs().max()))
+    step, pending = 0, list(requests)
+    while pending or slots.active:
+        for req in [r for r in pending if r.at <= step]:
+            by_slot[slots.admit(req.cond, req.frames, req.params, req.seed)] = req
+            pending.remove(req)
+        compare(slots)
+        slots.step()
+        step += 1
+    assert seen == {True, False} and worst[False] == 0.0 and 0.0 < worst[True] <= LOGITS_ATOL, worst
+
+
+def test_a_padded_row_is_remasked_on_its_own_spans(runtime, monkeypatch):
+    """On the CPU, torch.topk's choice among tied span scores depends on the row's length, and
+    the solo run ranks the row's own spans: here greedy 'prod' scores tie at exactly 0 (p̂ = 1)
+    and the padded row, re-masked on the batch's width instead (`alone` emptied), drops
+    another of the tied chunks than its solo run."""
+    lm = runtime.lm
+    params = DecodingParams(use_sampling=False, temperature=0.5, max_cfg_coef=10.0, span_scoring="prod",
+                            decoding_steps=(2, 1, 5, 5))
+    requests = [Request("padded", cond(lm, 0), 24, params, 0),
+                Request("full", cond(lm, 100), 30, params.replace(decoding_steps=(2, 2, 2, 2)), 1)]
+    results, _, _, shapes = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), requests)
+    assert any(s.alone for s in shapes)
+    assert_solo(runtime, requests, results)
+    shape = SlotRuntime.shape
+    monkeypatch.setattr(SlotRuntime, "shape", lambda self: dataclasses.replace(shape(self), alone=()))
+    results, _, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), requests)
+    assert not torch.equal(results["padded"].codes, solo(runtime, requests[0])[0])
+
+
+def test_a_row_joins_mid_run_at_another_stage(runtime):
+    lm = runtime.lm
+    first = Request("first", cond(lm, 1), 30, OPTIONS["top_p"].replace(decoding_steps=(4, 3, 3, 3)), 5)
+    late = Request("late", cond(lm, 2), 30, OPTIONS["top_k"].replace(decoding_steps=(3, 3, 2, 2)), 6, at=5)
+    results, events, _, shapes = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), [first, late])
+    assert shapes[5].stages == (0, 1) and shapes[5].masked   # first at stage 1 (band), late at stage 0 (full)
+    assert_solo(runtime, [first, late], results, events)
+
+
+def test_a_joined_row_differs_without_its_own_rng_offset(runtime, monkeypatch):
+    """The previous test can fail: keyed by the batch's step count (here the oldest row's
+    cursor) instead of its own step index, the late row's draws are not its solo run's."""
+    def batch_offset(*args, offset, **kwargs):
+        return sampling.sample_tokens(*args, offset=offset.max().expand_as(offset), **kwargs)
+    monkeypatch.setattr(slots_module, "sampling", types.SimpleNamespace(sample_tokens=batch_offset))
+    lm = runtime.lm
+    first = Request("first", cond(lm, 1), 30, OPTIONS["top_p"].replace(decoding_steps=(4, 3, 3, 3)), 5)
+    late = Request("late", cond(lm, 2), 30, OPTIONS["top_k"].replace(decoding_steps=(3, 3, 2, 2)), 6, at=5)
+    results, _, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), [first, late])
+    assert torch.equal(results["first"].codes, solo(runtime, first)[0])     # the oldest row keeps its offsets
+    assert not torch.equal(results["late"].codes, solo(runtime, late)[0])
+
+
+def test_a_finished_row_leaves_at_once_and_its_slot_is_reused(runtime):
+    lm = runtime.lm
+    short = Request("short", cond(lm, 1), 24, OPTIONS["greedy"].replace(decoding_steps=(1, 1, 1, 1)), 1)
+    long = Request("long", cond(lm, 2), 30, OPTIONS["top_p"].replace(decoding_steps=(4, 3, 3, 3)), 2)
+    waiting = Request("waiting", cond(lm, 3, text=5), 27, OPTIONS["top_k"], 3, at=1)   # no free slot until short leaves
+    slots = SlotRuntime(runtime, rows=2, frames=30, text_len=6)
+    results, events, placed, _ = serve(slots, [short, long, waiting])
+    # short leaves in the step of its 4th and last step; waiting takes its slot at the next boundary
+    assert placed == {"short": [0, 0, 3], "long": [1, 0, 12], "waiting": [0, 4, 12]}
+    assert_solo(runtime, [short, long, waiting], results, events)
+    assert slots.active == 0 and slots.free == 2
+
+
+def test_nan_is_reported_for_its_row_only(runtime):
+    lm = runtime.lm
+    poisoned = cond(lm, 1)
+    poisoned[0, 2, 3] = float("nan")                 # the row's own text: only its rows compute with it
+    bad = Request("bad", poisoned, 30, OPTIONS["top_p"], 1)
+    good = Request("good", cond(lm, 2), 24, OPTIONS["top_k"], 2)
+    with pytest.raises(NumericalError):
+        solo(runtime, bad)                           # the solo run's guard
+    results, _, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), [bad, good])
+    assert isinstance(results["bad"].error, NumericalError) and results["bad"].codes is None
+    assert_solo(runtime, [good], results)
+
+
+def test_a_listener_that_raises_stops_its_row_only(runtime):
+    lm = runtime.lm
+    stop = Request("stop", cond(lm, 1), 30, OPTIONS["greedy"], 1)
+    go = Request("go", cond(lm, 2), 30, OPTIONS["top_p"], 2)
+    slots = SlotRuntime(runtime, rows=2, frames=30, text_len=6)
+
+    def cancel(event):
+        if event.done == 2:
+            raise RuntimeError("client left")
+    slots.admit(stop.cond, stop.frames, stop.params, stop.seed, listener=cancel)
+    slots.admit(go.cond, go.frames, go.params, go.seed)
+    left = slots.step() + slots.step()
+    assert [(f.slot, type(f.error)) for f in left] == [(0, RuntimeError)] and slots.active == 1
+    while slots.active:
+        left += slots.step()
+    assert torch.equal(left[-1].codes, solo(runtime, go)[0])
+
+
+def test_padding_bound_and_capacity(runtime):
+    lm = runtime.lm
+    params = DecodingParams(decoding_steps=(1, 1, 1, 1))
+    slots = SlotRuntime(runtime, rows=4, frames=30, text_len=6, max_steps=8)
+    assert slots.fits(6, params) and slots.padding() == 0.0                  # idle: any row within capacity
+    assert not slots.fits(33, params) and not slots.fits(30, params, text_len=7)
+    assert not slots.fits(30, params.replace(decoding_steps=(3, 2, 2, 2)))      # 9 steps > max_steps
+    slots.admit(cond(lm, 0), 30, params)
+    assert slots.padding(6) == pytest.approx(1 - 36 / 60) and slots.fits(6, params)
+    slots.admit(cond(lm, 1), 6, params)
+    assert slots.padding(6) == pytest.approx(1 - 42 / 90) and 1 - 42 / 90 > MAX_PADDING and not slots.fits(6, params)
+    assert slots.fits(13, params)               # kept 12: 1 - 48 / 90 < MAX_PADDING
+    slots.admit(cond(lm, 2), 13, params)
+    slots.admit(cond(lm, 3), 30, params)
+    assert not slots.fits(30, params)           # no free slot
+    with pytest.raises(InvalidOptionError, match="slots is taken"):
+        slots.admit(cond(lm, 4), 30, params)
+    slots.cancel(1)
+    assert slots.free == 1 and slots.fits(30, params)
+    with pytest.raises(InvalidOptionError, match="frames"):
+        slots.admit(cond(lm, 4), 33, params)
+
+
+def test_refuses_what_it_does_not_decode(runtime):
+    from test_hybrid import ar_lm
+
+    with pytest.raises(InvalidOptionError, match="hybrid"):
+        SlotRuntime(Runtime(ar_lm("hybrid", seed=5)), rows=2, frames=30, text_len=6)
+    slots = SlotRuntime(runtime, rows=2, frames=30, text_len=6)
+    with pytest.raises(InvalidOptionError, match="cond must be"):
+        slots.admit(cond(runtime.lm, 0)[:1], 30, DecodingParams())
+    with pytest.raises(InvalidOptionError, match="top_k"):
+        slots.admit(cond(runtime.lm, 0), 30, DecodingParams(top_k=1000))
+    with pytest.raises(InvalidOptionError, match="ladder"):
+        SlotRuntime(runtime, rows=2, frames=30, text_len=6, frame_ladder=(8, 16))
+
+
+def test_ladders_round_the_step_shape_up(runtime):
+    lm = runtime.lm
+    requests = [Request("a", cond(lm, 1, text=4), 13, OPTIONS["top_p"], 1),
+                Request("b", cond(lm, 2, text=4), 12, OPTIONS["greedy"], 2)]
+    slots = SlotRuntime(runtime, rows=4, frames=30, text_len=6, row_ladder=(1, 2, 4), frame_ladder=(15, 30),
+                        text_ladder=(6,))
+    results, events, _, shapes = serve(slots, requests)
+    assert {(s.rows, s.frames, s.text) for s in shapes} == {(2, 15, 6)}
+    assert_solo(runtime, requests, results, events)
+
+
+def test_step_traces_whole_and_reads_no_device_values(runtime):
+    """One graph per step shape (what a CUDA graph captures), and no host read in the step."""
+    lm = runtime.lm
+    slots = SlotRuntime(runtime, rows=4, frames=30, text_len=8)
+    slots.admit(cond(lm, 1), 30, OPTIONS["top_p"], 1)
+    slots.admit(cond(lm, 2, text=5), 19, OPTIONS["greedy"].replace(span_arrangement="stride1"), 2)
+    for _ in range(3):
+        slots.step()
+    slots.admit(cond(lm, 3), 13, OPTIONS["top_k"], 3)
+    shape = slots.shape()
+    assert shape.masked and shape.text_masked and len(shape.stages) == 2 and shape.alone
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(slots._step)(slots.state, shape)
+    assert explained.graph_break_count == 0
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(SlotRuntime._step)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            assert node.func.attr not in {"item", "cpu", "tolist", "numpy", "nonzero", "synchronize", "tensor"}
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id not in {"int", "float", "bool"}
+
+
+def test_compiled_slots_give_the_eager_tokens():
+    runtime = Runtime(tiny_lm(seed=11, layers=2))
+    lm = runtime.lm
+    requests = [Request("a", cond(lm, 1), 30, OPTIONS["top_p"].replace(decoding_steps=(1, 1, 1, 1)), 1),
+                Request("b", cond(lm, 2, text=4), 19, OPTIONS["top_k"].replace(decoding_steps=(1, 1, 1, 1)), 2, at=1)]
+    eager, _, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), requests)
+    compiled, _, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6, compile=True), requests)
+    for req in requests:
+        assert torch.equal(compiled[req.name].codes, eager[req.name].codes)
