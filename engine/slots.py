@@ -91,7 +91,7 @@ from magnet_engine.engine import graphs
 from magnet_engine.engine.config import MAX_DECODING_STEPS, DecodingParams
 from magnet_engine.engine.decoding import Runtime, transformer_hidden
 from magnet_engine.engine.errors import InvalidOptionError, NumericalError
-from magnet_engine.engine.schedule import spans_to_generate, stage_schedules
+from magnet_engine.engine.schedule import kept_frames, stage_schedules
 from magnet_engine.kernels import attention as attn_kernels
 from magnet_engine.kernels import masking, sampling
 
@@ -257,8 +257,7 @@ class SlotRuntime:
 
     def kept_frames(self, frames: int, params: DecodingParams) -> int:
         """The frames a row of `frames` keeps ('nonoverlap' trims to whole spans, docs/model.md §5)."""
-        layout = masking.mode(self.cfg.span_len, params.span_arrangement)
-        return spans_to_generate(frames, 0, self.cfg.span_len, layout == "chunk")[0]
+        return kept_frames(frames, self.cfg.span_len, params.span_arrangement)
 
     def padding(self, extra_frames: tp.Optional[int] = None) -> float:
         """The padded share of the frames a step computes over the occupied slots, with a row of
