@@ -108,19 +108,23 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
     if args.malformed_fraction:
         cmd += ["--speech", "random", "--max-stream-duration", str(2 * args.duration)]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # the first run builds the demo model
+    return server, wait_healthy(server, f"http://127.0.0.1:{port}")
+
+
+def wait_healthy(server: subprocess.Popen, url: str, seconds: float = 300) -> str:
+    """`url` once the server answers /healthz (a first run builds the demo model meanwhile)."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"server exited:\n{server.stdout.read()}")
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return server, url
+                return url
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     server.kill()
-    raise RuntimeError("server did not become healthy in 300 s")
+    raise RuntimeError(f"server did not become healthy in {seconds:.0f} s")
 
 
 def process_usage(pid: int) -> dict:

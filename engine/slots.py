@@ -12,7 +12,7 @@ length, and that are at different steps and stages of their runs:
         slot = slots.admit(cond, frames, params, seed, listener)   # cond [2, S, D]: conditional, null row
     while slots.active:
         for done in slots.step():            # one forward for every occupied slot
-            done.slot, done.codes, done.error   # codes [1, K, T'] (its solo run's tokens), or the error that ended the row
+            done.slot, done.codes, done.error   # codes [1, K, T']: its solo run's tokens; or what ended it
     slots.cancel(slot)                       # drop a row between steps (its client left)
 
 A row's tokens are its solo `Runtime.generate` tokens (`docs/numerics.md` §2): its schedule is
@@ -42,7 +42,9 @@ The step, per row r at its own stage s_r and step (all device values read throug
 
 Padded frames and free slots hold code PAD_CODE (a real codebook entry, never the mask id,
 so no layout sees them as masked) and span score -inf (ranked below every real span, so the
-chunk, token and stride1 searches choose exactly the spans of the row's solo run). Rows of a
+chunk, token and stride1 searches choose among the spans of the row's solo run; on the CPU,
+where torch.topk's choice among tied scores depends on the row's length, a padded chunk or
+token row is re-masked alone on exactly its own spans). Rows of a
 step are the slots [0, rows) (admission takes the lowest free slot) and frames [0, frames):
 the buckets of the occupied slots, the longest row and the longest text.
 
@@ -59,10 +61,12 @@ projections dominate; attention's T^2 term is a few percent at the published siz
 long row admitted among short ones makes every row pay its length. `fits` admits a row while
 the padded share of the computed frames of the occupied slots stays <= MAX_PADDING (1/2): the
 step then does at most twice its useful work, the price of not making a request wait for a
-whole run (50 forwards) to be served, and any two durations within 2x of each other always
-share. An idle runtime admits any row that fits its capacity.
+whole run (50 forwards) to be served, and rows whose durations are all within 2x of each
+other always share (without a frame ladder). An idle runtime admits any row that fits its
+capacity.
 
-CUDA graphs (not done here: only the CPU path is tested). The buffers are allocated once at
+CUDA graphs (not done here: only the CPU path is tested; on CUDA the step runs the Triton
+per-row sampling and re-masking kernels, untested here). The buffers are allocated once at
 capacity and a step reads only them (no host value, no sync), so a graph per `SlotShape`
 stays valid across admissions. To capture a fixed set at start-up, give ladders
 (`row_ladder`, `frame_ladder`, `text_ladder`: the bucket sizes each axis is rounded up to,
@@ -138,7 +142,8 @@ class SlotState:
     stage: torch.Tensor        # [R, N] int64 the stage of each step
     first: torch.Tensor        # [R, N] bool: the first step of a stage (scores start afresh)
     nonfinite: torch.Tensor    # [R] bool: a NaN/inf p̂ was drawn for the row
-    cross_kv: tp.List[tp.Tuple[torch.Tensor, torch.Tensor]]   # per layer [R (2R with attention biases: cond, then null), H, S, d]
+    # per layer (K, V) [R, H, S, d]; [2R, ...] with attention biases (conditional rows, then null rows)
+    cross_kv: tp.List[tp.Tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +335,8 @@ class SlotRuntime:
                               (st.top_p, params.top_p), (st.nonfinite, False)):
             buffer[slot] = value
         rows = [slot] if not cfg.bias_attn else [slot, self.capacity + slot]
-        for (k, v), (k_new, v_new) in zip(st.cross_kv, self.lm.cfg_cross_kv(cond.to(self.device), self.runtime.matmul_dtype)):
+        new_kv = self.lm.cfg_cross_kv(cond.to(self.device), self.runtime.matmul_dtype)
+        for (k, v), (k_new, v_new) in zip(st.cross_kv, new_kv):
             for buf, new in ((k, k_new), (v, v_new)):
                 buf[rows] = 0
                 buf[rows, :, :text] = new   # [1 or 2, H, S, d]
@@ -432,7 +438,9 @@ class SlotRuntime:
 
             def attend(q, k, v, window):
                 return attn_kernels.attention(q, k, v, window, impl=impl)
-        kv_rows = [slice(0, rows)] if not cfg.bias_attn else [slice(0, rows), slice(self.capacity, self.capacity + rows)]
+        kv_rows = [slice(0, rows)]
+        if cfg.bias_attn:   # the null rows' own K/V, after the conditional ones
+            kv_rows.append(slice(self.capacity, self.capacity + rows))
         cross_kv = [tuple(torch.cat([t[r, :, :shape.text] for r in kv_rows]) if len(kv_rows) > 1
                           else t[:rows, :, :shape.text] for t in pair) for pair in st.cross_kv]
         cross_mask = None

@@ -3,6 +3,7 @@ choice's rules on the CPU (with the timings injected, so the rule is tested, not
 and the CUDA default (marker gpu)."""
 import copy
 import dataclasses
+import os
 import warnings
 
 import pytest
@@ -320,3 +321,23 @@ def test_precision_benchmarks_run_and_report(tiny_dir, tmp_path):
     figures = json.loads(quality.read_text())["against_fp32"]["int8"]
     assert 0 < figures["logit_error_in_std"]["p50"] < figures["logit_error_in_std"]["max"]
     assert 0.5 < figures["greedy_agreement"] <= 1 and 0 < figures["sampling_tv"]["cfg_max"]["mean"] < 1
+
+
+def test_int8_linear_benchmark_runs_and_records_the_cpu(tmp_path):
+    """benchmarks/int8_linear.py end to end at a toy size: every case timed, ratios against fp32,
+    the CPU named (a result that cannot say where it came from is not comparable)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_linear.py"
+    out = tmp_path / "int8_linear.json"
+    proc = subprocess.run([sys.executable, str(script), "--rows", "3", "--runs", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    cases = report["by_rows"]["3"]
+    assert {"fp32", "int_mm", "int8"} <= set(cases) and cases["fp32"]["vs_fp32"] == 1.0
+    assert all(c["cpu_ms"] > 0 for c in cases.values())
+    assert report["machine"]["cpu_isa"]["capability"] and report["weight_qmax"] in (63, 127)

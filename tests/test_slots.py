@@ -24,12 +24,10 @@ from magnet_engine.kernels import sampling
 
 from test_model import tiny_lm
 
-IMPL = "torch"   # per-row sampling and re-masking have their torch implementations so far
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    return Runtime(tiny_lm(seed=11, layers=2), impl=IMPL)
+@pytest.fixture(scope="module", params=[None, "torch"], ids=["default", "torch"])
+def runtime(request):
+    """The model on the runtime's default kernels (C++ on this CPU) and on the torch twins."""
+    return Runtime(tiny_lm(seed=11, layers=2), impl=request.param)
 
 
 def cond(lm, seed, text=6):
@@ -58,26 +56,29 @@ def solo(runtime, req):
 
 def serve(slots, requests, on_step=None):
     """Admit each request at its step boundary (or the first after it with a free slot), step
-    until every row has left; -> (Finished by name, events by name, slot by name, shapes)."""
-    pending, results, events, slot_of, shapes, name_of = list(requests), {}, {}, {}, [], {}
+    until every row has left; -> (Finished by name, events by name, placed: name -> [slot, the
+    boundary it joined at, the step it left in], the shape of every step)."""
+    pending, results, events, placed, shapes, name_of = list(requests), {}, {}, {}, [], {}
     step = 0
     while pending or slots.active:
         for req in [r for r in pending if r.at <= step]:
             if not slots.free:
                 break
             events[req.name] = []
-            slot = slots.admit(req.cond, req.frames, req.params, req.seed, listener=lambda e, n=req.name: events[n].append(
-                (e.stage, e.step, e.steps, e.done, e.total, e.canvas.clone(), e.confidence.clone())))
-            slot_of[req.name], name_of[slot] = slot, req.name
+            def listen(e, n=req.name):
+                events[n].append((e.stage, e.step, e.steps, e.done, e.total, e.canvas.clone(), e.confidence.clone()))
+            slot = slots.admit(req.cond, req.frames, req.params, req.seed, listener=listen)
+            placed[req.name], name_of[slot] = [slot, step, None], req.name
             pending.remove(req)
         if slots.active:
             shapes.append(slots.shape())
             for done in slots.step():
-                results[name_of.pop(done.slot)] = done
+                name = name_of.pop(done.slot)
+                results[name], placed[name][2] = done, step
             if on_step is not None:
                 on_step(slots)
         step += 1
-    return results, events, slot_of, shapes
+    return results, events, placed, shapes
 
 
 def assert_solo(runtime, requests, results, events=None, bitwise=()):
@@ -115,9 +116,12 @@ def test_rows_in_lockstep_without_padding_are_bit_for_bit_their_solo_runs(runtim
     assert_solo(runtime, requests, results, events, bitwise=OPTIONS)
 
 
-def test_a_cfg_one_row_would_differ_if_the_mix_rounded(runtime, monkeypatch):
+def test_a_cfg_one_row_would_differ_if_the_mix_rounded(monkeypatch):
     """The previous test can fail: with the plain mix u + (c - u) * 1 (which rounds) in place of
-    the kernel's exact g == 1 rule, the CFG-1 row's confidences leave its solo run's."""
+    the kernel's exact g == 1 rule, the CFG-1 row's confidences leave its solo run's. (On the
+    torch twin, whose mix a test can replace; the C++ and Triton kernels hold the same rule,
+    test_kernels_sampling.py.)"""
+    runtime = Runtime(tiny_lm(seed=11, layers=2), impl="torch")
     def rounding_mix(cond_logits, uncond_logits, g):
         if uncond_logits is None:
             return cond_logits.float()
@@ -240,9 +244,9 @@ def test_a_finished_row_leaves_at_once_and_its_slot_is_reused(runtime):
     long = Request("long", cond(lm, 2), 30, OPTIONS["top_p"].replace(decoding_steps=(4, 3, 3, 3)), 2)
     waiting = Request("waiting", cond(lm, 3, text=5), 27, OPTIONS["top_k"], 3, at=1)   # no free slot until short leaves
     slots = SlotRuntime(runtime, rows=2, frames=30, text_len=6)
-    results, events, slot_of, _ = serve(slots, [short, long, waiting])
-    assert slot_of == {"short": 0, "long": 1, "waiting": 0}
-    assert events["short"][-1][3:5] == (4, 4) and len(events["waiting"]) == sum(OPTIONS["top_k"].decoding_steps)
+    results, events, placed, _ = serve(slots, [short, long, waiting])
+    # short leaves in the step of its 4th and last step; waiting takes its slot at the next boundary
+    assert placed == {"short": [0, 0, 3], "long": [1, 0, 12], "waiting": [0, 4, 12]}
     assert_solo(runtime, [short, long, waiting], results, events)
     assert slots.active == 0 and slots.free == 2
 
@@ -262,7 +266,8 @@ def test_nan_is_reported_for_its_row_only(runtime):
 
 def test_a_listener_that_raises_stops_its_row_only(runtime):
     lm = runtime.lm
-    stop, go = Request("stop", cond(lm, 1), 30, OPTIONS["greedy"], 1), Request("go", cond(lm, 2), 30, OPTIONS["top_p"], 2)
+    stop = Request("stop", cond(lm, 1), 30, OPTIONS["greedy"], 1)
+    go = Request("go", cond(lm, 2), 30, OPTIONS["top_p"], 2)
     slots = SlotRuntime(runtime, rows=2, frames=30, text_len=6)
 
     def cancel(event):
@@ -348,7 +353,8 @@ def test_step_traces_whole_and_reads_no_device_values(runtime):
             assert node.func.id not in {"int", "float", "bool"}
 
 
-def test_compiled_slots_give_the_eager_tokens(runtime):
+def test_compiled_slots_give_the_eager_tokens():
+    runtime = Runtime(tiny_lm(seed=11, layers=2))
     lm = runtime.lm
     requests = [Request("a", cond(lm, 1), 30, OPTIONS["top_p"].replace(decoding_steps=(1, 1, 1, 1)), 1),
                 Request("b", cond(lm, 2, text=4), 19, OPTIONS["top_k"].replace(decoding_steps=(1, 1, 1, 1)), 2, at=1)]
