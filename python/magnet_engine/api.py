@@ -31,6 +31,7 @@ from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.precision import PRECISIONS, PrecisionChoice, cast_for_precision
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
 from magnet_engine.engine.schedule import duration_frames
+from magnet_engine.engine.slots import SlotRuntime
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 from magnet_engine.memory import memory_stats
 from magnet_engine.streaming import Progress
@@ -587,10 +588,9 @@ class MAGNeT:
             components[f"external_conditioner:{name}"] = external.conditioner
         return memory_stats(components, self.device)
 
-    def slot_runtime(self, rows: int, text_len: int) -> "SlotRuntime":
+    def slot_runtime(self, rows: int, text_len: int) -> SlotRuntime:
         """Slots (continuous batching, engine/slots.py) over the fast runtime: `rows` rows of up
         to one window of frames and `text_len` text tokens each."""
-        from magnet_engine.engine.slots import SlotRuntime
         return SlotRuntime(self._fast_runtime(), rows, duration_frames(self.max_duration, self.frame_rate), text_len)
 
     def _fast_runtime(self):
