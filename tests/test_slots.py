@@ -90,8 +90,16 @@ def assert_solo(runtime, requests, results, events=None, bitwise=()):
         if events is not None:   # the same steps, the same canvases after each
             assert [e[:5] for e in events[req.name]] == [e[:5] for e in want_events], req.name
             assert all(torch.equal(a[5], b[5]) for a, b in zip(events[req.name], want_events)), req.name
-        if req.name in bitwise:
+        if req.name in bitwise and BATCH_INVARIANT_MATMULS:
             assert all(torch.equal(a[6], b[6]) for a, b in zip(events[req.name], want_events)), req.name
+
+
+# Under torch's AVX2 dispatch (an AVX2-only CPU, or CI's capped pass), the batched forward's
+# fp32 matmuls are blocked differently for 4 rows than for 1, so a row's confidences round
+# differently from its solo run's, by more than a few ulps where a top-k threshold sits on a
+# near-tie (the kept mass renormalises p); tokens and canvases are still compared there, and
+# equal. Bit for bit holds at AVX-512 (seen in session 6 on the capped pass).
+BATCH_INVARIANT_MATMULS = torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT", "NO AVX")
 
 
 STEPS = (3, 2, 2, 2)
@@ -116,6 +124,8 @@ def test_rows_in_lockstep_without_padding_are_bit_for_bit_their_solo_runs(runtim
     assert_solo(runtime, requests, results, events, bitwise=OPTIONS)
 
 
+@pytest.mark.skipif(not BATCH_INVARIANT_MATMULS, reason="under the AVX2 dispatch a batched row's confidences "
+                    "differ from its solo run's by matmul rounding alone, so this contrast proves nothing there")
 def test_a_cfg_one_row_would_differ_if_the_mix_rounded(monkeypatch):
     """The previous test can fail: with the plain mix u + (c - u) * 1 (which rounds) in place of
     the kernel's exact g == 1 rule, the CFG-1 row's confidences leave its solo run's. (On the
@@ -134,6 +144,7 @@ def test_a_cfg_one_row_would_differ_if_the_mix_rounded(monkeypatch):
     _, events, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), requests)
     _, want = solo(runtime, requests[1])
     assert not all(torch.equal(a[6], b[6]) for a, b in zip(events["cfg_one"], want))
+
 
 
 @pytest.mark.parametrize("arrangements", [("nonoverlap",) * 4, ("stride1",) * 4, ("nonoverlap", "stride1") * 2],
