@@ -104,6 +104,24 @@ def test_continuous_batching_answers_with_the_solo_audio(tiny_model):
     assert greedy.content == solo_wav(tiny_model, "warm piano", 8, use_sampling=False)
 
 
+def test_continuous_rows_of_one_request_are_one_batch(tiny_model):
+    """Under continuous batching a request's rows join the slots one by one, but they run in
+    one busy period of the slot runtime: the client hears one `started` and x-batches 1, as
+    when the grouped batcher runs them together."""
+    texts = ["warm piano", LONGER, "soft strings"]
+    with serve(tiny_model, batching="continuous") as client:
+        r = post(client, descriptions=texts, seed=100, request_id="rows3")
+        progress = client.get("/v1/progress/rows3")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert r.headers["x-batches"] == "1"
+    kinds = [kind for kind, _ in sse_events(progress.text)]
+    assert kinds.count("started") == 1 and kinds[-1] == "done"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        names = sorted(z.namelist())
+        got = [z.read(n) for n in names]
+    assert got == [solo_wav(tiny_model, t, 100 + i) for i, t in enumerate(texts)]
+
+
 def test_seed_is_drawn_when_absent_and_reported(tiny_model):
     with serve(tiny_model) as client:
         a, b = post(client, description="warm piano"), post(client, description="warm piano")

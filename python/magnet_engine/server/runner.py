@@ -445,10 +445,13 @@ class Runner:
                 entry.emit(Step({**data, "canvas": canvas_snapshot(event, 0, mask_id)} if watched else data))
             return listen
 
+        # One run for the slot runtime's whole busy period: a request's rows admitted in it
+        # are one batch to the client (one `started`, x-batches 1), as in a grouped run.
+        self.runs += 1
+        batch = (self.name, self.runs)
+
         def admit(entry: Entry) -> None:
             started = time.monotonic()
-            self.runs += 1
-            batch = (self.name, self.runs)
             key = entry.work.key
             try:
                 with torch.no_grad():   # [2, S, D]: the row's conditional, then null, as generate_tokens' rows
