@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shlex
 import subprocess
@@ -208,6 +209,7 @@ def main(argv=None) -> int:
 
     from magnet_engine.bench_common import git_commit, machine_info
     report = {"benchmark": "arrivals", "commit": git_commit(), "machine": machine_info(torch.device("cpu")),
+              "server_threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
               "model": args.model or f"demo '{args.arch}' (random weights)", "mix": MIX,
               "durations": args.durations, "requests": args.requests, "seed": args.seed,
               "servers": {name: cmd for name, cmd in servers}, "runs": []}
@@ -228,12 +230,14 @@ def main(argv=None) -> int:
             server, url = start(cmd, args.model, args.arch)
             try:
                 asyncio.run(step_seconds(url))          # warm: the first requests compile and allocate
+                load_before = os.getloadavg()[0]
                 records, wall = asyncio.run(replay(url, schedule, samples_per_s))
                 usage = process_usage(server.pid)
             finally:
                 stop_server(server)
             run = {"server": name, "load": load, "rate_rps": round(load * capacity, 3), **summary(records, wall),
-                   "server_process": usage}
+                   "server_process": usage, "load_avg_before": round(load_before, 2),
+                   "load_avg_after": round(os.getloadavg()[0], 2)}
             report["runs"].append(run)
             print(f"load {load:.0%} {name}: p50 {run['latency_s']['p50']} s, p95 {run['latency_s']['p95']} s, "
                   f"first step p95 {run['first_step_s']['p95']} s, {run['throughput_rps']} req/s, "
