@@ -29,24 +29,28 @@ def check_device(cuda_graphs: bool, device: tp.Union[str, torch.device]) -> None
         raise InvalidOptionError(f"cuda_graphs=True needs a CUDA device, found {str(device)!r}")
 
 
-def compile_step(step: tp.Callable) -> tp.Callable:
+def compile_step(step: tp.Callable, dynamic: tp.Optional[bool] = None) -> tp.Callable:
     """`step` through torch.compile(fullgraph=True). A new step shape (or buffer geometry)
     recompiles once, then what changed is symbolic (automatic dynamic shapes): a few graphs
     per runtime, so the recompile limit is raised above dynamo's default of 8 rather than
-    letting later shapes fall back to eager."""
+    letting later shapes fall back to eager. dynamic=False: one graph specialised per shape
+    instead (a fixed ladder of shapes, compiled at start-up: engine/slots.py)."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    return torch.compile(step, fullgraph=True)
+    return torch.compile(step, fullgraph=True, dynamic=dynamic)
 
 
-def capture_step(step: tp.Callable[[], None], state: tp.Sequence[torch.Tensor]) -> "torch.cuda.CUDAGraph":
+def capture_step(step: tp.Callable[[], None], state: tp.Sequence[torch.Tensor],
+                 pool: tp.Optional[tp.Tuple[int, int]] = None) -> "torch.cuda.CUDAGraph":
     """Capture `step()` as a CUDA graph and return it, un-replayed.
 
     The warm-up run, on a side stream, compiles any Triton variant and sets up cuBLAS before
     the capture, and it really runs the step: `state` (every buffer the step changes, its
     cursor included) is saved before it and restored after it, so the caller's next replay
-    is the step it meant to run. The capture itself runs nothing."""
+    is the step it meant to run. The capture itself runs nothing. pool: a memory pool
+    (torch.cuda.graph_pool_handle()) shared with other graphs of steps that never run at
+    once and keep nothing between replays but `state` (their intermediates die in the step)."""
     saved = [t.clone() for t in state]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -56,7 +60,7 @@ def capture_step(step: tp.Callable[[], None], state: tp.Sequence[torch.Tensor]) 
     for t, s in zip(state, saved):
         t.copy_(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         step()
     return graph
 
@@ -98,13 +102,14 @@ class StateCache(tp.Generic[S]):
         return self._graphs.get(id(state), {})
 
     def graph(self, state: S, shape: tp.Hashable, step: tp.Callable[[], None],
-              changed: tp.Sequence[torch.Tensor]) -> "torch.cuda.CUDAGraph":
+              changed: tp.Sequence[torch.Tensor], pool: tp.Optional[tp.Tuple[int, int]] = None
+              ) -> "torch.cuda.CUDAGraph":
         """The CUDA graph of `step` on `state` for `shape`, captured on first use
-        (`capture_step`; `changed`: every buffer the step writes) and reused after."""
+        (`capture_step`; `changed`: every buffer the step writes; pool: its) and reused after."""
         graphs = self._graphs.setdefault(id(state), {})
         graph = graphs.get(shape)
         if graph is None:
-            graph = capture_step(step, changed)
+            graph = capture_step(step, changed, pool)
             if sum(len(g) for g in self._graphs.values()) >= self.max_graphs:
                 for g in self._graphs.values():
                     g.clear()
