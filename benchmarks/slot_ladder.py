@@ -76,7 +76,7 @@ def run_variant(model, rows: int, text_len: int, work) -> dict:
         "warm_s": warm_s,
         "warm": [{"rows": s.rows, "frames": s.frames, "text": s.text, "seconds": sec} for s, sec in warmed],
         "steps": sum(len(v) for v in step_ms.values()),
-        "step_ms": [{"rows": r, "frames": f, "text": t, "count": len(v), "p50": percentile(v, 50), "min": min(v)}
+        "step_ms": [{"rows": r, "frames": f, "text": t, "count": len(v), "p50": percentile(v, 0.5), "min": min(v)}
                     for (r, f, t), v in sorted(step_ms.items())],
         "step_ms_total": sum(sum(v) for v in step_ms.values()),
         "codes": codes,
