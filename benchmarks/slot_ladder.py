@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import time
 import typing as tp
@@ -105,7 +106,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     directory = args.model or cached_demo_model(args.cache_dir, args.arch)
     variants = args.variants or (["eager", "compile", "graphs"] if device.type == "cuda" else ["eager", "compile"])
-    report: dict = {"benchmark": "slot_ladder", "machine": machine_info(device), "arch": args.arch,
+    report: dict = {"benchmark": "slot_ladder", "machine": machine_info(device), "load_average": os.getloadavg(),
+                    "arch": args.arch,
                     "rows": args.rows, "text_len": args.text_len, "requests": args.requests,
                     "decoding_steps": args.steps, "variants": {}}
     first = None
