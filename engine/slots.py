@@ -45,8 +45,11 @@ so no layout sees them as masked) and span score -inf (ranked below every real s
 chunk, token and stride1 searches choose among the spans of the row's solo run; on the CPU,
 where torch.topk's choice among tied scores depends on the row's length, `masking.remask`
 ranks a padded chunk or token row on exactly its own spans, given each row's span count).
-Rows of a step are the slots [0, rows) (admission takes the lowest free slot) and frames
-[0, frames): the buckets of the occupied slots, the longest row and the longest text.
+The occupied rows of the buffers are kept dense, [0, occupied): a row that leaves is replaced
+by the last one (its buffers copied between steps), so a step computes rows [0, rows), the
+bucket of the occupied count, and frames [0, frames), the bucket of the longest row, and
+text [0, text), of the longest text. A slot (what `admit` returns, the lowest free number)
+names a request's row whichever buffer row it sits in.
 
 Exactness (tests/test_slots.py). A row whose attention is the kernel's and whose text is not
 masked computes as its solo run (no padding involved): its tokens and its confidences equal
@@ -65,8 +68,8 @@ then does at most twice the work of its rows' own buckets, the price of not maki
 wait for a whole run (50 forwards) to be served, and rows whose buckets are all within 2x of
 each other always share. The padding a ladder gives a row (its bucket over its length) is
 paid alone too, so it does not keep rows apart; with frames at capacity every row shares.
-An idle runtime admits any row that fits its capacity. Rows are not counted: computing the
-slots [0, row bucket) pads with free slots the next admissions fill.
+An idle runtime admits any row that fits its capacity. Rows are not counted: the rows a
+row bucket adds past the occupied ones are free slots the next admissions fill.
 
 Ladders, compile and CUDA graphs. The buffers are allocated once at capacity and a step
 reads only them (no host value, no sync), so a compiled graph or a CUDA graph per
@@ -126,7 +129,7 @@ _ARRANGEMENT = {masking.CHUNK: "nonoverlap", masking.STRIDE1: "stride1", masking
 @dataclasses.dataclass(frozen=True)
 class SlotShape:
     """What fixes a slot step's shapes and control flow (host values): one graph each."""
-    rows: int                 # slots computed: [0, rows)
+    rows: int                 # buffer rows computed: [0, rows)
     frames: int               # frames computed: [0, frames)
     text: int                 # text keys: [0, text)
     count: int                # frames gathered per row for the heads (the largest of the rows)
@@ -186,7 +189,9 @@ class _Step:
 
 @dataclasses.dataclass
 class _Row:
-    """The host's mirror of an occupied slot: its schedule, so step shapes need no device read."""
+    """The host's mirror of an occupied slot: where its buffers are and its schedule, so step
+    shapes need no device read."""
+    index: int       # its row of the state's buffers: the occupied rows are [0, occupied)
     frames: int
     spans: int
     text: int
@@ -336,7 +341,8 @@ class SlotRuntime:
         cond [2, S, D]: the row's conditional and null condition, as one row of what
         `Runtime.generate` receives; frames: as `Runtime.generate`'s (trimmed to whole spans in
         'nonoverlap'); seed: its RNG seed; listener: gets a StageStep after each of its steps
-        (canvas [1, K, T'] and confidence [1, T'] are live views of its slot)."""
+        (canvas [1, K, T'] and confidence [1, T'] are live views of its row until the next
+        step: a row may move between steps)."""
         cfg, st = self.cfg, self.state
         params.validate(cfg.n_q, cfg.card, self.max_steps)
         if cond.dim() != 3 or cond.shape[0] != 2 or cond.shape[2] != cfg.dim:
@@ -353,6 +359,7 @@ class SlotRuntime:
         if not self.free:
             raise InvalidOptionError(f"every one of the {self.capacity} slots is taken: admit after a row leaves")
         slot = min(set(range(self.capacity)) - set(self._rows))
+        index = len(self._rows)   # rows stay dense (`_release`)
 
         layout = masking.mode(cfg.span_len, params.span_arrangement)
         code = _LAYOUT_CODE[layout]
@@ -367,31 +374,31 @@ class SlotRuntime:
                 first.append(i == 0)
 
         def row_table(table: torch.Tensor, values: tp.Sequence, dtype: torch.dtype) -> None:
-            table[slot].zero_()
-            table[slot, :len(values)] = torch.tensor(values, dtype=dtype)
+            table[index].zero_()
+            table[index, :len(values)] = torch.tensor(values, dtype=dtype)
         row_table(st.coefs, [c for s in schedules for c in s.cfg_coef], torch.float32)
         row_table(st.temps, [t for s in schedules for t in s.temperature], torch.float32)
         row_table(st.num_masked, [m for s in schedules for m in s.num_masked], torch.long)
         row_table(st.stage, stage_of, torch.long)
         row_table(st.first, first, torch.bool)
-        st.codes[slot].fill_(PAD_CODE)
-        st.codes[slot, :, :kept] = cfg.mask_id
-        st.prob[slot].zero_()
+        st.codes[index].fill_(PAD_CODE)
+        st.codes[index, :, :kept] = cfg.mask_id
+        st.prob[index].zero_()
         # the span scores at the stage's start, over the whole capacity: a step computes only the
         # frames of its bucket, and a later, longer row must find -inf past this row's spans
-        st.scores[slot] = torch.where(torch.arange(self.max_frames, device=self.device) < spans, 0.0, -torch.inf)
+        st.scores[index] = torch.where(torch.arange(self.max_frames, device=self.device) < spans, 0.0, -torch.inf)
         for buffer, value in ((st.frames, kept), (st.text, text), (st.active, True), (st.seeds, seed),
                               (st.cursor, 0), (st.layout, code), (st.prod, params.span_scoring == "prod"),
                               (st.use_sampling, params.use_sampling), (st.top_k, params.top_k),
                               (st.top_p, params.top_p), (st.nonfinite, False)):
-            buffer[slot] = value
-        rows = [slot] if not cfg.bias_attn else [slot, self.capacity + slot]
+            buffer[index] = value
+        rows = [index] if not cfg.bias_attn else [index, self.capacity + index]
         new_kv = self.lm.cfg_cross_kv(cond.to(self.device), self.runtime.matmul_dtype)
         for (k, v), (k_new, v_new) in zip(st.cross_kv, new_kv):
             for buf, new in ((k, k_new), (v, v_new)):
                 buf[rows] = 0
                 buf[rows, :, :text] = new   # [1 or 2, H, S, d]
-        self._rows[slot] = _Row(kept, spans, text, code, params.span_scoring, tuple(steps), listener)
+        self._rows[slot] = _Row(index, kept, spans, text, code, params.span_scoring, tuple(steps), listener)
         return slot
 
     def cancel(self, slot: int) -> None:
@@ -401,12 +408,27 @@ class SlotRuntime:
         self._release(slot)
 
     def _release(self, slot: int) -> None:
+        """Free `slot`, and keep the occupied rows dense: the last row moves into the freed one
+        (every per-row buffer copied, device to device), so a step computes only occupied rows."""
         st = self.state
-        del self._rows[slot]
-        st.active[slot] = False
-        st.frames[slot] = 0
-        st.cursor[slot] = 0   # a free slot still reads its tables at the cursor: keep it in range
-        st.codes[slot].fill_(PAD_CODE)
+        index, last = self._rows.pop(slot).index, len(self._rows)
+        if index != last:
+            moved = next(row for row in self._rows.values() if row.index == last)
+            for field in dataclasses.fields(st):
+                if field.name != "cross_kv":
+                    buffer = getattr(st, field.name)
+                    buffer[index] = buffer[last]
+            kv_rows = [(index, last)] if not self.cfg.bias_attn else [(index, last), (self.capacity + index,
+                                                                                   self.capacity + last)]
+            for pair in st.cross_kv:
+                for buffer in pair:
+                    for to, source in kv_rows:
+                        buffer[to] = buffer[source]
+            moved.index = index
+        st.active[last] = False
+        st.frames[last] = 0
+        st.cursor[last] = 0   # a free row still reads its tables at the cursor: keep it in range
+        st.codes[last].fill_(PAD_CODE)
 
     # ------------------------------------------------------------------ step
     def shape(self) -> SlotShape:
@@ -414,7 +436,7 @@ class SlotRuntime:
         `ladder_shapes()` with ladders, else the exact one."""
         rows = list(self._rows.values())
         row_ladder, frame_ladder, text_ladder = self.ladders
-        n_rows = _bucket(max(self._rows) + 1, row_ladder)
+        n_rows = _bucket(len(self._rows), row_ladder)
         frames = _bucket(max(row.frames for row in rows), frame_ladder)
         text = _bucket(max(row.text for row in rows), text_ladder)
         if self.pinned:
@@ -488,14 +510,14 @@ class SlotRuntime:
         else:
             self._step_fn(self.state, shape)
         st, left = self.state, []
-        for slot, row in list(self._rows.items()):
+        for slot, row in list(self._rows.items()):   # a release moves a row: read its index each time
             now = row.steps[row.done]
             row.done += 1
             if row.listener is not None:
                 try:
                     row.listener(ev.StageStep(now.stage, now.index, now.steps, row.done, len(row.steps),
-                                              st.codes[slot:slot + 1, :, :row.frames],
-                                              st.prob[slot:slot + 1, :row.frames]))
+                                              st.codes[row.index:row.index + 1, :, :row.frames],
+                                              st.prob[row.index:row.index + 1, :row.frames]))
                 except Exception as error:   # scoped to its row: the others go on
                     self._release(slot)
                     left.append(Finished(slot, None, error))
@@ -503,17 +525,17 @@ class SlotRuntime:
             if row.done == len(row.steps):
                 # A NaN p̂ is re-masked and later overwritten: the row's flag remembers it (one read per row).
                 error = None
-                if bool(st.nonfinite[slot]):
+                if bool(st.nonfinite[row.index]):
                     error = NumericalError("non-finite probabilities during decoding (NaN/inf logits): check the "
                                            "checkpoint weights, the precision setting and this row's condition")
-                codes = None if error else st.codes[slot:slot + 1, :, :row.frames].clone()
+                codes = None if error else st.codes[row.index:row.index + 1, :, :row.frames].clone()
                 self._release(slot)
                 left.append(Finished(slot, codes, error))
         return left
 
     def _hidden(self, st: SlotState, shape: SlotShape, codes: torch.Tensor, stage: torch.Tensor,
                 real: torch.Tensor) -> torch.Tensor:
-        """The transformer over slots [0, rows): codes [R, K, T], stage [R] (each row's), real
+        """The transformer over rows [0, rows): codes [R, K, T], stage [R] (each row's), real
         [R, T] (its frames) -> [2R, T, D] (or [R, T, D] without CFG), pre out_norm."""
         cfg, rows, frames = self.cfg, shape.rows, shape.frames
         dev = codes.device
@@ -554,12 +576,12 @@ class SlotRuntime:
         real = torch.arange(frames, device=self.device) < st.frames[:rows, None]
         hidden = self._hidden(st, shape, st.codes[:rows, :, :frames], stage, real).float()
         normed = self.lm.out_norm(hidden)
-        return {slot: torch.stack([self.lm.linears[row.steps[row.done].stage](normed[half * rows + slot, :row.frames])
-                                   for half in (0, 1)])
+        return {slot: torch.stack([self.lm.linears[row.steps[row.done].stage](
+                    normed[half * rows + row.index, :row.frames]) for half in (0, 1)])
                 for slot, row in self._rows.items()}
 
     def _step(self, st: SlotState, shape: SlotShape) -> None:
-        """One decoding step of slots [0, rows): re-mask, forward, sample, score (module
+        """One decoding step of rows [0, rows): re-mask, forward, sample, score (module
         docstring). Reads and writes only `st`'s buffers; per-row values come from the
         tables through the cursors. No host sync, no host-to-device copy."""
         cfg, lm = self.cfg, self.lm

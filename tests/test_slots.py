@@ -164,9 +164,9 @@ def test_rows_of_every_option_duration_and_text_length_share_a_batch(runtime, ar
     padding_ok = []
 
     def check_padding(slots):   # and no span there: -inf ranks below every real span, DONT_REMASK ones included
-        for slot, row in slots._rows.items():
-            padding_ok.append(bool((slots.state.codes[slot, :, row.frames:] == PAD_CODE).all()))
-            padding_ok.append(bool((slots.state.scores[slot, row.spans:] == -torch.inf).all()))
+        for row in slots._rows.values():
+            padding_ok.append(bool((slots.state.codes[row.index, :, row.frames:] == PAD_CODE).all()))
+            padding_ok.append(bool((slots.state.scores[row.index, row.spans:] == -torch.inf).all()))
     results, events, _, shapes = serve(SlotRuntime(runtime, rows=4, frames=30, text_len=8), requests, check_padding)
     assert all(s.masked and s.text_masked for s in shapes) and padding_ok and all(padding_ok)
     assert any(len(s.stages) > 1 for s in shapes)        # rows at different stages in one forward
@@ -193,7 +193,7 @@ def test_masked_forward_is_each_rows_solo_forward(runtime):
         seen.add(masked)
         for slot, logits in s.stage_logits().items():
             row, req = s._rows[slot], by_slot[slot]
-            canvas = s.state.codes[slot:slot + 1, :, :row.frames]
+            canvas = s.state.codes[row.index:row.index + 1, :, :row.frames]
             want = runtime.stage_logits(canvas, req.cond, row.steps[row.done].stage)
             worst[masked] = max(worst[masked], float((logits - want).abs().max()))
     step, pending = 0, list(requests)
@@ -260,6 +260,23 @@ def test_a_finished_row_leaves_at_once_and_its_slot_is_reused(runtime):
     assert placed == {"short": [0, 0, 3], "long": [1, 0, 12], "waiting": [0, 4, 12]}
     assert_solo(runtime, [short, long, waiting], results, events)
     assert slots.active == 0 and slots.free == 2
+
+
+def test_rows_stay_dense_when_a_lower_row_leaves(runtime):
+    """The lowest row leaves first: the last row moves into its place between steps (every
+    per-row buffer, its text K/V included), so the next steps compute the occupied rows only,
+    and every row still gets its solo tokens and events; slots keep naming the requests."""
+    lm = runtime.lm
+    requests = [Request("short", cond(lm, 1, text=4), 24, OPTIONS["greedy"].replace(decoding_steps=(1, 1, 1, 1)), 1),
+                Request("mid", cond(lm, 2), 30, OPTIONS["top_p"].replace(decoding_steps=(2, 2, 1, 1)), 2),
+                Request("long", cond(lm, 3, text=5), 19, OPTIONS["top_k"], 3)]
+    rows = []
+    results, events, placed, shapes = serve(SlotRuntime(runtime, rows=4, frames=30, text_len=6), requests,
+                                            lambda s: rows.append({slot: row.index for slot, row in s._rows.items()}))
+    assert placed == {"short": [0, 0, 3], "mid": [1, 0, 5], "long": [2, 0, 8]}
+    assert rows[2] == {0: 0, 1: 1, 2: 2} and rows[3] == {1: 1, 2: 0} and rows[5] == {2: 0}
+    assert [s.rows for s in shapes] == [3] * 4 + [2] * 2 + [1] * 3
+    assert_solo(runtime, requests, results, events)
 
 
 def test_nan_is_reported_for_its_row_only(runtime):
