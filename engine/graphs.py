@@ -29,16 +29,15 @@ def check_device(cuda_graphs: bool, device: tp.Union[str, torch.device]) -> None
         raise InvalidOptionError(f"cuda_graphs=True needs a CUDA device, found {str(device)!r}")
 
 
-def compile_step(step: tp.Callable, dynamic: tp.Optional[bool] = None) -> tp.Callable:
+def compile_step(step: tp.Callable) -> tp.Callable:
     """`step` through torch.compile(fullgraph=True). A new step shape (or buffer geometry)
     recompiles once, then what changed is symbolic (automatic dynamic shapes): a few graphs
     per runtime, so the recompile limit is raised above dynamo's default of 8 rather than
-    letting later shapes fall back to eager. dynamic=False: one graph specialised per shape
-    instead (a fixed ladder of shapes, compiled at start-up: engine/slots.py)."""
+    letting later shapes fall back to eager."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    return torch.compile(step, fullgraph=True, dynamic=dynamic)
+    return torch.compile(step, fullgraph=True)
 
 
 def capture_step(step: tp.Callable[[], None], state: tp.Sequence[torch.Tensor],
