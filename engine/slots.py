@@ -91,7 +91,7 @@ K/V sit zero-padded there anyway, and attending over 256 keys is ~3% of a magnet
 step); frames, on the CPU the capacity alone, since each shape compiles for tens of seconds
 (benchmarks/slot_ladder.py times the warm-up per shape; automatic dynamic shapes save few:
 rows (1, 2, 4) x the window's quarters, 12 shapes, compiled 8 graphs in 288 s on the tiny
-model, against 3 shapes in 135 s at the window alone): a row of T frames then computes the
+model, against 3 shapes in 122 s at the window alone): a row of T frames then computes the
 window's T_max, T_max / T its own frames (2x for a 5 s row in a 10 s window); on CUDA its
 quarters (a capture costs milliseconds): at most 2x past a quarter, 4/3 past three
 quarters. Without ladders (the
@@ -145,7 +145,7 @@ class SlotShape:
 @dataclasses.dataclass
 class SlotState:
     """Every buffer a slot step reads or writes, allocated once at capacity.
-    R slots, T frames, S text keys, N steps per row (every stage)."""
+    R rows (the slots), T frames, S text keys, N steps per row (every stage)."""
     codes: torch.Tensor        # [R, K, T] the canvases (mask id = card; PAD_CODE outside a row's frames)
     prob: torch.Tensor         # [R, T] p̂ of each row's current stage
     scores: torch.Tensor       # [R, T] span scores (chunk rows: the first T // L columns); -inf: no such span
