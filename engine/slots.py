@@ -90,8 +90,8 @@ capacity (a step computes at most twice its occupied slots); text, the capacity 
 K/V sit zero-padded there anyway, and attending over 256 keys is ~3% of a magnet-small
 step); frames, on the CPU the capacity alone, since each shape compiles for tens of seconds
 (benchmarks/slot_ladder.py times the warm-up per shape; automatic dynamic shapes save few:
-rows (1, 2, 4) x the window's quarters, 12 shapes, compiled 8 graphs in 288 s on the tiny
-model, against 3 shapes in 122 s at the window alone): a row of T frames then computes the
+rows (1, 2, 4) x the window's quarters, 12 shapes, compiled 8 graphs in 288 s on the tests'
+2-layer tiny LM): a row of T frames then computes the
 window's T_max, T_max / T its own frames (2x for a 5 s row in a 10 s window); on CUDA its
 quarters (a capture costs milliseconds): at most 2x past a quarter, 4/3 past three
 quarters. Without ladders (the
