@@ -91,12 +91,12 @@ K/V sit zero-padded there anyway, and attending over 256 keys is ~3% of a magnet
 step); frames, on the CPU the capacity alone, since each shape compiles for tens of seconds
 (benchmarks/slot_ladder.py times the warm-up per shape; automatic dynamic shapes save few:
 rows (1, 2, 4) x the window's quarters, 12 shapes, compiled 8 graphs in 288 s on the tests'
-2-layer tiny LM): a row of T frames then computes the
-window's T_max, T_max / T its own frames (2x for a 5 s row in a 10 s window); on CUDA its
-quarters (a capture costs milliseconds): at most 2x past a quarter, 4/3 past three
-quarters. Without ladders (the
-default: eager has nothing to prepare, and the exact shape is the cheapest) every axis is
-its exact size, and compile or CUDA graphs work per shape met, on demand.
+2-layer tiny LM): a row of T frames then computes the window's T_max, T_max / T its own
+frames (2x for a 5 s row in a 10 s window); on CUDA its quarters (a capture costs
+milliseconds): at most 2x past a quarter, 4/3 past three quarters. The CUDA-graph path is
+held by a `gpu` test (benchmarks/gpu_suite.sh runs it) that no GPU has run yet. Without
+ladders (the default: eager has nothing to prepare, and the exact shape is the cheapest)
+every axis is its exact size, and compile or CUDA graphs work per shape met, on demand.
 
 Out of scope, run through `Runtime.generate`: prompts, infill and other fixed cells, hybrid
 (delay-layout) checkpoints, frame-forward overrides, rescoring hooks.
