@@ -3,11 +3,14 @@
 #   1. install the package there (its image has CUDA torch + Triton; the wheels it lacks travel
 #      in .whl/, made here by `bash benchmarks/gpu_suite.sh --fetch-wheels`)
 #   2. the GPU-only tests: Triton compiled for real, CUDA-graph tokens == eager tokens (masked,
-#      AR, hybrid), flash-attn stage 0 when installed, the CUDA default precision
+#      AR, hybrid, the slot runtime's ladder), flash-attn stage 0 when installed, the CUDA
+#      default precision
 #   3. launches per masked step: eager, compiled, CUDA graphs (profiler)
 #   4. latency JSON, magnet-small 10 s, batch 1 and 8: the reference loop, eager, compiled and
 #      CUDA graphs side by side in one run
-#   5. PlayDiffusion latency (one edit, 10 s TTS) at its default sizes
+#   5. the slot runtime (continuous batching): its ladder captured at start-up (seconds per
+#      shape), then mixed rows replayed on it, eager vs CUDA graphs
+#   6. PlayDiffusion latency (one edit, 10 s TTS) at its default sizes
 # Results land in $OUT (the device tool brings that folder back) or benchmarks/results/.
 #
 #   bash benchmarks/gpu_suite.sh --dry-run      # CPU: the same steps on a tiny model (CI runs it)
@@ -47,10 +50,12 @@ if [ "$MODE" = gpu ]; then
   $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
   ARCH=small; DURATION=10; BATCHES="1 8"; RUNS=3; WARMUP=1; DEVICE=cuda
   VARIANTS="eager compile graphs"
+  SLOT_ROWS=8; SLOT_VARIANTS="eager graphs"; SLOT_STEPS="20 10 10 10"   # compiling the ladder: minutes
 else
   PY=${PYTHON:-.venv/bin/python}
   ARCH=tiny; DURATION=1; BATCHES="1"; RUNS=1; WARMUP=0; DEVICE=cpu
   VARIANTS="eager"     # compile is exercised by the launch count above; graphs need CUDA
+  SLOT_ROWS=2; SLOT_VARIANTS="eager compile"; SLOT_STEPS="2 1 1 1"
 fi
 
 stamp "GPU-only tests"
@@ -69,6 +74,11 @@ stamp "latency: reference loop, eager, compiled, CUDA graphs"
 # shellcheck disable=SC2086
 $PY -m magnet_engine.bench --arch "$ARCH" --duration "$DURATION" --device "$DEVICE" --batch $BATCHES \
     --variants $VARIANTS --runs "$RUNS" --warmup "$WARMUP" --out "$RESULTS/latency_${MODE}_suite.json"
+
+stamp "slot runtime: the ladder warmed at start-up, then mixed rows on it"
+# shellcheck disable=SC2086
+$PY benchmarks/slot_ladder.py --arch "$ARCH" --device "$DEVICE" --rows "$SLOT_ROWS" --variants $SLOT_VARIANTS \
+    --steps $SLOT_STEPS --out "$RESULTS/slot_ladder_${MODE}.json"
 
 if [ "$MODE" = gpu ]; then
   stamp "PlayDiffusion: one edit and 10 s TTS (default sizes, fp32 and bf16)"

@@ -40,13 +40,16 @@ def compile_step(step: tp.Callable) -> tp.Callable:
     return torch.compile(step, fullgraph=True)
 
 
-def capture_step(step: tp.Callable[[], None], state: tp.Sequence[torch.Tensor]) -> "torch.cuda.CUDAGraph":
+def capture_step(step: tp.Callable[[], None], state: tp.Sequence[torch.Tensor],
+                 pool: tp.Optional[tp.Tuple[int, int]] = None) -> "torch.cuda.CUDAGraph":
     """Capture `step()` as a CUDA graph and return it, un-replayed.
 
     The warm-up run, on a side stream, compiles any Triton variant and sets up cuBLAS before
     the capture, and it really runs the step: `state` (every buffer the step changes, its
     cursor included) is saved before it and restored after it, so the caller's next replay
-    is the step it meant to run. The capture itself runs nothing."""
+    is the step it meant to run. The capture itself runs nothing. pool: a memory pool
+    (torch.cuda.graph_pool_handle()) shared with other graphs of steps that never run at
+    once and keep nothing between replays but `state` (their intermediates die in the step)."""
     saved = [t.clone() for t in state]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -56,7 +59,7 @@ def capture_step(step: tp.Callable[[], None], state: tp.Sequence[torch.Tensor]) 
     for t, s in zip(state, saved):
         t.copy_(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         step()
     return graph
 
@@ -98,13 +101,14 @@ class StateCache(tp.Generic[S]):
         return self._graphs.get(id(state), {})
 
     def graph(self, state: S, shape: tp.Hashable, step: tp.Callable[[], None],
-              changed: tp.Sequence[torch.Tensor]) -> "torch.cuda.CUDAGraph":
+              changed: tp.Sequence[torch.Tensor], pool: tp.Optional[tp.Tuple[int, int]] = None
+              ) -> "torch.cuda.CUDAGraph":
         """The CUDA graph of `step` on `state` for `shape`, captured on first use
-        (`capture_step`; `changed`: every buffer the step writes) and reused after."""
+        (`capture_step`; `changed`: every buffer the step writes; pool: its) and reused after."""
         graphs = self._graphs.setdefault(id(state), {})
         graph = graphs.get(shape)
         if graph is None:
-            graph = capture_step(step, changed)
+            graph = capture_step(step, changed, pool)
             if sum(len(g) for g in self._graphs.values()) >= self.max_graphs:
                 for g in self._graphs.values():
                     g.clear()

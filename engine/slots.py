@@ -43,10 +43,13 @@ The step, per row r at its own stage s_r and step (all device values read throug
 Padded frames and free slots hold code PAD_CODE (a real codebook entry, never the mask id,
 so no layout sees them as masked) and span score -inf (ranked below every real span, so the
 chunk, token and stride1 searches choose among the spans of the row's solo run; on the CPU,
-where torch.topk's choice among tied scores depends on the row's length, a padded chunk or
-token row is re-masked alone on exactly its own spans). Rows of a
-step are the slots [0, rows) (admission takes the lowest free slot) and frames [0, frames):
-the buckets of the occupied slots, the longest row and the longest text.
+where torch.topk's choice among tied scores depends on the row's length, `masking.remask`
+ranks a padded chunk or token row on exactly its own spans, given each row's span count).
+The occupied rows of the buffers are kept dense, [0, occupied): a row that leaves is replaced
+by the last one (its buffers copied between steps), so a step computes rows [0, rows), the
+bucket of the occupied count, and frames [0, frames), the bucket of the longest row, and
+text [0, text), of the longest text. A slot (what `admit` returns, the lowest free number)
+names a request's row whichever buffer row it sits in.
 
 Exactness (tests/test_slots.py). A row whose attention is the kernel's and whose text is not
 masked computes as its solo run (no padding involved): its tokens and its confidences equal
@@ -59,21 +62,41 @@ as every fast-vs-reference token test does (docs/numerics.md §2).
 Padding bound. A step costs about in proportion to rows x frames computed (the FFN and
 projections dominate; attention's T^2 term is a few percent at the published sizes), so a
 long row admitted among short ones makes every row pay its length. `fits` admits a row while
-the padded share of the computed frames of the occupied slots stays <= MAX_PADDING (1/2): the
-step then does at most twice its useful work, the price of not making a request wait for a
-whole run (50 forwards) to be served, and rows whose durations are all within 2x of each
-other always share (without a frame ladder). An idle runtime admits any row that fits its
-capacity.
+the padded share of the computed frames of the occupied slots stays <= MAX_PADDING (1/2),
+each row counted at its frame bucket (its exact length without a frame ladder): the step
+then does at most twice the work of its rows' own buckets, the price of not making a request
+wait for a whole run (50 forwards) to be served, and rows whose buckets are all within 2x of
+each other always share. The padding a ladder gives a row (its bucket over its length) is
+paid alone too, so it does not keep rows apart; with frames at capacity every row shares.
+An idle runtime admits any row that fits its capacity. Rows are not counted: the rows a
+row bucket adds past the occupied ones are free slots the next admissions fill.
 
-CUDA graphs (not done here: only the CPU path is tested; on CUDA the step runs the Triton
-per-row sampling and re-masking kernels, untested here). The buffers are allocated once at
-capacity and a step reads only them (no host value, no sync), so a graph per `SlotShape`
-stays valid across admissions. To capture a fixed set at start-up, give ladders
-(`row_ladder`, `frame_ladder`, `text_ladder`: the bucket sizes each axis is rounded up to,
-e.g. powers of two up to the capacity) and capture the rows x frames x text buckets with the
-other shape fields pinned: `count` = the frame bucket (sample every frame), `stages` = every
-stage, `layouts` and `variants` the server's set, `masked` True, `with_cfg` True. Without
-ladders (the default, the CPU's cheapest) every axis is its exact size.
+Ladders, compile and CUDA graphs. The buffers are allocated once at capacity and a step
+reads only them (no host value, no sync), so a compiled graph or a CUDA graph per
+`SlotShape` stays valid across admissions. Given ladders (`row_ladder`, `frame_ladder`,
+`text_ladder`: the sizes each axis is rounded up to; an axis without one is at its
+capacity), a step's shape is one of `ladder_shapes()`, rows x frames x text buckets with
+every other field pinned to what any rows need: `count` the frame bucket (every frame is
+gathered and drawn; a frame's draw is keyed by its position, so the sampled ones are the
+solo run's), every stage head, every layout and scoring, both CFG halves, masked self- and
+cross-attention. Exact as the rest (masked SDPA, above); the extra work is the heads and
+draws of every frame at every stage (2% of a magnet-small step) and the layouts absent
+from the step (a few small ops). `warm()` compiles (compile=True) and captures
+(cuda_graphs=True, on CUDA) each of them once, largest first into one memory pool, before
+any row; `step()` then replays (or calls the compiled step) and never compiles or captures
+again (tests/test_slots.py holds dynamo to fail_on_recompile). `default_ladders`, what
+`MAGNeT.slot_runtime` gives a compiled or graphed model: rows, powers of two up to the
+capacity (a step computes at most twice its occupied slots); text, the capacity (the text
+K/V sit zero-padded there anyway, and attending over 256 keys is ~3% of a magnet-small
+step); frames, on the CPU the capacity alone, since each shape compiles for tens of seconds
+(benchmarks/slot_ladder.py times the warm-up per shape; automatic dynamic shapes save few:
+rows (1, 2, 4) x the window's quarters, 12 shapes, compiled 8 graphs in 288 s on the tests'
+2-layer tiny LM): a row of T frames then computes the window's T_max, T_max / T its own
+frames (2x for a 5 s row in a 10 s window); on CUDA its quarters (a capture costs
+milliseconds): at most 2x past a quarter, 4/3 past three quarters. The CUDA-graph path is
+held by a `gpu` test (benchmarks/gpu_suite.sh runs it) that no GPU has run yet. Without
+ladders (the default: eager has nothing to prepare, and the exact shape is the cheapest)
+every axis is its exact size, and compile or CUDA graphs work per shape met, on demand.
 
 Out of scope, run through `Runtime.generate`: prompts, infill and other fixed cells, hybrid
 (delay-layout) checkpoints, frame-forward overrides, rescoring hooks.
@@ -81,6 +104,7 @@ Out of scope, run through `Runtime.generate`: prompts, infill and other fixed ce
 from __future__ import annotations
 
 import dataclasses
+import time
 import typing as tp
 
 import torch
@@ -88,7 +112,7 @@ import torch.nn.functional as F
 
 from magnet_engine.engine import events as ev
 from magnet_engine.engine import graphs
-from magnet_engine.engine.config import MAX_DECODING_STEPS, DecodingParams
+from magnet_engine.engine.config import MAX_DECODING_STEPS, SPAN_ARRANGEMENTS, SPAN_SCORINGS, DecodingParams
 from magnet_engine.engine.decoding import Runtime, transformer_hidden
 from magnet_engine.engine.errors import InvalidOptionError, NumericalError
 from magnet_engine.engine.schedule import kept_frames, stage_schedules
@@ -105,7 +129,7 @@ _ARRANGEMENT = {masking.CHUNK: "nonoverlap", masking.STRIDE1: "stride1", masking
 @dataclasses.dataclass(frozen=True)
 class SlotShape:
     """What fixes a slot step's shapes and control flow (host values): one graph each."""
-    rows: int                 # slots computed: [0, rows)
+    rows: int                 # buffer rows computed: [0, rows)
     frames: int               # frames computed: [0, frames)
     text: int                 # text keys: [0, text)
     count: int                # frames gathered per row for the heads (the largest of the rows)
@@ -116,13 +140,12 @@ class SlotShape:
     masked: bool              # self-attention needs per-row masks (padding, or windows differ)
     window: tp.Optional[int]  # the rows' common window when not masked
     text_masked: bool         # some row's text is shorter than `text`
-    alone: tp.Tuple[tp.Tuple[int, int, int], ...] = ()   # (layout, slot, spans): rows re-masked on their own spans
 
 
 @dataclasses.dataclass
 class SlotState:
     """Every buffer a slot step reads or writes, allocated once at capacity.
-    R slots, T frames, S text keys, N steps per row (every stage)."""
+    R rows (the slots), T frames, S text keys, N steps per row (every stage)."""
     codes: torch.Tensor        # [R, K, T] the canvases (mask id = card; PAD_CODE outside a row's frames)
     prob: torch.Tensor         # [R, T] p̂ of each row's current stage
     scores: torch.Tensor       # [R, T] span scores (chunk rows: the first T // L columns); -inf: no such span
@@ -166,7 +189,9 @@ class _Step:
 
 @dataclasses.dataclass
 class _Row:
-    """The host's mirror of an occupied slot: its schedule, so step shapes need no device read."""
+    """The host's mirror of an occupied slot: where its buffers are and its schedule, so step
+    shapes need no device read."""
+    index: int       # its row of the state's buffers: the occupied rows are [0, occupied)
     frames: int
     spans: int
     text: int
@@ -179,6 +204,18 @@ class _Row:
 
 def _bucket(size: int, ladder: tp.Optional[tp.Sequence[int]]) -> int:
     return size if ladder is None else min(v for v in ladder if v >= size)
+
+
+def default_ladders(rows: int, frames: int, text_len: int,
+                    device: tp.Union[str, torch.device]) -> tp.Dict[str, tp.Tuple[int, ...]]:
+    """The ladders of a compiled or graphed slot runtime (module docstring, "Ladders"): rows,
+    the powers of two below the capacity and the capacity; frames, the capacity alone on the
+    CPU (each shape compiles for tens of seconds there), its quarters on CUDA (a capture
+    costs milliseconds); text, the capacity (cross-attention is a few percent of a step)."""
+    row_ladder = {2 ** i for i in range(rows.bit_length()) if 2 ** i < rows} | {rows}
+    frame_ladder = {frames} if torch.device(device).type != "cuda" else {-(-frames * q // 4) for q in (1, 2, 3, 4)}
+    return dict(row_ladder=tuple(sorted(row_ladder)), frame_ladder=tuple(sorted(frame_ladder)),
+                text_ladder=(text_len,))
 
 
 def _masked_attention(first: torch.Tensor, both: torch.Tensor):
@@ -196,14 +233,19 @@ class SlotRuntime:
 
     rows, frames, text_len: the capacity (slots, frames kept per row, text tokens per row);
     max_steps: decoding steps per row, all stages (default: every valid DecodingParams);
-    row_ladder / frame_ladder / text_ladder: bucket sizes each axis is rounded up to (None:
-    exact); compile: the step through torch.compile(fullgraph=True), as Runtime's.
+    row_ladder / frame_ladder / text_ladder: bucket sizes each axis is rounded up to; with
+    any of them the step shapes are a fixed set (`ladder_shapes`; an axis without one is at
+    its capacity), with none every axis is its exact size (module docstring, "Ladders");
+    compile: the step through torch.compile(fullgraph=True), as Runtime's; cuda_graphs:
+    each step shape captured once as a CUDA graph and replayed (CUDA only). `warm()` compiles
+    and captures every ladder shape before the first row.
     """
 
     def __init__(self, runtime: Runtime, rows: int, frames: int, text_len: int, *,
                  max_steps: tp.Optional[int] = None, row_ladder: tp.Optional[tp.Sequence[int]] = None,
                  frame_ladder: tp.Optional[tp.Sequence[int]] = None,
-                 text_ladder: tp.Optional[tp.Sequence[int]] = None, compile: bool = False):
+                 text_ladder: tp.Optional[tp.Sequence[int]] = None, compile: bool = False,
+                 cuda_graphs: bool = False):
         cfg = runtime.cfg
         if cfg.pattern != "parallel":
             raise InvalidOptionError(f"slots decode plain masked (parallel-layout) checkpoints; a {cfg.pattern}-layout "
@@ -216,15 +258,27 @@ class SlotRuntime:
             if ladder is not None and (cap not in ladder or min(ladder) < 1 or max(ladder) > cap):
                 raise InvalidOptionError(f"{name}_ladder must hold sizes in [1, {cap}] including {cap}, "
                                          f"found {sorted(ladder)}")
+        graphs.check_device(cuda_graphs, runtime.device)
         self.runtime, self.cfg, self.lm = runtime, cfg, runtime.lm
         self.device, self.dtype, self.impl = runtime.device, runtime.dtype, runtime.impl
         self.capacity = rows
         self.max_frames, self.max_text = frames, text_len
         self.max_steps = cfg.n_q * MAX_DECODING_STEPS if max_steps is None else max_steps
+        self.pinned = any(ladder is not None for ladder in (row_ladder, frame_ladder, text_ladder))
+        if self.pinned:   # an axis without a ladder sits at its capacity
+            row_ladder, frame_ladder, text_ladder = (tuple(sorted(set(ladder or (cap,)))) for ladder, cap in (
+                (row_ladder, rows), (frame_ladder, frames), (text_ladder, text_len)))
         self.ladders = (row_ladder, frame_ladder, text_ladder)
+        layouts = {_LAYOUT_CODE[masking.mode(cfg.span_len, a)] for a in SPAN_ARRANGEMENTS}
+        self._layouts = tuple(sorted(layouts))
+        self._variants = tuple(sorted({(code, scoring if code == masking.CHUNK else "max")
+                                       for code in layouts for scoring in SPAN_SCORINGS}))
         self.state = self._allocate()
         self._rows: tp.Dict[int, _Row] = {}
+        self.compiled, self.cuda_graphs = compile, cuda_graphs
         self._step_fn = graphs.compile_step(self._step) if compile else self._step
+        self._graphs: graphs.StateCache[SlotState] = graphs.StateCache(1)
+        self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
     def _allocate(self) -> SlotState:
         cfg, dev = self.cfg, self.device
@@ -260,13 +314,15 @@ class SlotRuntime:
         return kept_frames(frames, self.cfg.span_len, params.span_arrangement)
 
     def padding(self, extra_frames: tp.Optional[int] = None) -> float:
-        """The padded share of the frames a step computes over the occupied slots, with a row of
-        `extra_frames` kept frames added if given: 1 - sum(T_r) / (rows x frame bucket)."""
+        """The share of the frames a step computes over the occupied slots that sharing pads,
+        with a row of `extra_frames` kept frames added if given: 1 - sum(bucket(T_r)) / (rows x
+        bucket(max T_r)), each length rounded up to its frame bucket (exact without a ladder), so
+        the padding the ladder gives a row alone is not counted against sharing."""
         lengths = [row.frames for row in self._rows.values()] + ([] if extra_frames is None else [extra_frames])
         if not lengths:
             return 0.0
-        bucket = _bucket(max(lengths), self.ladders[1])
-        return 1.0 - sum(lengths) / (len(lengths) * bucket)
+        ladder = self.ladders[1]
+        return 1.0 - sum(_bucket(t, ladder) for t in lengths) / (len(lengths) * _bucket(max(lengths), ladder))
 
     def fits(self, frames: int, params: DecodingParams, text_len: int = 1) -> bool:
         """Whether a row could be admitted now and should be: a free slot, within capacity, and
@@ -285,7 +341,8 @@ class SlotRuntime:
         cond [2, S, D]: the row's conditional and null condition, as one row of what
         `Runtime.generate` receives; frames: as `Runtime.generate`'s (trimmed to whole spans in
         'nonoverlap'); seed: its RNG seed; listener: gets a StageStep after each of its steps
-        (canvas [1, K, T'] and confidence [1, T'] are live views of its slot)."""
+        (canvas [1, K, T'] and confidence [1, T'] are live views of its row until the next
+        step: a row may move between steps)."""
         cfg, st = self.cfg, self.state
         params.validate(cfg.n_q, cfg.card, self.max_steps)
         if cond.dim() != 3 or cond.shape[0] != 2 or cond.shape[2] != cfg.dim:
@@ -302,6 +359,7 @@ class SlotRuntime:
         if not self.free:
             raise InvalidOptionError(f"every one of the {self.capacity} slots is taken: admit after a row leaves")
         slot = min(set(range(self.capacity)) - set(self._rows))
+        index = len(self._rows)   # rows stay dense (`_release`)
 
         layout = masking.mode(cfg.span_len, params.span_arrangement)
         code = _LAYOUT_CODE[layout]
@@ -316,31 +374,31 @@ class SlotRuntime:
                 first.append(i == 0)
 
         def row_table(table: torch.Tensor, values: tp.Sequence, dtype: torch.dtype) -> None:
-            table[slot].zero_()
-            table[slot, :len(values)] = torch.tensor(values, dtype=dtype)
+            table[index].zero_()
+            table[index, :len(values)] = torch.tensor(values, dtype=dtype)
         row_table(st.coefs, [c for s in schedules for c in s.cfg_coef], torch.float32)
         row_table(st.temps, [t for s in schedules for t in s.temperature], torch.float32)
         row_table(st.num_masked, [m for s in schedules for m in s.num_masked], torch.long)
         row_table(st.stage, stage_of, torch.long)
         row_table(st.first, first, torch.bool)
-        st.codes[slot].fill_(PAD_CODE)
-        st.codes[slot, :, :kept] = cfg.mask_id
-        st.prob[slot].zero_()
+        st.codes[index].fill_(PAD_CODE)
+        st.codes[index, :, :kept] = cfg.mask_id
+        st.prob[index].zero_()
         # the span scores at the stage's start, over the whole capacity: a step computes only the
         # frames of its bucket, and a later, longer row must find -inf past this row's spans
-        st.scores[slot] = torch.where(torch.arange(self.max_frames, device=self.device) < spans, 0.0, -torch.inf)
+        st.scores[index] = torch.where(torch.arange(self.max_frames, device=self.device) < spans, 0.0, -torch.inf)
         for buffer, value in ((st.frames, kept), (st.text, text), (st.active, True), (st.seeds, seed),
                               (st.cursor, 0), (st.layout, code), (st.prod, params.span_scoring == "prod"),
                               (st.use_sampling, params.use_sampling), (st.top_k, params.top_k),
                               (st.top_p, params.top_p), (st.nonfinite, False)):
-            buffer[slot] = value
-        rows = [slot] if not cfg.bias_attn else [slot, self.capacity + slot]
+            buffer[index] = value
+        rows = [index] if not cfg.bias_attn else [index, self.capacity + index]
         new_kv = self.lm.cfg_cross_kv(cond.to(self.device), self.runtime.matmul_dtype)
         for (k, v), (k_new, v_new) in zip(st.cross_kv, new_kv):
             for buf, new in ((k, k_new), (v, v_new)):
                 buf[rows] = 0
                 buf[rows, :, :text] = new   # [1 or 2, H, S, d]
-        self._rows[slot] = _Row(kept, spans, text, code, params.span_scoring, tuple(steps), listener)
+        self._rows[slot] = _Row(index, kept, spans, text, code, params.span_scoring, tuple(steps), listener)
         return slot
 
     def cancel(self, slot: int) -> None:
@@ -350,43 +408,95 @@ class SlotRuntime:
         self._release(slot)
 
     def _release(self, slot: int) -> None:
+        """Free `slot`, and keep the occupied rows dense: the last row moves into the freed one
+        (every per-row buffer copied, device to device), so a step computes only occupied rows."""
         st = self.state
-        del self._rows[slot]
-        st.active[slot] = False
-        st.frames[slot] = 0
-        st.cursor[slot] = 0   # a free slot still reads its tables at the cursor: keep it in range
-        st.codes[slot].fill_(PAD_CODE)
+        index, last = self._rows.pop(slot).index, len(self._rows)
+        if index != last:
+            moved = next(row for row in self._rows.values() if row.index == last)
+            for field in dataclasses.fields(st):
+                if field.name != "cross_kv":
+                    buffer = getattr(st, field.name)
+                    buffer[index] = buffer[last]
+            kv_rows = [(index, last)] if not self.cfg.bias_attn else [(index, last), (self.capacity + index,
+                                                                                   self.capacity + last)]
+            for pair in st.cross_kv:
+                for buffer in pair:
+                    for to, source in kv_rows:
+                        buffer[to] = buffer[source]
+            moved.index = index
+        st.active[last] = False
+        st.frames[last] = 0
+        st.cursor[last] = 0   # a free row still reads its tables at the cursor: keep it in range
+        st.codes[last].fill_(PAD_CODE)
 
     # ------------------------------------------------------------------ step
     def shape(self) -> SlotShape:
-        """The next step's shape, from the host's mirror of the occupied slots."""
+        """The next step's shape, from the host's mirror of the occupied slots: one of
+        `ladder_shapes()` with ladders, else the exact one."""
         rows = list(self._rows.values())
         row_ladder, frame_ladder, text_ladder = self.ladders
-        now = [row.steps[row.done] for row in rows]
+        n_rows = _bucket(len(self._rows), row_ladder)
         frames = _bucket(max(row.frames for row in rows), frame_ladder)
         text = _bucket(max(row.text for row in rows), text_ladder)
+        if self.pinned:
+            return self._ladder_shape(n_rows, frames, text)
+        now = [row.steps[row.done] for row in rows]
         stages = tuple(sorted({s.stage for s in now}))
         windows = {self.lm.window(s) for s in stages}
         masked = len(windows) > 1 or any(row.frames != frames for row in rows)
-        # On CPU tensors chunk and token re-masking reproduce torch.topk's choice among tied
-        # scores (docs/numerics.md §5), which depends on the row's length: a row with fewer
-        # spans than the step's width is re-masked alone on exactly its own spans, as in its
-        # solo run. (Rank selection on CUDA takes the lowest index among ties: padding, ranked
-        # last, cannot change it. stride1 sorts stably everywhere.)
-        alone = ()
-        if self.device.type == "cpu":
-            alone = tuple((row.layout, slot, row.spans) for slot, row in sorted(self._rows.items())
-                          if row.layout != masking.STRIDE1 and row.spans != masking.num_spans(
-                              frames, self.cfg.span_len, _ARRANGEMENT[row.layout]))
         return SlotShape(
-            rows=_bucket(max(self._rows) + 1, row_ladder), frames=frames, text=text,
-            count=max(s.count for s in now), stages=stages,
+            rows=n_rows, frames=frames, text=text, count=max(s.count for s in now), stages=stages,
             layouts=tuple(sorted({row.layout for row in rows})),
             variants=tuple(sorted({(row.layout, row.scoring if row.layout == masking.CHUNK else "max")
                                    for row in rows})),
             with_cfg=any(s.with_cfg for s in now), masked=masked,
             window=None if masked else next(iter(windows)),
-            text_masked=any(row.text != text for row in rows), alone=alone)
+            text_masked=any(row.text != text for row in rows))
+
+    def _ladder_shape(self, rows: int, frames: int, text: int) -> SlotShape:
+        """The shape of a step over [0, rows) x [0, frames) x [0, text) whatever the rows are
+        doing: every frame gathered, every stage head, layout and scoring, both CFG halves,
+        masked self- and cross-attention (module docstring, "Ladders")."""
+        return SlotShape(rows=rows, frames=frames, text=text, count=frames, stages=tuple(range(self.cfg.n_q)),
+                         layouts=self._layouts, variants=self._variants, with_cfg=True, masked=True, window=None,
+                         text_masked=True)
+
+    def ladder_shapes(self) -> tp.List[SlotShape]:
+        """Every step shape of the ladders, largest first (empty without ladders)."""
+        if not self.pinned:
+            return []
+        row_ladder, frame_ladder, text_ladder = self.ladders
+        return [self._ladder_shape(r, f, t) for r in reversed(row_ladder) for f in reversed(frame_ladder)
+                for t in reversed(text_ladder)]
+
+    @torch.no_grad()
+    def warm(self) -> tp.List[tp.Tuple[SlotShape, float]]:
+        """Compile (compile=True) and capture (cuda_graphs=True) every ladder shape now, before
+        any row, so that no request pays for either; returns each shape warmed with its
+        seconds (none when the step is eager: nothing to prepare). An idle step writes only the
+        free slots' span scores, which admission resets."""
+        if self._rows:
+            raise InvalidOptionError(f"warm the slots before admitting rows ({len(self._rows)} occupied)")
+        if not (self.compiled or self.cuda_graphs):
+            return []
+        warmed = []
+        for shape in self.ladder_shapes():
+            started = time.perf_counter()
+            if self.cuda_graphs:
+                self._graph(shape)           # its capture's own warm-up run compiles it
+            else:
+                self._step_fn(self.state, shape)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            warmed.append((shape, time.perf_counter() - started))
+        return warmed
+
+    def _graph(self, shape: SlotShape) -> "torch.cuda.CUDAGraph":
+        """The CUDA graph of the step of `shape` (captured on first use, in the runtime's pool)."""
+        st = self.state
+        return self._graphs.graph(st, shape, lambda: self._step_fn(st, shape),
+                                  (st.codes, st.prob, st.scores, st.cursor, st.nonfinite), self._pool)
 
     @torch.no_grad()
     def step(self) -> tp.List[Finished]:
@@ -394,16 +504,20 @@ class SlotRuntime:
         left (finished, failed, or stopped by their listener), whose slots are free again."""
         if not self._rows:
             return []
-        self._step_fn(self.state, self.shape())
+        shape = self.shape()
+        if self.cuda_graphs:
+            self._graph(shape).replay()
+        else:
+            self._step_fn(self.state, shape)
         st, left = self.state, []
-        for slot, row in list(self._rows.items()):
+        for slot, row in list(self._rows.items()):   # a release moves a row: read its index each time
             now = row.steps[row.done]
             row.done += 1
             if row.listener is not None:
                 try:
                     row.listener(ev.StageStep(now.stage, now.index, now.steps, row.done, len(row.steps),
-                                              st.codes[slot:slot + 1, :, :row.frames],
-                                              st.prob[slot:slot + 1, :row.frames]))
+                                              st.codes[row.index:row.index + 1, :, :row.frames],
+                                              st.prob[row.index:row.index + 1, :row.frames]))
                 except Exception as error:   # scoped to its row: the others go on
                     self._release(slot)
                     left.append(Finished(slot, None, error))
@@ -411,17 +525,17 @@ class SlotRuntime:
             if row.done == len(row.steps):
                 # A NaN p̂ is re-masked and later overwritten: the row's flag remembers it (one read per row).
                 error = None
-                if bool(st.nonfinite[slot]):
+                if bool(st.nonfinite[row.index]):
                     error = NumericalError("non-finite probabilities during decoding (NaN/inf logits): check the "
                                            "checkpoint weights, the precision setting and this row's condition")
-                codes = None if error else st.codes[slot:slot + 1, :, :row.frames].clone()
+                codes = None if error else st.codes[row.index:row.index + 1, :, :row.frames].clone()
                 self._release(slot)
                 left.append(Finished(slot, codes, error))
         return left
 
     def _hidden(self, st: SlotState, shape: SlotShape, codes: torch.Tensor, stage: torch.Tensor,
                 real: torch.Tensor) -> torch.Tensor:
-        """The transformer over slots [0, rows): codes [R, K, T], stage [R] (each row's), real
+        """The transformer over rows [0, rows): codes [R, K, T], stage [R] (each row's), real
         [R, T] (its frames) -> [2R, T, D] (or [R, T, D] without CFG), pre out_norm."""
         cfg, rows, frames = self.cfg, shape.rows, shape.frames
         dev = codes.device
@@ -462,12 +576,12 @@ class SlotRuntime:
         real = torch.arange(frames, device=self.device) < st.frames[:rows, None]
         hidden = self._hidden(st, shape, st.codes[:rows, :, :frames], stage, real).float()
         normed = self.lm.out_norm(hidden)
-        return {slot: torch.stack([self.lm.linears[row.steps[row.done].stage](normed[half * rows + slot, :row.frames])
-                                   for half in (0, 1)])
+        return {slot: torch.stack([self.lm.linears[row.steps[row.done].stage](
+                    normed[half * rows + row.index, :row.frames]) for half in (0, 1)])
                 for slot, row in self._rows.items()}
 
     def _step(self, st: SlotState, shape: SlotShape) -> None:
-        """One decoding step of slots [0, rows): re-mask, forward, sample, score (module
+        """One decoding step of rows [0, rows): re-mask, forward, sample, score (module
         docstring). Reads and writes only `st`'s buffers; per-row values come from the
         tables through the cursors. No host sync, no host-to-device copy."""
         cfg, lm = self.cfg, self.lm
@@ -497,19 +611,10 @@ class SlotRuntime:
             mine = active & (layout == code)
             work = row.clone()
             width = frames // span_len if code == masking.CHUNK else frames
-            alone = [(slot, n) for c, slot, n in shape.alone if c == code]
-            counts = torch.where(mine, num_masked, 0)
-            for slot, _ in alone:
-                counts[slot] = 0
-            masked[code] = masking.remask(work, scores[:, :width], counts, span_len=span_len,
-                                          arrangement=_ARRANGEMENT[code], prompt_len=0, mask_id=mask_id,
-                                          impl=self.impl)
-            for slot, n in alone:
-                kept = n * span_len if code == masking.CHUNK else n
-                masked[code][slot, :n] = masking.remask(
-                    work[slot:slot + 1, :kept], scores[slot:slot + 1, :n], num_masked[slot:slot + 1],
-                    span_len=span_len, arrangement=_ARRANGEMENT[code], prompt_len=0, mask_id=mask_id,
-                    impl=self.impl)[0]
+            # spans: a shorter row is ranked on its own spans, as alone (module docstring)
+            masked[code] = masking.remask(work, scores[:, :width], torch.where(mine, num_masked, 0),
+                                          span_len=span_len, arrangement=_ARRANGEMENT[code], prompt_len=0,
+                                          mask_id=mask_id, impl=self.impl, spans=spans)
             if code == masking.CHUNK:      # the frames of the chosen chunks
                 to_sample = torch.zeros_like(real)
                 to_sample[:, :width * span_len] = masked[code].repeat_interleave(span_len, dim=1)

@@ -10,7 +10,7 @@ Contract
 
 Torch ops (what the functions call; `impl` as in kernels/sampling.py): layout codes CHUNK,
 STRIDE1, TOKEN;
-    magnet_engine::remask(codes!, scores, num_masked, layout, span_len, prompt_len, mask_id, impl)
+    magnet_engine::remask(codes!, scores, num_masked, layout, span_len, prompt_len, mask_id, impl, spans?)
     magnet_engine::remask_triton(codes!, scores, num_masked, layout, span_len, prompt_len, mask_id)
     magnet_engine::span_scores(prob, masked, layout, span_len, scoring)
 (codes! is written in place; each returns a new tensor).
@@ -48,6 +48,10 @@ Tie order (higher score first; NaN counts as the largest, as in torch.topk):
   index) pairs, value-only comparator): the same set as torch.topk, checked on rows of ties.
 - torch on CUDA tensors, and Triton: rank selection, lowest index first among ties, without
   a sync (CUDA's topk has no defined tie order to reproduce).
+- Rows of other lengths in one call (`spans`, engine/slots.py): torch.topk's choice among
+  ties on the CPU depends on the row's length, so torch and C++ rank each shorter row on its
+  own spans (one call per length, a read of host memory as the counts are); lowest index
+  first cannot be changed by padding ranked last, so Triton and CUDA tensors ignore `spans`.
 - stride1 in every implementation: spans ordered by a stable descending sort of their sums
   (lowest start first among ties). The reference's `argsort` is unstable and its tie order
   depends on the machine (x86-simd-sort on AVX2/AVX512 CPUs, std::sort elsewhere), so
@@ -60,6 +64,8 @@ scores match it bit for bit):
   stride1 / token: -log prob per frame. DONT_REMASK = -1e4 where `masked` is False.
 """
 from __future__ import annotations
+
+import typing as tp
 
 import torch
 from torch.library import wrap_triton
@@ -257,10 +263,29 @@ _HOST_IMPLS = {"cpp": _remask_cpp, "torch": _remask_torch}
 
 
 def _remask_host(codes: torch.Tensor, scores: torch.Tensor, num_masked: torch.Tensor, layout: int, span_len: int,
-                 prompt_len: int, mask_id: int, impl: str) -> torch.Tensor:
+                 prompt_len: int, mask_id: int, impl: str, spans: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
     """The C++ (impl='cpp', CPU) and torch (impl='torch') implementations; layout: CHUNK,
-    STRIDE1 or TOKEN (csrc/masking.cpp's codes)."""
-    return _HOST_IMPLS[impl](codes, scores, num_masked, layout, span_len, prompt_len, mask_id)
+    STRIDE1 or TOKEN (csrc/masking.cpp's codes). spans: `remask`'s."""
+    remask_rows = _HOST_IMPLS[impl]
+    batch, n = scores.shape
+    if spans is None or layout == STRIDE1 or codes.device.type != "cpu":   # padding cannot change the choice
+        return remask_rows(codes, scores, num_masked, layout, span_len, prompt_len, mask_id)
+    counts = num_masked.expand(batch)
+    # a row ranks its own spans only, as alone (one call per width; rows are independent)
+    width = torch.where((counts > 0) & (spans < n), spans.clamp(min=0), n)
+    if bool((width == n).all()):
+        return remask_rows(codes, scores, num_masked, layout, span_len, prompt_len, mask_id)
+    masked = torch.zeros(batch, n, dtype=torch.bool)
+    for w in width.unique().tolist():
+        if w == 0:          # a row with a count and no span of its own: nothing to choose
+            continue
+        rows = (width == w).nonzero()[:, 0]
+        frames = w * span_len if layout == CHUNK else w
+        part = codes[rows, :frames].contiguous()
+        masked[rows, :w] = remask_rows(part, scores[rows, :w].contiguous(), counts[rows].contiguous(), layout,
+                                       span_len, prompt_len, mask_id)
+        codes[rows, :frames] = part
+    return masked if layout == CHUNK else codes == mask_id
 
 
 _remask_op = torch.library.custom_op("magnet_engine::remask", _remask_host, mutates_args=("codes",))
@@ -270,7 +295,9 @@ def _remask_fake(codes, scores, num_masked, layout, span_len, prompt_len, mask_i
     return torch.empty_like(scores, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
-_remask_op.register_fake(_remask_fake)
+@_remask_op.register_fake
+def _remask_host_fake(codes, scores, num_masked, layout, span_len, prompt_len, mask_id, impl, spans=None):
+    return _remask_fake(codes, scores, num_masked, layout, span_len, prompt_len, mask_id)
 
 if triton is not None:
     _remask_triton_op = backend.register_triton_op(
@@ -310,11 +337,15 @@ def remask(
     prompt_len: int,
     mask_id: int,
     impl: backend.Impls | str | None = None,
+    spans: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mask the num_masked highest-scoring spans of one stage in place; see the module docstring.
 
     stage_codes: [B, T] int64 (modified in place); span_scores: [B, n] fp32;
     num_masked: 0-d int64 (every row) or [B] int64 (one count per row) -> masked [B, n] bool.
+    spans: None, or [B] int64, each row's own span count when rows of other lengths share the
+    call (a row's spans past it are padding: scored -inf, never chosen, frames never written);
+    each row is then ranked on its own spans, exactly as alone (module docstring, tie order).
     """
     layout = mode(span_len, arrangement)
     if stage_codes.dim() != 2 or stage_codes.dtype != torch.int64 or stage_codes.stride(-1) != 1:
@@ -337,7 +368,7 @@ def remask(
         return backend.call(_remask_triton_op, _remask_triton, stage_codes, scores, num_masked, code, span_len,
                             prompt_len, mask_id)
     return backend.call(_remask_op, _remask_host, stage_codes, scores, num_masked, code, span_len, prompt_len,
-                        mask_id, chosen)
+                        mask_id, chosen, spans)
 
 
 def span_scores(

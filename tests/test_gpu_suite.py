@@ -21,3 +21,6 @@ def test_gpu_suite_dry_run(tmp_path):
     latency = json.loads((tmp_path / "latency_dry_suite.json").read_text())
     case = latency["cases"][0]
     assert set(case["variants"]) == {"eager"} and case["reference"]["tokens_ms"]["p50"] > 0
+    slots = json.loads((tmp_path / "slot_ladder_dry.json").read_text())["variants"]
+    assert slots["eager"]["warm"] == [] and slots["eager"]["ladders"]["rows"] is None      # exact shapes
+    assert [w["rows"] for w in slots["compile"]["warm"]] == [2, 1]                        # its ladder, at start-up

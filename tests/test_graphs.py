@@ -24,7 +24,7 @@ def captures(monkeypatch):
     list of steps captured."""
     captured = []
 
-    def capture(step, changed):
+    def capture(step, changed, pool=None):
         captured.append(step)
         return types.SimpleNamespace(replay=step)
     monkeypatch.setattr(graphs, "capture_step", capture)

@@ -113,6 +113,8 @@ def test_fake_implementations_match_real_layouts(name):
         (ops.remask, (x["canvas"][:, 0], torch.rand(BATCH, n), x["num_masked"][0], masking.CHUNK, SPAN, 2, 99, name)),
         (ops.remask, (x["canvas"][:, 1], torch.rand(BATCH, FRAMES), x["num_masked"][0], masking.STRIDE1, SPAN, 2, 99,
                       name)),
+        (ops.remask, (x["canvas"][:, 0], torch.rand(BATCH, n), x["num_masked"][0], masking.CHUNK, SPAN, 2, 99, name,
+                      torch.arange(BATCH) + n - BATCH)),                # rows of their own span counts
         (ops.span_scores, (torch.rand(BATCH, FRAMES), torch.ones(BATCH, n, dtype=torch.bool), masking.CHUNK, SPAN,
                            "max")),
         (ops.banded_attention, (x["q"], x["k"], x["v"], 2, 0.25, name)),

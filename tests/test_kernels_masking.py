@@ -324,6 +324,38 @@ def test_count_per_row_equals_each_row_alone(impl, arrangement, span_len):
         assert masked.sum(-1).tolist() == counts.clamp(max=n).tolist()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("arrangement,span_len", [("nonoverlap", 3), ("token", 1)])
+def test_rows_of_other_lengths_rank_their_own_spans_as_alone(impl, arrangement, span_len):
+    """`spans`: rows shorter than the call's width (their padded spans scored -inf, as in a
+    slot step) choose among tied scores exactly as alone on their own spans, and never touch
+    their padding. torch.topk's choice among ties depends on the row's length, so without
+    `spans` some row of the same call chooses other spans on the CPU (torch, C++); Triton's
+    lowest index first needs nothing."""
+    skip_unless_available(impl)
+    frames = 60
+    n = masking.num_spans(frames, span_len, arrangement)
+    spans = torch.tensor([n, 7, 13, 1, n - 1, 4])
+    counts = torch.tensor([5, 3, 9, 1, 17, 0])
+    scores = _tied_scores(6, n, seed=3, levels=2)
+    for b, k in enumerate(spans.tolist()):
+        scores[b, k:] = -torch.inf
+    codes = _codes(6, frames)
+    options = dict(span_len=span_len, arrangement=arrangement, prompt_len=0, mask_id=MASK_ID, impl=impl)
+    batch_codes = codes.clone()
+    masked = masking.remask(batch_codes, scores, counts, spans=spans, **options)
+    for b, k in enumerate(spans.tolist()):
+        kept = k * span_len if arrangement == "nonoverlap" else k
+        alone_codes = codes[b:b + 1, :kept].clone()
+        alone = masking.remask(alone_codes, scores[b:b + 1, :k].contiguous(), counts[b], **options)
+        assert torch.equal(batch_codes[b, :kept], alone_codes[0]) and torch.equal(batch_codes[b, kept:], codes[b, kept:])
+        assert torch.equal(masked[b, :k], alone[0]) and not masked[b, k:].any(), b
+    if impl != "triton":
+        padded = codes.clone()
+        masking.remask(padded, scores, counts, **options)
+        assert not torch.equal(padded, batch_codes)
+
+
 @pytest.mark.parametrize("impl", ["cpp", "triton"])
 @pytest.mark.parametrize("arrangement,span_len", LAYOUTS)
 def test_count_per_row_matches_torch_reference(impl, arrangement, span_len):

@@ -309,3 +309,52 @@ def test_a_cancelled_row_leaves_its_slot_and_the_others_finish_as_grouped(tiny_m
     alone = Entry(GenerateRow(t, s, tiny_key(tiny_model, t, d, **o)))
     Runner(Models(tiny_model), 4, 0).run([alone])
     assert wavs(tiny_model, done[:1]) == wavs(tiny_model, alone.events[-1:])
+
+
+class Slotted(StandIn):
+    """A stand-in whose generate rows run in slots: records the slot runtime it builds and its warm-up."""
+
+    config = types.SimpleNamespace(card=16, pattern="parallel")
+
+    def slot_runtime(self, rows, text_len):
+        self.slots = types.SimpleNamespace(rows=rows, text_len=text_len, warmed=0)
+        self.slots.warm = lambda: setattr(self.slots, "warmed", self.slots.warmed + 1)
+        return self.slots
+
+
+def test_continuous_runner_builds_and_warms_its_slots_at_start():
+    """The slot runtime is built and warmed (its step shapes compiled and captured) when the
+    runner is made (the Batcher's or the Ray replica's constructor, before serving), not by
+    the first request; grouped batching builds none."""
+    model = Slotted()
+    runner = Runner(Models(model), 4, 0, batching="continuous")
+    assert runner.slots is model.slots and model.slots.warmed == 1
+    assert (model.slots.rows, model.slots.text_len) == (4, runner.text_len)
+    grouped = Slotted()
+    assert Runner(Models(grouped), 4, 0).slots is None and not hasattr(grouped, "slots")
+
+
+def test_continuous_with_compile_warms_at_start_and_answers_the_grouped_audio(tiny_dir, tiny_model):
+    """`serve --batching continuous --compile`: the slot runtime compiles its ladder when the
+    runner is made; rows that join mid-run then never recompile (fail_on_recompile) and get
+    the audio the eager grouped runner gives them."""
+    import torch._dynamo
+
+    from magnet_engine.api import MAGNeT
+
+    compiled_model = MAGNeT.from_pretrained(tiny_dir, device="cpu", engine="fast", compile=True)
+    torch._dynamo.reset()
+    runner = Runner(Models(compiled_model), 2, 0, batching="continuous")
+    slots = runner.slots
+    assert slots.compiled and slots.ladders[0] == (1, 2) and torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    queue = EntryQueue()
+    entries = arrivals(compiled_model, queue, ROWS[:3])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        done = run_until_done(runner, queue, entries, entries)
+    assert all(isinstance(f, Finished) for f in done), done
+    assert max(e.events[0].batch_size for e in entries) == 2
+    grouped_queue = EntryQueue()
+    alone = [Entry(GenerateRow(t, s, tiny_key(tiny_model, t, d, **o)), tag=f"r{i}") for i, (t, s, d, o) in enumerate(ROWS[:3])]
+    grouped_queue.put(alone)
+    want = run_until_done(Runner(Models(tiny_model), 4, 0), grouped_queue, alone, alone)
+    assert wavs(tiny_model, done) == wavs(tiny_model, want)

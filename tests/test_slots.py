@@ -18,9 +18,9 @@ import torch._dynamo
 from magnet_engine.engine import slots as slots_module
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
-from magnet_engine.engine.slots import MAX_PADDING, PAD_CODE, SlotRuntime
+from magnet_engine.engine.slots import MAX_PADDING, PAD_CODE, SlotRuntime, default_ladders
 from magnet_engine.errors import InvalidOptionError, NumericalError
-from magnet_engine.kernels import sampling
+from magnet_engine.kernels import masking, sampling
 
 from test_model import tiny_lm
 
@@ -164,9 +164,9 @@ def test_rows_of_every_option_duration_and_text_length_share_a_batch(runtime, ar
     padding_ok = []
 
     def check_padding(slots):   # and no span there: -inf ranks below every real span, DONT_REMASK ones included
-        for slot, row in slots._rows.items():
-            padding_ok.append(bool((slots.state.codes[slot, :, row.frames:] == PAD_CODE).all()))
-            padding_ok.append(bool((slots.state.scores[slot, row.spans:] == -torch.inf).all()))
+        for row in slots._rows.values():
+            padding_ok.append(bool((slots.state.codes[row.index, :, row.frames:] == PAD_CODE).all()))
+            padding_ok.append(bool((slots.state.scores[row.index, row.spans:] == -torch.inf).all()))
     results, events, _, shapes = serve(SlotRuntime(runtime, rows=4, frames=30, text_len=8), requests, check_padding)
     assert all(s.masked and s.text_masked for s in shapes) and padding_ok and all(padding_ok)
     assert any(len(s.stages) > 1 for s in shapes)        # rows at different stages in one forward
@@ -193,7 +193,7 @@ def test_masked_forward_is_each_rows_solo_forward(runtime):
         seen.add(masked)
         for slot, logits in s.stage_logits().items():
             row, req = s._rows[slot], by_slot[slot]
-            canvas = s.state.codes[slot:slot + 1, :, :row.frames]
+            canvas = s.state.codes[row.index:row.index + 1, :, :row.frames]
             want = runtime.stage_logits(canvas, req.cond, row.steps[row.done].stage)
             worst[masked] = max(worst[masked], float((logits - want).abs().max()))
     step, pending = 0, list(requests)
@@ -210,18 +210,18 @@ def test_masked_forward_is_each_rows_solo_forward(runtime):
 def test_a_padded_row_is_remasked_on_its_own_spans(runtime, monkeypatch):
     """On the CPU, torch.topk's choice among tied span scores depends on the row's length, and
     the solo run ranks the row's own spans: here greedy 'prod' scores tie at exactly 0 (p̂ = 1)
-    and the padded row, re-masked on the batch's width instead (`alone` emptied), drops
-    another of the tied chunks than its solo run."""
+    and the padded row, re-masked on the batch's width instead (remask's `spans` dropped),
+    drops another of the tied chunks than its solo run."""
     lm = runtime.lm
     params = DecodingParams(use_sampling=False, temperature=0.5, max_cfg_coef=10.0, span_scoring="prod",
                             decoding_steps=(2, 1, 5, 5))
     requests = [Request("padded", cond(lm, 0), 24, params, 0),
                 Request("full", cond(lm, 100), 30, params.replace(decoding_steps=(2, 2, 2, 2)), 1)]
     results, _, _, shapes = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), requests)
-    assert any(s.alone for s in shapes)
+    assert any(s.masked for s in shapes)
     assert_solo(runtime, requests, results)
-    shape = SlotRuntime.shape
-    monkeypatch.setattr(SlotRuntime, "shape", lambda self: dataclasses.replace(shape(self), alone=()))
+    remask = masking.remask
+    monkeypatch.setattr(masking, "remask", lambda *args, spans=None, **kwargs: remask(*args, **kwargs))
     results, _, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6), requests)
     assert not torch.equal(results["padded"].codes, solo(runtime, requests[0])[0])
 
@@ -260,6 +260,23 @@ def test_a_finished_row_leaves_at_once_and_its_slot_is_reused(runtime):
     assert placed == {"short": [0, 0, 3], "long": [1, 0, 12], "waiting": [0, 4, 12]}
     assert_solo(runtime, [short, long, waiting], results, events)
     assert slots.active == 0 and slots.free == 2
+
+
+def test_rows_stay_dense_when_a_lower_row_leaves(runtime):
+    """The lowest row leaves first: the last row moves into its place between steps (every
+    per-row buffer, its text K/V included), so the next steps compute the occupied rows only,
+    and every row still gets its solo tokens and events; slots keep naming the requests."""
+    lm = runtime.lm
+    requests = [Request("short", cond(lm, 1, text=4), 24, OPTIONS["greedy"].replace(decoding_steps=(1, 1, 1, 1)), 1),
+                Request("mid", cond(lm, 2), 30, OPTIONS["top_p"].replace(decoding_steps=(2, 2, 1, 1)), 2),
+                Request("long", cond(lm, 3, text=5), 19, OPTIONS["top_k"], 3)]
+    rows = []
+    results, events, placed, shapes = serve(SlotRuntime(runtime, rows=4, frames=30, text_len=6), requests,
+                                            lambda s: rows.append({slot: row.index for slot, row in s._rows.items()}))
+    assert placed == {"short": [0, 0, 3], "mid": [1, 0, 5], "long": [2, 0, 8]}
+    assert rows[2] == {0: 0, 1: 1, 2: 2} and rows[3] == {1: 1, 2: 0} and rows[5] == {2: 0}
+    assert [s.rows for s in shapes] == [3] * 4 + [2] * 2 + [1] * 3
+    assert_solo(runtime, requests, results, events)
 
 
 def test_nan_is_reported_for_its_row_only(runtime):
@@ -350,8 +367,8 @@ def test_step_traces_whole_and_reads_no_device_values(runtime):
     for _ in range(3):
         slots.step()
     slots.admit(cond(lm, 3), 13, OPTIONS["top_k"], 3)
-    shape = slots.shape()
-    assert shape.masked and shape.text_masked and len(shape.stages) == 2 and shape.alone
+    shape = slots.shape()   # the new row is padded: ranked on its own spans inside remask, no control flow here
+    assert shape.masked and shape.text_masked and len(shape.stages) == 2
     torch._dynamo.reset()
     explained = torch._dynamo.explain(slots._step)(slots.state, shape)
     assert explained.graph_break_count == 0
@@ -373,3 +390,105 @@ def test_compiled_slots_give_the_eager_tokens():
     compiled, _, _, _ = serve(SlotRuntime(runtime, rows=2, frames=30, text_len=6, compile=True), requests)
     for req in requests:
         assert torch.equal(compiled[req.name].codes, eager[req.name].codes)
+
+
+# ------------------------------------------------------------------------------ ladders: compile, CUDA graphs
+def test_default_ladders():
+    """Rows: powers of two and the capacity; frames: the capacity on the CPU (a compile per
+    shape costs tens of seconds there), quarters on CUDA; text: the capacity."""
+    assert default_ladders(8, 500, 256, "cpu") == dict(row_ladder=(1, 2, 4, 8), frame_ladder=(500,),
+                                                       text_ladder=(256,))
+    assert default_ladders(6, 498, 64, "cuda") == dict(row_ladder=(1, 2, 4, 6), frame_ladder=(125, 249, 374, 498),
+                                                       text_ladder=(64,))
+    assert default_ladders(1, 30, 8, "cpu")["row_ladder"] == (1,)
+
+
+def test_ladder_shapes_are_fixed_and_the_padding_rule_uses_the_buckets(runtime):
+    """With ladders a step's shape is one of `ladder_shapes()`, whatever its rows do (options,
+    stages, CFG, lengths); the padding rule counts each row at its frame bucket, so the
+    ladder's own padding never keeps rows from sharing."""
+    lm = runtime.lm
+    slots = SlotRuntime(runtime, rows=4, frames=30, text_len=8, row_ladder=(1, 2, 4), frame_ladder=(8, 15, 30))
+    assert slots.ladders == ((1, 2, 4), (8, 15, 30), (8,))          # no text ladder: its capacity
+    shapes = slots.ladder_shapes()
+    assert [(s.rows, s.frames, s.text) for s in shapes] == [(r, f, 8) for r in (4, 2, 1) for f in (30, 15, 8)]
+    assert all(s.count == s.frames and s.stages == (0, 1, 2, 3) and s.with_cfg and s.masked and s.text_masked
+               and s.window is None for s in shapes)
+    params = DecodingParams(decoding_steps=(1, 1, 1, 1))
+    slots.admit(cond(lm, 0), 30, params)
+    slots.admit(cond(lm, 1, text=3), 6, OPTIONS["cfg_one"].replace(decoding_steps=(1, 1, 1, 1)))
+    assert slots.shape() == shapes[3]                                # 2 rows, 30 frames
+    # 30, 6 and 6 frames: 1 - (30 + 8 + 8) / 90 <= 1/2 at the buckets; exact, 1 - 42 / 90 > 1/2
+    assert slots.padding(6) == pytest.approx(1 - 46 / 90) and slots.fits(6, params)
+    exact = SlotRuntime(runtime, rows=4, frames=30, text_len=8)
+    exact.admit(cond(lm, 0), 30, params)
+    exact.admit(cond(lm, 1), 6, params)
+    assert exact.padding(6) == pytest.approx(1 - 42 / 90) and not exact.fits(6, params)
+    slots.admit(cond(lm, 2), 6, params)
+    assert slots.shape() == shapes[0]                                # 3 rows: the 4-row bucket
+    at_capacity = SlotRuntime(runtime, rows=4, frames=30, text_len=8, row_ladder=(4,))   # frames: (30,)
+    for seed, frames in enumerate((30, 6, 6, 3)):                    # each pays 30 frames alone too
+        assert at_capacity.padding(frames) == 0.0 and at_capacity.fits(frames, params)
+        at_capacity.admit(cond(lm, seed), frames, params)
+
+
+def mixed(lm):
+    """Rows of other options, durations, text lengths and step counts, arriving at different
+    steps; the last waits for a slot to free."""
+    return [Request("a", cond(lm, 1), 30, OPTIONS["top_p"].replace(decoding_steps=(3, 2, 1, 1)), 1),
+            Request("b", cond(lm, 2, text=3), 19,
+                    OPTIONS["greedy"].replace(span_arrangement="stride1", decoding_steps=(2, 2, 1, 1)), 2, at=1),
+            Request("c", cond(lm, 3, text=8), 13, OPTIONS["top_k"].replace(decoding_steps=(2, 1, 2, 1)), 3, at=2),
+            Request("d", cond(lm, 4, text=5), 24, OPTIONS["cfg_one"].replace(decoding_steps=(1, 1, 1, 2)), 4, at=4),
+            Request("e", cond(lm, 5, text=2), 27, OPTIONS["greedy"].replace(decoding_steps=(2, 1, 1, 1)), 5, at=5)]
+
+
+def test_compiled_ladder_is_warmed_at_start_and_never_recompiles():
+    """compile=True on a ladder: warm() compiles every shape before the first row; then rows
+    of every option, duration, text length and step count join at different steps (taking
+    a freed slot too) and leave, and no step compiles again: dynamo's fail_on_recompile
+    stance raises on a recompile (it would on a shape off the ladder) and the count of
+    compiled graphs stays. Tokens equal the eager slots' on the same ladder and the solo runs."""
+    runtime = Runtime(tiny_lm(seed=11, layers=2))
+    requests = mixed(runtime.lm)
+    ladders = dict(row_ladder=(2, 4), frame_ladder=(30,))               # text: its capacity, 8
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    compiled = SlotRuntime(runtime, rows=4, frames=30, text_len=8, compile=True, **ladders)
+    warmed = compiled.warm()
+    assert [shape for shape, _ in warmed] == compiled.ladder_shapes() and len(warmed) == 2
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    with torch.compiler.set_stance("fail_on_recompile"):
+        results, events, placed, shapes = serve(compiled, requests)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert {s.rows for s in shapes} == {2, 4} and placed["e"][1] > requests[-1].at   # e waited for a free slot
+    with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(Exception, match="(?i)recompil"):
+        compiled._step_fn(compiled.state, dataclasses.replace(shapes[0], with_cfg=False))   # off the ladder
+    eager, _, _, _ = serve(SlotRuntime(runtime, rows=4, frames=30, text_len=8, **ladders), requests)
+    for req in requests:
+        assert torch.equal(results[req.name].codes, eager[req.name].codes), req.name
+    assert_solo(runtime, requests, results, events)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compile+graphs"])
+def test_cuda_graph_ladder_is_captured_at_start_and_replayed(compile):
+    """cuda_graphs=True: warm() captures one graph per ladder shape (in one memory pool); the
+    mixed rows then replay those graphs only (none captured later) and get the eager slots'
+    tokens on the same ladder, and their solo runs'."""
+    cuda = torch.device("cuda")
+    runtime = Runtime(tiny_lm(seed=11, layers=2).to(cuda))
+    requests = [dataclasses.replace(req, cond=req.cond.to(cuda)) for req in mixed(runtime.lm)]
+    ladders = dict(row_ladder=(1, 2, 4), frame_ladder=(15, 30))
+    graphed = SlotRuntime(runtime, rows=4, frames=30, text_len=8, compile=compile, cuda_graphs=True, **ladders)
+    warmed = graphed.warm()
+    assert [shape for shape, _ in warmed] == graphed.ladder_shapes() and len(warmed) == 6
+    captured = dict(graphed._graphs.graphs(graphed.state))
+    assert set(captured) == set(graphed.ladder_shapes())
+    results, events, _, _ = serve(graphed, requests)
+    assert dict(graphed._graphs.graphs(graphed.state)) == captured
+    eager, _, _, _ = serve(SlotRuntime(runtime, rows=4, frames=30, text_len=8, **ladders), requests)
+    for req in requests:
+        assert torch.equal(results[req.name].codes, eager[req.name].codes), req.name
+    assert_solo(runtime, requests, results, events)

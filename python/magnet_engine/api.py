@@ -31,7 +31,7 @@ from magnet_engine.engine.model import MagnetLM
 from magnet_engine.engine.precision import PRECISIONS, PrecisionChoice, cast_for_precision
 from magnet_engine.engine.rescoring import BoundRescorer, ExternalLM, RescoreOptions
 from magnet_engine.engine.schedule import duration_frames
-from magnet_engine.engine.slots import SlotRuntime
+from magnet_engine.engine.slots import SlotRuntime, default_ladders
 from magnet_engine.errors import InvalidInputError, InvalidOptionError
 from magnet_engine.memory import memory_stats
 from magnet_engine.streaming import Progress
@@ -590,8 +590,14 @@ class MAGNeT:
 
     def slot_runtime(self, rows: int, text_len: int) -> SlotRuntime:
         """Slots (continuous batching, engine/slots.py) over the fast runtime: `rows` rows of up
-        to one window of frames and `text_len` text tokens each."""
-        return SlotRuntime(self._fast_runtime(), rows, duration_frames(self.max_duration, self.frame_rate), text_len)
+        to one window of frames and `text_len` text tokens each, compiled and graphed as this
+        model's steps are; then on its ladder of step shapes (`default_ladders`), which
+        `SlotRuntime.warm()` compiles and captures ahead of the first row. Eager, every step
+        has its exact shape (the cheapest without anything to compile or capture)."""
+        frames = duration_frames(self.max_duration, self.frame_rate)
+        ladders = default_ladders(rows, frames, text_len, self.device) if self.compile or self.cuda_graphs else {}
+        return SlotRuntime(self._fast_runtime(), rows, frames, text_len, compile=self.compile,
+                           cuda_graphs=self.cuda_graphs, **ladders)
 
     def _fast_runtime(self):
         """The fast runtime (built on first use; it casts the engine LM in place to its precision)."""

@@ -259,6 +259,12 @@ class ContinuousBatches:
 BATCHING = ("grouped", "continuous")
 
 
+def _slots_run(model) -> bool:
+    """Whether `model` decodes generate rows in a slot runtime: plain masked decoding on the
+    fast engine of a parallel-layout checkpoint (engine/slots.py)."""
+    return getattr(model, "engine", None) == "fast" and model.config.pattern == "parallel"
+
+
 def _reports(live: dict, entry: Entry) -> bool:
     """Whether `entry` is the first live slotted row of its request (it gets the request's Step and Codec)."""
     return next(e for e, _, _ in sorted(live.values(), key=lambda v: v[1][1]) if e.tag == entry.tag) is entry
@@ -273,7 +279,8 @@ class Runner:
     """Runs entries on `models` (server.models.Models: the music model, the speech model), one
     run at a time, on the thread that calls `serve`. name: said in every Begun (a Ray replica's
     id; '' in one process). batching: 'grouped' (KeyedBatches) or 'continuous' (ContinuousBatches
-    over a slot runtime of max_batch rows, one window of frames, `text_len` text tokens)."""
+    over a slot runtime of max_batch rows, one window of frames, `text_len` text tokens, built
+    and warmed here, at start-up: its step shapes compiled and captured before any request)."""
 
     def __init__(self, models, max_batch: int, max_wait_ms: float, name: str = "",
                  batching: str = "grouped", text_len: int = 256):
@@ -283,11 +290,14 @@ class Runner:
         # the reference engine's rows are not batch-invariant: it runs one at a time
         self.max_batch = rows_per_batch(getattr(models.music, "engine", None), max_batch)
         self.policy = KeyedBatches(self.max_batch, max_wait_ms / 1000)
-        self.slots = None                # the slot runtime, built on the first slotted row
+        self.slots = None                # the slot runtime (continuous batching of a model that slots)
         self.text_len = text_len
         self._plans: tp.Dict[BatchKey, tp.Optional[int]] = {}
         if batching == "continuous":
             self.policy = ContinuousBatches(self.policy, self._slotted, self._fits)
+            if _slots_run(models.music):   # in the Batcher's or the Ray replica's constructor: before serving
+                self.slots = models.music.slot_runtime(self.max_batch, text_len)
+                self.slots.warm()
         self.name = name
         self.runs = 0
         self.running = 0                 # entries in the run going on now
@@ -407,8 +417,7 @@ class Runner:
             if len(self._plans) >= 4096:   # keys are per-request options: bound the cache
                 self._plans.clear()
             model, frames = self.models.music, None
-            if (getattr(model, "engine", None) == "fast" and model.config.pattern == "parallel"
-                    and (model.rescorer is None or model.rescore.weight == 1.0)):
+            if self.slots is not None and (model.rescorer is None or model.rescore.weight == 1.0):
                 plan = model.plan(1, key.duration, params=key.params)
                 if plan.mode == "plain" and plan.ar is None and len(plan.phases) == 1:
                     frames = plan.phases[0].kept
@@ -422,17 +431,12 @@ class Runner:
 
     def _fits(self, entry: Entry) -> bool:
         key = entry.work.key
-        return self.slots is None or self.slots.fits(self._slot_frames(key), key.params, key.text_tokens or 1)
-
-    def _slot_runtime(self):
-        if self.slots is None:
-            self.slots = self.models.music.slot_runtime(self.max_batch, self.text_len)
-        return self.slots
+        return self.slots.fits(self._slot_frames(key), key.params, key.text_tokens or 1)
 
     def _run_slots(self, first: tp.List[Entry], source: Source) -> None:
         """Slotted rows until none is left: admit at step boundaries, step, finish each row as it
         leaves (module docstring)."""
-        model, slots = self.models.music, self._slot_runtime()
+        model, slots = self.models.music, self.slots
         mask_id = model.config.card
         live: tp.Dict[int, tp.Tuple[Entry, tp.Tuple[str, int], float]] = {}   # slot -> entry, batch, admitted
 

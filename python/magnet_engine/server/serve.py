@@ -127,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=CHOICES, default=None,
                    help="default: auto on CPU (the fastest of fp32, bf16 and int8 on this CPU; /v1/model says "
                         "which and why), fp16-mixed on CUDA (fp16 matmuls, fp32 residual stream)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoding step whole")
-    p.add_argument("--cuda-graphs", action="store_true", help="replay each decoding step shape as a CUDA graph")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoding step whole (with --batching "
+                   "continuous: every shape of the slot runtime's ladder, at start-up)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each decoding step shape as a CUDA graph (with "
+                   "--batching continuous: every shape of the slot runtime's ladder captured at start-up)")
     p.add_argument("--speech", default=None, metavar="DIR|ID|random",
                    help="also serve PlayDiffusion speech editing at POST /v1/speech/edit (a directory with its "
                         "six upstream files, a Hub id, or 'random' for random weights)")
