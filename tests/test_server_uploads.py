@@ -7,6 +7,7 @@ hang. (The property-based fuzz of the same routes: tests/test_server_upload_fuzz
 import io
 import json
 import socket
+import sys
 import time
 import types
 
@@ -98,6 +99,20 @@ def test_a_json_body_nested_deep_on_stream_is_400(http):
     answer = http.post("/v1/stream", content=b'{"duration": 1, "decoding_steps": ' + DEEP.encode() + b"}",
                        headers={"content-type": "application/json"})
     is_error(answer, 400, "not valid JSON")
+
+
+@pytest.mark.parametrize("route", ["/v1/generate", "/v1/stream"])
+def test_a_deep_json_body_is_400_whatever_the_recursion_limit(http, route):
+    """torch.compile raises the process's recursion limit; the body's depth bound must not
+    depend on it (the parser would then accept 1000 levels and the schema answer 422)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        for depth in (17, 3000):
+            body = b'{"duration": 1, "decoding_steps": ' + b"[" * depth + b"]" * depth + b"}"
+            is_error(http.post(route, content=body, headers={"content-type": "application/json"}), 400, "nested")
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 # ------------------------------------------------------------------ 2. speech shorter than the receptive field

@@ -194,10 +194,18 @@ def loads_json(text: tp.Union[str, bytes], max_depth: tp.Optional[int] = None) -
         raise ValueError("nested too deep") from None
 
 
+# No request body nests deeper than 2 levels (a list of descriptions, of decoding steps). The
+# bound is checked before parsing: the parser's own guard is Python's recursion limit, which
+# torch.compile raises process-wide, so a hostile depth would otherwise be a 400 or a 422
+# depending on what the process had compiled.
+MAX_JSON_BODY_DEPTH = 16
+
+
 def parse_json_body(raw: bytes, schema: tp.Type[BaseModel]):
-    """Request bytes -> a `schema` instance; ApiError 400 (not JSON) / 422 (not the schema)."""
+    """Request bytes -> a `schema` instance; ApiError 400 (not JSON, or nested deeper than
+    MAX_JSON_BODY_DEPTH) / 422 (not the schema)."""
     try:
-        data = loads_json(raw)
+        data = loads_json(raw, MAX_JSON_BODY_DEPTH)
     except ValueError as exc:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ApiError(400, "InvalidJSON", f"body is not valid JSON: {str(exc)[:200]}") from None
     try:
