@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from magnet_engine.bench_common import machine_info, percentile, sync, write_report
+from magnet_engine.bench_common import add_model_args, bench_model, machine_info, percentile, sync, write_report
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.schedule import duration_frames
 
@@ -86,14 +86,9 @@ def run_variant(model, rows: int, text_len: int, work) -> dict:
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     from magnet_engine.api import MAGNeT
-    from magnet_engine.demo import cached_demo_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="small", choices=("tiny", "small", "medium"))
-    p.add_argument("--model", default=None, help="a model directory instead of the cached random one")
-    p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine"))
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", default=None)
+    add_model_args(p)
     p.add_argument("--rows", type=int, default=4, help="slots (serve's --max-batch)")
     p.add_argument("--text-len", type=int, default=256, help="text tokens per row (the runner's)")
     p.add_argument("--requests", type=int, default=6)
@@ -103,8 +98,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    directory = args.model or cached_demo_model(args.cache_dir, args.arch)
+    device, directory = bench_model(args)
     variants = args.variants or (["eager", "compile", "graphs"] if device.type == "cuda" else ["eager", "compile"])
     report: dict = {"benchmark": "slot_ladder", "machine": machine_info(device), "load_average": os.getloadavg(),
                     "arch": args.arch,

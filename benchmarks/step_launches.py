@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from magnet_engine.bench_common import machine_info, write_report
+from magnet_engine.bench_common import add_model_args, bench_model, machine_info, write_report
 from magnet_engine.engine.config import DecodingParams
 from magnet_engine.engine.decoding import Runtime
 from magnet_engine.engine.schedule import duration_frames
@@ -69,22 +69,16 @@ def measure(runtime: Runtime, cond: torch.Tensor, frames: int, params: DecodingP
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     from magnet_engine.api import MAGNeT
-    from magnet_engine.demo import cached_demo_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="small", choices=("tiny", "small", "medium"))
-    p.add_argument("--model", default=None, help="a model directory instead of the cached random one")
-    p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine"))
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", default=None)
+    add_model_args(p)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=5, help="profiled steps per variant")
     p.add_argument("--variants", nargs="+", default=None, help="eager compile graphs (default: what the device runs)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    directory = args.model or cached_demo_model(args.cache_dir, args.arch)
+    device, directory = bench_model(args)
     model = MAGNeT.from_pretrained(directory, device=device, precision=args.precision)
     frames = duration_frames(min(args.duration, model.max_duration), model.frame_rate)
     params = DecodingParams()

@@ -192,3 +192,22 @@ def run_cases(contenders: tp.Sequence[tp.Tuple[str, tp.Any, str]], descriptions,
     model = contenders[0][1]
     audio_s = model.plan().out_frames / model.frame_rate
     return {name: summary(engine, samples[name], audio_s) for name, _, engine in contenders}
+
+
+def add_model_args(parser) -> None:
+    """The model options every single-model benchmark script takes; `bench_model(args)` resolves them."""
+    parser.add_argument("--arch", default="small", choices=("tiny", "small", "medium"))
+    parser.add_argument("--model", default=None, help="a model directory instead of the cached random one")
+    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/magnet_engine"))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", default=None)
+
+
+def bench_model(args) -> tp.Tuple[torch.device, Path]:
+    """(device, model directory) of `add_model_args`' options: CUDA when present, else the CPU;
+    the named directory, else the cached random-weight model of --arch (built on first use)."""
+    from magnet_engine.demo import cached_demo_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, Path(args.model) if args.model else cached_demo_model(args.cache_dir, args.arch)
+
