@@ -40,8 +40,9 @@ twin (quantization, rescale, residual add); where it cannot be, the contract is 
          within NORM_ULPS fp32 ulps of F.layer_norm's (of its largest term), so a code moves by
          one step only where x / s falls that close to a half, and s by as many ulps.
 
-In an int8 step these passes replace ten fp32 passes over the activations per layer (three
-norms, GELU, three residual adds and their reads back): see benchmarks/README.md, "int8".
+Per layer these passes take in seven torch ops (three LayerNorms, GELU, three residual adds),
+7.2% of an int8 step under AVX2 caps; fused they add ~3.4% to the two C++ passes
+(benchmarks/README.md, "int8", profiled with benchmarks/int8_step_profile.py).
 
 The op is a torch custom op (`magnet_engine::int8_linear`) so a compiled step keeps it
 opaque: compiled tokens equal eager ones and the step has no graph break.
@@ -96,7 +97,8 @@ def rescale(acc: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, bias: tp.Op
 
 
 def _cpp():
-    """The C++ twins of quantize_rows and rescale (csrc/int8.cpp), or None without the extension."""
+    """The C++ passes (csrc/int8.cpp: quantize_rows and rescale, with the fused norm, GELU and
+    residual add), or None without the extension."""
     module = backend.cpp_module()
     return module if module is not None and hasattr(module, "int8_rescale") else None
 
