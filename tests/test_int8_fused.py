@@ -133,17 +133,22 @@ def test_fp64_statistics_norm_is_within_the_stated_ulps_of_torch(rows, cols):
     element's largest term, (|x·rstd| + |mean·rstd|)·|w| + |b| (torch's own fp32 statistics
     are the larger part of it); then codes within one step, scales within as many ulps."""
     x, w, b = _norm_rows(rows, cols, rows + 7)
-    x = x[6:]   # finite rows
+    x = torch.cat([x[1:4], x[6:]])   # the finite rows: zero, constant, far off zero, random
     ours, torch_ln = _layer_norm_fp64_stats(x, w, b, 1e-5), F.layer_norm(x, (cols,), w, b, 1e-5)
     x64 = x.double()
     mean, rstd = x64.mean(-1, keepdim=True), 1 / (x64.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
     term = ((x64 * rstd).abs() + (mean * rstd).abs()) * w.double().abs() + b.double().abs()
     assert bool(((ours.double() - torch_ln.double()).abs() <= int8.NORM_ULPS * 2.0 ** -24 * term).all())
     if int8._cpp() is not None:
-        q, s = int8._quantize_rows_cpp(int8._cpp(), x, w, b, 1e-5)
-        q_torch, s_torch = int8.quantize_rows(torch_ln)
+        # codes and scales where the largest term is the normalized value's own size: not on
+        # the far-off row, whose x·rstd and mean·rstd (~5e5) cancel to ~1 in fp32, torch's and
+        # ours alike, so both carry errors of ~0.03 there and the codes may differ by more
+        kept = torch.tensor([0, 1, *range(3, x.shape[0])])
+        q, s = int8._quantize_rows_cpp(int8._cpp(), x[kept], w, b, 1e-5)
+        q_torch, s_torch = int8.quantize_rows(torch_ln[kept])
         assert int((q.int() - q_torch.int()).abs().max()) <= 1
-        assert bool(((s - s_torch).abs() <= int8.NORM_ULPS * 2.0 ** -24 * term.max(-1, keepdim=True)[0] / 127).all())
+        bound = int8.NORM_ULPS * 2.0 ** -24 * term[kept].max(-1, keepdim=True)[0] / 127
+        assert bool(((s - s_torch).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("cpp", [True, False] if int8._cpp() is not None else [False])
