@@ -37,8 +37,10 @@ twin (quantization, rescale, residual add); where it cannot be, the contract is 
          rational erf without FMA, measured at ~2⁻²² |v|, as torch's own fp32 GELU.
   norm   the statistics in fp64 (torch's: fp32 Welford), each rounded to fp32 once, then
          torch's own normalization, (x·rstd − mean·rstd)·w + b: the normalized values are
-         within NORM_ULPS fp32 ulps of F.layer_norm's (of its largest term), so a code moves by
-         one step only where x / s falls that close to a half, and s by as many ulps.
+         within NORM_ULPS fp32 ulps of F.layer_norm's (of its largest term, |x·rstd| +
+         |mean·rstd|), so a code moves by one step only where x / s falls that close to a
+         half, and s by as many ulps. (A row far off zero, mean ≫ std, cancels those two
+         terms in fp32, torch's normalization and this one alike: its codes may differ more.)
 
 Per layer these passes take in seven torch ops (three LayerNorms, GELU, three residual adds),
 7.2% of an int8 step under AVX2 caps; fused they add ~3.4% to the two C++ passes
