@@ -351,12 +351,12 @@ def transformer_hidden(lm: MagnetLM, codes: torch.Tensor, cross_kv, dtype: torch
         cross_kv = [(k[:x.shape[0]], v[:x.shape[0]]) for k, v in cross_kv]
         cross_mask = None if cross_mask is None else cross_mask[:x.shape[0]]
     first = layers[0]
-    x = x + first.self_attn.self_attend(first.norm1(x), window, attend)  # same for both halves
+    x = first.self_attn.self_attend(x, window, attend, first.norm1, residual=x)  # same for both halves
     if not cond_only:
         x = torch.cat([x, x])
     x = first.cross_and_ffn(x, cross_kv[0], cross_mask)
     for layer, kv in zip(layers[1:], cross_kv[1:]):
-        x = x + layer.self_attn.self_attend(layer.norm1(x), window, attend)
+        x = layer.self_attn.self_attend(x, window, attend, layer.norm1, residual=x)
         x = layer.cross_and_ffn(x, kv, cross_mask)
     return x
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magnet_engine.engine.config import ModelConfig
-from magnet_engine.engine.precision import Int8Linear, input_dtype
+from magnet_engine.engine.precision import Int8Linear, fused_linear
 
 # (q, k, v: [B, H, T, d], window or None) -> [B, H, T, d]
 SelfAttention = tp.Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tp.Optional[int]], torch.Tensor]
@@ -125,11 +125,12 @@ class Attention(nn.Module):
         """The dtype the projections take (mixed precision: an fp32 residual meets low-precision matmuls)."""
         return torch.float32 if self.in_proj_int8 is not None else self.in_proj_weight.dtype
 
-    def _project(self, x: torch.Tensor, part: slice) -> torch.Tensor:
-        """x @ rows `part` of the packed q|k|v projection (+ bias), in the projection's dtype."""
-        x = x.to(self.input_dtype)
+    def _project(self, x: torch.Tensor, part: slice, norm: tp.Optional[nn.LayerNorm] = None) -> torch.Tensor:
+        """norm(x) @ rows `part` of the packed q|k|v projection (+ bias), in the projection's
+        dtype (an int8 projection takes the norm into its activation quantization)."""
         if self.in_proj_int8 is not None:
-            return self.in_proj_int8(x, part)
+            return self.in_proj_int8(x.to(self.input_dtype), part, norm=norm)
+        x = (x if norm is None else norm(x)).to(self.input_dtype)
         bias = self.in_proj_bias
         return F.linear(x, self.in_proj_weight[part], None if bias is None else bias[part])
 
@@ -137,30 +138,35 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, -1).transpose(1, 2)  # [B, H, T, d]
 
-    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+    def _merge(self, x: torch.Tensor, residual: tp.Optional[torch.Tensor]) -> torch.Tensor:
         b, h, t, d = x.shape
-        return self.out_proj(x.transpose(1, 2).reshape(b, t, h * d))
+        return fused_linear(self.out_proj, x.transpose(1, 2).reshape(b, t, h * d), residual=residual)
 
-    def self_attend(self, x: torch.Tensor, window: tp.Optional[int], attend: SelfAttention) -> torch.Tensor:
+    # The attention calls below take the layer's input x, the pre-norm and the residual: they
+    # return residual + Attn(norm(x)) (each optional), so an int8 layer fuses both into its
+    # projections' passes (engine/precision.py `fused_linear`).
+    def self_attend(self, x: torch.Tensor, window: tp.Optional[int], attend: SelfAttention,
+                    norm: tp.Optional[nn.LayerNorm] = None, residual: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t, dim = x.shape
-        qkv = self._project(x, slice(None)).view(b, t, 3, self.num_heads, -1)
+        qkv = self._project(x, slice(None), norm).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d]
-        return self._merge(attend(q, k, v, window))
+        return self._merge(attend(q, k, v, window), residual)
 
     def self_attend_cached(self, x: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
-                           cache_v: torch.Tensor, attend: CachedAttention) -> torch.Tensor:
+                           cache_v: torch.Tensor, attend: CachedAttention, norm: tp.Optional[nn.LayerNorm] = None,
+                           residual: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [R, t, D] at `positions` [t] (int64, on x's device): write their keys/values into
         the cache [R, H, T_max, d] at those positions, then attend over the whole cache:
         `attend` is a [t, T_max] bool mask (True = may attend) or a callable (q, k, v) -> out.
         No host value is read: graph-capturable."""
         b, t, _ = x.shape
-        qkv = self._project(x, slice(None)).view(b, t, 3, self.num_heads, -1)
+        qkv = self._project(x, slice(None), norm).view(b, t, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
         cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
         if isinstance(attend, torch.Tensor):
-            return self._merge(F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=attend))
-        return self._merge(attend(q, cache_k, cache_v))
+            return self._merge(F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=attend), residual)
+        return self._merge(attend(q, cache_k, cache_v), residual)
 
     def kv(self, memory: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys/values of the condition: [B, S, D] -> 2 x [B, H, S, d]."""
@@ -169,13 +175,14 @@ class Attention(nn.Module):
         return self._heads(k), self._heads(v)
 
     def cross_attend(self, x: torch.Tensor, kv: tp.Tuple[torch.Tensor, torch.Tensor],
-                     mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+                     mask: tp.Optional[torch.Tensor] = None, norm: tp.Optional[nn.LayerNorm] = None,
+                     residual: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         """mask: None, or [B, 1, 1, S] bool (True = may attend) for keys that are not the row's
         own text (rows of unequal text lengths sharing one key buffer, engine/slots.py)."""
-        q = self._project(x, slice(0, self.dim))
+        q = self._project(x, slice(0, self.dim), norm)
         # No mask by default: the padding of a batch's own texts holds zero vectors and still
         # takes softmax mass, as in the reference (docs/model.md §3).
-        return self._merge(F.scaled_dot_product_attention(self._heads(q), *kv, attn_mask=mask))
+        return self._merge(F.scaled_dot_product_attention(self._heads(q), *kv, attn_mask=mask), residual)
 
 
 class Layer(nn.Module):
@@ -191,12 +198,13 @@ class Layer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-5)
 
     def forward(self, x: torch.Tensor, window: tp.Optional[int], cross_kv, attend: SelfAttention) -> torch.Tensor:
-        x = x + self.self_attn.self_attend(self.norm1(x), window, attend)
-        x = x + self.cross_attention.cross_attend(self.norm_cross(x), cross_kv)
-        return x + self.ffn(self.norm2(x))
+        x = self.self_attn.self_attend(x, window, attend, self.norm1, residual=x)
+        x = self.cross_attention.cross_attend(x, cross_kv, norm=self.norm_cross, residual=x)
+        return self.ffn(x)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(F.gelu(self.linear1(x.to(input_dtype(self.linear1)))))
+        """x + W2 gelu(W1 LN2 x)."""
+        return fused_linear(self.linear2, fused_linear(self.linear1, x, self.norm2, gelu=True), residual=x)
 
     def cross_and_ffn(self, x: torch.Tensor, cross_kv, cross_mask: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
         """Cross-attention then FFN. When `cross_kv` holds fewer rows than x, the remaining
@@ -205,11 +213,11 @@ class Layer(nn.Module):
         cross_mask: see `Attention.cross_attend`, one row per row of `cross_kv`."""
         b = cross_kv[0].shape[0]
         if b < x.shape[0]:
-            xc = x[:b] + self.cross_attention.cross_attend(self.norm_cross(x[:b]), cross_kv, cross_mask)
+            xc = self.cross_attention.cross_attend(x[:b], cross_kv, cross_mask, self.norm_cross, residual=x[:b])
             x = torch.cat([xc, x[b:]])
         else:
-            x = x + self.cross_attention.cross_attend(self.norm_cross(x), cross_kv, cross_mask)
-        return x + self.ffn(self.norm2(x))
+            x = self.cross_attention.cross_attend(x, cross_kv, cross_mask, self.norm_cross, residual=x)
+        return self.ffn(x)
 
 
 class Transformer(nn.Module):
@@ -289,13 +297,14 @@ class MagnetLM(nn.Module):
         b = x.shape[0]
         for i, (layer, kv, ck, cv) in enumerate(zip(self.transformer.layers, cross_kv, cache.keys, cache.values)):
             if i == 0:
-                x = x + layer.self_attn.self_attend_cached(layer.norm1(x), positions, ck[:b], cv[:b], attend)
+                x = layer.self_attn.self_attend_cached(x, positions, ck[:b], cv[:b], attend, layer.norm1, residual=x)
                 for start in range(b, rows, b):   # the other CFG halves: same keys/values
                     ck[start:start + b].index_copy_(2, positions, ck[:b].index_select(2, positions))
                     cv[start:start + b].index_copy_(2, positions, cv[:b].index_select(2, positions))
                 x = x.repeat(rows // b, 1, 1) if rows != b else x
             else:
-                x = x + layer.self_attn.self_attend_cached(layer.norm1(x), positions, ck[:rows], cv[:rows], attend)
+                x = layer.self_attn.self_attend_cached(x, positions, ck[:rows], cv[:rows], attend, layer.norm1,
+                                                       residual=x)
             x = layer.cross_and_ffn(x, (kv[0][:rows], kv[1][:rows]))
         return x
 

@@ -229,9 +229,13 @@ class Int8Linear(nn.Module):
         qweight, scale = int8_kernels.quantize_weight(weight, int8_kernels.weight_qmax())
         return cls(qweight, scale, None if bias is None else bias.detach().float().clone())
 
-    def forward(self, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: slice = slice(None), norm: tp.Optional[nn.LayerNorm] = None,
+                gelu: bool = False, residual: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+        """residual + gelu(norm(x) @ Wᵀ + b), each part optional, in one fused op (kernels/int8.py)."""
         bias = None if self.bias is None else self.bias[rows]
-        return int8_kernels.int8_linear(x, self.qweight[rows], self.scale[rows], bias)
+        weight, shift, eps = (None, None, 1e-5) if norm is None else (norm.weight, norm.bias, norm.eps)
+        return int8_kernels.int8_linear(x, self.qweight[rows], self.scale[rows], bias, weight, shift, eps, gelu,
+                                        residual)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -248,6 +252,19 @@ def quantize_linears_(module: nn.Module, release: tp.Callable[[torch.Tensor], No
         else:
             quantize_linears_(child, release)
     return module
+
+
+def fused_linear(linear: nn.Module, x: torch.Tensor, norm: tp.Optional[nn.LayerNorm] = None, gelu: bool = False,
+                 residual: tp.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """residual + gelu(linear(norm(x))), each part optional: an int8 layer fuses the norm into
+    its activation quantization and GELU or the residual add into its rescale (one op, no fp32
+    pass of its own); any other layer runs the parts in sequence, as the model reads."""
+    if isinstance(linear, Int8Linear):
+        return linear(x, norm=norm, gelu=gelu, residual=residual)
+    x = x if norm is None else norm(x)
+    y = linear(x.to(input_dtype(linear)))
+    y = F.gelu(y) if gelu else y
+    return y if residual is None else residual + y
 
 
 def input_dtype(linear: nn.Module) -> torch.dtype:
